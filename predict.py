@@ -1,0 +1,74 @@
+"""Cog predictor for IDEFICS: interleaved images and text in, streamed text out.
+
+Every `Input(...)` argument is a literal: `cog build` reads this file statically to make the API schema.
+"""
+
+import sys
+from pathlib import Path as _Path
+from typing import Optional
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
+
+import cog  # noqa: E402
+from cog import BasePredictor, ConcatenateIterator, Input, Path  # noqa: E402
+
+from idefics_cog.service import Service  # noqa: E402
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        """Resolve and load the weights once (`IDEFICS_BASE_WEIGHTS`; see README)."""
+        self.service = Service.from_env()
+
+    @cog.streaming
+    def predict(
+        self,
+        prompt: str = Input(
+            description="Your message. Put <image> where each image goes (image first, then images); "
+            "without placeholders the images follow your text.",
+            default="What does this image show?",
+        ),
+        image: Optional[Path] = Input(description="An image (bound to the first <image>).", default=None),
+        images: Optional[list[Path]] = Input(
+            description="More images, in order, after `image`. At most 8 images in all by default.", default=None
+        ),
+        template: str = Input(
+            description="instruct: wrap the prompt in the IDEFICS-instruct chat turn. raw: use the prompt as "
+            "written (base models, few-shot prompts, multi-turn transcripts with <end_of_utterance>).",
+            choices=["instruct", "raw"],
+            default="instruct",
+        ),
+        system_prompt: str = Input(description="Text placed before the conversation.", default=""),
+        max_new_tokens: int = Input(
+            description="Maximum number of tokens to generate (lowered to fit the context).", ge=1, le=2048,
+            default=256,
+        ),
+        temperature: float = Input(
+            description="Sampling temperature; 0 is greedy decoding.", ge=0.0, le=5.0, default=0.0
+        ),
+        top_p: float = Input(
+            description="Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p "
+            "(when temperature > 0).", ge=0.0, le=1.0, default=1.0,
+        ),
+        top_k: int = Input(
+            description="Sample from the k most likely tokens (when temperature > 0); 0 disables it.", ge=0,
+            le=1000, default=0,
+        ),
+        repetition_penalty: float = Input(
+            description="Penalty for repeating tokens; 1 means none.", ge=1.0, le=2.0, default=1.0
+        ),
+        seed: Optional[int] = Input(
+            description="Random seed for sampling; the same seed gives the same answer. Empty: a random one.",
+            ge=0, le=4294967295, default=None,
+        ),
+        stop_sequences: str = Input(
+            description="Comma-separated texts that end the answer (not included in it), e.g. 'Question:,###'.",
+            default="",
+        ),
+    ) -> ConcatenateIterator[str]:
+        """Answer the prompt about the images, streaming the text as it is generated."""
+        yield from self.service.answer(
+            prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences,
+        )

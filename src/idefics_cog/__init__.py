@@ -1,0 +1,1 @@
+"""IDEFICS served with Cog: interleaved image+text prompts, LoRA adapters, streamed answers."""

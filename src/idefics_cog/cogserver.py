@@ -1,0 +1,222 @@
+"""The local Cog runtime: what `cog predict` does, without Docker or the cog CLI.
+
+It regenerates `.cog/openapi_schema.json`, runs the real Cog server (`python -m cog.server.http`, coglet) from
+the repository root, waits for READY, and sends predictions with the same `-i name=value` / `-i name=@file`
+syntax as `cog predict`. `script/serve` and `script/predict` are thin wrappers around `main`.
+"""
+
+import argparse
+import base64
+import json
+import mimetypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+from idefics_cog.schema import write_schema
+from idefics_cog.settings import ROOT
+
+STUBS = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"), "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(port: int, mode: str = "predict", extra: dict | None = None) -> dict:
+    env = {**os.environ, **(extra or {}), "PORT": str(port)}
+    stub_var, stub = STUBS[mode]
+    env.setdefault(stub_var, stub)
+    # The server starts its worker as plain `python` from PATH: it must be this environment's.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def server_command(host: str, mode: str = "predict") -> list[str]:
+    return [sys.executable, "-m", "cog.server.http", "--host", host, "--x-mode", mode]
+
+
+class CogServer:
+    """The real Cog server on a free 127.0.0.1 port, started and always stopped (use it as a context manager)."""
+
+    def __init__(self, env: dict | None = None, mode: str = "predict", root: Path = ROOT, log_path: Path | None = None):
+        self.root, self.mode = Path(root), mode
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = server_env(self.port, mode, env)
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="cog-server-", suffix=".log")[1])
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> "CogServer":
+        write_schema(self.env[STUBS[self.mode][0]], self.mode, self.root)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(server_command("127.0.0.1", self.mode), cwd=self.root, env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health-check", timeout=5).json()
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"Cog server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                health = self.health()
+            except requests.RequestException:
+                health = {}
+            if health.get("status") == "READY":
+                return health
+            if health.get("status") in ("SETUP_FAILED", "UNHEALTHY"):
+                raise ServerError(f"Cog server {health['status']}:\n{health.get('setup', {}).get('logs', '')}")
+            time.sleep(0.2)
+        raise ServerError(f"Cog server not READY after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> "CogServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def predict(self, inputs: dict, timeout: float = 600) -> dict:
+        """One prediction, waiting for the final JSON response."""
+        self.wait_ready(30)  # coglet answers 409 for a moment after each response, until its slot is free
+        response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
+        if response.status_code != 200:
+            raise ServerError(f"HTTP {response.status_code}: {response.text}")
+        return response.json()
+
+    def stream(self, inputs: dict, timeout: float = 600) -> Iterator[tuple[str, dict]]:
+        """One prediction over server-sent events: yields (event, data) pairs, ending with ("completed", response)."""
+        self.wait_ready(30)
+        with requests.post(f"{self.url}/predictions", json={"input": inputs}, stream=True, timeout=timeout,
+                           headers={"Accept": "text/event-stream"}) as response:
+            if response.status_code != 200:
+                raise ServerError(f"HTTP {response.status_code}: {response.text}")
+            event, data = "message", []
+            for line in response.iter_lines(decode_unicode=True):
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif not line and data:
+                    yield event, json.loads("\n".join(data))
+                    event, data = "message", []
+
+
+def parse_inputs(pairs: list[str], schema: dict) -> dict:
+    """`cog predict -i` syntax: name=value, name=@file (sent as a data URI); repeating a list input appends."""
+    properties = schema["components"]["schemas"]["Input"]["properties"]
+    inputs: dict = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"-i {pair!r}: expected name=value")
+        if name not in properties:
+            raise SystemExit(f"-i {name}: unknown input; inputs are {', '.join(properties)}")
+        prop = properties[name]
+        if prop.get("type") == "array":
+            inputs.setdefault(name, []).append(_convert(value, prop["items"]))
+        else:
+            inputs[name] = _convert(value, prop)
+    return inputs
+
+
+def _convert(value: str, prop: dict):
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file")
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+    kind = prop.get("type")
+    if kind == "integer":
+        return int(value)
+    if kind == "number":
+        return float(value)
+    if kind == "boolean":
+        return value.lower() in ("1", "true", "yes")
+    return value
+
+
+def run_prediction(pairs: list[str], env: dict | None = None) -> int:
+    """Start the server, stream one prediction to stdout (logs to stderr), stop the server. Returns the exit code."""
+    with CogServer(env=env) as server:
+        schema = json.loads((server.root / ".cog/openapi_schema.json").read_text())
+        inputs = parse_inputs(pairs, schema)
+        mid_line = False  # keep the server's log lines off the line the answer is being written on
+        for event, data in server.stream(inputs):
+            if event == "output":
+                print(data["chunk"], end="", flush=True)
+                mid_line = True
+            elif event == "log":
+                print(("\n" if mid_line else "") + data["data"], end="", file=sys.stderr, flush=True)
+                mid_line = False
+            elif event == "completed":
+                print()
+                if data.get("status") != "succeeded":
+                    print(f"prediction {data.get('status')}: {data.get('error')}", file=sys.stderr)
+                    return 1
+    return 0
+
+
+def serve() -> None:
+    """Regenerate the schema and run the server in the foreground (`PORT`, default 5000; `HOST`, default 0.0.0.0)."""
+    port = int(os.environ.get("PORT", "5000"))
+    env = server_env(port)
+    write_schema(env["COG_PREDICT_TYPE_STUB"], "predict")
+    os.chdir(ROOT)
+    os.execvpe(sys.executable, server_command(os.environ.get("HOST", "0.0.0.0")), env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cogserver", description="Local Cog runtime (no Docker needed).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the Cog server in the foreground")
+    predict = sub.add_parser("predict", help="like `cog predict`: one streamed prediction")
+    predict.add_argument("-i", "--input", dest="inputs", action="append", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve()
+    try:
+        return run_prediction(args.inputs)
+    except ServerError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

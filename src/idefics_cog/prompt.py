@@ -1,0 +1,125 @@
+"""Interleaved prompts: bind images to `<image>` placeholders, apply the chat template, and encode for IDEFICS.
+
+A prompt is a list of segments: text (`str`) and images (`int`, the index of the image in request order).
+`encode` turns segments into model inputs exactly as `IdeficsProcessor` does, except that text is never
+looked at as a possible image URL: images reach the model only as the PIL images the request carried.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers.models.idefics.processing_idefics import (
+    image_attention_mask_for_packed_input_ids,
+    incremental_to_binary_attention_mask,
+)
+
+from idefics_cog.errors import InputError
+
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+IMAGE_TOKEN = "<image>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+TEMPLATES = ("instruct", "raw")
+
+Segment = str | int
+_PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN))
+
+
+def build_segments(text: str, num_images: int, template: str = "instruct", system_prompt: str = "") -> list[Segment]:
+    """Lay out the text and `num_images` images as the model expects.
+
+    `<image>` placeholders bind the images in order; there must be one per image. Without placeholders the images
+    follow the user's text in the first user turn (`instruct`, and `raw` transcripts with `<end_of_utterance>`),
+    or lead the text (`raw` without turns: base-model captioning and few-shot prompts).
+    """
+    if template not in TEMPLATES:
+        raise InputError(f"template: must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    pieces = _PLACEHOLDER.split(text)
+    placeholders = len(pieces) - 1
+    if placeholders and placeholders != num_images:
+        raise InputError(
+            f"prompt: has {placeholders} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given "
+            f"(image, then images); use one placeholder per image, or none to place them automatically"
+        )
+    if placeholders:
+        user: list[Segment] = [pieces[0]]
+        for index, piece in enumerate(pieces[1:]):
+            user += [index, piece]
+    else:
+        user = [text]
+    user = [s for s in user if s != ""]
+    images = list(range(num_images)) if not placeholders else []
+
+    if template == "raw":
+        segments = _place_in_first_turn(user, images) if images else user
+    else:  # the IDEFICS-instruct / MedIDEFICS turn: "User: {text}", <images>, "<end_of_utterance>", "\nAssistant:"
+        if user and isinstance(user[0], str):
+            user = [f"User: {user[0]}", *user[1:]]
+        else:
+            user = ["User:", *user]
+        segments = [*user, *images, END_OF_UTTERANCE, "\nAssistant:"]
+    if system_prompt:
+        segments = [system_prompt.rstrip() + "\n", *segments]
+    return segments
+
+
+def _place_in_first_turn(user: list[Segment], images: list[int]) -> list[Segment]:
+    """Raw template without placeholders: images end the first user turn, or lead a prompt that has no turns."""
+    (text,) = user or [""]
+    head, marker, tail = text.partition(END_OF_UTTERANCE)
+    if not marker:
+        return [*images, text] if text else images
+    return [s for s in (head, *images, marker + tail) if s != ""]
+
+
+@dataclass
+class Encoded:
+    """Model inputs for one prompt (batch of 1), on CPU."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    image_attention_mask: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device, dtype) -> dict:
+        return {
+            "input_ids": self.input_ids.to(device),
+            "attention_mask": self.attention_mask.to(device),
+            "pixel_values": self.pixel_values.to(device, dtype),
+            "image_attention_mask": self.image_attention_mask.to(device),
+        }
+
+
+def render(segments: list[Segment]) -> str:
+    """The text the tokenizer sees, built as IdeficsProcessor builds it (text items stripped of spaces)."""
+    full_text, last_was_image = "", False
+    for segment in segments:
+        if isinstance(segment, int):
+            full_text += (IMAGE_TOKEN + FAKE_IMAGE_TOKEN) if last_was_image else (
+                FAKE_IMAGE_TOKEN + IMAGE_TOKEN + FAKE_IMAGE_TOKEN)
+            last_was_image = True
+        else:
+            full_text += segment.strip(" ")
+            last_was_image = False
+    return full_text
+
+
+def encode(segments: list[Segment], images: list[Image.Image], processor) -> Encoded:
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    ordered = [images[s] for s in segments if isinstance(s, int)]
+    input_ids = tokenizer(tokenizer.bos_token + render(segments), add_special_tokens=False,
+                          return_tensors="pt")["input_ids"]
+    if ordered:
+        pixel_values = image_processor(ordered, return_tensors="pt").unsqueeze(0)  # (1, images, C, H, W)
+        incremental, _ = image_attention_mask_for_packed_input_ids(input_ids, tokenizer, "pt")
+        image_attention_mask = incremental_to_binary_attention_mask(incremental, "pt", num_classes=len(ordered))
+    else:  # text only: one blank image that no token attends to, as the processor does
+        size = image_processor.image_size
+        pixel_values = torch.zeros(1, 1, image_processor.image_num_channels, size, size)
+        image_attention_mask = torch.zeros(1, input_ids.shape[1], 1, dtype=torch.bool)
+    return Encoded(input_ids, torch.ones_like(input_ids), pixel_values, image_attention_mask)

@@ -1,0 +1,49 @@
+"""What one prediction does, from the request's inputs to streamed text; predict.py only declares the inputs."""
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from idefics_cog import images as image_files
+from idefics_cog.engine import Engine, Sampling
+from idefics_cog.prompt import build_segments
+from idefics_cog.settings import Settings
+from idefics_cog.textstream import parse_stop_sequences
+from idefics_cog.weights import resolve
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine, self.settings = engine, settings
+
+    @classmethod
+    def from_env(cls) -> "Service":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        settings = Settings.from_env()
+        started = time.perf_counter()
+        path = resolve(settings.base_weights, settings.cache_dir)
+        log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,
+                 time.perf_counter() - started)
+        started = time.perf_counter()
+        engine = Engine.load(path, settings.device)
+        log.info("model loaded on %s (%s) in %.1f s", engine.device, engine.dtype, time.perf_counter() - started)
+        return cls(engine, settings)
+
+    def answer(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
+               template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+               seed: int | None = None, stop_sequences: str = "") -> Iterator[str]:
+        """Validate everything first (so a bad request fails before any text is streamed), then generate."""
+        files = image_files.image_inputs(image, images)
+        image_files.check_count(len(files), self.settings.max_images)
+        segments = build_segments(prompt, len(files), template, system_prompt)
+        pictures = [image_files.load_image(name, path) for name, path in files]
+        encoded = self.engine.encode(segments, pictures)
+        sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed,
+                            stop_sequences=parse_stop_sequences(stop_sequences))
+        self.engine.fit_to_context(encoded.num_tokens, max_new_tokens)  # refuse an oversized prompt up front
+        return self.engine.stream(encoded, sampling)

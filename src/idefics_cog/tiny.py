@@ -1,0 +1,200 @@
+"""An embedded tiny IDEFICS: deterministic random weights, a trained tiny BPE tokenizer and a LoRA adapter.
+
+`python -m idefics_cog.tiny --out DIR` writes `DIR/base` (a checkpoint laid out exactly like a hub snapshot:
+config, safetensors, tokenizer, processor) and `DIR/adapter` (standard PEFT layout). Everything that runs on
+real weights runs on this, on CPU, through the same code paths.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN
+
+SEED = 1234
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of a random IDEFICS. Every Linear width is a multiple of 64 (bitsandbytes 4-bit on CPU needs it)."""
+
+    vocab: int = 448  # base vocabulary; the three IDEFICS special tokens come on top, as in the real checkpoints
+    hidden: int = 64
+    intermediate: int = 128
+    layers: int = 2
+    heads: int = 2
+    cross_layer_interval: int = 1
+    context: int = 512
+    image_size: int = 30
+    patch_size: int = 15
+    vision_hidden: int = 64
+    vision_intermediate: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 2
+    latents: int = 4
+    perceiver_depth: int = 1
+    perceiver_heads: int = 2
+    perceiver_head_dim: int = 32
+
+
+PRESETS = {"tiny": Preset()}
+
+# Words for the tokenizer's training corpus: enough variety for a few hundred BPE merges.
+_WORDS = """
+the a an this that image picture photo scan radiograph x-ray chest lung lungs heart bone bones fracture left right
+upper lower lobe opacity normal abnormal finding findings shows show showing there is are no yes not seen visible
+patient with without mild moderate severe small large mass nodule lesion skin mole dermoscopy melanoma benign
+malignant wrist hand elbow shoulder knee hip spine rib ribs pneumonia effusion edema cardiomegaly consolidation
+what which where how why does do can could would describe question answer assistant user describe story dog cat
+two one three first second image-left image-right compare between both and or of in on at to from for by as it its
+be been being was were has have had red green blue white black grey gray dark bright round oval irregular border
+""".split()
+
+
+def _corpus(lines: int = 4000) -> list[str]:
+    rng = random.Random(SEED)
+    sentences = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))) + rng.choice(".?!,")
+                 for _ in range(lines)]
+    # Conversations in the IDEFICS-instruct shape, so its markers are whole tokens.
+    return sentences + [f"User: {a.capitalize()}\nAssistant: {b.capitalize()}" for a, b in zip(sentences, sentences[1:])]
+
+
+def build_tokenizer(vocab: int):
+    """A Metaspace BPE (decodes to readable words) with IDEFICS's special tokens after the base vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=UNK))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[UNK, BOS, EOS], show_progress=False,
+                                  initial_alphabet=list(string.printable))
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    if bpe.get_vocab_size() != vocab:
+        raise RuntimeError(f"tokenizer corpus too small: {bpe.get_vocab_size()} tokens, wanted {vocab}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=UNK,
+        padding_side="left", add_bos_token=False, add_eos_token=False,
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE]}
+    )
+    return tokenizer
+
+
+def build_config(p: Preset):
+    from transformers import IdeficsConfig
+
+    return IdeficsConfig(
+        vocab_size=p.vocab,
+        additional_vocab_size=3,
+        hidden_size=p.hidden,
+        intermediate_size=p.intermediate,
+        num_hidden_layers=p.layers,
+        num_attention_heads=p.heads,
+        cross_layer_interval=p.cross_layer_interval,
+        max_position_embeddings=p.context,
+        qk_layer_norms=True,
+        # "zeros" (the default) makes the gated cross-attention a no-op: images would change nothing.
+        # ("normal" crashes in transformers 5.23 with alpha_type="float").
+        alpha_initializer="ones",
+        use_resampler=True,
+        freeze_text_layers=False,
+        freeze_vision_layers=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vision_config=dict(
+            embed_dim=p.vision_hidden, image_size=p.image_size, patch_size=p.patch_size,
+            intermediate_size=p.vision_intermediate, num_hidden_layers=p.vision_layers,
+            num_attention_heads=p.vision_heads,
+        ),
+        perceiver_config=dict(
+            use_resampler=True, resampler_n_latents=p.latents, resampler_depth=p.perceiver_depth,
+            resampler_n_heads=p.perceiver_heads, resampler_head_dim=p.perceiver_head_dim,
+            qk_layer_norms_perceiver=True,
+        ),
+    )
+
+
+def build_base(out: Path, p: Preset) -> None:
+    import torch
+    from transformers import IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
+
+    tokenizer = build_tokenizer(p.vocab)
+    image_processor = IdeficsImageProcessorPil(image_size=p.image_size)
+    IdeficsProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+
+    torch.manual_seed(SEED)
+    model = IdeficsForVisionText2Text(build_config(p))
+    with torch.no_grad():  # random init is tiny; widen it so that tokens, images and adapters move the logits
+        for name, param in model.named_parameters():
+            if "norm" not in name and "alpha" not in name:
+                param.normal_(0.0, 0.2)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def build_adapter(base: Path, out: Path) -> None:
+    """A LoRA like MedIDEFICS (r=16, alpha=32, q/k/v) whose B matrices are non-zero, so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import IdeficsForVisionText2Text
+
+    model = IdeficsForVisionText2Text.from_pretrained(base)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
+                        target_modules=["q_proj", "k_proj", "v_proj"])
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    # PEFT records the absolute path of the base; keep the adapter relocatable.
+    config_path = out / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = "idefics-cog/tiny-idefics"
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+
+
+def build(out: Path, preset: str = "tiny") -> Path:
+    """Build DIR/base and DIR/adapter once; an existing complete build is reused. Returns `out`."""
+    out = Path(out)
+    marker = out / "COMPLETE"
+    # The marker records what built it, so a change to this file or the preset rebuilds instead of reusing.
+    fingerprint = f"{preset} {hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}\n"
+    if marker.exists() and marker.read_text() == fingerprint:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build aside and rename, so an interrupted build never leaves a half model where the loader looks.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build_base(staging / "base", PRESETS[preset])
+        build_adapter(staging / "base", staging / "adapter")
+        (staging / "COMPLETE").write_text(fingerprint)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="folder to write base/ and adapter/ into")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    args = parser.parse_args()
+    out = build(args.out, args.preset)
+    print(f"tiny IDEFICS ({args.preset}) in {out}/base, LoRA adapter in {out}/adapter")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+import pytest
+
+from idefics_cog import tiny
+from idefics_cog.settings import ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    """The embedded tiny IDEFICS, built once under weights/ (the same place `make predict` uses)."""
+    return tiny.build(ROOT / "weights" / "tiny")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir):
+    from idefics_cog.engine import Engine
+
+    return Engine.load(tiny_dir / "base", "cpu")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_dir):
+    """The real Cog server (coglet) serving predict.py on the tiny model."""
+    from idefics_cog.cogserver import CogServer
+
+    with CogServer(env={"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")}) as running:
+        yield running

@@ -1,0 +1,75 @@
+"""cog.yaml, requirements and predict.py as `cog build` reads them."""
+
+import ast
+import json
+import re
+
+import jsonschema
+import pytest
+import yaml
+
+from idefics_cog.schema import build_schema
+from idefics_cog.settings import ROOT
+
+COG_SCHEMA = json.loads((ROOT / "tests/data/cog_config_schema_v1.0.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cog_yaml():
+    return yaml.safe_load((ROOT / "cog.yaml").read_text())
+
+
+def test_cog_yaml_is_valid_against_the_official_schema(cog_yaml):
+    jsonschema.validate(cog_yaml, COG_SCHEMA)
+
+
+def test_cog_yaml_declares_gpu_cuda_python_sdk_and_predictor(cog_yaml):
+    build = cog_yaml["build"]
+    assert build["gpu"] is True and re.fullmatch(r"\d+\.\d+", build["cuda"])
+    assert re.fullmatch(r"3\.\d+", build["python_version"])
+    assert build["python_requirements"] == "requirements.txt"
+    assert cog_yaml["predict"] == "predict.py:Predictor"
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().split() if "==" in line)
+    assert build["sdk_version"] == pins["cog"]
+
+
+def test_requirements_are_all_pinned():
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        lines = [l for l in (ROOT / name).read_text().splitlines() if l.strip() and not l.startswith("#")]
+        assert lines and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.+-]+", l) for l in lines), name
+    pins = (ROOT / "requirements.txt").read_text()
+    for package in ("torch==2.13.0", "transformers==", "peft==", "bitsandbytes==", "accelerate==", "pillow==", "cog=="):
+        assert package in pins
+    assert "torchvision" not in pins
+
+
+def _input_calls():
+    tree = ast.parse((ROOT / "predict.py").read_text())
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Input"]
+
+
+def test_every_input_argument_is_a_literal():
+    """`cog build` parses predict.py statically: computed arguments would be lost from the schema."""
+    calls = _input_calls()
+    assert len(calls) >= 12
+    for call in calls:
+        for keyword in call.keywords:
+            ast.literal_eval(keyword.value)  # raises on anything but a literal
+
+
+def test_every_numeric_input_has_bounds_and_every_input_a_description():
+    properties = build_schema()["components"]["schemas"]["Input"]["properties"]
+    for name, prop in properties.items():
+        assert prop.get("description"), name
+        if prop.get("type") in ("integer", "number"):
+            assert "minimum" in prop and "maximum" in prop, name
+
+
+def test_schema_marks_streaming_and_the_concatenated_text_output():
+    schema = build_schema()
+    assert schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
+    output = schema["components"]["schemas"]["Output"]
+    assert output["x-cog-array-type"] == "iterator" and output["x-cog-array-display"] == "concatenate"
+    assert schema["components"]["schemas"]["template"]["enum"] == ["instruct", "raw"]
+    assert "required" not in schema["components"]["schemas"]["Input"]  # `cog predict -i image=@x.png` alone works

@@ -1,0 +1,86 @@
+"""script/predict and script/serve: the local stand-ins for `cog predict` and the container's server."""
+
+import base64
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from idefics_cog.cogserver import free_port, parse_inputs
+from idefics_cog.schema import build_schema
+from idefics_cog.settings import ROOT
+from tests.helpers import noise_image, save_png
+from tests.test_engine import run
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return build_schema()
+
+
+def test_parse_inputs_types_files_and_lists(schema, tmp_path):
+    a, b = save_png(noise_image(1), tmp_path / "a.png"), save_png(noise_image(2), tmp_path / "b.png")
+    inputs = parse_inputs(["prompt=x=y", "max_new_tokens=7", "temperature=0.5", f"image=@{a}",
+                           f"images=@{a}", f"images=@{b}"], schema)
+    assert inputs["prompt"] == "x=y" and inputs["max_new_tokens"] == 7 and inputs["temperature"] == 0.5
+    assert inputs["image"] == "data:image/png;base64," + base64.b64encode(a.read_bytes()).decode()
+    assert len(inputs["images"]) == 2 and inputs["images"][1].endswith(base64.b64encode(b.read_bytes()).decode())
+
+
+@pytest.mark.parametrize("pair, message", [("nope=1", "unknown input"), ("prompt", "expected name=value"),
+                                           ("image=@/no/such.png", "no such file")])
+def test_parse_inputs_refuses_mistakes(schema, pair, message):
+    with pytest.raises(SystemExit, match=message):
+        parse_inputs([pair], schema)
+
+
+def script(name, *args, env=None, timeout=300):
+    return subprocess.run([str(ROOT / "script" / name), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_script_predict_streams_the_answer(tiny_dir, engine, tmp_path):
+    image = save_png(noise_image(1), tmp_path / "xray.png")
+    done = script("predict", "-i", f"image=@{image}", "-i", "prompt=What does this X-ray show?",
+                  "-i", "max_new_tokens=16", env={"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")})
+    assert done.returncode == 0, done.stderr
+    expected = run(engine, "What does this X-ray show?", [noise_image(1)], max_new_tokens=16)
+    assert done.stdout == expected + "\n"
+    assert "tokens/s" in done.stderr  # the model's logs arrive on stderr
+
+
+def test_script_predict_fails_with_the_server_error(tiny_dir, tmp_path):
+    image = save_png(noise_image(1), tmp_path / "xray.png")
+    done = script("predict", "-i", f"image=@{image}", "-i", "prompt=<image><image>",
+                  env={"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")})
+    assert done.returncode == 1
+    assert "prediction failed" in done.stderr and "2 <image> placeholder(s) but 1 image(s)" in done.stderr
+
+
+def test_script_predict_reports_a_setup_failure(tmp_path):
+    done = script("predict", "-i", "prompt=hi", env={"IDEFICS_BASE_WEIGHTS": str(tmp_path / "missing")})
+    assert done.returncode == 1
+    assert "SETUP_FAILED" in done.stderr and "missing" in done.stderr
+
+
+def test_script_serve_runs_the_server_in_the_foreground(tiny_dir):
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")}
+    process = subprocess.Popen([str(ROOT / "script/serve")], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health-check", timeout=2).json()["status"] == "READY":
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        schema = requests.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5).json()
+        assert schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

@@ -1,0 +1,60 @@
+import hashlib
+import json
+
+import torch
+from peft import PeftModel
+from transformers import AutoTokenizer, IdeficsForVisionText2Text
+
+from idefics_cog import tiny
+from idefics_cog.engine import Engine
+from tests.test_engine import CASES, run
+
+
+def digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_build_is_deterministic(tiny_dir, tmp_path):
+    again = tiny.build(tmp_path / "again")
+    assert digest(again / "base") == digest(tiny_dir / "base")
+    assert digest(again / "adapter")["adapter_model.safetensors"] == digest(tiny_dir / "adapter")["adapter_model.safetensors"]
+
+
+def test_tokenizer_has_the_idefics_special_tokens_after_the_base_vocabulary(tiny_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "base")
+    config = json.loads((tiny_dir / "base" / "config.json").read_text())
+    ids = tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
+    assert ids == [config["vocab_size"], config["vocab_size"] + 1, config["vocab_size"] + 2]
+    assert config["additional_vocab_size"] == 3
+    assert tokenizer.decode(tokenizer("User: a chest X-ray?\nAssistant:")["input_ids"]) == "User: a chest X-ray?\nAssistant:"
+
+
+def test_every_linear_width_is_a_multiple_of_64(tiny_dir):
+    model = IdeficsForVisionText2Text.from_pretrained(tiny_dir / "base")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.in_features % 64 == 0 for m in linears)
+    assert all(m.out_features % 64 == 0 for m in linears if m is not model.lm_head.additional_fc)
+
+
+def test_images_change_the_logits(engine):
+    from idefics_cog.prompt import build_segments
+    from tests.helpers import noise_image
+
+    segments = build_segments("Describe it.", 1)
+    logits = []
+    for seed in (0, 1):
+        inputs = engine.encode(segments, [noise_image(seed)]).to(engine.device, engine.dtype)
+        with torch.no_grad():
+            logits.append(engine.model(**inputs).logits[0, -1])
+    assert (logits[0] - logits[1]).abs().max() > 1e-2
+
+
+def test_adapter_is_standard_peft_and_changes_the_output(tiny_dir, engine):
+    adapter = tiny_dir / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 32 and sorted(config["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
+    base = IdeficsForVisionText2Text.from_pretrained(tiny_dir / "base")
+    adapted = Engine(PeftModel.from_pretrained(base, adapter).eval(), engine.processor, engine.device)
+    for text, images in CASES.values():
+        assert run(adapted, text, images, max_new_tokens=16) != run(engine, text, images, max_new_tokens=16)
