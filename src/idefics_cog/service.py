@@ -36,7 +36,7 @@ class Service:
                template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                seed: int | None = None, stop_sequences: str = "") -> Iterator[str]:
-        """Validate everything first (so a bad request fails before any text is streamed), then generate."""
+        """Validate everything (the stream checks the context before its first token), then generate."""
         files = image_files.image_inputs(image, images)
         image_files.check_count(len(files), self.settings.max_images)
         segments = build_segments(prompt, len(files), template, system_prompt)
@@ -45,5 +45,4 @@ class Service:
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed,
                             stop_sequences=parse_stop_sequences(stop_sequences))
-        self.engine.fit_to_context(encoded.num_tokens, max_new_tokens)  # refuse an oversized prompt up front
         return self.engine.stream(encoded, sampling)
