@@ -52,12 +52,18 @@ def test_script_predict_streams_the_answer(tiny_dir, engine, tmp_path):
     assert "tokens/s" in done.stderr  # the model's logs arrive on stderr
 
 
-def test_script_predict_fails_with_the_server_error(tiny_dir, tmp_path):
+def cog_servers() -> int:
+    return len(subprocess.run(["pgrep", "-f", "cog.server.http"], capture_output=True, text=True).stdout.split())
+
+
+def test_script_predict_fails_with_the_server_error_and_stops_the_server(tiny_dir, tmp_path):
     image = save_png(noise_image(1), tmp_path / "xray.png")
+    servers_before = cog_servers()
     done = script("predict", "-i", f"image=@{image}", "-i", "prompt=<image><image>",
                   env={"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")})
     assert done.returncode == 1
     assert "prediction failed" in done.stderr and "2 <image> placeholder(s) but 1 image(s)" in done.stderr
+    assert cog_servers() == servers_before
 
 
 def test_script_predict_reports_a_setup_failure(tmp_path):
