@@ -1,33 +1,44 @@
-"""Resolve a weight source (a local directory or a Hugging Face repo id) to a local directory."""
+"""Resolve a weight source to a local directory, for the base model and for every adapter.
+
+A source is one of:
+- a local directory (used as it is);
+- an `https://` (or `http://`) URL of a .tar, .tar.gz or .zip archive, optionally ending in `#sha256=<hex>`
+  (downloaded in parallel byte ranges, verified, safely extracted; see download.py);
+- a Hugging Face repo id, optionally with a pinned revision: `owner/name@revision` (see hub.py).
+
+Everything downloaded lives under the cache directory (`weights/` by default), which `cog predict` mounts, so a
+second setup finds it there and downloads nothing.
+"""
 
 import re
 from pathlib import Path
 
-# safetensors and the small files beside them; pickled `.bin` weights are never fetched.
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
 
 class WeightsError(RuntimeError):
-    pass
+    """A weight source that cannot be used; the message names the source."""
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("https://", "http://"))
 
 
 def resolve(source: str, cache_dir: Path) -> Path:
-    """Return the local directory holding `source`, downloading it into `cache_dir` when it is a hub id."""
+    """Return the local directory holding `source`, downloading it into `cache_dir` first if needed."""
     path = Path(source).expanduser()
+    if is_url(source):
+        from idefics_cog.download import fetch_archive
+
+        return fetch_archive(source, cache_dir)
     if path.is_dir():
         return path
-    if _HUB_ID.match(source) and not path.exists():
-        return _from_hub(source, cache_dir)
-    raise WeightsError(f"weight source {source!r} is neither a directory nor a Hugging Face repo id (owner/name[@rev])")
+    if HUB_ID.match(source) and not path.exists():
+        from idefics_cog.hub import fetch_hub
 
-
-def _from_hub(source: str, cache_dir: Path) -> Path:
-    from huggingface_hub import snapshot_download
-
-    repo_id, _, revision = source.partition("@")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache_dir / "hub",
-                                      allow_patterns=HUB_FILES))
-    except Exception as exc:  # huggingface_hub raises many types; all mean the same to the user
-        raise WeightsError(f"could not fetch weight source {source!r}: {exc}") from exc
+        repo_id, _, revision = source.partition("@")
+        return fetch_hub(repo_id, revision or None, cache_dir)
+    raise WeightsError(
+        f"weight source {source!r} is not a directory, an http(s) URL of a .tar/.zip, or a Hugging Face repo id "
+        f"(owner/name[@revision])"
+    )
