@@ -23,7 +23,7 @@ $(TINY)/COMPLETE: | $(VENV)/.installed
 
 # The main job: one streamed answer from the embedded tiny model, through the real Cog server.
 predict: install tiny
-	IDEFICS_BASE_WEIGHTS=$(TINY)/base script/predict -i image=@examples/xray.png -i prompt="What does this X-ray show?" -i max_new_tokens=48
+	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/predict -i image=@examples/xray.png -i prompt="What does this X-ray show?" -i max_new_tokens=48
 
 test: install
 	$(PY) -m pytest
@@ -32,7 +32,7 @@ bench: install tiny
 	$(PY) bench/predict_overhead.py
 
 serve: install tiny
-	IDEFICS_BASE_WEIGHTS=$(TINY)/base script/serve
+	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/serve
 
 clean:
 	rm -rf $(TINY) .cog .pytest_cache

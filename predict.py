@@ -17,7 +17,8 @@ from idefics_cog.service import Service  # noqa: E402
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        """Resolve and load the weights once (`IDEFICS_BASE_WEIGHTS`; see README)."""
+        """Resolve (downloading into weights/ if needed) and load the base model and the default adapter once
+        (`IDEFICS_BASE_WEIGHTS`, `IDEFICS_ADAPTER_WEIGHTS`, `IDEFICS_QUANTIZATION`; see README)."""
         self.service = Service.from_env()
 
     @cog.streaming
@@ -65,10 +66,25 @@ class Predictor(BasePredictor):
             description="Comma-separated texts that end the answer (not included in it), e.g. 'Question:,###'.",
             default="",
         ),
+        adapter: str = Input(
+            description="medical: the MedIDEFICS LoRA adapter loaded at setup; none: the base model alone.",
+            choices=["medical", "none"],
+            default="medical",
+        ),
+        lora_weights: str = Input(
+            description="A custom LoRA adapter in the standard PEFT layout: an https URL of a .tar/.zip, or a "
+            "Hugging Face repo id (owner/name[@revision]). Used instead of `adapter`; cached after the first use.",
+            default="",
+        ),
+        lora_scale: float = Input(
+            description="Strength of the adapter in use: 0 turns it off, 1 is as trained.", ge=0.0, le=4.0,
+            default=1.0,
+        ),
     ) -> ConcatenateIterator[str]:
         """Answer the prompt about the images, streaming the text as it is generated."""
         yield from self.service.answer(
             prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences,
+            repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences, adapter=adapter,
+            lora_weights=lora_weights, lora_scale=lora_scale,
         )

@@ -56,7 +56,8 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     picture = load_image("image", IMAGE)  # the RGB image the predictor makes of the same file
     items = [picture if isinstance(s, int) else s for s in build_segments(PROMPT, 1)]
     args = dict(prompt=PROMPT, template="instruct", system_prompt="", max_new_tokens=max_new_tokens,
-                temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0, stop_sequences="")
+                temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0, stop_sequences="",
+                adapter="none", lora_weights="", lora_scale=1.0)
     data_uri = f"data:image/png;base64,{base64.b64encode(IMAGE.read_bytes()).decode()}"
 
     def recipe():
@@ -137,10 +138,11 @@ def main() -> None:
     if not (BASE.parent / "COMPLETE").exists():
         sys.exit(f"no tiny model in {BASE.parent}: run `make tiny` first")
 
-    os.environ["IDEFICS_BASE_WEIGHTS"] = str(BASE)
+    env = {"IDEFICS_BASE_WEIGHTS": str(BASE), "IDEFICS_ADAPTER_WEIGHTS": "none"}  # the base model, as the recipe
+    os.environ.update(env)
     predictor = Predictor()
     predictor.setup()
-    with CogServer(env={"IDEFICS_BASE_WEIGHTS": str(BASE)}) as server:
+    with CogServer(env=env) as server:
         paths = make_paths(predictor, server, args.max_new_tokens)
         text, ids = check_same_answer(paths)
         ms = measure(paths, args.repeats)

@@ -4,6 +4,11 @@ from idefics_cog import tiny
 from idefics_cog.settings import ROOT
 
 
+def tiny_env(tiny_dir) -> dict:
+    """Settings for a server on the tiny model, with the tiny adapter as `medical`."""
+    return {"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(tiny_dir / "adapter")}
+
+
 @pytest.fixture(scope="session")
 def tiny_dir():
     """The embedded tiny IDEFICS, built once under weights/ (the same place `make predict` uses)."""
@@ -22,5 +27,5 @@ def server(tiny_dir):
     """The real Cog server (coglet) serving predict.py on the tiny model."""
     from idefics_cog.cogserver import CogServer
 
-    with CogServer(env={"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")}) as running:
+    with CogServer(env=tiny_env(tiny_dir)) as running:
         yield running

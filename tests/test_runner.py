@@ -12,6 +12,7 @@ import requests
 from idefics_cog.cogserver import free_port, parse_inputs
 from idefics_cog.schema import build_schema
 from idefics_cog.settings import ROOT
+from tests.conftest import tiny_env
 from tests.helpers import noise_image, save_png
 from tests.test_engine import run
 
@@ -45,7 +46,7 @@ def script(name, *args, env=None, timeout=300):
 def test_script_predict_streams_the_answer(tiny_dir, engine, tmp_path):
     image = save_png(noise_image(1), tmp_path / "xray.png")
     done = script("predict", "-i", f"image=@{image}", "-i", "prompt=What does this X-ray show?",
-                  "-i", "max_new_tokens=16", env={"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")})
+                  "-i", "max_new_tokens=16", "-i", "adapter=none", env=tiny_env(tiny_dir))
     assert done.returncode == 0, done.stderr
     expected = run(engine, "What does this X-ray show?", [noise_image(1)], max_new_tokens=16)
     assert done.stdout == expected + "\n"
@@ -59,8 +60,7 @@ def cog_servers() -> int:
 def test_script_predict_fails_with_the_server_error_and_stops_the_server(tiny_dir, tmp_path):
     image = save_png(noise_image(1), tmp_path / "xray.png")
     servers_before = cog_servers()
-    done = script("predict", "-i", f"image=@{image}", "-i", "prompt=<image><image>",
-                  env={"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")})
+    done = script("predict", "-i", f"image=@{image}", "-i", "prompt=<image><image>", env=tiny_env(tiny_dir))
     assert done.returncode == 1
     assert "prediction failed" in done.stderr and "2 <image> placeholder(s) but 1 image(s)" in done.stderr
     assert cog_servers() == servers_before
@@ -74,7 +74,7 @@ def test_script_predict_reports_a_setup_failure(tmp_path):
 
 def test_script_serve_runs_the_server_in_the_foreground(tiny_dir):
     port = free_port()
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")}
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", **tiny_env(tiny_dir)}
     process = subprocess.Popen([str(ROOT / "script/serve")], env=env, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -42,7 +42,7 @@ def test_openapi_carries_the_input_bounds(server):
 @pytest.mark.parametrize("case", CASES)
 def test_prediction_equals_the_engine(server, engine, case):
     text, images = CASES[case]
-    inputs = {"prompt": text, "max_new_tokens": 20}
+    inputs = {"prompt": text, "max_new_tokens": 20, "adapter": "none"}
     if images:
         inputs["image"] = data_uri(images[0])
         if len(images) > 1:

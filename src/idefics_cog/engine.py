@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, IdeficsForVisionText2Text, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    AutoProcessor,
+    BitsAndBytesConfig,
+    IdeficsForVisionText2Text,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from idefics_cog.errors import InputError
@@ -41,11 +47,22 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """MedIDEFICS's settings: nf4 with double quantization; the output and embedding layers stay unquantized."""
+    keep = ["lm_head", "embed_tokens"]
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep)
+    return None
+
+
 class Engine:
     def __init__(self, model, processor, device: torch.device):
         self.model, self.processor, self.device = model, processor, device
         self.tokenizer = processor.tokenizer
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
         self.last_stats: Stats | None = None
         # All torch work runs on one long-lived thread. A new thread per request builds a new OpenMP team each
         # time, and torch calls from two threads make two teams that spin against each other on a small CPU
@@ -58,12 +75,16 @@ class Engine:
         self.banned = [[ids(IMAGE_TOKEN)], [ids(FAKE_IMAGE_TOKEN)]]
 
     @classmethod
-    def load(cls, path: Path, device: str = "auto") -> "Engine":
-        """Load a checkpoint directory: bf16 on GPU, float32 on CPU."""
+    def load(cls, path: Path, device: str = "auto", quantization: str = "none") -> "Engine":
+        """Load a checkpoint directory: bf16 on GPU, float32 on CPU, optionally 8-bit or 4-bit (bitsandbytes).
+        On GPU, accelerate's `device_map="auto"` spreads a model too large for one GPU (the 80b) over all of them."""
         device = pick_device(device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = IdeficsForVisionText2Text.from_pretrained(path, dtype=dtype).to(device).eval()
-        return cls(model, AutoProcessor.from_pretrained(path), device)
+        model = IdeficsForVisionText2Text.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
+            device_map="auto" if device.type == "cuda" else {"": "cpu"},
+        ).eval()
+        return cls(model, AutoProcessor.from_pretrained(path), model.device)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
         return self.generation_thread.submit(encode, segments, images, self.processor).result()

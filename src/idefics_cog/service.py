@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from idefics_cog import images as image_files
+from idefics_cog.adapters import MEDICAL, Adapters
 from idefics_cog.engine import Engine, Sampling
 from idefics_cog.prompt import build_segments
 from idefics_cog.settings import Settings
@@ -16,8 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, engine: Engine, settings: Settings):
-        self.engine, self.settings = engine, settings
+    def __init__(self, engine: Engine, adapters: Adapters, settings: Settings):
+        self.engine, self.adapters, self.settings = engine, adapters, settings
 
     @classmethod
     def from_env(cls) -> "Service":
@@ -28,19 +29,27 @@ class Service:
         log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,
                  time.perf_counter() - started)
         started = time.perf_counter()
-        engine = Engine.load(path, settings.device)
-        log.info("model loaded on %s (%s) in %.1f s", engine.device, engine.dtype, time.perf_counter() - started)
-        return cls(engine, settings)
+        engine = Engine.load(path, settings.device, settings.quantization)
+        log.info("model loaded on %s (%s, quantization %s) in %.1f s", engine.device, engine.dtype,
+                 settings.quantization, time.perf_counter() - started)
+        adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes)
+        if settings.adapter_weights:
+            adapters.load_default(settings.adapter_weights)
+        return cls(engine, adapters, settings)
 
     def answer(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
                template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop_sequences: str = "") -> Iterator[str]:
+               seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
+               lora_scale: float = 1.0) -> Iterator[str]:
         """Validate everything (the stream checks the context before its first token), then generate."""
         files = image_files.image_inputs(image, images)
         image_files.check_count(len(files), self.settings.max_images)
         segments = build_segments(prompt, len(files), template, system_prompt)
         pictures = [image_files.load_image(name, path) for name, path in files]
+        # On the generation thread, like all torch work (see Engine.generation_thread).
+        name = self.engine.generation_thread.submit(self.adapters.select, adapter, lora_weights, lora_scale).result()
+        log.info("adapter: %s (scale %g)", name, lora_scale)
         encoded = self.engine.encode(segments, pictures)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed,

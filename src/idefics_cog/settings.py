@@ -1,4 +1,4 @@
-"""Settings read once from the environment; every knob is documented in README.md."""
+"""Settings read once from the environment; every knob is documented in README.md (and set in cog.yaml)."""
 
 import os
 from dataclasses import dataclass
@@ -6,21 +6,35 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE_WEIGHTS = "HuggingFaceM4/idefics-9b-instruct"
+DEFAULT_ADAPTER_WEIGHTS = "WinterSchool/Midefics-lora-v3"
+QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 @dataclass(frozen=True)
 class Settings:
-    base_weights: str  # a local directory or a Hugging Face repo id (optionally `@revision`)
+    base_weights: str  # a local directory, an https URL of a .tar/.zip, or a hub id (`owner/name@revision`)
+    adapter_weights: str  # the `medical` adapter, the same kinds of source; "" when disabled (`none`)
+    quantization: str  # none | 8bit | 4bit (bitsandbytes)
     cache_dir: Path  # where downloaded weights are kept (`weights/`, which `cog predict` mounts)
     max_images: int  # images per request
+    max_loaded_adapters: int  # custom adapters kept loaded in memory (besides `medical`)
+    adapter_cache_bytes: int  # disk budget for downloaded custom adapters
     device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
+        adapter = env.get("IDEFICS_ADAPTER_WEIGHTS", DEFAULT_ADAPTER_WEIGHTS)
+        quantization = env.get("IDEFICS_QUANTIZATION", "none")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"IDEFICS_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
         return cls(
             base_weights=env.get("IDEFICS_BASE_WEIGHTS", DEFAULT_BASE_WEIGHTS),
+            adapter_weights="" if adapter.lower() in ("", "none") else adapter,
+            quantization=quantization,
             cache_dir=Path(env.get("IDEFICS_CACHE_DIR", ROOT / "weights")),
             max_images=_positive_int(env, "IDEFICS_MAX_IMAGES", 8),
+            max_loaded_adapters=_positive_int(env, "IDEFICS_MAX_LOADED_ADAPTERS", 4),
+            adapter_cache_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
             device=env.get("IDEFICS_DEVICE", "auto"),
         )
 

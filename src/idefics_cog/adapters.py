@@ -1,0 +1,200 @@
+"""LoRA adapters on the loaded base model: the default one from setup, custom ones per request, no base reload.
+
+- `medical` is the adapter named by `IDEFICS_ADAPTER_WEIGHTS` (MedIDEFICS by default), loaded in setup.
+- `lora_weights` (an https URL of a tar/zip, or a hub id) loads a custom adapter into the same PEFT model.
+  Downloads sit in `weights/adapters/`, least recently used first out past a byte budget; loaded adapters stay
+  in memory, least recently used first out past a count. The same source again costs no download, no reload.
+- Only the standard PEFT layout is accepted, and every LoRA matrix is checked against the base model's layers
+  before anything touches the model; a load that still fails is rolled back, so the model stays as it was.
+"""
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+
+from idefics_cog.errors import InputError
+from idefics_cog.weights import HUB_ID, WeightsError, is_url, resolve
+
+log = logging.getLogger(__name__)
+
+MEDICAL = "medical"
+NONE = "none"
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit the base model or is not in the standard PEFT layout."""
+
+
+def linear_shapes(model) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every Linear layer of the plain base model, by module name."""
+    return {name: (module.in_features, module.out_features) for name, module in model.named_modules()
+            if hasattr(module, "in_features") and hasattr(module, "out_features")}
+
+
+def check_adapter(path: Path, shapes: dict[str, tuple[int, int]]) -> LoraConfig:
+    """Refuse anything but a LoRA adapter in the standard PEFT layout whose matrices fit the base model."""
+    files = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    if WEIGHTS_FILE not in files:
+        pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        if pickled:
+            raise AdapterError(f"pickled weights ({', '.join(pickled)}) are refused: only {WEIGHTS_FILE} is loaded")
+        raise AdapterError(f"not a PEFT adapter: {WEIGHTS_FILE} is missing")
+    if CONFIG_FILE not in files:
+        raise AdapterError(f"not a PEFT adapter: {CONFIG_FILE} is missing")
+    try:
+        raw = json.loads((path / CONFIG_FILE).read_text())
+    except ValueError as exc:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({exc})") from None
+    if raw.get("peft_type") != "LORA":
+        raise AdapterError(f"only LoRA adapters are supported, this one is {raw.get('peft_type')!r}")
+    try:
+        with safe_open(path / WEIGHTS_FILE, "pt") as tensors:
+            found = {key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged header
+        raise AdapterError(f"{WEIGHTS_FILE} cannot be read ({exc})") from None
+    if not found:
+        raise AdapterError(f"{WEIGHTS_FILE} holds no tensors")
+    for key, shape in found.items():
+        match = _LORA_KEY.match(key)
+        if not match:
+            raise AdapterError(f"unsupported tensor {key!r} (only LoRA A/B matrices are loaded)")
+        module = match["module"]
+        if module not in shapes:
+            raise AdapterError(f"targets {module}, which the base model does not have (is it for another model?)")
+        in_features, out_features = shapes[module]
+        expected = in_features if match["part"] == "A" else out_features
+        actual = shape[1] if match["part"] == "A" else shape[0]
+        if len(shape) != 2 or actual != expected:
+            raise AdapterError(f"{key} has shape {list(shape)}, which does not fit {module} "
+                               f"({in_features} in, {out_features} out)")
+    try:
+        return LoraConfig.from_pretrained(str(path))
+    except Exception as exc:  # PEFT validates the fields in several ways
+        raise AdapterError(f"{CONFIG_FILE} is not a valid LoRA config ({exc})") from None
+
+
+def source_key(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+class Adapters:
+    """The adapters loaded on the engine's model, and which one the next generation uses."""
+
+    def __init__(self, engine, cache_dir: Path, max_loaded: int = 4, cache_bytes: int = 4 << 30):
+        self.engine = engine
+        self.shapes = linear_shapes(engine.model)
+        self.cache_dir = Path(cache_dir) / "adapters"
+        self.max_loaded, self.cache_bytes = max_loaded, cache_bytes
+        self.custom: OrderedDict[str, str] = OrderedDict()  # source -> adapter name, least recently used first
+
+    @property
+    def names(self) -> list[str]:
+        model = self.engine.model
+        return list(model.peft_config) if isinstance(model, PeftModel) else []
+
+    def load_default(self, source: str) -> None:
+        """Setup: the `medical` adapter (any weight source, local directories included)."""
+        started = time.perf_counter()
+        path = resolve(source, self.cache_dir.parent)
+        try:
+            self._load(path, MEDICAL)
+        except AdapterError as exc:
+            raise WeightsError(f"adapter weights {source!r}: {exc}") from None
+        log.info("adapter %r from %s loaded in %.1f s", MEDICAL, source, time.perf_counter() - started)
+
+    def select(self, adapter: str = MEDICAL, lora_weights: str = "", lora_scale: float = 1.0) -> str:
+        """Point the model at the adapter a request asks for (`lora_weights` wins over `adapter`).
+        Returns its name, or "none" for the base model alone."""
+        if lora_weights:
+            name = self._custom(lora_weights)
+        elif adapter == MEDICAL:
+            # A server started without it (IDEFICS_ADAPTER_WEIGHTS=none) serves the base model for the default.
+            name = MEDICAL if MEDICAL in self.names else None
+        elif adapter == NONE:
+            name = None
+        else:
+            raise InputError(f"adapter: must be 'medical' or 'none', got {adapter!r}")
+        model = self.engine.model
+        if not isinstance(model, PeftModel):
+            return NONE
+        if name is None:
+            model.base_model.disable_adapter_layers()
+            return NONE
+        model.base_model.enable_adapter_layers()
+        model.set_adapter(name)
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and name in module.scaling:
+                module.set_scale(name, lora_scale)
+        return name
+
+    def _custom(self, source: str) -> str:
+        if source in self.custom:
+            self.custom.move_to_end(source)
+            return self.custom[source]
+        if not (is_url(source) or HUB_ID.match(source)):
+            raise InputError(f"lora_weights: {source!r} is neither an http(s) URL of a .tar/.zip nor a Hugging Face "
+                             f"repo id (owner/name[@revision])")
+        entry = self.cache_dir / source_key(source)
+        started = time.perf_counter()
+        try:
+            path = resolve(source, entry)
+            (entry / ".last_used").touch()
+            self._trim_disk_cache(keep=entry)
+            name = f"custom_{source_key(source)}"
+            self._load(path, name)
+        except (WeightsError, AdapterError) as exc:
+            raise InputError(f"lora_weights: {exc}") from None
+        self.custom[source] = name
+        log.info("adapter %s from %s loaded in %.1f s", name, source, time.perf_counter() - started)
+        while len(self.custom) > self.max_loaded:
+            old_source, old_name = self.custom.popitem(last=False)
+            self.engine.model.delete_adapter(old_name)
+            log.info("adapter %s (%s) unloaded: more than %d loaded", old_name, old_source, self.max_loaded)
+        return name
+
+    def _load(self, path: Path, name: str) -> None:
+        """Add the adapter at `path` as `name`; on any failure the model is left exactly as it was."""
+        config = check_adapter(path, self.shapes)
+        model = self.engine.model
+        wrapped_here = not isinstance(model, PeftModel)
+        try:
+            if wrapped_here:
+                # New LoRA layers start with B = 0, so the model is unchanged until the weights load.
+                model = self.engine.model = PeftModel(model, config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+            model.load_adapter(str(path), adapter_name=name)
+            model.eval()
+        except Exception as exc:
+            if wrapped_here:
+                self.engine.model = model.unload()  # takes the LoRA layers out again
+            elif name in model.peft_config:
+                model.delete_adapter(name)
+            raise AdapterError(f"could not be loaded ({type(exc).__name__}: {exc})") from None
+
+    def _trim_disk_cache(self, keep: Path) -> None:
+        """Delete least recently used downloads until the cache fits its byte budget (never `keep`)."""
+        entries = [p for p in self.cache_dir.iterdir() if p.is_dir() and p != keep]
+        entries.sort(key=lambda p: (p / ".last_used").stat().st_mtime if (p / ".last_used").exists() else 0)
+        total = sum(_size(p) for p in entries) + _size(keep)
+        while entries and total > self.cache_bytes:
+            oldest = entries.pop(0)
+            total -= _size(oldest)
+            shutil.rmtree(oldest, ignore_errors=True)
+            log.info("adapter cache: removed %s to stay under %d bytes", oldest.name, self.cache_bytes)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())

@@ -1,0 +1,173 @@
+"""Adapters on the tiny model: validation, switching, scaling, rollback, caches, quantized bases."""
+
+import json
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import IdeficsForVisionText2Text
+
+from idefics_cog.adapters import AdapterError, Adapters, check_adapter, linear_shapes
+from idefics_cog.engine import Engine
+from tests.test_engine import CASES, run
+
+TEXT, IMAGES = CASES["one image"]
+
+
+def answer(engine, **sampling):
+    return run(engine, TEXT, IMAGES, max_new_tokens=16, **sampling)
+
+
+@pytest.fixture
+def fresh(tiny_dir):
+    """A newly loaded tiny engine (adapters change the model in place)."""
+    return Engine.load(tiny_dir / "base", "cpu")
+
+
+@pytest.fixture
+def with_medical(fresh, tiny_dir, tmp_path):
+    adapters = Adapters(fresh, tmp_path)
+    adapters.load_default(str(tiny_dir / "adapter"))
+    return fresh, adapters
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_dir):
+    """Reference answers: the base alone, and the tiny adapter loaded alone with plain PEFT."""
+    base = Engine.load(tiny_dir / "base", "cpu")
+    plain = answer(base)
+    model = IdeficsForVisionText2Text.from_pretrained(tiny_dir / "base")
+    medical = Engine(PeftModel.from_pretrained(model, tiny_dir / "adapter").eval(), base.processor, base.device)
+    return {"none": plain, "medical": answer(medical)}
+
+
+def copy_adapter(tiny_dir, tmp_path, name="copy"):
+    target = tmp_path / name
+    shutil.copytree(tiny_dir / "adapter", target)
+    return target
+
+
+def test_switching_gives_the_same_answers_as_loading_each_alone(with_medical, alone):
+    engine, adapters = with_medical
+    assert alone["medical"] != alone["none"]
+    for choice in ["medical", "none", "medical", "none", "medical"]:
+        assert adapters.select(choice) == choice
+        assert answer(engine) == alone[choice], choice
+
+
+def test_lora_scale_zero_is_the_base_and_one_is_the_adapter(with_medical, alone):
+    engine, adapters = with_medical
+    adapters.select("medical", lora_scale=0.0)
+    assert answer(engine) == alone["none"]
+    adapters.select("medical", lora_scale=2.0)
+    doubled = answer(engine)
+    adapters.select("medical", lora_scale=1.0)
+    assert answer(engine) == alone["medical"] and doubled != alone["medical"]
+
+
+def test_without_a_default_adapter_medical_serves_the_base(fresh, tmp_path, alone):
+    adapters = Adapters(fresh, tmp_path)
+    assert adapters.select("medical") == "none"
+    assert answer(fresh) == alone["none"]
+
+
+def test_the_standard_layout_passes(tiny_dir, fresh):
+    config = check_adapter(tiny_dir / "adapter", linear_shapes(fresh.model))
+    assert config.r == 16
+
+
+def test_pickled_adapter_is_refused(tiny_dir, tmp_path, fresh):
+    adapter = copy_adapter(tiny_dir, tmp_path)
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(AdapterError, match=r"pickled weights \(adapter_model.bin\) are refused"):
+        check_adapter(adapter, linear_shapes(fresh.model))
+
+
+def test_missing_config_and_other_peft_types_are_refused(tiny_dir, tmp_path, fresh):
+    adapter = copy_adapter(tiny_dir, tmp_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    with pytest.raises(AdapterError, match="only LoRA adapters"):
+        check_adapter(adapter, linear_shapes(fresh.model))
+    (adapter / "adapter_config.json").unlink()
+    with pytest.raises(AdapterError, match="adapter_config.json is missing"):
+        check_adapter(adapter, linear_shapes(fresh.model))
+
+
+def rewrite_tensors(adapter, change):
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file(change(tensors), path)
+
+
+def test_adapter_for_other_modules_is_refused(tiny_dir, tmp_path, fresh):
+    adapter = copy_adapter(tiny_dir, tmp_path)
+    rewrite_tensors(adapter, lambda t: {k.replace("layers.0.", "layers.7."): v for k, v in t.items()})
+    with pytest.raises(AdapterError, match=r"targets model\.[\w.]+\.7\.[\w.]+_proj, which the base model does not have"):
+        check_adapter(adapter, linear_shapes(fresh.model))
+
+
+def test_adapter_with_other_shapes_is_refused(tiny_dir, tmp_path, fresh):
+    adapter = copy_adapter(tiny_dir, tmp_path)
+    rewrite_tensors(adapter, lambda t: {k: torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v
+                                        for k, v in t.items()})
+    with pytest.raises(AdapterError, match=r"lora_A\.weight has shape \[16, 128\], which does not fit"):
+        check_adapter(adapter, linear_shapes(fresh.model))
+
+
+def damaged_adapter(tiny_dir, tmp_path):
+    """Fits the base model, but its config says r=8 while its matrices have rank 16: PEFT fails half-way."""
+    adapter = copy_adapter(tiny_dir, tmp_path, "damaged")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    return adapter
+
+
+def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path, alone):
+    engine, adapters = with_medical
+    with pytest.raises(AdapterError, match="could not be loaded"):
+        adapters._load(damaged_adapter(tiny_dir, tmp_path), "broken")
+    assert adapters.names == ["medical"]
+    for choice in ["medical", "none"]:
+        adapters.select(choice)
+        assert answer(engine) == alone[choice]
+
+
+def test_failed_first_adapter_leaves_the_plain_model(fresh, tiny_dir, tmp_path, alone):
+    adapters = Adapters(fresh, tmp_path)
+    with pytest.raises(AdapterError):
+        adapters._load(damaged_adapter(tiny_dir, tmp_path), "broken")
+    assert not isinstance(fresh.model, PeftModel)
+    assert answer(fresh) == alone["none"]
+
+
+def test_disk_cache_drops_the_least_recently_used_beyond_its_budget(fresh, tmp_path):
+    adapters = Adapters(fresh, tmp_path, cache_bytes=2500)
+    for age, name in enumerate(["old", "middle", "new"]):
+        entry = adapters.cache_dir / name
+        entry.mkdir(parents=True)
+        (entry / "weights").write_bytes(b"x" * 1000)
+        (entry / ".last_used").touch()
+        os.utime(entry / ".last_used", (1000 + age, 1000 + age))
+    adapters._trim_disk_cache(keep=adapters.cache_dir / "old")  # the one in use stays, whatever its age
+    assert sorted(p.name for p in adapters.cache_dir.iterdir()) == ["new", "old"]
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_base_loads_generates_and_takes_the_adapter(tiny_dir, tmp_path, quantization):
+    warnings.filterwarnings("ignore", message=".*cast.*float16.*")  # bitsandbytes on CPU warns at every matmul
+    engine = Engine.load(tiny_dir / "base", "cpu", quantization)
+    assert engine.dtype == torch.float32
+    quantized = [type(m).__name__ for m in engine.model.modules() if "bit" in type(m).__name__]
+    assert quantized, "no bitsandbytes layers"
+    base = answer(engine)
+    adapters = Adapters(engine, tmp_path)
+    adapters.load_default(str(tiny_dir / "adapter"))
+    adapters.select("medical")
+    medical = answer(engine)
+    adapters.select("none")
+    assert answer(engine) == base and medical != base and base
