@@ -25,3 +25,14 @@ def data_uri(image_or_bytes, mime: str = "image/png") -> str:
         image_or_bytes.save(buffer, "PNG")
         image_or_bytes = buffer.getvalue()
     return f"data:{mime};base64,{base64.b64encode(image_or_bytes).decode()}"
+
+
+def tar_bytes(folder: Path, top: str | None = None) -> bytes:
+    """A .tar.gz of `folder`'s files (under a top-level directory `top` when given)."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=f"{top}/{path.name}" if top else path.name)
+    return buffer.getvalue()

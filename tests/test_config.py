@@ -73,3 +73,14 @@ def test_schema_marks_streaming_and_the_concatenated_text_output():
     assert output["x-cog-array-type"] == "iterator" and output["x-cog-array-display"] == "concatenate"
     assert schema["components"]["schemas"]["template"]["enum"] == ["instruct", "raw"]
     assert "required" not in schema["components"]["schemas"]["Input"]  # `cog predict -i image=@x.png` alone works
+
+
+def test_cog_yaml_environment_matches_the_settings_defaults(cog_yaml):
+    from idefics_cog.settings import Settings
+
+    declared = dict(item.split("=", 1) for item in cog_yaml["environment"])
+    defaults = Settings.from_env({})
+    assert declared["IDEFICS_BASE_WEIGHTS"] == defaults.base_weights
+    assert declared["IDEFICS_ADAPTER_WEIGHTS"] == defaults.adapter_weights
+    assert declared["IDEFICS_QUANTIZATION"] == defaults.quantization
+    assert declared["IDEFICS_CACHE_DIR"] == "/src/weights"  # weights/ of the repository inside the image

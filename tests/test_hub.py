@@ -1,0 +1,284 @@
+"""Hub weight sources (`owner/name[@revision]`) through huggingface_hub, against a real loopback hub (hubserver.py).
+
+Every request goes to 127.0.0.1 (a guard fails the test otherwise). huggingface_hub reads HF_ENDPOINT,
+HF_HUB_OFFLINE and HF_HUB_DISABLE_TELEMETRY once, at import; idefics_cog.hub reads the first two at each call,
+which is what the tests rely on (set with monkeypatch, after the import).
+"""
+
+import logging
+import os
+import shutil
+import socket
+import time
+
+import httpx2
+import pytest
+from huggingface_hub import constants
+from safetensors.torch import load_file
+
+import idefics_cog.hub as hub_module
+from idefics_cog.weights import WeightsError, resolve
+from tests.hubserver import Fault, HubServer
+
+REPO, ADAPTER = "owner/tiny-idefics", "owner/tiny-adapter"
+WITH_PICKLE, PICKLED_ONLY = "owner/with-pickle", "owner/pickled"
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@pytest.fixture(scope="module")
+def repos(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("repos")
+    with_pickle = root / "with-pickle"
+    shutil.copytree(tiny_dir / "base", with_pickle)
+    for name in ("pytorch_model.bin", "training_args.bin", "optimizer.pt"):
+        (with_pickle / name).write_bytes(os.urandom(4096))
+    pickled_only = root / "pickled-only"
+    pickled_only.mkdir()
+    shutil.copy(tiny_dir / "base" / "config.json", pickled_only)
+    (pickled_only / "pytorch_model.bin").write_bytes(os.urandom(4096))
+    return {
+        REPO: {"main": tiny_dir / "base", "v1": tiny_dir / "base"},
+        ADAPTER: {"main": tiny_dir / "adapter"},
+        WITH_PICKLE: {"main": with_pickle},
+        PICKLED_ONLY: {"main": pickled_only},
+    }
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Fail the test if anything (huggingface_hub's telemetry included) tries an address other than 127.0.0.1."""
+    elsewhere = []
+    send = httpx2.Client.send
+
+    def guarded(self, request, **kwargs):
+        if request.url.host != "127.0.0.1":
+            elsewhere.append(str(request.url))
+            raise httpx2.ConnectError("the tests reach 127.0.0.1 only", request=request)
+        return send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx2.Client, "send", guarded)
+    yield
+    assert not elsewhere, f"requests to other addresses: {elsewhere}"
+
+
+@pytest.fixture(scope="module")
+def hub_server(repos):
+    with HubServer(repos) as server:
+        yield server
+
+
+@pytest.fixture
+def hub(hub_server, monkeypatch):
+    """The loopback hub, without faults and with zero counts, and the environment pointing at it."""
+    hub_server.reset()
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_ETAG_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    # Import-time copies: offline when the suite was started with HF_HUB_OFFLINE=1; and the agent-registry fetch
+    # that builds the user agent goes to constants.ENDPOINT (huggingface.co), not to HF_ENDPOINT.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+    return hub_server
+
+
+@pytest.fixture
+def digests(monkeypatch):
+    """The files idefics_cog.hub hashes, in order."""
+    hashed = []
+    digest = hub_module._digest
+
+    def spy(file, algorithm):
+        hashed.append(file.name)
+        return digest(file, algorithm)
+
+    monkeypatch.setattr(hub_module, "_digest", spy)
+    return hashed
+
+
+def same_files(snapshot, directory, names):
+    return {path.name for path in snapshot.iterdir()} == set(names) and all(
+        (snapshot / name).read_bytes() == (directory / name).read_bytes() for name in names
+    )
+
+
+def lfs_path(hub, repo, name):
+    return hub.cdn_path(repo, hub.file(repo, name))
+
+
+def test_download_load_and_warm_cache(hub, tiny_dir, tmp_path, caplog, digests):
+    from idefics_cog.engine import Engine
+
+    caplog.set_level(logging.INFO, logger="idefics_cog.hub")
+    base = tiny_dir / "base"
+    names = sorted(path.name for path in base.iterdir())
+    sha = hub.sha(REPO, "main")
+
+    path = resolve(f"{REPO}@{sha}", tmp_path)
+
+    assert path == tmp_path / "hub" / "models--owner--tiny-idefics" / "snapshots" / sha
+    assert same_files(path, base, names)
+    assert hub.downloads(REPO) == {name: 1 for name in names}
+    assert digests == ["model.safetensors"]
+    total = sum((base / name).stat().st_size for name in names)
+    assert any(f"{total} bytes" in r.getMessage() and "fetched" in r.getMessage() for r in caplog.records)
+
+    engine = Engine.load(path, "cpu")
+    assert engine.context == 512
+    original = load_file(base / "model.safetensors")
+    loaded = engine.model.state_dict()
+    assert all((loaded[key] == tensor).all() for key, tensor in original.items() if key in loaded)
+
+    # Warm: a pinned commit costs no request at all and hashes nothing; a branch costs only repo-info requests.
+    hub.reset_counts()
+    caplog.clear()
+    assert resolve(f"{REPO}@{sha}", tmp_path) == path
+    assert hub.total_requests() == 0
+    assert resolve(f"{REPO}@main", tmp_path) == path
+    assert hub.file_requests() == [] and len(hub.cdn.requests) == 0
+    assert digests == ["model.safetensors"]
+    assert all("0 bytes (0 B) fetched" in r.getMessage() for r in caplog.records if "fetched" in r.getMessage())
+
+
+def test_pickled_weights_are_never_requested(hub, tiny_dir, tmp_path):
+    path = resolve(WITH_PICKLE, tmp_path)
+
+    assert hub.file(WITH_PICKLE, "pytorch_model.bin")  # listed by the hub
+    assert same_files(path, tiny_dir / "base", [p.name for p in (tiny_dir / "base").iterdir()])
+    requested = {name for _, name in hub.file_requests(WITH_PICKLE)}
+    assert "model.safetensors" in requested
+    assert not [name for name in requested if name.endswith(PICKLES)]
+
+
+def test_a_repo_with_only_pickled_weights_is_refused(hub, tmp_path):
+    with pytest.raises(WeightsError, match=r"owner/pickled@main offers only pickled weights \(pytorch_model\.bin\)"):
+        resolve(PICKLED_ONLY, tmp_path)
+    assert not [name for _, name in hub.file_requests() if name.endswith(PICKLES)]
+
+
+def test_corrupted_bytes_are_detected_and_fetched_again(hub, tiny_dir, tmp_path, caplog):
+    hub.set_fault(REPO, "model.safetensors", Fault(corrupt=True, times=1))
+
+    path = resolve(f"{REPO}@main", tmp_path)
+
+    assert (path / "model.safetensors").read_bytes() == (tiny_dir / "base" / "model.safetensors").read_bytes()
+    assert hub.downloads(REPO)["model.safetensors"] == 2
+    assert "did not match the hub's checksum" in caplog.text
+
+
+def test_corrupted_twice_is_an_error_and_never_returned(hub, tiny_dir, tmp_path):
+    hub.set_fault(REPO, "model.safetensors", Fault(corrupt=True, times=2))
+    sha256 = hub.file(REPO, "model.safetensors").sha256
+
+    with pytest.raises(WeightsError, match=r"owner/tiny-idefics@main: model\.safetensors does not match .*removed"):
+        resolve(f"{REPO}@main", tmp_path)
+
+    storage = tmp_path / "hub" / "models--owner--tiny-idefics"
+    assert not (storage / "snapshots" / hub.sha(REPO) / "model.safetensors").exists()
+    assert not [blob for blob in (storage / "blobs").iterdir() if blob.name.startswith(sha256)]
+    assert hub.downloads(REPO)["model.safetensors"] == 2
+
+    path = resolve(f"{REPO}@main", tmp_path)  # the fault is spent: the next setup gets the good file
+    assert (path / "model.safetensors").read_bytes() == (tiny_dir / "base" / "model.safetensors").read_bytes()
+
+
+def test_a_blob_changed_after_verification_is_hashed_again(hub, tiny_dir, tmp_path, digests):
+    sha = hub.sha(REPO)
+    path = resolve(f"{REPO}@{sha}", tmp_path)
+    blob = (path / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(data))  # same size, new mtime: the marker no longer vouches for it
+
+    assert resolve(f"{REPO}@{sha}", tmp_path) == path
+
+    assert (path / "model.safetensors").read_bytes() == (tiny_dir / "base" / "model.safetensors").read_bytes()
+    assert digests == ["model.safetensors"] * 3  # first download, the changed blob, the new download
+    assert hub.downloads(REPO)["model.safetensors"] == 2
+
+
+def test_a_dropped_connection_is_resumed(hub, tiny_dir, tmp_path, monkeypatch):
+    # huggingface_hub writes what it received in chunks of DOWNLOAD_CHUNK_SIZE (10 MB) and resumes from the last
+    # whole chunk: smaller chunks here, so that a cut in this 1.5 MB file is resumed rather than started over.
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 64 << 10)
+    size = hub.file(REPO, "model.safetensors").size
+    hub.set_fault(REPO, "model.safetensors", Fault(drop_after=size // 2, times=1))
+
+    path = resolve(f"{REPO}@main", tmp_path)
+
+    assert (path / "model.safetensors").read_bytes() == (tiny_dir / "base" / "model.safetensors").read_bytes()
+    first, second = hub.cdn.ranges(lfs_path(hub, REPO, "model.safetensors"))
+    assert first is None and 0 < int(second.removeprefix("bytes=").removesuffix("-")) <= size // 2
+
+
+def test_not_found_names_the_repo_and_revision(hub, tmp_path):
+    with pytest.raises(WeightsError, match=r"owner/missing@main .*repo not found on http://127\.0\.0\.1:\d+ \(HTTP 4"):
+        resolve("owner/missing", tmp_path)
+    with pytest.raises(WeightsError, match=r"owner/tiny-idefics@nope: revision 'nope' not found in owner/tiny-idefics"):
+        resolve(f"{REPO}@nope", tmp_path)
+    assert hub.file_requests() == []
+
+
+def test_a_timeout_names_the_repo_and_falls_back_on_the_cache(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")  # an int: huggingface_hub int()s it at import
+    hub.set_delay(REPO, 60)
+    with pytest.raises(WeightsError, match=r"tiny-idefics@main is not in the cache .*did not answer within 1 s"):
+        resolve(f"{REPO}@main", tmp_path)
+
+    hub.set_delay(REPO, 0)
+    path = resolve(f"{REPO}@main", tmp_path)
+    hub.set_delay(REPO, 60)
+    assert resolve(f"{REPO}@main", tmp_path) == path  # the branch's commit comes from the cache's refs/
+
+
+def test_offline_uses_the_cache_and_only_the_cache(hub, tmp_path, monkeypatch):
+    sha = hub.sha(REPO)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for source in (f"{REPO}@main", f"{REPO}@{sha}"):
+        with pytest.raises(WeightsError, match=rf"{source} is not in the cache .*HF_HUB_OFFLINE is set"):
+            resolve(source, tmp_path)
+    assert hub.total_requests() == 0
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    path = resolve(f"{REPO}@main", tmp_path)
+    hub.reset_counts()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve(f"{REPO}@main", tmp_path) == path
+    assert resolve(f"{REPO}@{sha}", tmp_path) == path
+    assert hub.total_requests() == 0
+
+
+def test_an_unreachable_hub_uses_the_cache(hub, tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    path = resolve(f"{REPO}@main", tmp_path / "warm")
+    monkeypatch.setenv("HF_ENDPOINT", closed)
+
+    assert resolve(f"{REPO}@main", tmp_path / "warm") == path
+    with pytest.raises(WeightsError, match=r"owner/tiny-idefics@main is not in the cache .*could not be reached"):
+        resolve(f"{REPO}@main", tmp_path / "cold")
+
+
+def test_the_adapter_repo_downloads(hub, tiny_dir, tmp_path):
+    from peft import LoraConfig
+
+    path = resolve(ADAPTER, tmp_path)
+
+    assert same_files(path, tiny_dir / "adapter", ["adapter_config.json", "adapter_model.safetensors"])
+    assert "README.md" not in {name for _, name in hub.file_requests()}
+    assert LoraConfig.from_pretrained(path).r == 16
+
+
+def test_partial_files_left_by_a_killed_run_are_removed(hub, tmp_path):
+    resolve(f"{REPO}@main", tmp_path)
+    blobs = tmp_path / "hub" / "models--owner--tiny-idefics" / "blobs"
+    stale, live = blobs / "abc.1234abcd.incomplete", blobs / "def.5678abcd.incomplete"
+    stale.write_bytes(b"x" * 100)
+    live.write_bytes(b"y" * 100)
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+
+    resolve(f"{REPO}@main", tmp_path)
+
+    assert not stale.exists() and live.exists()

@@ -1,0 +1,131 @@
+"""Weights and adapters through the real Cog server, with sources on a real loopback HTTP server."""
+
+import concurrent.futures
+import re
+import shutil
+
+import pytest
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import IdeficsForVisionText2Text
+
+from idefics_cog.cogserver import CogServer, ServerError
+from idefics_cog.engine import Engine
+from tests.fileserver import FileServer
+from tests.helpers import data_uri, noise_image, tar_bytes
+from tests.test_engine import run
+
+PROMPT, IMAGE = "What does this X-ray show?", noise_image(1)
+REQUEST = {"prompt": PROMPT, "image": data_uri(IMAGE), "max_new_tokens": 16}
+
+
+def answer(server, **inputs) -> str:
+    result = server.predict({**REQUEST, **inputs})
+    assert result["status"] == "succeeded", result.get("error")
+    return "".join(result["output"])
+
+
+def failure(server, **inputs) -> str:
+    result = server.predict({**REQUEST, **inputs})
+    assert result["status"] == "failed"
+    return result["error"]
+
+
+def reference(tiny_dir, adapter=None) -> str:
+    """The answer of the tiny model loaded alone, with `adapter` loaded alone by plain PEFT."""
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    if adapter is not None:
+        model = IdeficsForVisionText2Text.from_pretrained(tiny_dir / "base")
+        engine = Engine(PeftModel.from_pretrained(model, adapter).eval(), engine.processor, engine.device)
+    return run(engine, PROMPT, [IMAGE], max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def other_adapter(tiny_dir, tmp_path_factory):
+    """A second adapter for the tiny model: the tiny one with its B matrices negated."""
+    folder = tmp_path_factory.mktemp("other") / "adapter"
+    shutil.copytree(tiny_dir / "adapter", folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: -v if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tiny_dir, other_adapter, tmp_path_factory):
+    pickled = tmp_path_factory.mktemp("pickled") / "adapter"
+    shutil.copytree(tiny_dir / "adapter", pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with FileServer() as server:
+        server.add("/other.tgz", tar_bytes(other_adapter))
+        server.add("/pickled.tgz", tar_bytes(pickled))
+        server.add("/base.tgz", tar_bytes(tiny_dir / "base", top="tiny-base"))
+        server.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"))
+        yield server
+
+
+def test_adapters_switch_per_request_like_each_loaded_alone(server, files, tiny_dir, other_adapter):
+    expected = {"medical": reference(tiny_dir, tiny_dir / "adapter"), "none": reference(tiny_dir),
+                "custom": reference(tiny_dir, other_adapter)}
+    assert len(set(expected.values())) == 3
+    custom = files.url("/other.tgz")
+    for step in ["medical", "none", "custom", "medical", "custom", "none"]:
+        inputs = {"lora_weights": custom} if step == "custom" else {"adapter": step}
+        assert answer(server, **inputs) == expected[step], step
+    assert files.count("/other.tgz", "GET") >= 1
+    downloads = files.count("/other.tgz", "GET")
+    result = server.predict({**REQUEST, "lora_weights": custom})
+    assert files.count("/other.tgz", "GET") == downloads  # no second download
+    assert "loaded" not in result["logs"]  # and no reload
+    assert answer(server, lora_weights=custom, lora_scale=0.0) == expected["none"]
+
+
+BAD_ADAPTERS = {
+    "pickled weights": ("/pickled.tgz", r"lora_weights: pickled weights \(adapter_model.bin\) are refused"),
+    "a whole model, not an adapter": ("/base.tgz", r"lora_weights: not a PEFT adapter"),
+    "missing file": ("/missing.tgz", r"lora_weights: .*missing.tgz.*404"),
+    "file scheme": ("file:///etc/passwd", r"lora_weights: 'file:///etc/passwd' is neither an http\(s\) URL"),
+    "local path": ("/etc", r"lora_weights: '/etc' is neither"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ADAPTERS)
+def test_bad_lora_weights_fail_clearly_and_change_nothing(server, files, case):
+    before = {choice: answer(server, adapter=choice) for choice in ("medical", "none")}
+    source, message = BAD_ADAPTERS[case]
+    error = failure(server, lora_weights=files.url(source) if source.endswith(".tgz") else source)
+    assert re.search(message, error), error
+    assert {choice: answer(server, adapter=choice) for choice in ("medical", "none")} == before
+
+
+def test_setup_downloads_once_and_the_second_setup_uses_the_cache(files, tiny_dir, tmp_path):
+    env = {"IDEFICS_BASE_WEIGHTS": files.url("/base.tgz"), "IDEFICS_ADAPTER_WEIGHTS": files.url("/adapter.tgz"),
+           "IDEFICS_CACHE_DIR": str(tmp_path / "cache")}
+    files.reset_counts()
+    # Two servers set up at once on an empty cache: both become READY, from one download of each archive.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        servers = list(pool.map(lambda _: CogServer(env=env), range(2)))
+        try:
+            list(pool.map(lambda s: s.start(), servers))
+            outputs = [answer(s, adapter="medical") for s in servers]
+        finally:
+            for s in servers:
+                s.stop()
+    assert outputs[0] == outputs[1] == reference(tiny_dir, tiny_dir / "adapter")
+    fetched = {path: files.bytes_served(path) for path in ("/base.tgz", "/adapter.tgz")}
+    assert fetched == {path: len(files.files[path]) for path in fetched}
+    files.reset_counts()
+    with CogServer(env=env) as again:
+        assert answer(again, adapter="medical") == outputs[0]
+        assert "cached" in again.health()["setup"]["logs"]
+    assert files.count("/base.tgz") == files.count("/adapter.tgz") == 0
+
+
+def test_setup_with_an_unreachable_source_names_it(files, tmp_path):
+    env = {"IDEFICS_BASE_WEIGHTS": files.url("/nothing-here.tgz"), "IDEFICS_ADAPTER_WEIGHTS": "none",
+           "IDEFICS_CACHE_DIR": str(tmp_path / "cache")}
+    server = CogServer(env=env)
+    try:
+        with pytest.raises(ServerError, match=r"SETUP_FAILED[\s\S]*nothing-here.tgz[\s\S]*404"):
+            server.start()
+    finally:
+        server.stop()
