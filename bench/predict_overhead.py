@@ -37,6 +37,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from bench.stats import median_table  # noqa: E402
 from idefics_cog.cogserver import CogServer  # noqa: E402
 from idefics_cog.images import load_image  # noqa: E402
 from idefics_cog.prompt import build_segments  # noqa: E402
@@ -118,17 +119,6 @@ def machine() -> dict:
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
 
 
-def table(ms: dict, tokens: int) -> str:
-    labels = {"recipe": "recipe (model_card_generate)", "predictor": "Predictor.predict (in-process)",
-              "server": "Cog server, HTTP POST (client)", "server predict_time": "Cog server, metrics.predict_time"}
-    base = statistics.median(ms["recipe"])
-    rows = ["| path | median ms | min ms | median / recipe | tokens |", "|---|---:|---:|---:|---:|"]
-    for name, samples in ms.items():
-        median = statistics.median(samples)
-        rows.append(f"| {labels[name]} | {median:.1f} | {min(samples):.1f} | {median / base:.2f}x | {tokens} |")
-    return "\n".join(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds of the three paths (default 15)")
@@ -154,7 +144,9 @@ def main() -> None:
           f"Prompt {PROMPT!r} + {IMAGE.relative_to(ROOT)}, greedy, max_new_tokens {args.max_new_tokens}: "
           f"{len(ids)} tokens generated, the same on all three paths (answer {text!r}).  \n"
           f"{WARMUP} warm-up runs per path, then {args.repeats} round-robin repeats.\n")
-    print(table(ms, len(ids)))
+    labels = {"recipe": "recipe (model_card_generate)", "predictor": "Predictor.predict (in-process)",
+              "server": "Cog server, HTTP POST (client)", "server predict_time": "Cog server, metrics.predict_time"}
+    print(median_table("path", {labels[name]: samples for name, samples in ms.items()}, labels["recipe"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(

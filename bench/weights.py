@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
+from bench.stats import median_table  # noqa: E402
 from idefics_cog.download import fetch_archive  # noqa: E402
 from tests.fileserver import FileServer  # noqa: E402
 from tests.helpers import noise_image, tar_bytes  # noqa: E402
@@ -38,9 +39,10 @@ TINY = ROOT / "weights" / "tiny"
 
 
 def timed(fn) -> float:
+    """Milliseconds `fn()` took."""
     start = time.perf_counter()
     fn()
-    return time.perf_counter() - start
+    return 1000 * (time.perf_counter() - start)
 
 
 def setup_times(server: FileServer, repeats: int) -> dict:
@@ -103,15 +105,6 @@ def download_times(server: FileServer, mib: int, repeats: int) -> dict:
     return {"ours (ranges + sha256 + extract)": ours, "curl + tar -x": curl}, len(data)
 
 
-def rows(title: str, samples: dict, baseline: str) -> str:
-    base = statistics.median(samples[baseline])
-    lines = [f"| {title} | median ms | min ms | / {baseline} |", "|---|---:|---:|---:|"]
-    for name, values in samples.items():
-        median = statistics.median(values)
-        lines.append(f"| {name} | {1000 * median:.1f} | {1000 * min(values):.1f} | {median / base:.2f}x |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -130,10 +123,10 @@ def main() -> None:
         switch = switch_times(predictor, server, args.repeats)
         download, size = download_times(server, args.download_mib, max(3, args.repeats // 2))
     print(f"# Weights and adapters, tiny IDEFICS on CPU ({os.cpu_count()} CPUs), {args.repeats} repeats\n")
-    print(rows("setup", setup, "cold"), "\n")
-    print(rows("one-token prediction", switch, "medical -> medical (no switch)"), "\n")
-    print(rows(f"download of a {size / 2**20:.0f} MiB tar", download, "curl + tar -x"))
-    mib_s = {name: size / 2**20 / statistics.median(values) for name, values in download.items()}
+    print(median_table("setup", setup, "cold"), "\n")
+    print(median_table("one-token prediction", switch, "medical -> medical (no switch)"), "\n")
+    print(median_table(f"download of a {size / 2**20:.0f} MiB tar", download, "curl + tar -x"))
+    mib_s = {name: size / 2**20 / (statistics.median(values) / 1000) for name, values in download.items()}
     print("\nthroughput: " + ", ".join(f"{name} {rate:.0f} MiB/s" for name, rate in mib_s.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
