@@ -225,10 +225,7 @@ def _extract(entry: Entry, sha256: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)  # left by a process that died while extracting
     staging.mkdir(parents=True)
     try:
-        if urlsplit(entry.url).path.lower().endswith(".zip") or not tarfile.is_tarfile(entry.part):
-            _extract_zip(entry.url, entry.part, staging)
-        else:
-            _extract_tar(entry.url, entry.part, staging)
+        extract_archive(entry.part, staging, entry.url, zip_name=urlsplit(entry.url).path.lower().endswith(".zip"))
         marker = {"url": entry.url, "sha256": sha256, "size": entry.part.stat().st_size, "root": _root(staging)}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
         _move_into_place(staging, entry.final)
@@ -236,6 +233,15 @@ def _extract(entry: Entry, sha256: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     log.info("%s: extracted into %s in %.1f s", entry.url, entry.final, time.monotonic() - started)
+
+
+def extract_archive(archive: Path, dest: Path, label: str, zip_name: bool = False) -> None:
+    """Extract a tar (any compression) or zip into `dest`, refusing members that could land outside it.
+    `label` names the archive in errors (its URL, or the input it came from)."""
+    if zip_name or not tarfile.is_tarfile(archive):
+        _extract_zip(label, archive, dest)
+    else:
+        _extract_tar(label, archive, dest)
 
 
 def _extract_tar(url: str, archive: Path, dest: Path) -> None:
