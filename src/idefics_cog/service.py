@@ -23,7 +23,11 @@ class Service:
     @classmethod
     def from_env(cls) -> "Service":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        settings = Settings.from_env()
+        return cls.from_settings(Settings.from_env())
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Service":
+        """Resolve (downloading if needed) and load the base model, then the default adapter."""
         started = time.perf_counter()
         path = resolve(settings.base_weights, settings.cache_dir)
         log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,
