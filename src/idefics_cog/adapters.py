@@ -114,11 +114,13 @@ class Adapters:
             raise WeightsError(f"adapter weights {source!r}: {exc}") from None
         log.info("adapter %r from %s loaded in %.1f s", MEDICAL, source, time.perf_counter() - started)
 
-    def select(self, adapter: str = MEDICAL, lora_weights: str = "", lora_scale: float = 1.0) -> str:
+    def select(self, adapter: str = MEDICAL, lora_weights: str = "", lora_scale: float = 1.0,
+               allow_local: bool = False) -> str:
         """Point the model at the adapter a request asks for (`lora_weights` wins over `adapter`).
-        Returns its name, or "none" for the base model alone."""
+        Returns its name, or "none" for the base model alone. `allow_local` lets `lora_weights` name a local
+        directory: for the operator's tools (evaluation), never for a request, which may not name server paths."""
         if lora_weights:
-            name = self._custom(lora_weights)
+            name = self._custom(lora_weights, allow_local)
         elif adapter == MEDICAL:
             # A server started without it (IDEFICS_ADAPTER_WEIGHTS=none) serves the base model for the default.
             name = MEDICAL if MEDICAL in self.names else None
@@ -139,19 +141,23 @@ class Adapters:
                 module.set_scale(name, lora_scale)
         return name
 
-    def _custom(self, source: str) -> str:
+    def _custom(self, source: str, allow_local: bool = False) -> str:
         if source in self.custom:
             self.custom.move_to_end(source)
             return self.custom[source]
-        if not (is_url(source) or HUB_ID.match(source)):
+        local = allow_local and Path(source).expanduser().is_dir()
+        if not (local or is_url(source) or HUB_ID.match(source)):
             raise InputError(f"lora_weights: {source!r} is neither an http(s) URL of a .tar/.zip nor a Hugging Face "
                              f"repo id (owner/name[@revision])")
         entry = self.cache_dir / source_key(source)
         started = time.perf_counter()
         try:
-            path = resolve(source, entry)
-            (entry / ".last_used").touch()
-            self._trim_disk_cache(keep=entry)
+            if local:
+                path = Path(source).expanduser()
+            else:
+                path = resolve(source, entry)
+                (entry / ".last_used").touch()
+                self._trim_disk_cache(keep=entry)
             name = f"custom_{source_key(source)}"
             self._load(path, name)
         except (WeightsError, AdapterError) as exc:

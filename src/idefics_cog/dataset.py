@@ -65,6 +65,8 @@ def load_dataset(archive: Path, workdir: Path | None = None) -> list[Example]:
     from idefics_cog.download import extract_archive
     from idefics_cog.weights import WeightsError
 
+    if not Path(archive).is_file():
+        raise DatasetError(f"dataset: {archive} is not a file")
     root = Path(workdir or tempfile.mkdtemp(prefix="dataset-"))
     try:
         extract_archive(Path(archive), root, "dataset")
