@@ -119,6 +119,14 @@ class CogServer:
             raise ServerError(f"HTTP {response.status_code}: {response.text}")
         return response.json()
 
+    def train(self, inputs: dict, timeout: float = 24 * 3600) -> dict:
+        """One training (a server started with mode="train"), waiting for the final JSON response."""
+        self.wait_ready(30)
+        response = requests.post(f"{self.url}/trainings", json={"input": inputs}, timeout=timeout)
+        if response.status_code != 200:
+            raise ServerError(f"HTTP {response.status_code}: {response.text}")
+        return response.json()
+
     def stream(self, inputs: dict, timeout: float = 600) -> Iterator[tuple[str, dict]]:
         """One prediction over server-sent events: yields (event, data) pairs, ending with ("completed", response)."""
         self.wait_ready(30)
@@ -193,6 +201,37 @@ def run_prediction(pairs: list[str], env: dict | None = None) -> int:
     return 0
 
 
+def decode_data_uri(uri: str) -> bytes:
+    header, sep, payload = uri.partition(",")
+    if not (uri.startswith("data:") and sep and header.endswith(";base64")):
+        raise ServerError(f"expected a base64 data URI, got {uri[:80]!r}")
+    return base64.b64decode(payload)
+
+
+def run_training(pairs: list[str], output: Path, env: dict | None = None) -> int:
+    """Like `cog train`: start the server in train mode, run one training, print its logs to stderr, write the
+    weights (a data URI in `output.weights`) to `output`, stop the server. Returns the exit code."""
+    with CogServer(env=env, mode="train") as server:
+        schema = json.loads((server.root / ".cog/openapi_schema.json").read_text())
+        inputs = parse_inputs(pairs, schema)
+        print(f"training on {server.url} ...", file=sys.stderr, flush=True)
+        result = server.train(inputs)
+        logs = result.get("logs") or ""
+        print(logs, end="" if logs.endswith("\n") else "\n", file=sys.stderr, flush=True)
+        if result.get("status") != "succeeded":
+            print(f"training {result.get('status')}: {result.get('error')}", file=sys.stderr)
+            return 1
+        weights = (result.get("output") or {}).get("weights")
+        if not weights:
+            print(f"training succeeded without weights in its output: {result.get('output')!r}", file=sys.stderr)
+            return 1
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(decode_data_uri(weights))
+        print(f"weights: {output} ({output.stat().st_size} bytes)", file=sys.stderr)
+    return 0
+
+
 def serve() -> None:
     """Regenerate the schema and run the server in the foreground (`PORT`, default 5000; `HOST`, default 0.0.0.0)."""
     port = int(os.environ.get("PORT", "5000"))
@@ -208,10 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run the Cog server in the foreground")
     predict = sub.add_parser("predict", help="like `cog predict`: one streamed prediction")
     predict.add_argument("-i", "--input", dest="inputs", action="append", default=[], metavar="NAME=VALUE")
+    train = sub.add_parser("train", help="like `cog train`: one training, its weights written to -o")
+    train.add_argument("-i", "--input", dest="inputs", action="append", default=[], metavar="NAME=VALUE")
+    train.add_argument("-o", "--output", type=Path, default=Path("weights.tar"), help="where to write the weights "
+                       "(default: weights.tar)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve()
     try:
+        if args.command == "train":
+            return run_training(args.inputs, args.output)
         return run_prediction(args.inputs)
     except ServerError as exc:
         print(exc, file=sys.stderr)

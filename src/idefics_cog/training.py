@@ -1,0 +1,400 @@
+"""Fine-tune a new LoRA adapter on the base IDEFICS model (`cog train`): transformers' `Trainer` and PEFT.
+
+Data: a zip/tar with `data.jsonl` and its images (dataset.py). Each example becomes the instruct transcript that
+predict.py serves (`prompt.encode`: `<s>` + the rendered segments, the pixel values and the image attention
+mask), and its labels: the token ids of the assistant's answers with their `<end_of_utterance>`, -100 everywhere
+else (the prompt, the image tokens, padding). A token is an answer token when its character offsets overlap
+an answer's span in the text (the leading space that the tokenizer folds into the answer's first word goes
+with it).
+
+The loss is computed here, not by the model: IDEFICS's own loss in transformers 5.23 reshapes the logits with
+`vocab_size`, which leaves out the additional vocabulary (`<end_of_utterance>` and the image tokens), and fails.
+
+The output is the adapter in the standard PEFT layout (adapter_config.json + adapter_model.safetensors), with
+`base_model_name_or_path` set to the base weight source, packed as a .tar that predict's `lora_weights` takes.
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from idefics_cog.dataset import DATA_FILE, DatasetError, Example, load_dataset
+from idefics_cog.errors import InputError
+from idefics_cog.prompt import encode, render
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of one training run; train.py's inputs. Defaults as MedIDEFICS (r=16, alpha=32, q/k/v, 2e-4)."""
+
+    num_train_epochs: int = 1
+    max_steps: int = 0  # > 0: this many optimizer steps, whatever the number of epochs
+    learning_rate: float = 2e-4
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    quantization: str = "auto"  # auto: 4bit on GPU, none on CPU
+    seed: int = 42
+    validation_fraction: float = 0.05
+    logging_steps: int = 1
+    warmup_ratio: float = 0.0
+    device: str = "auto"  # auto | cuda | cpu
+
+    @staticmethod
+    def parse_modules(text: str) -> tuple[str, ...]:
+        modules = tuple(m.strip() for m in text.split(",") if m.strip())
+        if not modules:
+            raise InputError("target_modules: give at least one module name, e.g. q_proj,k_proj,v_proj")
+        return modules
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    tar_path: Path
+    train_examples: int
+    validation_examples: int
+    history: list[dict] = field(default_factory=list)  # the Trainer's log entries (loss, learning_rate, eval_loss...)
+    model: object = field(default=None, repr=False)  # the trained PeftModel, in eval mode
+    processor: object = field(default=None, repr=False)
+
+    @property
+    def losses(self) -> list[float]:
+        return [entry["loss"] for entry in self.history if "loss" in entry]
+
+    @property
+    def eval_losses(self) -> list[float]:
+        return [entry["eval_loss"] for entry in self.history if "eval_loss" in entry]
+
+
+# --- examples to model inputs ------------------------------------------------------------------------------------
+
+
+def answer_labels(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of `text` (tokenized exactly as `prompt.encode` does) and their labels: the id where the token
+    overlaps one of the character `spans`, IGNORE elsewhere."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = encoded["input_ids"], []
+    for token_id, (start, end) in zip(ids, encoded["offset_mapping"]):
+        inside = end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
+        labels.append(token_id if inside else IGNORE)
+    return ids, labels
+
+
+@dataclass
+class Prepared:
+    example: Example
+    segments: list
+    input_ids: torch.Tensor  # (tokens,)
+    labels: torch.Tensor  # (tokens,)
+
+
+def prepare(example: Example, processor, context: int) -> Prepared:
+    """Tokens and labels of one example; its images are decoded once here, so a bad file fails before training."""
+    tokenizer = processor.tokenizer
+    segments, spans = example.transcript()
+    bos = tokenizer.bos_token
+    ids, labels = answer_labels(bos + render(segments), [(s + len(bos), e + len(bos)) for s, e in spans], tokenizer)
+    example.load_images()  # raises InputError naming data.jsonl and the line
+    where = f"{DATA_FILE} line {example.line}"
+    if len(ids) > context:
+        raise DatasetError(f"{where}: {len(ids)} tokens (text plus 3 per image) do not fit the model's context "
+                           f"of {context} tokens")
+    if all(label == IGNORE for label in labels):
+        raise DatasetError(f"{where}: no answer tokens to learn from")
+    return Prepared(example, segments, torch.tensor(ids), torch.tensor(labels))
+
+
+class ExampleDataset(Dataset):
+    """Prepared examples; pixel values are made when an item is read (they are large)."""
+
+    def __init__(self, items: list[Prepared], processor):
+        self.items, self.processor = items, processor
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        encoded = encode(item.segments, item.example.load_images(), self.processor)
+        if not torch.equal(encoded.input_ids[0], item.input_ids):  # the labels were made for these very tokens
+            raise RuntimeError(f"{DATA_FILE} line {item.example.line}: tokenization changed between two reads")
+        return {"input_ids": item.input_ids, "attention_mask": encoded.attention_mask[0], "labels": item.labels,
+                "pixel_values": encoded.pixel_values[0], "image_attention_mask": encoded.image_attention_mask[0]}
+
+
+class Collator:
+    """Right-pads a batch: tokens with the pad id (attention 0, label IGNORE), images with blank images that no
+    token attends to, up to the largest image count in the batch."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        length = max(f["input_ids"].shape[0] for f in features)
+        images = max(f["pixel_values"].shape[0] for f in features)
+        channels, height, width = features[0]["pixel_values"].shape[1:]
+        size = len(features)
+        batch = {
+            "input_ids": torch.full((size, length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros(size, length, dtype=torch.long),
+            "labels": torch.full((size, length), IGNORE, dtype=torch.long),
+            "pixel_values": torch.zeros(size, images, channels, height, width,
+                                        dtype=features[0]["pixel_values"].dtype),
+            "image_attention_mask": torch.zeros(size, length, images, dtype=torch.long),
+        }
+        for row, f in enumerate(features):
+            n, k = f["input_ids"].shape[0], f["pixel_values"].shape[0]
+            batch["input_ids"][row, :n] = f["input_ids"]
+            batch["attention_mask"][row, :n] = f["attention_mask"]
+            batch["labels"][row, :n] = f["labels"]
+            batch["pixel_values"][row, :k] = f["pixel_values"]
+            batch["image_attention_mask"][row, :n, :k] = f["image_attention_mask"].long()
+        return batch
+
+
+def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross-entropy over the whole output vocabulary (base plus additional tokens), on labelled
+    tokens only; summed and divided by the labelled tokens of the whole accumulated batch when the Trainer
+    gives that count (so gradient accumulation weighs every token alike)."""
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    logits = logits[:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    if num_items_in_batch is None:
+        return loss / (targets != IGNORE).sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): `fraction` of the items (at least one when fraction > 0), seeded; no split when it
+    would leave no training example."""
+    if fraction <= 0:
+        return list(items), []
+    count = max(1, round(len(items) * fraction))
+    if len(items) - count < 1:
+        log.info("validation: no split, %d example(s) are too few to hold out %.0f%% and still train on one",
+                 len(items), 100 * fraction)
+        return list(items), []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+# --- the model ---------------------------------------------------------------------------------------------------
+
+
+def resolve_quantization(quantization: str, device: torch.device) -> str:
+    if quantization not in QUANTIZATIONS:
+        raise InputError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization == "auto":
+        return "4bit" if device.type == "cuda" else "none"
+    return quantization
+
+
+def load_model(path: Path, device: torch.device, quantization: str):
+    """The base model for training: bf16 on GPU (float32 on CPU), or 8/4-bit with MedIDEFICS's settings.
+    Under a distributed launcher (accelerate/torchrun) each process holds the whole model on its own GPU."""
+    from transformers import IdeficsForVisionText2Text
+
+    from idefics_cog.engine import quantization_config
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        local_rank = os.environ.get("LOCAL_RANK")
+        device_map = {"": int(local_rank)} if local_rank is not None else "auto"
+    else:
+        device_map = {"": "cpu"}
+    return IdeficsForVisionText2Text.from_pretrained(
+        path, dtype=dtype, quantization_config=quantization_config(quantization, dtype), device_map=device_map)
+
+
+def add_lora(model, config: TrainConfig, quantization: str):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantization in ("4bit", "8bit"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      bias="none", target_modules=list(config.target_modules))
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:  # PEFT: target modules not found in the base model
+        raise InputError(f"target_modules: {exc}") from None
+
+
+# --- logging -----------------------------------------------------------------------------------------------------
+
+
+def _trainer_callback():
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        """One line per logging step (step, loss, learning rate, samples/s over those steps) and per
+        evaluation (validation loss); they go to the training's logs. Keeps the Trainer's log entries."""
+
+        def __init__(self, samples_per_step: int):
+            self.samples_per_step = samples_per_step
+            self.history: list[dict] = []
+            self.step_time, self.steps = 0.0, 0
+            self.started: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.started is not None:
+                self.step_time += time.perf_counter() - self.started
+                self.steps += 1
+                self.started = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            self.history.append({**logs, "step": state.global_step})
+            if "loss" in logs:
+                rate = self.steps * self.samples_per_step / self.step_time if self.step_time else float("nan")
+                grad = f"  grad norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
+                log.info("step %d/%d  epoch %.2f  loss %.4f  learning rate %.3g  %.2f samples/s%s",
+                         state.global_step, state.max_steps, logs.get("epoch", 0.0), logs["loss"],
+                         logs.get("learning_rate", float("nan")), rate, grad)
+                self.step_time, self.steps = 0.0, 0
+            if "eval_loss" in logs:
+                log.info("step %d/%d  validation loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
+            if "train_runtime" in logs:
+                log.info("training done: %d steps in %.1f s, %.2f samples/s, mean training loss %.4f",
+                         state.global_step, logs["train_runtime"], logs.get("train_samples_per_second", 0.0),
+                         logs.get("train_loss", float("nan")))
+
+    return LogCallback
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+
+def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: TrainConfig,
+                  out_dir: Path | None = None) -> TrainResult:
+    """Train a new LoRA on the base model `base_source` (any weight source, resolved into `cache_dir`) on the
+    dataset `archive`; write the adapter and its .tar under `out_dir`."""
+    from transformers import AutoConfig, AutoProcessor, PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+
+    from idefics_cog.engine import pick_device
+    from idefics_cog.weights import resolve
+
+    started = time.perf_counter()
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="training-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = load_dataset(Path(archive), out_dir / "dataset")
+    log.info("dataset: %d examples from %s", len(examples), Path(archive).name)
+
+    device = pick_device(config.device)
+    quantization = resolve_quantization(config.quantization, device)
+    path = resolve(base_source, cache_dir)
+    log.info("base weights %s resolved to %s", base_source, path)
+    processor = AutoProcessor.from_pretrained(path)
+    context = AutoConfig.from_pretrained(path).max_position_embeddings
+    prepared = [prepare(example, processor, context) for example in examples]
+    train_items, eval_items = split(prepared, config.validation_fraction, config.seed)
+    labelled = sum(int((p.labels != IGNORE).sum()) for p in train_items)
+    log.info("training on %d examples (%d answer tokens), validating on %d", len(train_items), labelled,
+             len(eval_items))
+
+    set_seed(config.seed)
+    model = load_model(path, device, quantization)
+    model = add_lora(model, config, quantization)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("model on %s (quantization %s); LoRA r=%d alpha=%d dropout %g on %s: %d trainable parameters of %d",
+             device, quantization, config.lora_rank, config.lora_alpha, config.lora_dropout,
+             ",".join(config.target_modules), trainable, total)
+
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    samples_per_step = config.batch_size * config.gradient_accumulation_steps * world
+    callback = _trainer_callback()(samples_per_step)
+    args = TrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        num_train_epochs=config.num_train_epochs,
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        learning_rate=config.learning_rate,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type="linear",
+        optim="adamw_torch",
+        logging_steps=config.logging_steps,
+        eval_strategy="epoch" if eval_items else "no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        dataloader_pin_memory=device.type == "cuda",
+        # (gradient checkpointing, for 8/4-bit, is set up by prepare_model_for_kbit_training)
+    )
+    trainer = Trainer(
+        model=model, args=args, data_collator=Collator(processor.tokenizer.pad_token_id),
+        train_dataset=ExampleDataset(train_items, processor),
+        eval_dataset=ExampleDataset(eval_items, processor) if eval_items else None,
+        compute_loss_func=causal_lm_loss, callbacks=[callback],
+    )
+    for noisy in (PrinterCallback, ProgressCallback):  # our callback prints the lines that matter
+        trainer.remove_callback(noisy)
+    steps = config.max_steps if config.max_steps > 0 else config.num_train_epochs * math.ceil(
+        math.ceil(len(train_items) / (config.batch_size * world)) / config.gradient_accumulation_steps)
+    log.info("training: %d optimizer steps, %d samples per step, learning rate %g", steps, samples_per_step,
+             config.learning_rate)
+    trainer.train()
+    if eval_items and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e
+                              for e in callback.history):
+        trainer.evaluate()  # max_steps ended mid-epoch: the validation loss of the final adapter
+
+    adapter_dir = out_dir / "adapter"
+    tar_path = out_dir / "lora.tar"
+    if trainer.is_world_process_zero():
+        save_adapter(model, adapter_dir, base_source)
+        pack(adapter_dir, tar_path)
+        log.info("adapter saved: %s (%d bytes) in %.1f s in all", tar_path.name, tar_path.stat().st_size,
+                 time.perf_counter() - started)
+    model.eval()
+    return TrainResult(adapter_dir, tar_path, len(train_items), len(eval_items), callback.history, model, processor)
+
+
+def save_adapter(model, folder: Path, base_source: str) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True)
+    config_path = folder / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = base_source  # not the local cache path PEFT recorded
+    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+
+
+def pack(folder: Path, tar_path: Path) -> Path:
+    """The adapter files at the root of an uncompressed tar (what `lora_weights` and plain PEFT take)."""
+    with tarfile.open(tar_path, "w") as tar:
+        for name in ADAPTER_FILES:
+            tar.add(folder / name, arcname=name)
+    return tar_path

@@ -1,0 +1,77 @@
+"""`cog train` for IDEFICS: fine-tune a new LoRA adapter on the base model from an image-question-answer dataset.
+
+The output `weights` is a .tar of the adapter in the standard PEFT layout, which predict's `lora_weights` takes
+as it is (served from any https URL). Every `Input(...)` argument is a literal: `cog build` reads this file
+statically to make the API schema.
+"""
+
+import sys
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
+
+import cog  # noqa: E402
+from cog import Input, Path  # noqa: E402
+
+
+class TrainingOutput(cog.BaseModel):
+    weights: Path
+
+
+def train(
+    dataset: Path = Input(
+        description="A .zip or .tar holding data.jsonl and its images. Each line: {\"images\": [\"img/1.png\"], "
+        "\"question\": \"...\", \"answer\": \"...\"} or {\"images\": [...], \"conversation\": [{\"user\": \"...\", "
+        "\"assistant\": \"...\"}, ...]}, image paths relative to the archive root.",
+    ),
+    num_train_epochs: int = Input(description="Passes over the training examples.", ge=1, le=100, default=1),
+    max_steps: int = Input(
+        description="Optimizer steps to run; when above 0 it overrides num_train_epochs.", ge=0, le=1000000,
+        default=0,
+    ),
+    learning_rate: float = Input(description="Peak learning rate (linear decay).", ge=1e-7, le=1.0, default=2e-4),
+    lora_rank: int = Input(description="LoRA rank r.", ge=1, le=256, default=16),
+    lora_alpha: int = Input(description="LoRA alpha (the update is scaled by alpha / r).", ge=1, le=1024,
+                            default=32),
+    lora_dropout: float = Input(description="Dropout on the LoRA input.", ge=0.0, le=0.9, default=0.05),
+    target_modules: str = Input(
+        description="Comma-separated names of the Linear layers that get LoRA (q_proj,k_proj,v_proj covers the "
+        "text, cross-attention, perceiver and vision attention, as MedIDEFICS).",
+        default="q_proj,k_proj,v_proj",
+    ),
+    batch_size: int = Input(description="Examples per device per forward pass.", ge=1, le=128, default=1),
+    gradient_accumulation_steps: int = Input(
+        description="Forward passes per optimizer step (the effective batch is batch_size times this).", ge=1,
+        le=1024, default=1,
+    ),
+    quantization: str = Input(
+        description="Precision of the frozen base model: auto (4bit on GPU, none on CPU), none (bf16 on GPU, "
+        "float32 on CPU), 4bit (nf4, as MedIDEFICS) or 8bit.",
+        choices=["auto", "none", "4bit", "8bit"],
+        default="auto",
+    ),
+    seed: int = Input(description="Random seed (LoRA init, shuffling, dropout, validation split).", ge=0,
+                      le=4294967295, default=42),
+    validation_fraction: float = Input(
+        description="Share of the examples held out for the validation loss (0: none; none either when too few "
+        "examples remain to train on).", ge=0.0, le=0.5, default=0.05,
+    ),
+) -> TrainingOutput:
+    """Train a new LoRA adapter on the base model (IDEFICS_BASE_WEIGHTS) and return it as a .tar."""
+    import logging
+    import tempfile
+
+    from idefics_cog.settings import Settings
+    from idefics_cog.training import TrainConfig, train_adapter
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = Settings.from_env()
+    config = TrainConfig(
+        num_train_epochs=num_train_epochs, max_steps=max_steps, learning_rate=learning_rate, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=TrainConfig.parse_modules(target_modules),
+        batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, quantization=quantization,
+        seed=seed, validation_fraction=validation_fraction, device=settings.device,
+    )
+    result = train_adapter(_Path(dataset), settings.base_weights, settings.cache_dir, config,
+                           _Path(tempfile.mkdtemp(prefix="training-")))
+    return TrainingOutput(weights=Path(result.tar_path))
