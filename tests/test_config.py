@@ -84,3 +84,15 @@ def test_cog_yaml_environment_matches_the_settings_defaults(cog_yaml):
     assert declared["IDEFICS_ADAPTER_WEIGHTS"] == defaults.adapter_weights
     assert declared["IDEFICS_QUANTIZATION"] == defaults.quantization
     assert declared["IDEFICS_CACHE_DIR"] == "/src/weights"  # weights/ of the repository inside the image
+
+
+def test_one_schema_serves_predict_and_train():
+    """As `cog build` writes it: both routes, and Cog's component names for each mode."""
+    schema = build_schema()
+    assert set(schema["paths"]) == {"/predictions", "/trainings"}
+    components = schema["components"]["schemas"]
+    assert {"Input", "Output", "TrainingInput", "TrainingOutput"} <= set(components)
+    assert components["TrainingOutput"]["properties"]["weights"]["format"] == "uri"
+    assert components["TrainingInput"]["properties"]["quantization"]["allOf"] == [
+        {"$ref": "#/components/schemas/Trainingquantization"}]
+    assert "x-cog-streaming" not in schema["paths"]["/trainings"]["post"]

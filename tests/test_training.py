@@ -314,3 +314,15 @@ def test_unknown_target_modules_and_quantization_are_refused(dataset_zip, tiny_d
         TrainConfig.parse_modules(" , ")
     assert TrainConfig.parse_modules("q_proj, v_proj") == ("q_proj", "v_proj")
     assert isinstance(DatasetError("x"), InputError)
+
+
+def test_the_train_server_validates_inputs_against_the_schema(tiny_dir):
+    """Out-of-range training inputs get Cog's 422 naming the input, before any training starts."""
+    import requests
+
+    from idefics_cog.cogserver import CogServer
+
+    with CogServer(env=tiny_env(tiny_dir), mode="train") as server:
+        response = requests.post(f"{server.url}/trainings", json={"input": {"lora_rank": 0}}, timeout=30)
+        assert response.status_code == 422
+        assert {tuple(d["loc"][-1:]) for d in response.json()["detail"]} >= {("lora_rank",), ("dataset",)}

@@ -62,7 +62,8 @@ class CogServer:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> "CogServer":
-        write_schema(self.env[STUBS[self.mode][0]], self.mode, self.root)
+        write_schema(self.env.get("COG_PREDICT_TYPE_STUB", STUBS["predict"][1]),
+                     self.env.get("COG_TRAIN_TYPE_STUB", STUBS["train"][1]), self.root)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(server_command("127.0.0.1", self.mode), cwd=self.root, env=self.env,
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -145,9 +146,9 @@ class CogServer:
                     event, data = "message", []
 
 
-def parse_inputs(pairs: list[str], schema: dict) -> dict:
+def parse_inputs(pairs: list[str], schema: dict, component: str = "Input") -> dict:
     """`cog predict -i` syntax: name=value, name=@file (sent as a data URI); repeating a list input appends."""
-    properties = schema["components"]["schemas"]["Input"]["properties"]
+    properties = schema["components"]["schemas"][component]["properties"]
     inputs: dict = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -213,7 +214,7 @@ def run_training(pairs: list[str], output: Path, env: dict | None = None) -> int
     weights (a data URI in `output.weights`) to `output`, stop the server. Returns the exit code."""
     with CogServer(env=env, mode="train") as server:
         schema = json.loads((server.root / ".cog/openapi_schema.json").read_text())
-        inputs = parse_inputs(pairs, schema)
+        inputs = parse_inputs(pairs, schema, "TrainingInput")
         print(f"training on {server.url} ...", file=sys.stderr, flush=True)
         result = server.train(inputs)
         logs = result.get("logs") or ""
@@ -236,7 +237,7 @@ def serve() -> None:
     """Regenerate the schema and run the server in the foreground (`PORT`, default 5000; `HOST`, default 0.0.0.0)."""
     port = int(os.environ.get("PORT", "5000"))
     env = server_env(port)
-    write_schema(env["COG_PREDICT_TYPE_STUB"], "predict")
+    write_schema(env["COG_PREDICT_TYPE_STUB"], env.get("COG_TRAIN_TYPE_STUB", STUBS["train"][1]))
     os.chdir(ROOT)
     os.execvpe(sys.executable, server_command(os.environ.get("HOST", "0.0.0.0")), env)
 

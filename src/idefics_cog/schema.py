@@ -18,10 +18,10 @@ from idefics_cog.settings import ROOT
 SCHEMA_PATH = Path(".cog/openapi_schema.json")
 
 
-def _input_property(field: adt.InputField) -> dict:
+def _input_property(field: adt.InputField, enum_name: str) -> dict:
     prop: dict = {"x-order": field.order}
     if field.choices is not None:
-        prop["allOf"] = [{"$ref": f"#/components/schemas/{field.name}"}]
+        prop["allOf"] = [{"$ref": f"#/components/schemas/{enum_name}"}]
     else:
         prop["title"] = field.name.replace("_", " ").title()
         prop.update(field.type.json_type())
@@ -61,57 +61,70 @@ def _route(summary: str, operation: str, request: str, response: str) -> dict:
                                    "422": {"description": "Validation Error", **body("HTTPValidationError")}}}}
 
 
-def build_schema(predictor: str = "predict.py:Predictor", mode: str = "predict", root: Path = ROOT) -> dict:
-    """The OpenAPI document for `file.py:Name`, the file being relative to `root`."""
-    file_name, class_name = predictor.split(":")
+def _interface(ref: str, root: Path, train: bool) -> tuple[dict, dict]:
+    """The route and the components of predict.py's predictor, or of train.py's train function."""
+    file_name, name = ref.split(":")
     source = root / file_name
-    module = source.stem
     if str(source.parent) not in sys.path:
         sys.path.insert(0, str(source.parent))
-    info = create_predictor(module, class_name)
-    fields = info.inputs.values()
-    train = mode == "train"
-    noun = "Training" if train else "Prediction"
-    route = "/trainings" if train else "/predictions"
-    main = _route("Train" if train else "Predict", f"{mode}_{route.strip('/')}_post", f"{noun}Request",
-                  f"{noun}Response")
-    if not train and is_streaming(source, class_name, "predict"):
+    info = create_predictor(source.stem, name)
+    fields = list(info.inputs.values())
+    # Cog's names: Input/Output and Prediction* for predict; TrainingInput/TrainingOutput and Training* for train.
+    prefix, noun, route, verb = (("Training", "Training", "/trainings", "train") if train
+                                 else ("", "Prediction", "/predictions", "predict"))
+    enum = {f.name: f"{prefix}{f.name}" for f in fields}
+    main = _route(verb.title(), f"{verb}_{route.strip('/')}_post", f"{noun}Request", f"{noun}Response")
+    if not train and is_streaming(source, name, "predict"):
         main["post"]["x-cog-streaming"] = True
-    input_schema = {"title": "Input", "type": "object",
-                    "properties": {f.name: _input_property(f) for f in fields}}
+    input_schema = {"title": f"{prefix}Input", "type": "object",
+                    "properties": {f.name: _input_property(f, enum[f.name]) for f in fields}}
     required = [f.name for f in fields if _required(f)]
     if required:
         input_schema["required"] = required
     string = {"type": "string"}
-    response_fields = {"input": {"$ref": "#/components/schemas/Input"},
-                       "output": {"$ref": "#/components/schemas/Output"},
-                       **{k: string for k in ("id", "version", "status", "error", "logs")},
-                       **{k: {**string, "format": "date-time"} for k in ("created_at", "started_at",
-                                                                          "completed_at")},
+    refs = {"input": {"$ref": f"#/components/schemas/{prefix}Input"},
+            "output": {"$ref": f"#/components/schemas/{prefix}Output"}}
+    response_fields = {**refs, **{k: string for k in ("id", "version", "status", "error", "logs")},
+                       **{k: {**string, "format": "date-time"} for k in ("created_at", "started_at", "completed_at")},
                        "metrics": {"type": "object"}}
     schemas = {
-        "Input": input_schema,
-        "Output": info.output.json_type(),
+        f"{prefix}Input": input_schema,
+        f"{prefix}Output": {**info.output.json_type(), "title": f"{prefix}Output"},
         f"{noun}Request": {"title": f"{noun}Request", "type": "object",
-                           "properties": {"id": string, "input": {"$ref": "#/components/schemas/Input"}}},
+                           "properties": {"id": string, "input": refs["input"]}},
         f"{noun}Response": {"title": f"{noun}Response", "type": "object", "properties": response_fields},
+        **{enum[f.name]: {"title": f.name, "description": "An enumeration.", "enum": f.choices,
+                          **f.type.primitive.json_type()} for f in fields if f.choices is not None},
+    }
+    return {route: main}, schemas
+
+
+def build_schema(predictor: str = "predict.py:Predictor", trainer: str | None = "train.py:train",
+                 root: Path = ROOT) -> dict:
+    """One OpenAPI document for the predictor and, when its file exists, the trainer (files relative to `root`),
+    as `cog build` writes it: the server reads the same file in predict and in train mode."""
+    paths, schemas = _interface(predictor, root, train=False)
+    if trainer and (root / trainer.split(":")[0]).is_file():
+        train_paths, train_schemas = _interface(trainer, root, train=True)
+        paths, schemas = {**paths, **train_paths}, {**schemas, **train_schemas}
+    string = {"type": "string"}
+    schemas.update({
         "HTTPValidationError": {"title": "HTTPValidationError", "type": "object", "properties": {
             "detail": {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}}},
         "ValidationError": {"title": "ValidationError", "type": "object", "required": ["loc", "msg", "type"],
                             "properties": {"loc": {"type": "array", "items": {"anyOf": [string, {"type": "integer"}]}},
                                            "msg": string, "type": string}},
-        **{f.name: {"title": f.name, "description": "An enumeration.", "enum": f.choices,
-                    **f.type.primitive.json_type()} for f in fields if f.choices is not None},
-    }
-    return {"openapi": "3.0.2", "info": {"title": "Cog", "version": "0.1.0"},
-            "paths": {route: main}, "components": {"schemas": schemas}}
+    })
+    return {"openapi": "3.0.2", "info": {"title": "Cog", "version": "0.1.0"}, "paths": paths,
+            "components": {"schemas": schemas}}
 
 
-def write_schema(predictor: str = "predict.py:Predictor", mode: str = "predict", root: Path = ROOT) -> Path:
+def write_schema(predictor: str = "predict.py:Predictor", trainer: str | None = "train.py:train",
+                 root: Path = ROOT) -> Path:
     """Write `root/.cog/openapi_schema.json`, where the Cog server started in `root` reads it."""
     path = root / SCHEMA_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(build_schema(predictor, mode, root), indent=2) + "\n")
+    path.write_text(json.dumps(build_schema(predictor, trainer, root), indent=2) + "\n")
     return path
 
 
