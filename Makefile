@@ -31,6 +31,7 @@ test: install
 bench: install tiny
 	$(PY) bench/predict_overhead.py
 	$(PY) bench/weights.py
+	$(PY) bench/training.py
 
 serve: install tiny
 	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/serve
