@@ -23,7 +23,6 @@ import base64
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time

@@ -23,31 +23,26 @@ and is meant to run as is:
 """
 
 import argparse
-import io
-import json
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from bench.stats import median_table  # noqa: E402
+from tests.helpers import dataset_zip, vqa_lines  # noqa: E402
 from idefics_cog.training import IGNORE, Collator, TrainConfig, add_lora, causal_lm_loss  # noqa: E402
 
 BASE = ROOT / "weights" / "tiny" / "base"
-ANSWERS = ["yes", "no", "a chest x-ray"]
 
 
 class StepTimer(TrainerCallback):
@@ -89,29 +84,8 @@ def run_steps(model, dataset, pad_id: int, batch_size: int, steps: int, warmup: 
 # --- the tiny model on the project's data pipeline ----------------------------------------------------------------
 
 
-def noise_png(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def tiny_dataset(folder: Path, count: int = 16) -> Path:
-    path = folder / "data.zip"
-    lines = []
-    with zipfile.ZipFile(path, "w") as archive:
-        for i in range(count):
-            images = [f"img/{i}.png"] + ([f"img/{i}b.png"] if i % 3 == 0 else [])
-            for n, name in enumerate(images):
-                archive.writestr(name, noise_png(100 + 10 * i + n))
-            if i % 4 == 1:
-                lines.append({"images": images, "conversation": [
-                    {"user": "What is shown?", "assistant": "a chest x-ray"},
-                    {"user": "Is it normal?", "assistant": ANSWERS[i % 2]}]})
-            else:
-                lines.append({"images": images, "question": "Is there a fracture?", "answer": ANSWERS[i % 3]})
-        archive.writestr("data.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
-    return path
+    return dataset_zip(folder / "data.zip", *vqa_lines(count))
 
 
 def tiny_setup():

@@ -36,3 +36,45 @@ def tar_bytes(folder: Path, top: str | None = None) -> bytes:
         for path in sorted(folder.iterdir()):
             tar.add(path, arcname=f"{top}/{path.name}" if top else path.name)
     return buffer.getvalue()
+
+
+ANSWERS = ["yes", "no", "a chest x-ray"]
+
+
+def png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    noise_image(seed).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def vqa_lines(count: int = 10) -> tuple[list[dict], dict[str, bytes]]:
+    """A synthetic dataset in the training format: data.jsonl lines (single questions and two-turn conversations,
+    one or two images each, short answers) and the image files they name."""
+    lines, files = [], {}
+    for i in range(count):
+        images = [f"img/{i}.png"] + ([f"img/{i}b.png"] if i % 3 == 0 else [])
+        for n, name in enumerate(images):
+            files[name] = png_bytes(100 + 10 * i + n)
+        if i % 4 == 1:
+            lines.append({"images": images, "conversation": [
+                {"user": "What is shown?", "assistant": "a chest x-ray"},
+                {"user": "Is it normal?", "assistant": ANSWERS[i % 2]}]})
+        else:
+            lines.append({"images": images, "question": "Is there a fracture?", "answer": ANSWERS[i % 3]})
+    return lines, files
+
+
+def dataset_zip(path: Path, lines: list, files: dict[str, bytes], raw_jsonl: str | None = None,
+                data_name: str = "data.jsonl") -> Path:
+    """A dataset archive: the files, and data.jsonl made of `lines` (dicts, or strings written as they are)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+        if data_name:
+            text = raw_jsonl if raw_jsonl is not None else "".join(
+                (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+            archive.writestr(data_name, text)
+    return path

@@ -1,5 +1,4 @@
 import io
-import json
 import tarfile
 import zipfile
 
@@ -7,22 +6,14 @@ import pytest
 
 from idefics_cog.dataset import DatasetError, load_dataset
 from idefics_cog.prompt import render
-from tests.helpers import noise_image
-
-
-def png_bytes(seed=0) -> bytes:
-    buffer = io.BytesIO()
-    noise_image(seed).save(buffer, "PNG")
-    return buffer.getvalue()
+from tests.helpers import dataset_zip, png_bytes
 
 
 def make_zip(path, lines, files=None, top=""):
     files = {"img/a.png": png_bytes(1), "img/b.png": png_bytes(2)} if files is None else files
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{top}data.jsonl", "\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines))
-        for name, data in files.items():
-            archive.writestr(f"{top}{name}", data)
-    return path
+    if top:
+        files = {f"{top}{name}": data for name, data in files.items()}
+    return dataset_zip(path, lines, files, data_name=f"{top}data.jsonl")
 
 
 QA = {"images": ["img/a.png"], "question": "Is there a fracture?", "answer": "No."}

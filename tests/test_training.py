@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import tarfile
-import zipfile
 
 import pytest
 import torch
@@ -25,46 +24,12 @@ from idefics_cog.training import (
 )
 from tests.conftest import tiny_env
 from tests.fileserver import FileServer
-from tests.helpers import noise_image
-
-ANSWERS = ["yes", "no", "a chest x-ray"]
-
-
-def png(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    noise_image(seed).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def example_lines(count: int = 10) -> tuple[list[dict], dict[str, bytes]]:
-    """Single questions and two-turn conversations, one or two images each, short answers."""
-    lines, files = [], {}
-    for i in range(count):
-        images = [f"img/{i}.png"] + ([f"img/{i}b.png"] if i % 3 == 0 else [])
-        for n, name in enumerate(images):
-            files[name] = png(100 + 10 * i + n)
-        if i % 4 == 1:
-            lines.append({"images": images, "conversation": [
-                {"user": "What is shown?", "assistant": "a chest x-ray"},
-                {"user": "Is it normal?", "assistant": ANSWERS[i % 2]}]})
-        else:
-            lines.append({"images": images, "question": "Is there a fracture?", "answer": ANSWERS[i % 3]})
-    return lines, files
-
-
-def make_zip(path, lines, files, raw_jsonl: str | None = None, data_name: str = "data.jsonl"):
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
-        if data_name:
-            text = raw_jsonl if raw_jsonl is not None else "".join(json.dumps(line) + "\n" for line in lines)
-            archive.writestr(data_name, text)
-    return path
-
+from tests.helpers import png_bytes, vqa_lines
+from tests.helpers import dataset_zip as make_zip
 
 @pytest.fixture(scope="module")
 def dataset_zip(tmp_path_factory):
-    return make_zip(tmp_path_factory.mktemp("data") / "data.zip", *example_lines())
+    return make_zip(tmp_path_factory.mktemp("data") / "data.zip", *vqa_lines())
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +212,7 @@ def test_script_train_end_to_end_writes_the_adapter_tar(tmp_path, tiny_dir, data
 
 
 def test_script_train_fails_with_the_datasets_file_and_line(tmp_path, tiny_dir):
-    lines, files = example_lines(3)
+    lines, files = vqa_lines(3)
     raw = json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "images": ["img/nothere.png"]}) + "\n"
     dataset = make_zip(tmp_path / "bad.zip", lines, files, raw_jsonl=raw)
     result, out = script_train(tmp_path, tiny_dir, dataset)
@@ -262,7 +227,7 @@ def test_script_train_fails_with_the_datasets_file_and_line(tmp_path, tiny_dir):
 
 def _unsafe_tar(path):
     with tarfile.open(path, "w") as tar:
-        for name, data in (("data.jsonl", b'{"question": "q", "answer": "a"}\n'), ("../escape.png", png(1))):
+        for name, data in (("data.jsonl", b'{"question": "q", "answer": "a"}\n'), ("../escape.png", png_bytes(1))):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -270,7 +235,7 @@ def _unsafe_tar(path):
 
 
 def _bad(kind: str, tmp_path):
-    lines, files = example_lines(3)
+    lines, files = vqa_lines(3)
     good = json.dumps(lines[0]) + "\n"
     if kind == "unsafe member":
         return _unsafe_tar(tmp_path / "bad.tar")
@@ -283,7 +248,7 @@ def _bad(kind: str, tmp_path):
         "no data.jsonl": None,
     }[kind]
     if kind == "unreadable image":
-        files = {**files, "img/broken.png": png(5)[:60]}
+        files = {**files, "img/broken.png": png_bytes(5)[:60]}
     return make_zip(tmp_path / "bad.zip", lines, files, raw_jsonl=raw, data_name="data.jsonl" if raw else "")
 
 
