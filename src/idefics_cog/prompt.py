@@ -24,6 +24,16 @@ TEMPLATES = ("instruct", "raw")
 
 Segment = str | int
 _PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN))
+# Tokens that only the template may write: typed by a user they would forge turns, image markers or sequence ends.
+CONTROL_TOKENS = (END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, "<s>", "</s>", "<unk>")
+
+
+def as_plain_text(text: str) -> str:
+    """Keep control tokens in user text as visible text that no longer matches the tokenizer's special tokens
+    (a zero-width space after the `<`)."""
+    for token in CONTROL_TOKENS:
+        text = text.replace(token, f"<\u200b{token[1:]}")
+    return text
 
 
 def build_segments(text: str, num_images: int, template: str = "instruct", system_prompt: str = "") -> list[Segment]:
@@ -31,10 +41,13 @@ def build_segments(text: str, num_images: int, template: str = "instruct", syste
 
     `<image>` placeholders bind the images in order; there must be one per image. Without placeholders the images
     follow the user's text in the first user turn (`instruct`, and `raw` transcripts with `<end_of_utterance>`),
-    or lead the text (`raw` without turns: base-model captioning and few-shot prompts).
+    or lead the text (`raw` without turns: base-model captioning and few-shot prompts). With `instruct`, other
+    control tokens in the text stay text (`as_plain_text`): only `raw` may write turns.
     """
     if template not in TEMPLATES:
         raise InputError(f"template: must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if template == "instruct":  # `raw` is for writing turns and markers yourself
+        text, system_prompt = as_plain_text(text), as_plain_text(system_prompt)
     pieces = _PLACEHOLDER.split(text)
     placeholders = len(pieces) - 1
     if placeholders and placeholders != num_images:
