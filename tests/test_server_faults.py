@@ -88,3 +88,31 @@ def test_urls_and_paths_in_the_prompt_are_never_fetched(server):
             result = server.predict({**inputs, "max_new_tokens": 4})
             assert result["status"] == "succeeded", result.get("error")
         assert files.requests == []
+
+
+def test_a_worker_crash_and_a_setup_failure_show_in_the_health_check(tiny_dir, tmp_path):
+    import psutil
+    import pytest
+
+    from idefics_cog.cogserver import CogServer, ServerError
+    from tests.conftest import tiny_env
+
+    with CogServer(env=tiny_env(tiny_dir)) as crashing:
+        (worker,) = [p for p in psutil.Process(crashing.process.pid).children(recursive=True)
+                     if "coglet" in " ".join(p.cmdline())]
+        worker.kill()
+        psutil.wait_procs([worker], timeout=10)
+        for _ in range(100):
+            if crashing.health()["status"] == "UNHEALTHY":
+                break
+            threading.Event().wait(0.1)
+        assert crashing.health()["status"] == "UNHEALTHY"
+
+    broken = CogServer(env={**tiny_env(tiny_dir), "IDEFICS_ADAPTER_WEIGHTS": str(tmp_path / "no-adapter")})
+    try:
+        with pytest.raises(ServerError, match=r"SETUP_FAILED[\s\S]*no-adapter"):
+            broken.start()
+        health = broken.health()
+        assert health["status"] == "SETUP_FAILED" and "no-adapter" in health["setup"]["logs"]
+    finally:
+        broken.stop()
