@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TINY := weights/tiny
 export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: install tiny predict test bench serve clean
+.PHONY: install tiny predict test bench soak serve clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ bench: install tiny
 	$(PY) bench/predict_overhead.py
 	$(PY) bench/weights.py
 	$(PY) bench/training.py
+
+# 300 mixed predictions through the real server: memory, temp files, cache (see BENCHMARKS.md).
+soak: install tiny
+	$(PY) bench/soak.py --requests 300
 
 serve: install tiny
 	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/serve

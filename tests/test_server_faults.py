@@ -116,3 +116,12 @@ def test_a_worker_crash_and_a_setup_failure_show_in_the_health_check(tiny_dir, t
         assert health["status"] == "SETUP_FAILED" and "no-adapter" in health["setup"]["logs"]
     finally:
         broken.stop()
+
+
+def test_a_short_soak_answers_everything_without_growing(tiny_dir):
+    """The short version of `make soak` (bench/soak.py): mixed requests, bounded memory, temp files and cache."""
+    from bench.soak import soak
+
+    report = soak(40)
+    assert report["unexpected"] == [] and report["succeeded"] == 32 and report["failed as expected"] == 8
+    assert report["ok"], report

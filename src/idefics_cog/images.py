@@ -1,10 +1,62 @@
-"""Read the request's image files into the RGB PIL images the vision tower expects."""
+"""Read the request's image files into the RGB PIL images the vision tower expects.
 
+Accepted: every format Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP, ...) except EPS (which would run
+Ghostscript), and DICOM through pydicom. Limits on bytes, pixels and aspect ratio are checked before any pixel is
+decoded, so a decompression bomb costs nothing.
+"""
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from idefics_cog.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Defaults of the image limits. They are read from the environment at each call (not through settings.py, so
+# that a changed variable applies without a new Settings; see `Limits.from_env`).
+MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
+MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
+MAX_ASPECT_RATIO = 20.0  # IDEFICS_MAX_ASPECT_RATIO: long side / short side
+
+# Pillow's own guard (DecompressionBombError at twice this many pixels, raised by Image.open itself) as a second
+# line of defence behind the explicit check in `load_image`; it follows the limit in use at each call.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+PILLOW_FORMATS = None  # every format Pillow can open, EPS excluded; filled on first use
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Limits":
+        environ = os.environ if environ is None else environ
+
+        def read(variable: str, default, kind):
+            raw = environ.get(variable, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{variable}={raw!r} is not a number") from None
+            if value <= 0:
+                raise ValueError(f"{variable}={raw!r} must be positive")
+            return value
+
+        return cls(read("IDEFICS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, int),
+                   read("IDEFICS_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES, int),
+                   read("IDEFICS_MAX_ASPECT_RATIO", MAX_ASPECT_RATIO, float))
 
 
 def image_inputs(image: Path | None, images: list[Path] | None) -> list[tuple[str, Path]]:
@@ -20,24 +72,150 @@ def check_count(count: int, limit: int) -> None:
         )
 
 
-def load_image(name: str, path: Path) -> Image.Image:
-    """Decode one file fully (so a truncated file fails here, not in the model) and convert it to RGB."""
+# Files people send by mistake, recognised by their first bytes, for a clearer message.
+NOT_IMAGES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive", b"PK\x05\x06": "an empty zip archive",
+              b"\x1f\x8b": "a gzip file", b"ustar": "a tar archive"}
+
+
+def load_image(name: str, path: Path, limits: Limits | None = None) -> Image.Image:
+    """Check the file against the limits, decode it fully (so a truncated file fails here, not in the model) and
+    convert it to RGB. Every refusal is an InputError that names the input (`name`)."""
+    limits = limits or Limits.from_env()
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{name}: {path.name} is not a readable image (it is empty: 0 bytes)")
+    if size > limits.max_bytes:
+        raise InputError(f"{name}: {path.name} is {size} bytes; the limit is {limits.max_bytes} bytes per image "
+                         f"(IDEFICS_MAX_IMAGE_BYTES)")
+    with open(path, "rb") as file:
+        head = file.read(264)
+    for magic, kind in NOT_IMAGES.items():
+        if head.startswith(magic) or (magic == b"ustar" and head[257:262] == magic):
+            raise InputError(f"{name}: {path.name} is not a readable image (it is {kind})")
+    if head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom"):
+        return load_dicom(name, path, limits)
+    return load_pillow(name, path, limits)
+
+
+def check_dimensions(name: str, filename: str, width: int, height: int, limits: Limits) -> None:
+    if width < 1 or height < 1:
+        raise InputError(f"{name}: {filename} has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InputError(f"{name}: {filename} is {width}x{height} = {width * height} pixels; the limit is "
+                         f"{limits.max_pixels} pixels per image (IDEFICS_MAX_IMAGE_PIXELS)")
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise InputError(f"{name}: {filename} is {width}x{height}, an aspect ratio of {ratio:g}:1; the limit is "
+                         f"{limits.max_aspect_ratio:g}:1 (IDEFICS_MAX_ASPECT_RATIO)")
+
+
+def pillow_formats() -> list[str]:
+    global PILLOW_FORMATS
+    if PILLOW_FORMATS is None:
+        Image.init()
+        PILLOW_FORMATS = sorted(f for f in Image.OPEN if f != "EPS")
+    return PILLOW_FORMATS
+
+
+def load_pillow(name: str, path: Path, limits: Limits) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # Pillow warns between 1x and 2x its limit; check_dimensions refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path, formats=pillow_formats())
+        with opened:
+            # The header alone gives the size: refuse a bomb before a single pixel is decoded.
+            check_dimensions(name, path.name, *opened.size, limits)
+            if getattr(opened, "n_frames", 1) > 1:
+                log.info("%s: %s has %d frames; using the first", name, path.name, opened.n_frames)
             opened.load()
-            image = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"{name}: {Path(path).name} is not a readable image ({exc})") from None
-    return to_rgb(image)
+            return to_rgb(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError as exc:  # Pillow's guard, raised by Image.open for 2x the limit
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise InputError(f"{name}: {path.name} is {size} (a decompression bomb?); the limit is {limits.max_pixels} "
+                         f"pixels per image (IDEFICS_MAX_IMAGE_PIXELS)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InputError(f"{name}: {path.name} is not a readable image ({exc})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited on white (the model never saw alpha)."""
+    """RGB, with more than 8 bits per sample scaled to 8 and any transparency composited on white (the model
+    never saw alpha)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return gray_to_rgb(np.asarray(image), 65535 if image.mode.startswith("I;16") else None)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def gray_to_rgb(pixels: np.ndarray, full_scale: float | None = None) -> Image.Image:
+    """High-bit-depth grayscale to 8 bits: the darkest pixel becomes 0 and the brightest 255 (linear), so a 12- or
+    16-bit image keeps its whole contrast. A uniform image keeps its level relative to `full_scale`."""
+    values = pixels.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high > low:
+        scaled = (values - low) / (high - low)
+    else:
+        scaled = np.full(values.shape, min(max(low / full_scale, 0.0), 1.0) if full_scale else 0.0)
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L").convert("RGB")
+
+
+def first_value(value):
+    """WindowCenter/WindowWidth may hold several values (several windows): the first is the default one."""
+    if value is None:
+        return None
+    try:
+        return float(value[0]) if not isinstance(value, (str, bytes)) and len(value) else float(value)
+    except TypeError:
+        return float(value)
+
+
+def load_dicom(name: str, path: Path, limits: Limits) -> Image.Image:
+    """A DICOM image to RGB: first frame, modality rescale, the stored window (or min/max), MONOCHROME1 inverted."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import pixel_array
+
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        rows, columns = int(dataset.Rows), int(dataset.Columns)
+    except (InvalidDicomError, AttributeError, ValueError, TypeError, OSError, EOFError) as exc:
+        raise InputError(f"{name}: {path.name} is not a readable DICOM image ({exc})") from None
+    check_dimensions(name, path.name, columns, rows, limits)
+    frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB") and not photometric.startswith("YBR"):
+        raise InputError(f"{name}: {path.name} is a DICOM image in {photometric}, which is not supported "
+                         f"(MONOCHROME1, MONOCHROME2, RGB and YBR are)")
+    try:
+        pixels = pixel_array(str(path), index=0 if frames > 1 else None)
+    except Exception as exc:  # pydicom raises many kinds (missing decoder, short pixel data, bad attributes)
+        transfer = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+        syntax = f" (transfer syntax {transfer.name})" if transfer is not None else ""
+        raise InputError(f"{name}: {path.name} is a DICOM file whose pixels cannot be decoded{syntax}: {exc}") from None
+    if frames > 1:
+        log.info("%s: %s is a DICOM with %d frames; using the first", name, path.name, frames)
+    if int(dataset.get("SamplesPerPixel", 1)) == 3:  # RGB (pydicom converts YBR to RGB)
+        if pixels.dtype != np.uint8:
+            bits = int(dataset.get("BitsStored", 8) or 8)
+            pixels = np.clip(np.round(pixels.astype(np.float64) * 255 / (2 ** bits - 1)), 0, 255)
+        return Image.fromarray(pixels.astype(np.uint8), "RGB")
+    values = pixels.astype(np.float64) * float(dataset.get("RescaleSlope", 1) or 1)
+    values += float(dataset.get("RescaleIntercept", 0) or 0)
+    center, width = first_value(dataset.get("WindowCenter")), first_value(dataset.get("WindowWidth"))
+    if center is not None and width is not None and width > 0:
+        low, high = center - width / 2, center + width / 2
+    else:  # no stored window: the whole range of this image
+        low, high = float(values.min()), float(values.max())
+    scaled = np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else np.zeros(values.shape)
+    gray = np.round(scaled * 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":  # 0 is white
+        gray = 255 - gray
+    return Image.fromarray(gray, "L").convert("RGB")

@@ -1,0 +1,124 @@
+"""Soak: many mixed predictions through the real Cog server, watching memory, temp files and the cache.
+
+Requests cycle through text-only and image prompts (one or two images), the `medical` and `none` adapters, a
+custom `lora_weights` from a loopback file server, greedy and seeded sampling, stop sequences and bad requests
+(a file that is not an image, too many placeholders). Every request must be answered (succeeded, or failed for
+the bad ones); the worker's resident memory after warm-up must not grow beyond a bound; temp files and the
+adapter cache must stay within their limits.
+
+    make tiny
+    PYTHONPATH=src .venv/bin/python bench/soak.py [--requests 300] [--json PATH]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+import psutil  # noqa: E402
+
+from idefics_cog.cogserver import CogServer  # noqa: E402
+from tests.fileserver import FileServer  # noqa: E402
+from tests.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
+
+TINY = ROOT / "weights" / "tiny"
+RSS_GROWTH_LIMIT = 64 << 20  # bytes the worker may grow after warm-up
+WARMUP = 20
+
+
+def requests_for(index: int, custom: str) -> tuple[dict, bool]:
+    """The index-th request of the cycle, and whether it must succeed."""
+    image = data_uri(noise_image(index % 7))
+    kind = index % 10
+    if kind == 8:
+        return {"image": data_uri(b"%PDF-1.4 not an image", "application/pdf")}, False
+    if kind == 9:
+        return {"prompt": "<image> and <image>", "image": image}, False
+    inputs = {"prompt": f"Question {index}: what is shown?", "max_new_tokens": 8 + index % 24,
+              "adapter": ("medical", "none")[index % 2]}
+    if kind in (1, 2, 3, 5, 6):
+        inputs["image"] = image
+    if kind == 3:
+        inputs["images"] = [data_uri(noise_image(index % 5 + 10))]
+        inputs["prompt"] = "Compare <image> with <image>."
+    if kind in (4, 5):
+        inputs.update(temperature=0.8, top_p=0.9, top_k=40, seed=index)
+    if kind == 6:
+        inputs["lora_weights"] = custom
+    if kind == 7:
+        inputs["stop_sequences"] = "e,a"
+    return inputs, True
+
+
+def worker_rss(server: CogServer) -> int:
+    return sum(p.memory_info().rss for p in psutil.Process(server.process.pid).children(recursive=True))
+
+
+def temp_files() -> int:
+    return sum(1 for _ in Path(tempfile.gettempdir()).iterdir())
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def soak(count: int) -> dict:
+    cache = Path(tempfile.mkdtemp(prefix="soak-cache-"))
+    env = {"IDEFICS_BASE_WEIGHTS": str(TINY / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(TINY / "adapter"),
+           "IDEFICS_CACHE_DIR": str(cache)}
+    results = {"succeeded": 0, "failed as expected": 0, "unexpected": []}
+    rss, latencies = [], []
+    with FileServer() as files, CogServer(env=env) as server:
+        custom = files.add("/custom.tgz", tar_bytes(TINY / "adapter"))
+        for index in range(count):
+            inputs, must_succeed = requests_for(index, custom)
+            started = time.perf_counter()
+            result = server.predict(inputs)
+            latencies.append(1000 * (time.perf_counter() - started))
+            if result["status"] == ("succeeded" if must_succeed else "failed"):
+                results["succeeded" if must_succeed else "failed as expected"] += 1
+            else:
+                results["unexpected"].append((index, result["status"], result.get("error")))
+            if index == WARMUP - 1:
+                baseline_rss, baseline_temp = worker_rss(server), temp_files()
+            if index >= WARMUP - 1:
+                rss.append(worker_rss(server))
+        report = {
+            "requests": count, **{k: v for k, v in results.items() if k != "unexpected"},
+            "unexpected": results["unexpected"],
+            "rss after warm-up MB": baseline_rss / 2**20, "rss max after warm-up MB": max(rss) / 2**20,
+            "rss growth MB": (rss[-1] - baseline_rss) / 2**20,
+            "temp entries growth": temp_files() - baseline_temp,
+            "adapter cache bytes": directory_bytes(cache / "adapters"),
+            "latency median ms": statistics.median(latencies), "health": server.health()["status"],
+        }
+    report["ok"] = (not results["unexpected"] and rss[-1] - baseline_rss <= RSS_GROWTH_LIMIT
+                    and report["temp entries growth"] <= 5 and report["health"] == "READY")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not (TINY / "COMPLETE").exists():
+        sys.exit(f"no tiny model in {TINY}: run `make tiny` first")
+    report = soak(args.requests)
+    print("| soak | value |\n|---|---:|")
+    for key, value in report.items():
+        print(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    sys.exit(0 if report["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
