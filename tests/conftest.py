@@ -4,6 +4,9 @@ from idefics_cog import tiny
 from idefics_cog.settings import ROOT
 
 
+ADAPTER_LIMIT = 3_000_000  # above the tiny base model archive (refused as "not an adapter"), below a padded one
+
+
 def tiny_env(tiny_dir) -> dict:
     """Settings for a server on the tiny model, with the tiny adapter as `medical`."""
     return {"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(tiny_dir / "adapter")}
@@ -27,5 +30,6 @@ def server(tiny_dir):
     """The real Cog server (coglet) serving predict.py on the tiny model."""
     from idefics_cog.cogserver import CogServer
 
-    with CogServer(env=tiny_env(tiny_dir)) as running:
+    # A small per-adapter limit, so that tests can send a larger lora_weights.
+    with CogServer(env={**tiny_env(tiny_dir), "IDEFICS_MAX_ADAPTER_BYTES": str(ADAPTER_LIMIT)}) as running:
         yield running

@@ -1,8 +1,11 @@
 """Weights and adapters through the real Cog server, with sources on a real loopback HTTP server."""
 
 import concurrent.futures
+import io
+import os
 import re
 import shutil
+import tarfile
 
 import pytest
 from peft import PeftModel
@@ -11,6 +14,7 @@ from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.cogserver import CogServer, ServerError
 from idefics_cog.engine import Engine
+from tests.conftest import ADAPTER_LIMIT
 from tests.fileserver import FileServer
 from tests.helpers import data_uri, noise_image, tar_bytes
 from tests.test_engine import run
@@ -60,7 +64,22 @@ def files(tiny_dir, other_adapter, tmp_path_factory):
         server.add("/pickled.tgz", tar_bytes(pickled))
         server.add("/base.tgz", tar_bytes(tiny_dir / "base", top="tiny-base"))
         server.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"))
+        server.add("/escape.tar", unsafe_tar())
+        big = tmp_path_factory.mktemp("big") / "adapter"
+        shutil.copytree(tiny_dir / "adapter", big)
+        (big / "padding.bin").write_bytes(os.urandom(ADAPTER_LIMIT + 1))
+        server.add("/big.tgz", tar_bytes(big))
         yield server
+
+
+def unsafe_tar() -> bytes:
+    """An adapter archive with a member that climbs out of the extraction folder."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("../adapter_config.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    return buffer.getvalue()
 
 
 def test_adapters_switch_per_request_like_each_loaded_alone(server, files, tiny_dir, other_adapter):
@@ -83,6 +102,8 @@ BAD_ADAPTERS = {
     "pickled weights": ("/pickled.tgz", r"lora_weights: pickled weights \(adapter_model.bin\) are refused"),
     "a whole model, not an adapter": ("/base.tgz", r"lora_weights: not a PEFT adapter"),
     "missing file": ("/missing.tgz", r"lora_weights: .*missing.tgz.*404"),
+    "archive member outside": ("/escape.tar", r"lora_weights: .*'\.\./adapter_config.json' points outside"),
+    "over the size limit": ("/big.tgz", rf"lora_weights: .*over the limit of {ADAPTER_LIMIT} bytes"),
     "file scheme": ("file:///etc/passwd", r"lora_weights: 'file:///etc/passwd' is neither an http\(s\) URL"),
     "local path": ("/etc", r"lora_weights: '/etc' is neither"),
 }
@@ -92,7 +113,7 @@ BAD_ADAPTERS = {
 def test_bad_lora_weights_fail_clearly_and_change_nothing(server, files, case):
     before = {choice: answer(server, adapter=choice) for choice in ("medical", "none")}
     source, message = BAD_ADAPTERS[case]
-    error = failure(server, lora_weights=files.url(source) if source.endswith(".tgz") else source)
+    error = failure(server, lora_weights=files.url(source) if source.endswith((".tgz", ".tar")) else source)
     assert re.search(message, error), error
     assert {choice: answer(server, adapter=choice) for choice in ("medical", "none")} == before
 

@@ -92,11 +92,12 @@ def source_key(source: str) -> str:
 class Adapters:
     """The adapters loaded on the engine's model, and which one the next generation uses."""
 
-    def __init__(self, engine, cache_dir: Path, max_loaded: int = 4, cache_bytes: int = 4 << 30):
+    def __init__(self, engine, cache_dir: Path, max_loaded: int = 4, cache_bytes: int = 4 << 30,
+                 max_adapter_bytes: int = 1 << 30):
         self.engine = engine
         self.shapes = linear_shapes(engine.model)
         self.cache_dir = Path(cache_dir) / "adapters"
-        self.max_loaded, self.cache_bytes = max_loaded, cache_bytes
+        self.max_loaded, self.cache_bytes, self.max_adapter_bytes = max_loaded, cache_bytes, max_adapter_bytes
         self.custom: OrderedDict[str, str] = OrderedDict()  # source -> adapter name, least recently used first
 
     @property
@@ -155,7 +156,11 @@ class Adapters:
             if local:
                 path = Path(source).expanduser()
             else:
-                path = resolve(source, entry)
+                path = resolve(source, entry, max_bytes=self.max_adapter_bytes)
+                if _size(entry) > self.max_adapter_bytes:  # a hub repo is only measured once fetched
+                    shutil.rmtree(entry, ignore_errors=True)
+                    raise AdapterError(f"{source} is over the limit of {self.max_adapter_bytes} bytes per adapter "
+                                       f"(IDEFICS_MAX_ADAPTER_BYTES)")
                 (entry / ".last_used").touch()
                 self._trim_disk_cache(keep=entry)
             name = f"custom_{source_key(source)}"

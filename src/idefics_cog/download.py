@@ -67,6 +67,7 @@ class Options:
     read_timeout: float = READ_TIMEOUT
     retries: int = RETRIES
     retry_wait: float = RETRY_WAIT
+    max_bytes: Optional[int] = None  # refuse a larger archive before downloading it (per-request adapters)
 
 
 def fetch_archive(
@@ -79,6 +80,7 @@ def fetch_archive(
     read_timeout: float = READ_TIMEOUT,
     retries: int = RETRIES,
     retry_wait: float = RETRY_WAIT,
+    max_bytes: Optional[int] = None,
 ) -> Path:
     """Return the directory holding the extracted archive at `url`, downloading it into `cache_dir` once.
 
@@ -91,7 +93,7 @@ def fetch_archive(
         return found
     if offline():
         raise WeightsError(f"{entry.url}: not in the cache at {cache_dir}, and HF_HUB_OFFLINE=1 forbids downloading it")
-    options = Options(chunk_size, threads, connect_timeout, read_timeout, retries, retry_wait)
+    options = Options(chunk_size, threads, connect_timeout, read_timeout, retries, retry_wait, max_bytes)
     for folder in (entry.final.parent, entry.part.parent, entry.lock.parent):
         folder.mkdir(parents=True, exist_ok=True)
     with _locked(entry):
@@ -323,6 +325,9 @@ def _download(entry: Entry, options: Options) -> Optional[int]:
     """Fill entry.part with the whole file; return the size the server announced."""
     started = time.monotonic()
     remote = _retrying(entry.url, options, lambda: _probe(entry.url, options))
+    if options.max_bytes is not None and (remote.size is None or remote.size > options.max_bytes):
+        size = "an unannounced size" if remote.size is None else f"{remote.size} bytes"
+        raise WeightsError(f"{entry.url}: {size}, over the limit of {options.max_bytes} bytes; not downloaded")
     pget = shutil.which("pget")
     if pget:
         _download_with_pget(entry, pget)

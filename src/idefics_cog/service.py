@@ -36,7 +36,8 @@ class Service:
         engine = Engine.load(path, settings.device, settings.quantization)
         log.info("model loaded on %s (%s, quantization %s) in %.1f s", engine.device, engine.dtype,
                  settings.quantization, time.perf_counter() - started)
-        adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes)
+        adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
+                            settings.max_adapter_bytes)
         if settings.adapter_weights:
             adapters.load_default(settings.adapter_weights)
         return cls(engine, adapters, settings)

@@ -19,6 +19,7 @@ class Settings:
     max_images: int  # images per request
     max_loaded_adapters: int  # custom adapters kept loaded in memory (besides `medical`)
     adapter_cache_bytes: int  # disk budget for downloaded custom adapters
+    max_adapter_bytes: int  # largest custom adapter download
     device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
 
     @classmethod
@@ -35,6 +36,7 @@ class Settings:
             max_images=_positive_int(env, "IDEFICS_MAX_IMAGES", 8),
             max_loaded_adapters=_positive_int(env, "IDEFICS_MAX_LOADED_ADAPTERS", 4),
             adapter_cache_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
+            max_adapter_bytes=_positive_int(env, "IDEFICS_MAX_ADAPTER_BYTES", 1 << 30),
             device=env.get("IDEFICS_DEVICE", "auto"),
         )
 

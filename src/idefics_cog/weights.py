@@ -24,13 +24,14 @@ def is_url(source: str) -> bool:
     return source.startswith(("https://", "http://"))
 
 
-def resolve(source: str, cache_dir: Path) -> Path:
-    """Return the local directory holding `source`, downloading it into `cache_dir` first if needed."""
+def resolve(source: str, cache_dir: Path, max_bytes: int | None = None) -> Path:
+    """Return the local directory holding `source`, downloading it into `cache_dir` first if needed.
+    `max_bytes` refuses an archive URL larger than that before downloading it."""
     path = Path(source).expanduser()
     if is_url(source):
         from idefics_cog.download import fetch_archive
 
-        return fetch_archive(source, cache_dir)
+        return fetch_archive(source, cache_dir, max_bytes=max_bytes)
     if path.is_dir():
         return path
     if HUB_ID.match(source) and not path.exists():
