@@ -64,7 +64,8 @@ def files(tiny_dir, other_adapter, tmp_path_factory):
         server.add("/pickled.tgz", tar_bytes(pickled))
         server.add("/base.tgz", tar_bytes(tiny_dir / "base", top="tiny-base"))
         server.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"))
-        server.add("/escape.tar", unsafe_tar())
+        for kind in ("dotdot", "absolute", "symlink"):
+            server.add(f"/{kind}.tar", unsafe_tar(kind))
         big = tmp_path_factory.mktemp("big") / "adapter"
         shutil.copytree(tiny_dir / "adapter", big)
         (big / "padding.bin").write_bytes(os.urandom(ADAPTER_LIMIT + 1))
@@ -72,13 +73,18 @@ def files(tiny_dir, other_adapter, tmp_path_factory):
         yield server
 
 
-def unsafe_tar() -> bytes:
-    """An adapter archive with a member that climbs out of the extraction folder."""
+def unsafe_tar(kind: str) -> bytes:
+    """An adapter archive with a member that climbs out of the extraction folder, or a link."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        info = tarfile.TarInfo("../adapter_config.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
+        if kind == "symlink":
+            info = tarfile.TarInfo("adapter_model.safetensors")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            info = tarfile.TarInfo({"dotdot": "../adapter_config.json", "absolute": "/tmp/adapter_config.json"}[kind])
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
     return buffer.getvalue()
 
 
@@ -102,7 +108,9 @@ BAD_ADAPTERS = {
     "pickled weights": ("/pickled.tgz", r"lora_weights: pickled weights \(adapter_model.bin\) are refused"),
     "a whole model, not an adapter": ("/base.tgz", r"lora_weights: not a PEFT adapter"),
     "missing file": ("/missing.tgz", r"lora_weights: .*missing.tgz.*404"),
-    "archive member outside": ("/escape.tar", r"lora_weights: .*'\.\./adapter_config.json' points outside"),
+    "archive member outside": ("/dotdot.tar", r"lora_weights: .*'\.\./adapter_config.json' points outside"),
+    "archive member absolute": ("/absolute.tar", r"lora_weights: .*'/tmp/adapter_config.json' points outside"),
+    "archive member a link": ("/symlink.tar", r"lora_weights: .*'adapter_model.safetensors' is a symlink"),
     "over the size limit": ("/big.tgz", rf"lora_weights: .*over the limit of {ADAPTER_LIMIT} bytes"),
     "file scheme": ("file:///etc/passwd", r"lora_weights: 'file:///etc/passwd' is neither an http\(s\) URL"),
     "local path": ("/etc", r"lora_weights: '/etc' is neither"),
