@@ -106,7 +106,9 @@ def test_a_worker_crash_and_a_setup_failure_show_in_the_health_check(tiny_dir, t
             if crashing.health()["status"] == "UNHEALTHY":
                 break
             threading.Event().wait(0.1)
-        assert crashing.health()["status"] == "UNHEALTHY"
+        health = crashing.health()
+        assert health["status"] == "UNHEALTHY"
+        assert "channel closed" in health["user_healthcheck_error"]  # coglet's reason: the worker is gone
 
     broken = CogServer(env={**tiny_env(tiny_dir), "IDEFICS_ADAPTER_WEIGHTS": str(tmp_path / "no-adapter")})
     try:
