@@ -23,6 +23,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import psutil  # noqa: E402
 
+from idefics_cog.adapters import directory_bytes  # noqa: E402
 from idefics_cog.cogserver import CogServer  # noqa: E402
 from tests.fileserver import FileServer  # noqa: E402
 from tests.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
@@ -62,10 +63,6 @@ def worker_rss(server: CogServer) -> int:
 
 def temp_files() -> int:
     return sum(1 for _ in Path(tempfile.gettempdir()).iterdir())
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
 def soak(count: int) -> dict:

@@ -22,14 +22,13 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
 from idefics_cog.errors import InputError
-from idefics_cog.weights import HUB_ID, WeightsError, is_url, resolve
+from idefics_cog.weights import HUB_ID, PICKLE_SUFFIXES, WeightsError, is_url, resolve
 
 log = logging.getLogger(__name__)
 
 MEDICAL = "medical"
 NONE = "none"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -157,7 +156,7 @@ class Adapters:
                 path = Path(source).expanduser()
             else:
                 path = resolve(source, entry, max_bytes=self.max_adapter_bytes)
-                if _size(entry) > self.max_adapter_bytes:  # a hub repo is only measured once fetched
+                if directory_bytes(entry) > self.max_adapter_bytes:  # a hub repo is only measured once fetched
                     shutil.rmtree(entry, ignore_errors=True)
                     raise AdapterError(f"{source} is over the limit of {self.max_adapter_bytes} bytes per adapter "
                                        f"(IDEFICS_MAX_ADAPTER_BYTES)")
@@ -199,13 +198,13 @@ class Adapters:
         """Delete least recently used downloads until the cache fits its byte budget (never `keep`)."""
         entries = [p for p in self.cache_dir.iterdir() if p.is_dir() and p != keep]
         entries.sort(key=lambda p: (p / ".last_used").stat().st_mtime if (p / ".last_used").exists() else 0)
-        total = sum(_size(p) for p in entries) + _size(keep)
+        total = sum(directory_bytes(p) for p in entries) + directory_bytes(keep)
         while entries and total > self.cache_bytes:
             oldest = entries.pop(0)
-            total -= _size(oldest)
+            total -= directory_bytes(oldest)
             shutil.rmtree(oldest, ignore_errors=True)
             log.info("adapter cache: removed %s to stay under %d bytes", oldest.name, self.cache_bytes)
 
 
-def _size(path: Path) -> int:
+def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())

@@ -114,16 +114,15 @@ class CogServer:
 
     def predict(self, inputs: dict, timeout: float = 600) -> dict:
         """One prediction, waiting for the final JSON response."""
-        self.wait_ready(30)  # coglet answers 409 for a moment after each response, until its slot is free
-        response = requests.post(f"{self.url}/predictions", json={"input": inputs}, timeout=timeout)
-        if response.status_code != 200:
-            raise ServerError(f"HTTP {response.status_code}: {response.text}")
-        return response.json()
+        return self._run("/predictions", inputs, timeout)
 
     def train(self, inputs: dict, timeout: float = 24 * 3600) -> dict:
         """One training (a server started with mode="train"), waiting for the final JSON response."""
-        self.wait_ready(30)
-        response = requests.post(f"{self.url}/trainings", json={"input": inputs}, timeout=timeout)
+        return self._run("/trainings", inputs, timeout)
+
+    def _run(self, route: str, inputs: dict, timeout: float) -> dict:
+        self.wait_ready(30)  # coglet answers 409 for a moment after each response, until its slot is free
+        response = requests.post(f"{self.url}{route}", json={"input": inputs}, timeout=timeout)
         if response.status_code != 200:
             raise ServerError(f"HTTP {response.status_code}: {response.text}")
         return response.json()

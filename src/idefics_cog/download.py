@@ -40,7 +40,7 @@ import requests
 from filelock import FileLock, Timeout
 from urllib3.exceptions import ReadTimeoutError
 
-from idefics_cog.weights import WeightsError
+from idefics_cog.weights import WeightsError, env_flag
 
 log = logging.getLogger("idefics_cog.download")
 
@@ -103,7 +103,7 @@ def fetch_archive(
 
 def offline() -> bool:
     """HF_HUB_OFFLINE, read at call time, with the values huggingface_hub accepts."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return env_flag("HF_HUB_OFFLINE")
 
 
 @dataclass(frozen=True)
@@ -577,15 +577,6 @@ def _mb(size: Optional[int]) -> str:
 # --- script/download-weights -----------------------------------------------------------------------------------
 
 
-def _adapter_sources(settings) -> list[str]:
-    """The configured adapter sources: "" and "none" mean no adapter."""
-    value = getattr(settings, "adapter_weights", None)
-    if value is None:
-        value = os.environ.get("IDEFICS_ADAPTER_WEIGHTS", "")
-    values = [value] if isinstance(value, str) else list(value)
-    return [source for source in values if source and source.strip().lower() != "none"]
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     from idefics_cog.settings import Settings
     from idefics_cog.weights import resolve
@@ -601,7 +592,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as exc:
         print(f"download-weights: {exc}", file=sys.stderr)
         return 2
-    sources = [("base", settings.base_weights)] + [("adapter", source) for source in _adapter_sources(settings)]
+    sources = [("base", settings.base_weights)] + ([("adapter", settings.adapter_weights)]
+                                                   if settings.adapter_weights else [])  # "" when `none`
     for role, source in sources:
         try:
             path = resolve(source, settings.cache_dir)

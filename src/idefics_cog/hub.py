@@ -49,7 +49,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from idefics_cog.weights import WeightsError
+from idefics_cog.weights import PICKLE_SUFFIXES, WeightsError, env_flag
 
 try:  # the tree listing snapshot_download caches per commit (`trees/<commit>.json`), with each file's lfs sha256
     from huggingface_hub._tree_cache import read_tree_cache
@@ -59,7 +59,6 @@ except ImportError:  # a later huggingface_hub: fall back on blob names, which a
 log = logging.getLogger(__name__)
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # redundant with ALLOW_PATTERNS, on purpose
 DEFAULT_TIMEOUT = 10.0
 STALE_PARTIAL_S = 600
@@ -109,7 +108,7 @@ class _Hub:
             timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_TIMEOUT)
         self.timeout = timeout
         # huggingface_hub read HF_HUB_OFFLINE at import; it still blocks every request when it was set then.
-        self.offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or constants.is_offline_mode()
+        self.offline = env_flag("HF_HUB_OFFLINE") or env_flag("TRANSFORMERS_OFFLINE") or constants.is_offline_mode()
         self.online = not self.offline
 
     def download(self, revision: str | None, local_files_only: bool = False) -> Path:
@@ -369,10 +368,6 @@ def _remove_stale_partials(storage: Path) -> None:
                 log.info("removed %s, a partial download left by an interrupted run (%d bytes)", partial, size)
         except OSError:
             continue
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _human(size: int) -> str:

@@ -10,14 +10,22 @@ Everything downloaded lives under the cache directory (`weights/` by default), w
 second setup finds it there and downloads nothing.
 """
 
+import os
 import re
 from pathlib import Path
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+# Pickled weights can run code when loaded: never fetched from the hub, never loaded as an adapter.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class WeightsError(RuntimeError):
     """A weight source that cannot be used; the message names the source."""
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable (HF_HUB_OFFLINE and the like), read at call time, as huggingface_hub reads it."""
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def is_url(source: str) -> bool:
