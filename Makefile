@@ -32,6 +32,7 @@ bench: install tiny
 	$(PY) bench/predict_overhead.py
 	$(PY) bench/weights.py
 	$(PY) bench/training.py
+	$(PY) bench/speed.py
 
 # 300 mixed predictions through the real server: memory, temp files, cache (see BENCHMARKS.md).
 soak: install tiny

@@ -1,9 +1,17 @@
 """Cog predictor for IDEFICS: interleaved images and text in, streamed text out.
 
 Every `Input(...)` argument is a literal: `cog build` reads this file statically to make the API schema.
+`predict` is async so that Cog runs up to `concurrency.max` predictions at once (cog.yaml, COG_MAX_CONCURRENCY);
+the service batches the requests that arrive together into one decode. It returns a plain generator rather than
+being an async generator: coglet 0.23.1 streams the chunks of a returned generator as they come, but collects an
+async generator's until it ends (README, "Concurrency").
 """
 
+import asyncio
+import contextvars
 import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as _Path
 from typing import Optional
 
@@ -15,6 +23,29 @@ from cog import BasePredictor, ConcatenateIterator, Input, Path  # noqa: E402
 from idefics_cog.service import Service  # noqa: E402
 
 
+def _live(pieces: AsyncIterator[str], first: Optional[str]) -> Iterator[str]:
+    """`first`, then the rest of `pieces`, as a plain generator for coglet, which iterates it on a thread of its own.
+    Each piece is read on the event loop that runs `pieces`, in the prediction's context (its logs stay its own).
+    Closing the generator early, or dropping it, closes `pieces`, which cancels the request's generation."""
+    loop, context, loop_thread = asyncio.get_running_loop(), contextvars.copy_context(), threading.get_ident()
+
+    def on_loop(coroutine):
+        return context.run(asyncio.run_coroutine_threadsafe, coroutine, loop)
+
+    def stream() -> Iterator[str]:
+        try:
+            piece = first
+            while piece is not None:
+                yield piece
+                piece = on_loop(anext(pieces, None)).result()
+        finally:
+            closed = on_loop(pieces.aclose())
+            if threading.get_ident() != loop_thread:  # waiting on the loop's own thread (a GC there) would block it
+                closed.result()
+
+    return stream()
+
+
 class Predictor(BasePredictor):
     def setup(self) -> None:
         """Resolve (downloading into weights/ if needed) and load the base model and the default adapter once
@@ -22,7 +53,8 @@ class Predictor(BasePredictor):
         self.service = Service.from_env()
 
     @cog.streaming
-    def predict(
+    @cog.concurrent(max=16)  # newer Cog reads it; cog 0.23.1 takes concurrency.max from cog.yaml (keep them equal)
+    async def predict(
         self,
         prompt: str = Input(
             description="Your message. Put <image> where each image goes (image first, then images); "
@@ -81,10 +113,12 @@ class Predictor(BasePredictor):
             default=1.0,
         ),
     ) -> ConcatenateIterator[str]:
-        """Answer the prompt about the images, streaming the text as it is generated."""
-        yield from self.service.answer(
+        """Answer the prompt about the images, streaming the text as it is generated (batched with the requests
+        running at the same time). Bad inputs fail the prediction before its first chunk."""
+        pieces = self.service.astream(
             prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences, adapter=adapter,
             lora_weights=lora_weights, lora_scale=lora_scale,
         )
+        return _live(pieces, await anext(pieces, None))

@@ -5,7 +5,9 @@ as it is (served from any https URL). Every `Input(...)` argument is a literal: 
 statically to make the API schema.
 """
 
+import asyncio
 import sys
+import threading
 from pathlib import Path as _Path
 
 sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
@@ -14,11 +16,14 @@ import cog  # noqa: E402
 from cog import Input, Path  # noqa: E402
 
 
+_ONE_TRAINING_AT_A_TIME = threading.Lock()  # two at once would need twice the GPU memory
+
+
 class TrainingOutput(cog.BaseModel):
     weights: Path
 
 
-def train(
+async def train(
     dataset: Path = Input(
         description="A .zip or .tar holding data.jsonl and its images. Each line: {\"images\": [\"img/1.png\"], "
         "\"question\": \"...\", \"answer\": \"...\"} or {\"images\": [...], \"conversation\": [{\"user\": \"...\", "
@@ -57,7 +62,11 @@ def train(
         "examples remain to train on).", ge=0.0, le=0.5, default=0.05,
     ),
 ) -> TrainingOutput:
-    """Train a new LoRA adapter on the base model (IDEFICS_BASE_WEIGHTS) and return it as a .tar."""
+    """Train a new LoRA adapter on the base model (IDEFICS_BASE_WEIGHTS) and return it as a .tar.
+
+    `async` because the image's COG_MAX_CONCURRENCY (cog.yaml `concurrency.max`, for predictions) applies to
+    `cog train` too, and coglet 0.23.1 refuses a synchronous handler when it is above 1. The training itself runs
+    on a worker thread, one training at a time."""
     import logging
     import tempfile
 
@@ -72,6 +81,11 @@ def train(
         batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, quantization=quantization,
         seed=seed, validation_fraction=validation_fraction, device=settings.device,
     )
-    result = train_adapter(_Path(dataset), settings.base_weights, settings.cache_dir, config,
-                           _Path(tempfile.mkdtemp(prefix="training-")))
+
+    def run():
+        with _ONE_TRAINING_AT_A_TIME:
+            return train_adapter(_Path(dataset), settings.base_weights, settings.cache_dir, config,
+                                 _Path(tempfile.mkdtemp(prefix="training-")))
+
+    result = await asyncio.to_thread(run)
     return TrainingOutput(weights=Path(result.tar_path))

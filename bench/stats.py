@@ -1,12 +1,22 @@
-"""The one table every benchmark prints: medians, minima, and each median against a baseline from the same run."""
+"""The tables every benchmark prints: medians, the best sample, and each median against a baseline from the same run."""
 
 import statistics
 
 
 def median_table(title: str, ms: dict[str, list[float]], baseline: str) -> str:
-    base = statistics.median(ms[baseline])
-    lines = [f"| {title} | median ms | min ms | median / {baseline} |", "|---|---:|---:|---:|"]
-    for name, samples in ms.items():
-        median = statistics.median(samples)
-        lines.append(f"| {name} | {median:.1f} | {min(samples):.1f} | {median / base:.2f}x |")
+    """Durations in ms (lower is better): median, minimum, median / the baseline's median."""
+    return _table(title, ms, baseline, "ms", "min", min)
+
+
+def rate_table(title: str, rates: dict[str, list[float]], baseline: str, unit: str = "tokens/s") -> str:
+    """Rates (higher is better): median, maximum, median / the baseline's median."""
+    return _table(title, rates, baseline, unit, "max", max)
+
+
+def _table(title: str, samples: dict[str, list[float]], baseline: str, unit: str, best_name: str, best) -> str:
+    base = statistics.median(samples[baseline])
+    lines = [f"| {title} | median {unit} | {best_name} {unit} | median / {baseline} |", "|---|---:|---:|---:|"]
+    for name, values in samples.items():
+        median = statistics.median(values)
+        lines.append(f"| {name} | {median:.1f} | {best(values):.1f} | {median / base:.2f}x |")
     return "\n".join(lines)

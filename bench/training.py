@@ -40,6 +40,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 from bench.stats import median_table  # noqa: E402
 from tests.helpers import dataset_zip, vqa_lines  # noqa: E402
+from idefics_cog.tiny import idefics_9b_config, random_model  # noqa: E402
 from idefics_cog.training import IGNORE, Collator, TrainConfig, add_lora, causal_lm_loss  # noqa: E402
 
 BASE = ROOT / "weights" / "tiny" / "base"
@@ -110,28 +111,6 @@ def tiny_setup():
 # --- a random idefics-9b on CUDA ------------------------------------------------------------------------------------
 
 
-def real_config(smoke: bool):
-    from transformers import IdeficsConfig
-
-    if smoke:  # the same shape of model, scaled down so the code path runs on a CPU
-        text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
-        vision = dict(embed_dim=64, image_size=28, patch_size=14, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2)
-        perceiver = dict(resampler_depth=1, resampler_n_heads=2, resampler_head_dim=32, resampler_n_latents=8)
-    else:  # idefics-9b (models-and-anchors.md)
-        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
-        vision = dict(embed_dim=1280, image_size=224, patch_size=14, intermediate_size=5120, num_hidden_layers=32,
-                      num_attention_heads=16)
-        perceiver = dict(resampler_depth=6, resampler_n_heads=16, resampler_head_dim=96, resampler_n_latents=64)
-    return IdeficsConfig(
-        vocab_size=32000, additional_vocab_size=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
-        cross_layer_interval=4, qk_layer_norms=True, use_resampler=True, alpha_initializer="ones",
-        freeze_text_layers=False, freeze_vision_layers=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **text, vision_config=vision,
-        perceiver_config=dict(use_resampler=True, qk_layer_norms_perceiver=True, **perceiver),
-    )
-
-
 class SyntheticDataset(Dataset):
     """`<s>` + one image (<fake><image><fake>) + random text: `tokens` tokens, the last 32 labelled."""
 
@@ -157,24 +136,14 @@ class SyntheticDataset(Dataset):
 
 
 def real_setup(tokens: int, smoke: bool):
-    from transformers import IdeficsForVisionText2Text
-
     cuda = not smoke
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--real-size needs a CUDA GPU (or add --smoke for a scaled-down run on CPU)")
-    config = real_config(smoke)
+    config = idefics_9b_config(smoke)
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
 
     def model():
-        torch.manual_seed(0)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                base = IdeficsForVisionText2Text(config)
-        finally:
-            torch.set_default_dtype(default)
-        return add_lora(base, TrainConfig(), "none")
+        return add_lora(random_model(config, device, dtype), TrainConfig(), "none")
 
     return model, SyntheticDataset(tokens, config.vision_config.image_size), 0, cuda
 

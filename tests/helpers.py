@@ -78,3 +78,45 @@ def dataset_zip(path: Path, lines: list, files: dict[str, bytes], raw_jsonl: str
                 (line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
             archive.writestr(data_name, text)
     return path
+
+
+def logged_new_tokens(log_text: str, prediction_id: str) -> int | None:
+    """The new tokens one prediction generated, from the Cog server's log (coglet's JSON lines): its own line, or,
+    for a cancelled prediction whose count was logged after coglet let it go, the first line without any
+    prediction id after it started. 0 for "no token generated"; None while there is none."""
+    import re
+
+    started = False
+    for line in log_text.splitlines():
+        if prediction_id in line and "Starting prediction" in line:
+            started = True
+        elif started and ("new tokens" in line or "no token generated" in line) and (
+                prediction_id in line or '"prediction_id"' not in line):
+            found = re.search(r"(\d+) new tokens", line)
+            return int(found.group(1)) if found else 0
+    return None
+
+
+def new_tokens_of(server, prediction_id: str, wait: float = 30) -> int | None:
+    """The new tokens one prediction generated, from the server's log, once its count is there (logged when its
+    generation ends); None if none is within `wait` seconds."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        tokens = logged_new_tokens(server.log_path.read_text(errors="replace"), prediction_id)
+        if tokens is not None or time.monotonic() > deadline:
+            return tokens
+        time.sleep(0.2)
+
+
+def negated_adapter(adapter: Path, folder: Path) -> Path:
+    """A second adapter for the tiny model: `adapter` with its B matrices negated, written to `folder`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: -v if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
+    return folder

@@ -84,6 +84,44 @@ def test_cog_yaml_environment_matches_the_settings_defaults(cog_yaml):
     assert declared["IDEFICS_ADAPTER_WEIGHTS"] == defaults.adapter_weights
     assert declared["IDEFICS_QUANTIZATION"] == defaults.quantization
     assert declared["IDEFICS_CACHE_DIR"] == "/src/weights"  # weights/ of the repository inside the image
+    assert declared["IDEFICS_MAX_BATCH"] == str(defaults.max_batch)
+
+
+def _predict_node() -> ast.AsyncFunctionDef:
+    tree = ast.parse((ROOT / "predict.py").read_text())
+    (predictor,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Predictor"]
+    (predict,) = [node for node in predictor.body if getattr(node, "name", None) == "predict"]
+    assert isinstance(predict, ast.AsyncFunctionDef), "predict must be `async def` for COG_MAX_CONCURRENCY > 1"
+    return predict
+
+
+def test_concurrency_is_one_number_everywhere(cog_yaml):
+    """cog.yaml's concurrency.max (COG_MAX_CONCURRENCY in the image, what cog 0.23.1 reads), predict's
+    @cog.concurrent(max=...) (what newer Cog reads) and the batch size IDEFICS_MAX_BATCH are the same number."""
+    from idefics_cog.settings import Settings
+
+    concurrency = cog_yaml["concurrency"]
+    assert concurrency["max"] > 1 and 1 <= concurrency["default_target"] <= concurrency["max"]
+    declared = dict(item.split("=", 1) for item in cog_yaml["environment"])
+    assert int(declared["IDEFICS_MAX_BATCH"]) == Settings.from_env({}).max_batch == concurrency["max"]
+    decorators = {ast.unparse(d) for d in _predict_node().decorator_list}
+    assert decorators == {"cog.streaming", f"cog.concurrent(max={concurrency['max']})"}
+
+
+def test_predict_is_async_and_returns_a_generator_to_stream():
+    """coglet runs several predictions at once only for an async predict, and streams live what it returns as a
+    plain generator (an async generator's chunks it collects until the end): so an `async def` that returns one."""
+    import inspect
+    import typing
+
+    import cog
+    import predict
+
+    assert inspect.iscoroutinefunction(predict.Predictor.predict)
+    assert not inspect.isasyncgenfunction(predict.Predictor.predict)
+    assert predict.Predictor.predict.__cog_concurrent_max__ == 16
+    assert typing.get_type_hints(predict.Predictor.predict)["return"] == cog.ConcatenateIterator[str]
+    assert not any(isinstance(node, (ast.Yield, ast.YieldFrom)) for node in ast.walk(_predict_node()))
 
 
 def test_one_schema_serves_predict_and_train():

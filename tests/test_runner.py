@@ -38,6 +38,29 @@ def test_parse_inputs_refuses_mistakes(schema, pair, message):
         parse_inputs([pair], schema)
 
 
+def test_the_runner_passes_cog_yaml_concurrency_unless_the_caller_sets_it(monkeypatch):
+    from idefics_cog.cogserver import CogServer, cog_yaml_concurrency, server_env
+
+    monkeypatch.delenv("COG_MAX_CONCURRENCY", raising=False)
+    assert cog_yaml_concurrency() == 16
+    assert server_env(5000)["COG_MAX_CONCURRENCY"] == "16"  # what `cog build` bakes into the image
+    assert server_env(5000, extra={"COG_MAX_CONCURRENCY": "2"})["COG_MAX_CONCURRENCY"] == "2"
+    assert CogServer(env={"COG_MAX_CONCURRENCY": "3"}).concurrency == 3
+    # The image's setting reaches `cog train` too (coglet 0.23.1 takes it there only because train() is async).
+    assert server_env(5000, mode="train")["COG_MAX_CONCURRENCY"] == "16"
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "4")  # as at `docker run -e COG_MAX_CONCURRENCY=4`
+    assert server_env(5000)["COG_MAX_CONCURRENCY"] == "4"
+
+
+def test_cog_yaml_without_concurrency_leaves_coglet_its_default(tmp_path, monkeypatch):
+    from idefics_cog.cogserver import cog_yaml_concurrency, server_env
+
+    monkeypatch.delenv("COG_MAX_CONCURRENCY", raising=False)
+    (tmp_path / "cog.yaml").write_text("build:\n  python_version: '3.11'\npredict: predict.py:Predictor\n")
+    assert cog_yaml_concurrency(tmp_path) is None
+    assert "COG_MAX_CONCURRENCY" not in server_env(5000, root=tmp_path)
+
+
 def script(name, *args, env=None, timeout=300):
     return subprocess.run([str(ROOT / "script" / name), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})

@@ -9,14 +9,13 @@ import tarfile
 
 import pytest
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
 from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.cogserver import CogServer, ServerError
 from idefics_cog.engine import Engine
 from tests.conftest import ADAPTER_LIMIT
 from tests.fileserver import FileServer
-from tests.helpers import data_uri, noise_image, tar_bytes
+from tests.helpers import data_uri, negated_adapter, noise_image, tar_bytes
 from tests.test_engine import run
 
 PROMPT, IMAGE = "What does this X-ray show?", noise_image(1)
@@ -47,11 +46,7 @@ def reference(tiny_dir, adapter=None) -> str:
 @pytest.fixture(scope="module")
 def other_adapter(tiny_dir, tmp_path_factory):
     """A second adapter for the tiny model: the tiny one with its B matrices negated."""
-    folder = tmp_path_factory.mktemp("other") / "adapter"
-    shutil.copytree(tiny_dir / "adapter", folder)
-    weights = folder / "adapter_model.safetensors"
-    save_file({k: -v if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
-    return folder
+    return negated_adapter(tiny_dir / "adapter", tmp_path_factory.mktemp("other") / "adapter")
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +93,12 @@ def test_adapters_switch_per_request_like_each_loaded_alone(server, files, tiny_
         assert answer(server, **inputs) == expected[step], step
     assert files.count("/other.tgz", "GET") >= 1
     downloads = files.count("/other.tgz", "GET")
+    # Adapters load on the engine's thread, so their log lines are in the server's log but not the prediction's.
+    loads = sum(custom in line and "loaded in" in line for line in server.log_path.read_text().splitlines())
+    assert loads == 1
     result = server.predict({**REQUEST, "lora_weights": custom})
     assert files.count("/other.tgz", "GET") == downloads  # no second download
+    assert sum(custom in line and "loaded in" in line for line in server.log_path.read_text().splitlines()) == 1
     assert "loaded" not in result["logs"]  # and no reload
     assert answer(server, lora_weights=custom, lora_scale=0.0) == expected["none"]
 

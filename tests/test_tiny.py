@@ -1,13 +1,16 @@
 import hashlib
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoTokenizer, IdeficsForVisionText2Text
 
 from idefics_cog import tiny
 from idefics_cog.engine import Engine
-from tests.test_engine import CASES, run
+from idefics_cog.settings import ROOT
+from tests.helpers import noise_image
+from tests.test_engine import CASES, recipe, run
 
 
 def digest(folder):
@@ -58,3 +61,28 @@ def test_adapter_is_standard_peft_and_changes_the_output(tiny_dir, engine):
     adapted = Engine(PeftModel.from_pretrained(base, adapter).eval(), engine.processor, engine.device)
     for text, images in CASES.values():
         assert run(adapted, text, images, max_new_tokens=16) != run(engine, text, images, max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def bench_small_dir():
+    """The bench-small preset, built once under weights/ (where bench/speed.py looks for it)."""
+    return tiny.build(ROOT / "weights" / "bench-small", "bench-small")
+
+
+def test_bench_small_has_the_tiny_tokenizer_and_a_224_px_vision_tower(bench_small_dir, tiny_dir):
+    base = bench_small_dir / "base"
+    assert digest(base)["tokenizer.json"] == digest(tiny_dir / "base")["tokenizer.json"]
+    config = json.loads((base / "config.json").read_text())
+    assert config["vision_config"]["image_size"] == 224
+    assert config["num_hidden_layers"] % config["cross_layer_interval"] == 0
+    model = IdeficsForVisionText2Text.from_pretrained(base)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head.additional_fc]
+    assert all(m.in_features % 64 == 0 and m.out_features % 64 == 0 for m in linears)
+
+
+def test_bench_small_generates_the_recipe_tokens(bench_small_dir):
+    engine = Engine.load(bench_small_dir / "base", "cpu")
+    text, images = "What does this X-ray show?", [noise_image(1, (224, 224))]
+    expected, expected_ids = recipe(engine, text, images, max_new_tokens=12)
+    assert run(engine, text, images, max_new_tokens=12) == expected
+    assert engine.last_stats.ids == expected_ids and len(expected_ids) > 0

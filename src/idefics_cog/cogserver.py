@@ -2,7 +2,9 @@
 
 It regenerates `.cog/openapi_schema.json`, runs the real Cog server (`python -m cog.server.http`, coglet) from
 the repository root, waits for READY, and sends predictions with the same `-i name=value` / `-i name=@file`
-syntax as `cog predict`. `script/serve` and `script/predict` are thin wrappers around `main`.
+syntax as `cog predict`. `script/serve` and `script/predict` are thin wrappers around `main`. Like the image
+`cog build` makes, a predict server runs cog.yaml's `concurrency.max` predictions at once (COG_MAX_CONCURRENCY,
+unless the caller's environment sets it).
 """
 
 import argparse
@@ -37,10 +39,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_env(port: int, mode: str = "predict", extra: dict | None = None) -> dict:
+def cog_yaml_concurrency(root: Path = ROOT) -> int | None:
+    """`concurrency.max` of root/cog.yaml (None when it has none): `cog build` bakes it into the image as
+    COG_MAX_CONCURRENCY, the number of predictions the server runs at once."""
+    import yaml
+
+    path = Path(root) / "cog.yaml"
+    config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    value = (config.get("concurrency") or {}).get("max")
+    return int(value) if value is not None else None
+
+
+def server_env(port: int, mode: str = "predict", extra: dict | None = None, root: Path = ROOT) -> dict:
     env = {**os.environ, **(extra or {}), "PORT": str(port)}
     stub_var, stub = STUBS[mode]
     env.setdefault(stub_var, stub)
+    if "COG_MAX_CONCURRENCY" not in env:
+        # As in the image `cog build` makes (for predictions and trainings alike); the caller's COG_MAX_CONCURRENCY
+        # wins, as it does at `docker run`.
+        concurrency = cog_yaml_concurrency(root)
+        if concurrency is not None:
+            env["COG_MAX_CONCURRENCY"] = str(concurrency)
     # The server starts its worker as plain `python` from PATH: it must be this environment's.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -57,7 +76,9 @@ class CogServer:
         self.root, self.mode = Path(root), mode
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = server_env(self.port, mode, env)
+        self.env = server_env(self.port, mode, env, self.root)
+        slots = self.env.get("COG_MAX_CONCURRENCY", "1")
+        self.concurrency = int(slots) if slots.isdigit() else 1  # predictions at once (coglet: 1 if invalid)
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="cog-server-", suffix=".log")[1])
         self.process: subprocess.Popen | None = None
 
@@ -120,29 +141,45 @@ class CogServer:
         """One training (a server started with mode="train"), waiting for the final JSON response."""
         return self._run("/trainings", inputs, timeout)
 
+    def _post(self, route: str, inputs: dict, timeout: float, wait: float = 30, **kwargs) -> requests.Response:
+        """POST a request, waiting up to `wait` seconds for a free slot: coglet answers 409 while every slot is busy
+        (COG_MAX_CONCURRENCY of them), and for a moment after each response until that slot is free again."""
+        self.wait_ready(wait)  # READY: at least one slot is free (BUSY: all of them are taken)
+        deadline = time.monotonic() + wait
+        while True:
+            response = requests.post(f"{self.url}{route}", json={"input": inputs}, timeout=timeout, **kwargs)
+            if response.status_code != 409 or time.monotonic() > deadline:
+                return response
+            response.close()
+            time.sleep(0.1)
+            self.wait_ready(max(deadline - time.monotonic(), 1))  # fails at once on UNHEALTHY or SETUP_FAILED
+
     def _run(self, route: str, inputs: dict, timeout: float) -> dict:
-        self.wait_ready(30)  # coglet answers 409 for a moment after each response, until its slot is free
-        response = requests.post(f"{self.url}{route}", json={"input": inputs}, timeout=timeout)
+        response = self._post(route, inputs, timeout)
         if response.status_code != 200:
             raise ServerError(f"HTTP {response.status_code}: {response.text}")
         return response.json()
 
     def stream(self, inputs: dict, timeout: float = 600) -> Iterator[tuple[str, dict]]:
         """One prediction over server-sent events: yields (event, data) pairs, ending with ("completed", response)."""
-        self.wait_ready(30)
-        with requests.post(f"{self.url}/predictions", json={"input": inputs}, stream=True, timeout=timeout,
-                           headers={"Accept": "text/event-stream"}) as response:
+        with self._post("/predictions", inputs, timeout, stream=True,
+                        headers={"Accept": "text/event-stream"}) as response:
             if response.status_code != 200:
                 raise ServerError(f"HTTP {response.status_code}: {response.text}")
+            yield from read_events(response)
+
+
+def read_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
+    """The server-sent events of a streamed response (`Accept: text/event-stream`), as (event, data) pairs."""
+    event, data = "message", []
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield event, json.loads("\n".join(data))
             event, data = "message", []
-            for line in response.iter_lines(decode_unicode=True):
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif not line and data:
-                    yield event, json.loads("\n".join(data))
-                    event, data = "message", []
 
 
 def parse_inputs(pairs: list[str], schema: dict, component: str = "Input") -> dict:

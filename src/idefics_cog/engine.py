@@ -1,11 +1,17 @@
-"""Generation: encode an interleaved prompt, run `model.generate`, and stream the new text."""
+"""Generation: load the model, encode interleaved prompts, and stream each request's new text.
 
+Requests are `Job`s handed to the scheduler (batching.py), which runs all torch work on one thread and decodes
+concurrent requests together. `stream` (sync) and `astream` (async, for Cog's concurrent predictor) turn a job's
+token ids into text as they arrive.
+"""
+
+import asyncio
 import logging
 import queue
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +22,9 @@ from transformers import (
     AutoProcessor,
     BitsAndBytesConfig,
     IdeficsForVisionText2Text,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
-from transformers.generation.streamers import BaseStreamer
 
+from idefics_cog.batching import END, Scheduler
 from idefics_cog.errors import InputError
 from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.textstream import TextStream
@@ -39,6 +43,7 @@ class Sampling:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_sequences: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # benchmarks: always decode max_new_tokens tokens
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -59,7 +64,8 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAn
 
 
 class Engine:
-    def __init__(self, model, processor, device: torch.device):
+    def __init__(self, model, processor, device: torch.device, engine: str = "auto", max_batch: int = 16,
+                 max_images: int = 8):
         self.model, self.processor, self.device = model, processor, device
         self.tokenizer = processor.tokenizer
         self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
@@ -72,10 +78,13 @@ class Engine:
         ids = self.tokenizer.convert_tokens_to_ids
         # Generation ends at the end of the assistant's turn (or at </s> for base models).
         self.eos_token_ids = [ids(END_OF_UTTERANCE), self.tokenizer.eos_token_id]
-        self.banned = [[ids(IMAGE_TOKEN)], [ids(FAKE_IMAGE_TOKEN)]]
+        self.banned_ids = [ids(IMAGE_TOKEN), ids(FAKE_IMAGE_TOKEN)]  # never generated
+        self.scheduler = Scheduler(self, engine, max_batch, max_images)
+        self.kind = self.scheduler.kind  # "fast" or "transformers": the decode path in use
 
     @classmethod
-    def load(cls, path: Path, device: str = "auto", quantization: str = "none") -> "Engine":
+    def load(cls, path: Path, device: str = "auto", quantization: str = "none", engine: str = "auto",
+             max_batch: int = 16, max_images: int = 8) -> "Engine":
         """Load a checkpoint directory: bf16 on GPU, float32 on CPU, optionally 8-bit or 4-bit (bitsandbytes).
         On GPU, accelerate's `device_map="auto"` spreads a model too large for one GPU (the 80b) over all of them."""
         device = pick_device(device)
@@ -84,7 +93,7 @@ class Engine:
             path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
             device_map="auto" if device.type == "cuda" else {"": "cpu"},
         ).eval()
-        return cls(model, AutoProcessor.from_pretrained(path), model.device)
+        return cls(model, AutoProcessor.from_pretrained(path), model.device, engine, max_batch, max_images)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
         return self.generation_thread.submit(encode, segments, images, self.processor).result()
@@ -101,13 +110,14 @@ class Engine:
             log.info("max_new_tokens lowered from %d to %d to fit the context", max_new_tokens, room)
         return min(max_new_tokens, room)
 
-    def generate_kwargs(self, encoded: Encoded, sampling: Sampling) -> dict:
+    def generate_kwargs(self, encoded: Encoded, sampling: Sampling, max_new_tokens: int) -> dict:
+        """`model.generate`'s arguments for this request (the fast path reproduces exactly what they ask for)."""
         kwargs = dict(
             **encoded.to(self.device, self.dtype),
-            max_new_tokens=self.fit_to_context(encoded.num_tokens, sampling.max_new_tokens),
-            eos_token_id=self.eos_token_ids,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=[-1] if sampling.ignore_eos else self.eos_token_ids,  # -1: no token ends it
             pad_token_id=self.tokenizer.pad_token_id,
-            bad_words_ids=self.banned,
+            bad_words_ids=[[i] for i in self.banned_ids],
             repetition_penalty=sampling.repetition_penalty,
         )
         if sampling.temperature > 0:
@@ -117,40 +127,98 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def stream(self, encoded: Encoded, sampling: Sampling) -> Iterator[str]:
-        """Yield the answer as it is generated. Closing the iterator (or an exception in the consumer, such as
-        Cog's cancelation) stops the generation itself within one token."""
-        kwargs = self.generate_kwargs(encoded, sampling)
-        tokens, stop = _TokenQueue(), threading.Event()
-        kwargs.update(streamer=tokens, stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
-        seed = sampling.seed if sampling.seed is not None else random.randrange(2**32)
-        text = TextStream(self.tokenizer, sampling.stop_sequences)
+    def submit(self, job: "Job", sink: Callable) -> None:
+        """Queue `job`; `sink` then receives lists of new token ids, then `END` (or the exception that ended it)."""
+        job.sink = sink
+        self.last_stats = job.stats
+        self.scheduler.submit(job)
 
-        def run():
-            try:
-                with torch.inference_mode():
-                    torch.manual_seed(seed)
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # handed to the consumer, which re-raises it
-                tokens.fail(exc)
-
-        stats = self.last_stats = Stats(prompt_tokens=encoded.num_tokens, seed=seed)
-        generation = self.generation_thread.submit(run)
+    def stream(self, job: "Job | Encoded", sampling: Sampling | None = None) -> Iterator[str]:
+        """Yield the answer as it is generated (`stream(encoded, sampling)` for a prompt already encoded).
+        Closing the iterator (or an exception in the consumer, such as Cog's cancelation) stops the request's
+        generation within one token; the other requests of its batch go on."""
+        job = job if isinstance(job, Job) else Job(job, sampling)
+        items: queue.Queue = queue.Queue()
+        self.submit(job, items.put)
+        reader = _Reader(self.tokenizer, job)
         try:
-            for ids in tokens:
-                stats.add(ids)
-                piece = text.push(ids)
+            while not reader.done:
+                try:
+                    # A timeout keeps Python code running, so an asynchronous cancelation is delivered promptly.
+                    piece = reader.take(items.get(timeout=0.1))
+                except queue.Empty:
+                    continue
                 if piece:
                     yield piece
-                if text.stopped:
-                    break
-            rest = text.finish()
-            if rest:
-                yield rest
         finally:
-            stop.set()
-            generation.result()  # `run` hands its errors to the consumer, so this only waits
-            stats.finish()
+            job.cancel()
+            job.finished.wait()
+            job.stats.finish()
+
+    async def astream(self, job: "Job") -> AsyncIterator[str]:
+        """`stream` for an asyncio consumer: awaiting never blocks the event loop, so many requests stream at
+        once. Cancelling the consumer's task stops this request's generation."""
+        loop, items = asyncio.get_running_loop(), asyncio.Queue()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+                job.cancel()
+
+        self.submit(job, put)
+        reader = _Reader(self.tokenizer, job)
+        try:
+            while not reader.done:
+                piece = reader.take(await items.get())
+                if piece:
+                    yield piece
+        finally:
+            job.cancel()
+            job.stats.finish()
+
+
+@dataclass(eq=False)
+class Job:
+    """One request for the scheduler."""
+
+    prepare: Encoded | Callable[[], Encoded]  # the encoded prompt, or how to make it (run on the torch thread)
+    sampling: Sampling
+    adapter: Hashable = None  # jobs with different adapters never share a batch
+    select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
+    stats: "Stats" = None
+    sink: Callable | None = None  # set by Engine.submit
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)  # the scheduler is done with it
+
+    def __post_init__(self):
+        seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(2**32)
+        self.stats = self.stats or Stats(prompt_tokens=0, seed=seed)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Reader:
+    """A job's sink items to text: token ids become whole words, stop sequences end the answer."""
+
+    def __init__(self, tokenizer, job: Job):
+        self.job, self.text, self.done = job, TextStream(tokenizer, job.sampling.stop_sequences), False
+
+    def take(self, item) -> str:
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        if item is END:
+            self.done = True
+            return self.text.finish()
+        self.job.stats.add(item)
+        piece = self.text.push(item)
+        if self.text.stopped:
+            self.done = True
+            self.job.cancel()
+            piece += self.text.finish()
+        return piece
 
 
 @dataclass
@@ -177,46 +245,3 @@ class Stats:
         rate = decoded / (self.ended - self.first_token_at) if decoded > 0 else float("nan")
         log.info("prompt %d tokens, time to first token %.0f ms, %d new tokens at %.1f tokens/s (seed %d)",
                  self.prompt_tokens, 1000 * (self.first_token_at - self.started), len(self.ids), rate, self.seed)
-
-
-class _TokenQueue(BaseStreamer):
-    """Receives token ids from `generate` in its thread; iterating yields them in the consumer's thread."""
-
-    _END = object()
-
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate hands over the prompt first
-            self.prompt_seen = True
-            return
-        self.queue.put(value.flatten().tolist())
-
-    def end(self) -> None:
-        self.queue.put(self._END)
-
-    def fail(self, exc: BaseException) -> None:
-        self.queue.put(exc)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        while True:
-            try:
-                # A timeout keeps Python code running, so an asynchronous cancelation is delivered promptly.
-                item = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
-class _StopWhenSet(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

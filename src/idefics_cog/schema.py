@@ -8,6 +8,7 @@ streaming comes from the `@cog.streaming` decorator, read from the source as `co
 import ast
 import json
 import sys
+import threading
 from pathlib import Path
 
 from cog import _adt as adt
@@ -43,11 +44,12 @@ def _required(field: adt.InputField) -> bool:
 
 
 def is_streaming(source: Path, class_name: str, method: str) -> bool:
-    """True when `class_name.method` in `source` is decorated with `@cog.streaming` (or `@streaming`)."""
+    """True when `class_name.method` in `source` (a `def` or an `async def`) is decorated with `@cog.streaming`
+    (or `@streaming`)."""
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.ClassDef) and node.name == class_name:
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == method:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == method:
                     return any(ast.unparse(d) in ("cog.streaming", "streaming") for d in item.decorator_list)
     return False
 
@@ -119,12 +121,17 @@ def build_schema(predictor: str = "predict.py:Predictor", trainer: str | None = 
             "components": {"schemas": schemas}}
 
 
+_WRITING = threading.Lock()  # CPython 3.11's ast is not thread-safe ("AST constructor recursion depth mismatch")
+
+
 def write_schema(predictor: str = "predict.py:Predictor", trainer: str | None = "train.py:train",
                  root: Path = ROOT) -> Path:
-    """Write `root/.cog/openapi_schema.json`, where the Cog server started in `root` reads it."""
+    """Write `root/.cog/openapi_schema.json`, where the Cog server started in `root` reads it (one thread at a
+    time: servers started side by side in one process write it in turn)."""
     path = root / SCHEMA_PATH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(build_schema(predictor, trainer, root), indent=2) + "\n")
+    with _WRITING:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(build_schema(predictor, trainer, root), indent=2) + "\n")
     return path
 
 

@@ -1,14 +1,15 @@
 """What one prediction does, from the request's inputs to streamed text; predict.py only declares the inputs."""
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from idefics_cog import images as image_files
 from idefics_cog.adapters import MEDICAL, Adapters
-from idefics_cog.engine import Engine, Sampling
-from idefics_cog.prompt import build_segments
+from idefics_cog.engine import Engine, Job, Sampling
+from idefics_cog.prompt import build_segments, encode
 from idefics_cog.settings import Settings
 from idefics_cog.textstream import parse_stop_sequences
 from idefics_cog.weights import resolve
@@ -33,30 +34,44 @@ class Service:
         log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,
                  time.perf_counter() - started)
         started = time.perf_counter()
-        engine = Engine.load(path, settings.device, settings.quantization)
-        log.info("model loaded on %s (%s, quantization %s) in %.1f s", engine.device, engine.dtype,
-                 settings.quantization, time.perf_counter() - started)
+        engine = Engine.load(path, settings.device, settings.quantization, settings.engine, settings.max_batch,
+                             settings.max_images)
+        log.info("model loaded on %s (%s, quantization %s, %s engine) in %.1f s", engine.device, engine.dtype,
+                 settings.quantization, engine.kind, time.perf_counter() - started)
         adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
                             settings.max_adapter_bytes)
         if settings.adapter_weights:
             adapters.load_default(settings.adapter_weights)
         return cls(engine, adapters, settings)
 
-    def answer(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
-               template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-               seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
-               lora_scale: float = 1.0) -> Iterator[str]:
-        """Validate everything (the stream checks the context before its first token), then generate."""
+    def answer(self, **inputs) -> Iterator[str]:
+        """Stream the answer to one request (predict's inputs as keyword arguments). Input errors are raised
+        when iteration starts."""
+        yield from self.engine.stream(self.job(**inputs))
+
+    async def astream(self, **inputs) -> AsyncIterator[str]:
+        """`answer` for the concurrent (async) predictor: requests arriving together are decoded as one batch."""
+        job = await asyncio.to_thread(self.job, **inputs)  # image decoding stays off the event loop
+        async for piece in self.engine.astream(job):
+            yield piece
+
+    def job(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
+            template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
+            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+            seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
+            lora_scale: float = 1.0) -> Job:
+        """Check the inputs and read the images now; encoding and the adapter are the scheduler's (torch) work."""
         files = image_files.image_inputs(image, images)
         image_files.check_count(len(files), self.settings.max_images)
         segments = build_segments(prompt, len(files), template, system_prompt)
         pictures = [image_files.load_image(name, path) for name, path in files]
-        # On the generation thread, like all torch work (see Engine.generation_thread).
-        name = self.engine.generation_thread.submit(self.adapters.select, adapter, lora_weights, lora_scale).result()
-        log.info("adapter: %s (scale %g)", name, lora_scale)
-        encoded = self.engine.encode(segments, pictures)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed,
                             stop_sequences=parse_stop_sequences(stop_sequences))
-        return self.engine.stream(encoded, sampling)
+
+        def select_adapter() -> None:
+            name = self.adapters.select(adapter, lora_weights, lora_scale)
+            log.info("adapter: %s (scale %g)", name, lora_scale)
+
+        return Job(prepare=lambda: encode(segments, pictures, self.engine.processor), sampling=sampling,
+                   adapter=(adapter, lora_weights, lora_scale), select_adapter=select_adapter)

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE_WEIGHTS = "HuggingFaceM4/idefics-9b-instruct"
 DEFAULT_ADAPTER_WEIGHTS = "WinterSchool/Midefics-lora-v3"
 QUANTIZATIONS = ("none", "8bit", "4bit")
+ENGINES = ("auto", "fast", "transformers")
 
 
 @dataclass(frozen=True)
@@ -21,23 +22,24 @@ class Settings:
     adapter_cache_bytes: int  # disk budget for downloaded custom adapters
     max_adapter_bytes: int  # largest custom adapter download
     device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
+    engine: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
+    max_batch: int  # concurrent requests decoded together by the fast engine
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Settings":
         adapter = env.get("IDEFICS_ADAPTER_WEIGHTS", DEFAULT_ADAPTER_WEIGHTS)
-        quantization = env.get("IDEFICS_QUANTIZATION", "none")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"IDEFICS_QUANTIZATION must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
         return cls(
             base_weights=env.get("IDEFICS_BASE_WEIGHTS", DEFAULT_BASE_WEIGHTS),
             adapter_weights="" if adapter.lower() in ("", "none") else adapter,
-            quantization=quantization,
+            quantization=_choice(env, "IDEFICS_QUANTIZATION", QUANTIZATIONS),
             cache_dir=Path(env.get("IDEFICS_CACHE_DIR", ROOT / "weights")),
             max_images=_positive_int(env, "IDEFICS_MAX_IMAGES", 8),
             max_loaded_adapters=_positive_int(env, "IDEFICS_MAX_LOADED_ADAPTERS", 4),
             adapter_cache_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
             max_adapter_bytes=_positive_int(env, "IDEFICS_MAX_ADAPTER_BYTES", 1 << 30),
             device=env.get("IDEFICS_DEVICE", "auto"),
+            engine=_choice(env, "IDEFICS_ENGINE", ENGINES),
+            max_batch=_positive_int(env, "IDEFICS_MAX_BATCH", 16),
         )
 
 
@@ -46,3 +48,10 @@ def _positive_int(env, name: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{name} must be a positive integer, got {raw!r}")
     return int(raw)
+
+
+def _choice(env, name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -2,7 +2,9 @@
 
 `python -m idefics_cog.tiny --out DIR` writes `DIR/base` (a checkpoint laid out exactly like a hub snapshot:
 config, safetensors, tokenizer, processor) and `DIR/adapter` (standard PEFT layout). Everything that runs on
-real weights runs on this, on CPU, through the same code paths.
+real weights runs on this, on CPU, through the same code paths. `--preset bench-small` writes a larger random
+IDEFICS of the same layout for speed benchmarks on CPU; `idefics_9b_config` + `random_model` make a random
+idefics-9b in memory for benchmarks on a GPU.
 """
 
 import argparse
@@ -45,10 +47,19 @@ class Preset:
     perceiver_head_dim: int = 32
 
 
-PRESETS = {"tiny": Preset()}
+PRESETS = {
+    "tiny": Preset(),
+    # For speed benchmarks on CPU: one plain `model.generate` decode step costs a few ms on 2 cores, with real
+    # matrix work in it (not only Python overhead), and a 224 px image as in the real model.
+    "bench-small": Preset(
+        hidden=384, intermediate=1024, layers=4, heads=6, cross_layer_interval=4,
+        image_size=224, patch_size=14, vision_hidden=128, vision_intermediate=256, vision_layers=2, vision_heads=2,
+        latents=64, perceiver_depth=1, perceiver_heads=2, perceiver_head_dim=64,
+    ),
+}
 
 # Words for the tokenizer's training corpus: enough variety for a few hundred BPE merges.
-_WORDS = """
+WORDS = """
 the a an this that image picture photo scan radiograph x-ray chest lung lungs heart bone bones fracture left right
 upper lower lobe opacity normal abnormal finding findings shows show showing there is are no yes not seen visible
 patient with without mild moderate severe small large mass nodule lesion skin mole dermoscopy melanoma benign
@@ -61,7 +72,7 @@ be been being was were has have had red green blue white black grey gray dark br
 
 def _corpus(lines: int = 4000) -> list[str]:
     rng = random.Random(SEED)
-    sentences = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))) + rng.choice(".?!,")
+    sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + rng.choice(".?!,")
                  for _ in range(lines)]
     # Conversations in the IDEFICS-instruct shape, so its markers are whole tokens.
     return sentences + [f"User: {a.capitalize()}\nAssistant: {b.capitalize()}" for a, b in zip(sentences, sentences[1:])]
@@ -123,13 +134,20 @@ def build_config(p: Preset):
     )
 
 
+def build_processor(image_size: int, vocab: int = Preset.vocab):
+    """The tiny tokenizer with an IDEFICS image processor for `image_size` px images."""
+    from transformers import IdeficsImageProcessorPil, IdeficsProcessor
+
+    return IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=image_size),
+                            tokenizer=build_tokenizer(vocab))
+
+
 def build_base(out: Path, p: Preset) -> None:
     import torch
-    from transformers import IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
+    from transformers import IdeficsForVisionText2Text
 
-    tokenizer = build_tokenizer(p.vocab)
-    image_processor = IdeficsImageProcessorPil(image_size=p.image_size)
-    IdeficsProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    processor = build_processor(p.image_size, p.vocab)
+    processor.save_pretrained(out)
 
     torch.manual_seed(SEED)
     model = IdeficsForVisionText2Text(build_config(p))
@@ -137,8 +155,49 @@ def build_base(out: Path, p: Preset) -> None:
         for name, param in model.named_parameters():
             if "norm" not in name and "alpha" not in name:
                 param.normal_(0.0, 0.2)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
+
+
+def idefics_9b_config(smoke: bool = False):
+    """The idefics-9b architecture (models-and-anchors.md), for random-weight benchmarks on a GPU. `smoke`: the
+    same shape of model scaled down, so that the code path runs on a CPU. With the tiny tokenizer (ids < 451) the
+    vocabulary stays the real 32000 + 2: embedding and output layer have their real size."""
+    from transformers import IdeficsConfig
+
+    if smoke:
+        text = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+        vision = dict(embed_dim=64, image_size=28, patch_size=14, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2)
+        perceiver = dict(resampler_depth=1, resampler_n_heads=2, resampler_head_dim=32, resampler_n_latents=8)
+    else:
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+        vision = dict(embed_dim=1280, image_size=224, patch_size=14, intermediate_size=5120, num_hidden_layers=32,
+                      num_attention_heads=16)
+        perceiver = dict(resampler_depth=6, resampler_n_heads=16, resampler_head_dim=96, resampler_n_latents=64)
+    return IdeficsConfig(
+        vocab_size=32000, additional_vocab_size=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        cross_layer_interval=4, qk_layer_norms=True, use_resampler=True, alpha_initializer="ones",
+        freeze_text_layers=False, freeze_vision_layers=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **text, vision_config=vision,
+        perceiver_config=dict(use_resampler=True, qk_layer_norms_perceiver=True, **perceiver),
+    )
+
+
+def random_model(config, device: str, dtype, seed: int = 0):
+    """An IdeficsForVisionText2Text with random weights, made directly on `device` in `dtype` (an idefics-9b is
+    never materialized in float32 on the CPU)."""
+    import torch
+    from transformers import IdeficsForVisionText2Text
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return IdeficsForVisionText2Text(config).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def build_adapter(base: Path, out: Path) -> None:
