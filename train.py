@@ -66,7 +66,7 @@ async def train(
 
     `async` because the image's COG_MAX_CONCURRENCY (cog.yaml `concurrency.max`, for predictions) applies to
     `cog train` too, and coglet 0.23.1 refuses a synchronous handler when it is above 1. The training itself runs
-    on a worker thread, one training at a time."""
+    on a worker thread, one training at a time; cancelling stops it after the current step."""
     import logging
     import tempfile
 
@@ -82,10 +82,16 @@ async def train(
         seed=seed, validation_fraction=validation_fraction, device=settings.device,
     )
 
+    stop = threading.Event()
+
     def run():
         with _ONE_TRAINING_AT_A_TIME:
             return train_adapter(_Path(dataset), settings.base_weights, settings.cache_dir, config,
-                                 _Path(tempfile.mkdtemp(prefix="training-")))
+                                 _Path(tempfile.mkdtemp(prefix="training-")), stop)
 
-    result = await asyncio.to_thread(run)
+    try:
+        result = await asyncio.to_thread(run)
+    except asyncio.CancelledError:  # a cancelled training stops after its current step
+        stop.set()
+        raise
     return TrainingOutput(weights=Path(result.tar_path))

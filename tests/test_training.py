@@ -20,7 +20,8 @@ from idefics_cog.errors import InputError
 from idefics_cog.prompt import END_OF_UTTERANCE, encode
 from idefics_cog.settings import ROOT
 from idefics_cog.training import (
-    ADAPTER_FILES, IGNORE, Collator, ExampleDataset, TrainConfig, causal_lm_loss, prepare, split, train_adapter,
+    ADAPTER_FILES, IGNORE, Collator, ExampleDataset, TrainConfig, TrainingCancelled, causal_lm_loss, prepare, split,
+    train_adapter,
 )
 from tests.conftest import tiny_env
 from tests.fileserver import FileServer
@@ -154,6 +155,17 @@ def test_the_training_logs_step_loss_learning_rate_speed_and_validation(dataset_
     assert re.search(r"step 1/2 .*loss \d+\.\d+ +learning rate [\d.e-]+ +[\d.]+ samples/s", caplog.text)
     assert re.search(r"step 2/2 +validation loss \d+\.\d+", caplog.text)  # max_steps ended mid-epoch: still one
     assert "training on 8 examples" in caplog.text
+
+
+def test_a_cancelled_training_stops_after_its_current_step_and_writes_nothing(dataset_zip, tiny_dir, tmp_path):
+    import threading
+
+    stop = threading.Event()
+    stop.set()  # cancelled before its first step ends
+    config = TrainConfig(max_steps=200, batch_size=1, validation_fraction=0.0, device="cpu")
+    with pytest.raises(TrainingCancelled, match=r"after step 1$"):
+        train_adapter(dataset_zip, str(tiny_dir / "base"), ROOT / "weights", config, tmp_path, stop)
+    assert not (tmp_path / "lora.tar").exists()
 
 
 # --- (c) the adapter ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 import random
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,10 @@ class TrainConfig:
         if not modules:
             raise InputError("target_modules: give at least one module name, e.g. q_proj,k_proj,v_proj")
         return modules
+
+
+class TrainingCancelled(Exception):
+    """The training was cancelled (`train_adapter`'s `stop`): nothing was written."""
 
 
 @dataclass
@@ -255,8 +260,8 @@ def _trainer_callback():
         """One line per logging step (step, loss, learning rate, samples/s over those steps) and per
         evaluation (validation loss); they go to the training's logs. Keeps the Trainer's log entries."""
 
-        def __init__(self, samples_per_step: int):
-            self.samples_per_step = samples_per_step
+        def __init__(self, samples_per_step: int, stop=None):
+            self.samples_per_step, self.stop = samples_per_step, stop
             self.history: list[dict] = []
             self.step_time, self.steps = 0.0, 0
             self.started: float | None = None
@@ -269,6 +274,8 @@ def _trainer_callback():
                 self.step_time += time.perf_counter() - self.started
                 self.steps += 1
                 self.started = None
+            if self.stop is not None and self.stop.is_set():  # the training was cancelled
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
@@ -294,9 +301,10 @@ def _trainer_callback():
 
 
 def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: TrainConfig,
-                  out_dir: Path | None = None) -> TrainResult:
+                  out_dir: Path | None = None, stop: threading.Event | None = None) -> TrainResult:
     """Train a new LoRA on the base model `base_source` (any weight source, resolved into `cache_dir`) on the
-    dataset `archive`; write the adapter and its .tar under `out_dir`."""
+    dataset `archive`; write the adapter and its .tar under `out_dir`. Setting `stop` ends the training after the
+    current step with `TrainingCancelled`, writing nothing."""
     from transformers import AutoConfig, AutoProcessor, PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
 
     from idefics_cog.engine import pick_device
@@ -330,7 +338,7 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
 
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     samples_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    callback = _trainer_callback()(samples_per_step)
+    callback = _trainer_callback()(samples_per_step, stop)
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),
         num_train_epochs=config.num_train_epochs,
@@ -369,6 +377,8 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     log.info("training: %d optimizer steps, %d samples per step, learning rate %g", steps, samples_per_step,
              config.learning_rate)
     trainer.train()
+    if stop is not None and stop.is_set():
+        raise TrainingCancelled(f"training cancelled after step {trainer.state.global_step}")
     if eval_items and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e
                               for e in callback.history):
         trainer.evaluate()  # max_steps ended mid-epoch: the validation loss of the final adapter
