@@ -68,6 +68,31 @@ def test_prefill_logits_equal_the_model_forward(engine, case):
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_decode_logits_equal_the_model_forward_over_the_whole_sequence(engine, case):
+    """After a prefill and some decode steps (cache, image keys/values kept from the prefill), the next-token
+    logits equal those of one plain forward over the prompt and the tokens decoded so far."""
+    text, images = CASES[case]
+    enc = encoded(engine, text, images)
+    decoder = FastDecoder(engine.model, max_batch=2, max_images=4)
+    tokens = []
+    with torch.inference_mode():
+        logits = decoder.prefill(engine.model, 0, enc)
+        for step in range(6):
+            tokens.append(int(logits.argmax()))
+            logits = decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step])
+        inputs = enc.to(engine.device, engine.dtype)
+        added = torch.tensor([tokens])
+        mask = inputs["image_attention_mask"]  # a new token sees the images of the prompt's last token
+        expected = engine.model(
+            input_ids=torch.cat([inputs["input_ids"], added], 1),
+            attention_mask=torch.ones(1, enc.num_tokens + len(tokens), dtype=torch.long),
+            pixel_values=inputs["pixel_values"],
+            image_attention_mask=torch.cat([mask, mask[:, -1:].expand(-1, len(tokens), -1)], 1),
+        ).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("adapter", ["none", "medical"])
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_tokens_equal_generate(with_adapter, case, adapter):

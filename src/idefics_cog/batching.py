@@ -106,15 +106,15 @@ class Scheduler:
         engine = self.engine
         try:
             if job.select_adapter and not self.rows:
-                job.select_adapter()
-            encoded = job.prepare() if callable(job.prepare) else job.prepare
+                job.context.run(job.select_adapter)
+            encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
             job.stats.prompt_tokens = encoded.num_tokens
             max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
         except BaseException as exc:  # an input error (bad adapter, prompt too long) ends this job only
             return _end(job, exc)
         if self.decoder is None or not self.decoder.fits(encoded):
             if self.decoder is not None:
-                self._log_fallback(f"{encoded.pixel_values.shape[1]} images do not fit a fast-path slot")
+                job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
             return self._generate(job, encoded, max_new_tokens)
         row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
         self.rows.append(row)

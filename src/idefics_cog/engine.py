@@ -6,6 +6,7 @@ token ids into text as they arrive.
 """
 
 import asyncio
+import contextvars
 import logging
 import queue
 import random
@@ -188,6 +189,9 @@ class Job:
     select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
     stats: "Stats" = None
     sink: Callable | None = None  # set by Engine.submit
+    # The submitter's context: the scheduler runs the job's own work in it, so that its log lines stay the
+    # prediction's (coglet attributes logs through it).
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)  # the scheduler is done with it
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from idefics_cog import images as image_files
-from idefics_cog.adapters import MEDICAL, Adapters
+from idefics_cog.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.engine import Engine, Job, Sampling
 from idefics_cog.prompt import build_segments, encode
 from idefics_cog.settings import Settings
@@ -73,5 +73,7 @@ class Service:
             name = self.adapters.select(adapter, lora_weights, lora_scale)
             log.info("adapter: %s (scale %g)", name, lora_scale)
 
+        # Requests with the same key may share a batch: lora_weights wins over adapter; `none` ignores the scale.
+        key = (lora_weights, lora_scale) if lora_weights else (NONE,) if adapter == NONE else (adapter, lora_scale)
         return Job(prepare=lambda: encode(segments, pictures, self.engine.processor), sampling=sampling,
-                   adapter=(adapter, lora_weights, lora_scale), select_adapter=select_adapter)
+                   adapter=key, select_adapter=select_adapter)
