@@ -47,11 +47,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from bench.predict_overhead import machine  # noqa: E402
 from bench.stats import median_table, rate_table  # noqa: E402
 from idefics_cog import tiny  # noqa: E402
+from idefics_cog.batching import NewTokens  # noqa: E402
 from idefics_cog.engine import Engine, Job, Sampling  # noqa: E402
 from idefics_cog.prompt import build_segments  # noqa: E402
 from idefics_cog.recipe import model_card_generate  # noqa: E402
@@ -139,33 +139,18 @@ def decode_rate(tokens: int, first: float, last: float) -> float:
     return (tokens - 1) / (last - first) if tokens > 1 else float("nan")
 
 
-class Clock(BaseStreamer):
-    """When `generate` hands over each new token (it hands over the prompt first)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value) -> None:
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-
 def recipe_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bool = True) -> Run:
     """model_card_generate, on the (transformers) engine's torch thread: torch on two threads of one process makes
     two OpenMP teams that spin against each other on a small CPU (see BENCHMARKS.md, issue 2)."""
-    clock = Clock()
+    times: list[float] = []  # when `generate` hands over each new token
+    clock = NewTokens(lambda ids: times.append(time.perf_counter()))
     forced = dict(min_new_tokens=new_tokens) if ignore_eos else {}  # the recipe's way to go past the end of turn
     with PeakMemory(engine.device) as peak:
         start = time.perf_counter()
         _, ids = engine.generation_thread.submit(
             model_card_generate, engine.model, engine.processor, request.items, new_tokens, streamer=clock,
             **GREEDY, **forced).result()
-    return Run(clock.times[0] - start, decode_rate(len(ids), clock.times[0], clock.times[-1]), peak.bytes, ids)
+    return Run(times[0] - start, decode_rate(len(ids), times[0], times[-1]), peak.bytes, ids)
 
 
 def engine_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bool = True) -> Run:

@@ -120,3 +120,10 @@ def negated_adapter(adapter: Path, folder: Path) -> Path:
     weights = folder / "adapter_model.safetensors"
     save_file({k: -v if "lora_B" in k else v for k, v in load_file(weights).items()}, weights)
     return folder
+
+
+def answer(server, inputs: dict) -> str:
+    """The text of a prediction that must succeed, sent alone."""
+    result = server.predict(inputs)
+    assert result["status"] == "succeeded", result.get("error")
+    return "".join(result["output"] or [])

@@ -5,7 +5,7 @@ import re
 import pytest
 import requests
 
-from tests.helpers import data_uri, noise_image
+from tests.helpers import answer, data_uri, noise_image
 from tests.test_engine import CASES, run
 
 XRAY = data_uri(noise_image(1))
@@ -14,12 +14,6 @@ XRAY = data_uri(noise_image(1))
 def post(server, inputs):
     server.wait_ready(timeout=10)
     return requests.post(f"{server.url}/predictions", json={"input": inputs}, timeout=120)
-
-
-def answer(server, inputs) -> str:
-    result = server.predict(inputs)
-    assert result["status"] == "succeeded", result.get("error")
-    return "".join(result["output"])
 
 
 def assert_still_serving(server, baseline_inputs, baseline_output):

@@ -17,7 +17,7 @@ import requests
 from idefics_cog.cogserver import CogServer, cog_yaml_concurrency, read_events
 from tests.conftest import tiny_env
 from tests.fileserver import FileServer
-from tests.helpers import data_uri, negated_adapter, new_tokens_of, noise_image, tar_bytes
+from tests.helpers import answer, data_uri, negated_adapter, new_tokens_of, noise_image, tar_bytes
 from tests.test_images import png_header
 
 IMAGES = [data_uri(noise_image(seed)) for seed in (11, 12, 13, 14)]
@@ -76,17 +76,10 @@ def succeeded(result: dict) -> str:
     assert result["code"] == 200, result["result"]
     final = result["result"]
     assert final.get("status") == "succeeded", final.get("error")
-    answer = "".join(final["output"] or [])
+    text = "".join(final["output"] or [])
     if result["chunks"]:
-        assert "".join(result["chunks"]) == answer
-    return answer
-
-
-def solo(server, inputs: dict) -> str:
-    """The answer to `inputs` sent alone."""
-    result = server.predict(inputs)
-    assert result["status"] == "succeeded", result.get("error")
-    return "".join(result["output"] or [])
+        assert "".join(result["chunks"]) == text
+    return text
 
 
 def pick_stop(text: str) -> tuple[str, int]:
@@ -107,8 +100,8 @@ def mixed(server):
     """Sixteen greedy requests that differ in every way a batch must handle, each with its answer sent alone."""
     story = {"prompt": "Tell me a story about the lungs.", "max_new_tokens": 40, "adapter": "none"}
     scan = {"prompt": "Describe <image> briefly.", "image": IMAGES[3], "max_new_tokens": 40, "adapter": "none"}
-    early, early_at = pick_stop(solo(server, story))
-    late, late_at = pick_stop(solo(server, scan))
+    early, early_at = pick_stop(answer(server, story))
+    late, late_at = pick_stop(answer(server, scan))
     requests_ = [
         {"prompt": "What does this X-ray show?", "image": IMAGES[0], "max_new_tokens": 24},
         {"prompt": "Compare <image> and <image>.", "image": IMAGES[1], "images": [IMAGES[2]], "max_new_tokens": 32},
@@ -130,9 +123,9 @@ def mixed(server):
     ]
     requests_ = [{"adapter": "none", **inputs} for inputs in requests_]
     started = time.monotonic()
-    answers = [solo(server, inputs) for inputs in requests_]
+    answers = [answer(server, inputs) for inputs in requests_]
     ONE_BY_ONE["mixed"] = time.monotonic() - started  # seconds to answer them one after the other
-    assert answers[7] == solo(server, story)[:early_at] and answers[8] == solo(server, scan)[:late_at]
+    assert answers[7] == answer(server, story)[:early_at] and answers[8] == answer(server, scan)[:late_at]
     assert len(answers[4]) > 0 and len(set(answers)) >= 12  # they really differ
     return list(zip(requests_, answers))
 
@@ -160,7 +153,7 @@ def test_a_sampled_request_in_a_batch_repeats_with_its_seed(server, mixed):
     sampled = {"prompt": "Tell me about lungs.", "max_new_tokens": 24, "adapter": "none", "temperature": 0.9,
                "top_p": 0.9, "top_k": 40, "seed": 7}
     results = together(server, [(sampled, True)] + [(inputs, False) for inputs, _ in mixed[:5]])
-    assert succeeded(results[0]) == solo(server, sampled)
+    assert succeeded(results[0]) == answer(server, sampled)
     for (inputs, expected), result in zip(mixed[:5], results[1:]):
         assert succeeded(result) == expected
 
@@ -187,7 +180,7 @@ def test_bad_requests_among_good_ones_fail_naming_the_input_and_change_nothing(s
     for (_, message), result in zip(BAD, results[len(good):]):
         assert result["code"] == 200 and result["result"]["status"] == "failed", result["result"]
         assert re.search(message, result["result"]["error"]), result["result"]["error"]
-    assert solo(server, mixed[0][0]) == mixed[0][1]
+    assert answer(server, mixed[0][0]) == mixed[0][1]
 
 
 def test_streams_sent_together_each_send_their_chunks_as_they_are_generated(server):
@@ -242,7 +235,7 @@ def test_cancelling_one_stream_leaves_the_others_unchanged(server, mixed):
     for (inputs, expected), result in zip(others, results[1:]):
         assert succeeded(result) == expected, inputs
     assert max(result["ended"] for result in results[1:]) > cancelled["at"]  # the others were still running
-    assert solo(server, mixed[0][0]) == mixed[0][1]  # and the server goes on
+    assert answer(server, mixed[0][0]) == mixed[0][1]  # and the server goes on
 
 
 def test_a_client_that_goes_away_leaves_the_others_unchanged(server, mixed):
@@ -257,7 +250,7 @@ def test_a_client_that_goes_away_leaves_the_others_unchanged(server, mixed):
     assert results[0]["code"] == 200 and len(results[0]["chunks"]) == 1 and "result" not in results[0]
     for (inputs, expected), result in zip(others, results[1:]):
         assert succeeded(result) == expected, inputs
-    assert solo(server, mixed[1][0]) == mixed[1][1]
+    assert answer(server, mixed[1][0]) == mixed[1][1]
     assert new_tokens_of(server, results[0]["id"]) == 480  # the abandoned one ran to its end (README, "Concurrency")
 
 
@@ -281,7 +274,7 @@ def test_requests_for_different_adapters_at_once_each_equal_their_answer_alone(s
              {**xray, "adapter": "medical", "lora_scale": 0.0}]
     results = together(server, [(inputs, i % 2 == 0) for i, inputs in enumerate(calls)])
     answers = [succeeded(result) for result in results]
-    assert answers == [solo(server, inputs) for inputs in calls]
+    assert answers == [answer(server, inputs) for inputs in calls]
     assert len({answers[0], answers[2], answers[4], answers[6]}) == 4  # four different adapters, four answers
     assert answers[7] == answers[2]  # medical at scale 0 is the base model
 
@@ -297,7 +290,7 @@ def test_a_request_over_capacity_gets_409_and_the_others_complete(small_server):
     assert small_server.concurrency == 3  # the caller's COG_MAX_CONCURRENCY wins over cog.yaml's
     calls = [{**LONG, "max_new_tokens": 200}, {"prompt": "Tell me about lungs.", "max_new_tokens": 120},
              {"prompt": "What does this X-ray show?", "image": IMAGES[0], "max_new_tokens": 40}]
-    expected = [solo(small_server, inputs) for inputs in calls]
+    expected = [answer(small_server, inputs) for inputs in calls]
     started = threading.Barrier(len(calls) + 1, timeout=60)
 
     def wait_for_start(event, data, out):
@@ -319,7 +312,7 @@ def test_a_request_over_capacity_gets_409_and_the_others_complete(small_server):
     assert health == "BUSY"
     assert over.status_code == 409 and "capacity" in over.text.lower(), over.text
     assert [succeeded(result) for result in results] == expected
-    assert solo(small_server, calls[2]) == expected[2]  # and the refused request goes through afterwards
+    assert answer(small_server, calls[2]) == expected[2]  # and the refused request goes through afterwards
 
 
 def test_a_cancelled_prediction_holds_its_slot_until_its_generation_ends(small_server):
@@ -327,7 +320,7 @@ def test_a_cancelled_prediction_holds_its_slot_until_its_generation_ends(small_s
     `canceled` when its generation does, and holds its slot until then (with two more running, all three slots are
     taken: BUSY). Afterwards every slot serves again."""
     short, other = {"prompt": "Tell me about lungs.", "max_new_tokens": 8}, {**LONG, "max_new_tokens": 40}
-    expected_short, expected_other = solo(small_server, short), solo(small_server, other)
+    expected_short, expected_other = answer(small_server, short), answer(small_server, other)
     cancelled, started = threading.Event(), threading.Barrier(3, timeout=60)
     cancel: dict = {}
 

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import data_uri, noise_image
+from tests.helpers import answer, data_uri, noise_image
 from tests.test_images import dicom_bytes, png_header, ramp, zip_bytes
 
 BASELINE = {"image": data_uri(noise_image(7)), "prompt": "What is shown?", "max_new_tokens": 6, "adapter": "none"}
-
-
-def answer(server, inputs) -> str:
-    result = server.predict(inputs)
-    assert result["status"] == "succeeded", result.get("error")
-    return "".join(result["output"])
 
 
 def png16_bytes() -> bytes:

@@ -15,6 +15,7 @@ from idefics_cog.cogserver import CogServer, ServerError
 from idefics_cog.engine import Engine
 from tests.conftest import ADAPTER_LIMIT
 from tests.fileserver import FileServer
+from tests import helpers
 from tests.helpers import data_uri, negated_adapter, noise_image, tar_bytes
 from tests.test_engine import run
 
@@ -23,9 +24,7 @@ REQUEST = {"prompt": PROMPT, "image": data_uri(IMAGE), "max_new_tokens": 16}
 
 
 def answer(server, **inputs) -> str:
-    result = server.predict({**REQUEST, **inputs})
-    assert result["status"] == "succeeded", result.get("error")
-    return "".join(result["output"])
+    return helpers.answer(server, {**REQUEST, **inputs})
 
 
 def failure(server, **inputs) -> str:

@@ -158,7 +158,7 @@ class Scheduler:
         """The plain transformers recipe: `model.generate`, streaming through the job's sink."""
         engine = self.engine
         kwargs = engine.generate_kwargs(encoded, job.sampling, max_new_tokens)
-        kwargs.update(streamer=_Streamer(job.sink), stopping_criteria=StoppingCriteriaList([_Cancelled(job)]))
+        kwargs.update(streamer=NewTokens(job.sink), stopping_criteria=StoppingCriteriaList([_Cancelled(job)]))
         try:
             torch.manual_seed(job.stats.seed)  # sampling draws from the global generator in `generate`
             engine.model.generate(**kwargs)
@@ -213,8 +213,8 @@ class _Row:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-class _Streamer(BaseStreamer):
-    """Hands `generate`'s new tokens (not the prompt it passes first) to a job's sink."""
+class NewTokens(BaseStreamer):
+    """Hands `generate`'s new tokens (not the prompt it passes first) to `sink`, a list of ids per step."""
 
     def __init__(self, sink):
         self.sink, self.prompt_seen = sink, False

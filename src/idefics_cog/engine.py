@@ -187,7 +187,7 @@ class Job:
     sampling: Sampling
     adapter: Hashable = None  # jobs with different adapters never share a batch
     select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
-    stats: "Stats" = None
+    stats: "Stats" = field(init=False)
     sink: Callable | None = None  # set by Engine.submit
     # The submitter's context: the scheduler runs the job's own work in it, so that its log lines stay the
     # prediction's (coglet attributes logs through it).
@@ -197,7 +197,7 @@ class Job:
 
     def __post_init__(self):
         seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(2**32)
-        self.stats = self.stats or Stats(prompt_tokens=0, seed=seed)
+        self.stats = Stats(prompt_tokens=0, seed=seed)  # prompt_tokens: set once the scheduler has encoded it
 
     def cancel(self) -> None:
         self.cancelled.set()

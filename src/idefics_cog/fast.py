@@ -95,9 +95,8 @@ class FastDecoder:
         per_token = inputs["image_attention_mask"].bool()  # (1, tokens, images)
         cross = self._image_keys_values(base, inputs["pixel_values"], per_token)
         images = cross[0][0].shape[2] if cross else 0
-        if cross and per_token.any():
-            per_image = images // per_token.shape[2]
-            allowed = per_token.repeat_interleave(per_image, dim=2)[:, None]  # (1, 1, tokens, image tokens)
+        if cross:
+            allowed = per_token.repeat_interleave(self.per_image, dim=2)[:, None]  # (1, 1, tokens, image tokens)
         else:
             allowed = torch.zeros(1, 1, length, max(images, 1), dtype=torch.bool, device=self.device)
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, self.masked)
