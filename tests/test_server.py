@@ -83,3 +83,22 @@ def test_bad_input_fails_clearly_and_the_server_keeps_serving(server, case):
     assert result["status"] == "failed"
     assert re.search(message, result["error"]), result["error"]
     assert_still_serving(server, baseline, before)
+
+
+def test_idefics_engine_selects_the_decode_path_and_both_give_the_same_answer(server, tiny_dir):
+    from idefics_cog.cogserver import CogServer
+    from tests.conftest import ADAPTER_LIMIT, tiny_env
+
+    inputs = {"image": XRAY, "prompt": "What does this X-ray show?", "max_new_tokens": 24}
+    env = {**tiny_env(tiny_dir), "IDEFICS_MAX_ADAPTER_BYTES": str(ADAPTER_LIMIT), "IDEFICS_ENGINE": "transformers"}
+    with CogServer(env=env) as plain:
+        assert "transformers engine" in plain.health()["setup"]["logs"]
+        assert answer(plain, inputs) == answer(server, inputs)
+    assert "fast engine" in server.health()["setup"]["logs"]
+
+
+def test_a_bad_idefics_engine_is_refused_naming_it():
+    from idefics_cog.settings import Settings
+
+    with pytest.raises(ValueError, match="IDEFICS_ENGINE must be one of auto, fast, transformers, got 'turbo'"):
+        Settings.from_env({"IDEFICS_ENGINE": "turbo"})
