@@ -1,9 +1,8 @@
-"""Adapters on the tiny model: validation, switching, scaling, rollback, caches, quantized bases."""
+"""Adapters on the tiny model: validation, switching, scaling, rollback, caches (quantized bases: test_quantized.py)."""
 
 import json
 import os
 import shutil
-import warnings
 
 import pytest
 import torch
@@ -157,17 +156,13 @@ def test_disk_cache_drops_the_least_recently_used_beyond_its_budget(fresh, tmp_p
     assert sorted(p.name for p in adapters.cache_dir.iterdir()) == ["new", "old"]
 
 
-@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_quantized_base_loads_generates_and_takes_the_adapter(tiny_dir, tmp_path, quantization):
-    warnings.filterwarnings("ignore", message=".*cast.*float16.*")  # bitsandbytes on CPU warns at every matmul
-    engine = Engine.load(tiny_dir / "base", "cpu", quantization)
-    assert engine.dtype == torch.float32
-    quantized = [type(m).__name__ for m in engine.model.modules() if "bit" in type(m).__name__]
-    assert quantized, "no bitsandbytes layers"
-    base = answer(engine)
-    adapters = Adapters(engine, tmp_path)
-    adapters.load_default(str(tiny_dir / "adapter"))
+def test_adapter_missing_some_matrices_is_refused_and_rolled_back(with_medical, tiny_dir, tmp_path, alone):
+    engine, adapters = with_medical
+    adapter = copy_adapter(tiny_dir, tmp_path)
+    dropped = sorted(k for k in load_file(adapter / "adapter_model.safetensors") if "lora_B" in k)[0]
+    rewrite_tensors(adapter, lambda t: {k: v for k, v in t.items() if k != dropped})
+    with pytest.raises(AdapterError, match=r"lacks 1 of the \d+ LoRA matrices .* \(first: [\w.]+\.lora_B\)"):
+        adapters._load(adapter, "partial")
+    assert adapters.names == ["medical"]
     adapters.select("medical")
-    medical = answer(engine)
-    adapters.select("none")
-    assert answer(engine) == base and medical != base and base
+    assert answer(engine) == alone["medical"]

@@ -6,6 +6,10 @@
   in memory, least recently used first out past a count. The same source again costs no download, no reload.
 - Only the standard PEFT layout is accepted, and every LoRA matrix is checked against the base model's layers
   before anything touches the model; a load that still fails is rolled back, so the model stays as it was.
+- Loading an adapter never touches the base weights: the LoRA matrices are copied into the layers PEFT made for
+  them, without PEFT's `load_adapter`, which calls `state_dict()` on the whole model. On CPUs with AVX512-BF16,
+  bitsandbytes repacks 4-bit weights at the first forward and `state_dict()` unpacks them lossily, so answers
+  would drift after every adapter loaded later (tests/test_quant_cpu.py records what a machine does).
 """
 
 import hashlib
@@ -17,6 +21,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
@@ -185,7 +190,7 @@ class Adapters:
                 model = self.engine.model = PeftModel(model, config, adapter_name=name)
             else:
                 model.add_adapter(name, config)
-            model.load_adapter(str(path), adapter_name=name)
+            load_lora_matrices(model, path, name)
             model.eval()
         except Exception as exc:
             if wrapped_here:
@@ -204,6 +209,31 @@ class Adapters:
             total -= directory_bytes(oldest)
             shutil.rmtree(oldest, ignore_errors=True)
             log.info("adapter cache: removed %s to stay under %d bytes", oldest.name, self.cache_bytes)
+
+
+def load_lora_matrices(model: PeftModel, path: Path, name: str) -> None:
+    """Copy the adapter file's LoRA matrices into the `name` layers that `add_adapter` made, every one of them
+    filled exactly once (PEFT's `load_adapter` only warns about missing ones) and nothing else read or written."""
+    layers = {module_name: module for module_name, module in model.base_model.model.named_modules()
+              if isinstance(module, LoraLayer) and name in module.lora_A}
+    filled = set()
+    with safe_open(path / WEIGHTS_FILE, "pt") as tensors, torch.no_grad():
+        for key in tensors.keys():
+            match = _LORA_KEY.match(key)  # check_adapter has refused any other key
+            module, part = match["module"], match["part"]
+            if module not in layers:
+                raise AdapterError(f"{key}: {module} is not among the target_modules of {CONFIG_FILE}")
+            weight = getattr(layers[module], f"lora_{part}")[name].weight
+            tensor = tensors.get_tensor(key)
+            if tensor.shape != weight.shape:
+                raise AdapterError(f"{key} has shape {list(tensor.shape)}, but {CONFIG_FILE} makes it "
+                                   f"{list(weight.shape)} (r={model.peft_config[name].r})")
+            weight.copy_(tensor)
+            filled.add((module, part))
+    missing = [f"{module}.lora_{part}" for module in layers for part in "AB" if (module, part) not in filled]
+    if missing:
+        raise AdapterError(f"{WEIGHTS_FILE} lacks {len(missing)} of the {2 * len(layers)} LoRA matrices that "
+                           f"{CONFIG_FILE} asks for (first: {missing[0]})")
 
 
 def directory_bytes(path: Path) -> int:
