@@ -13,7 +13,7 @@ from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.cogserver import CogServer, ServerError
 from idefics_cog.engine import Engine
-from tests.conftest import ADAPTER_LIMIT
+from tests.conftest import ADAPTER_LIMIT, tiny_env
 from tests.fileserver import FileServer
 from tests import helpers
 from tests.helpers import data_uri, negated_adapter, noise_image, tar_bytes
@@ -100,6 +100,17 @@ def test_adapters_switch_per_request_like_each_loaded_alone(server, files, tiny_
     # The adapter is selected on the engine's thread, in the prediction's context: its log lines are its own.
     assert "adapter: custom_" in result["logs"] and "loaded" not in result["logs"]  # and no reload
     assert answer(server, lora_weights=custom, lora_scale=0.0) == expected["none"]
+
+
+def test_a_4bit_server_answers_the_same_after_a_custom_adapter(files, tiny_dir, tmp_path):
+    """In the order a user triggers it: medical loaded at setup, requests, then a custom `lora_weights`, then the
+    first requests again. On CPUs with AVX512-BF16, PEFT's own adapter loading made these answers drift."""
+    env = {**tiny_env(tiny_dir), "IDEFICS_QUANTIZATION": "4bit", "IDEFICS_CACHE_DIR": str(tmp_path / "cache")}
+    with CogServer(env=env) as server:
+        before = {choice: answer(server, adapter=choice) for choice in ("medical", "none")}
+        assert before["medical"] != before["none"]
+        assert answer(server, lora_weights=files.url("/other.tgz")) not in before.values()
+        assert {choice: answer(server, adapter=choice) for choice in ("medical", "none")} == before
 
 
 BAD_ADAPTERS = {
