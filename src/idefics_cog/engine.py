@@ -22,11 +22,14 @@ from PIL import Image
 from transformers import (
     AutoProcessor,
     BitsAndBytesConfig,
+    IdeficsConfig,
     IdeficsForVisionText2Text,
 )
 
 from idefics_cog.batching import END, Scheduler
 from idefics_cog.errors import InputError
+from idefics_cog.fast import cache_bytes
+from idefics_cog.placement import ACTIVATIONS, place
 from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.textstream import TextStream
 
@@ -87,12 +90,17 @@ class Engine:
     def load(cls, path: Path, device: str = "auto", quantization: str = "none", engine: str = "auto",
              max_batch: int = 16, max_images: int = 8) -> "Engine":
         """Load a checkpoint directory: bf16 on GPU, float32 on CPU, optionally 8-bit or 4-bit (bitsandbytes).
-        On GPU, accelerate's `device_map="auto"` spreads a model too large for one GPU (the 80b) over all of them."""
+        On one GPU when it fits there with its caches; spread over several only when not (placement.py)."""
         device = pick_device(device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # What the GPU needs beside the weights: the fast engine's caches for max_batch requests, or one
+        # request's cache for model.generate.
+        slots = max_batch if engine in ("auto", "fast") else 1
+        working = ACTIVATIONS + cache_bytes(IdeficsConfig.from_pretrained(path), slots, max_images, dtype.itemsize)
+        placement = place(path, device, quantization, working)
         model = IdeficsForVisionText2Text.from_pretrained(
             path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
-            device_map="auto" if device.type == "cuda" else {"": "cpu"},
+            device_map=placement.device_map, max_memory=placement.max_memory,
         ).eval()
         return cls(model, AutoProcessor.from_pretrained(path), model.device, engine, max_batch, max_images)
 

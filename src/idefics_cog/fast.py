@@ -44,6 +44,16 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def cache_bytes(config, max_batch: int, max_images: int, dtype_bytes: int) -> int:
+    """The bytes of the caches a FastDecoder preallocates for `config` (placement.py sizes GPUs with it): keys and
+    values of every layer for `max_batch` full contexts, and of every cross-attention block for their images."""
+    per_image = (config.perceiver_config.resampler_n_latents if config.use_resampler else
+                 (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1)
+    cross_layers = config.num_hidden_layers // config.cross_layer_interval
+    slots = config.num_hidden_layers * config.max_position_embeddings + cross_layers * max_images * per_image
+    return 2 * slots * max_batch * config.hidden_size * dtype_bytes
+
+
 class FastDecoder:
     def __init__(self, model, max_batch: int, max_images: int, compile: bool | None = None):
         base = unwrap(model)
