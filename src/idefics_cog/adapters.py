@@ -9,7 +9,7 @@
 - Loading an adapter never touches the base weights: the LoRA matrices are copied into the layers PEFT made for
   them, without PEFT's `load_adapter`, which calls `state_dict()` on the whole model. On CPUs with AVX512-BF16,
   bitsandbytes repacks 4-bit weights at the first forward and `state_dict()` unpacks them lossily, so answers
-  would drift after every adapter loaded later (tests/test_quant_cpu.py records what a machine does).
+  would drift after every adapter loaded later (tests/test_quantized.py records what a machine does).
 """
 
 import hashlib
