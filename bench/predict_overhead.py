@@ -23,8 +23,6 @@ import asyncio
 import base64
 import json
 import os
-import platform
-import subprocess
 import sys
 import threading
 import time
@@ -35,10 +33,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import cog  # noqa: E402
 import requests  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
-from bench.stats import median_table  # noqa: E402
+from bench.stats import machine, median_table  # noqa: E402
 from idefics_cog.cogserver import CogServer  # noqa: E402
 from idefics_cog.images import load_image  # noqa: E402
 from idefics_cog.prompt import build_segments  # noqa: E402
@@ -119,16 +115,6 @@ def measure(paths: dict, repeats: int) -> dict:
             if predict_time is not None:
                 ms["server predict_time"].append(1000 * predict_time)
     return ms
-
-
-def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or "unknown"
-    return dict(cpu=model, cpus=len(os.sched_getaffinity(0)), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
 
 
 def main() -> None:

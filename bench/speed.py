@@ -48,8 +48,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.predict_overhead import machine  # noqa: E402
-from bench.stats import median_table, rate_table  # noqa: E402
+from bench.stats import machine, median_table, rate_table  # noqa: E402
 from idefics_cog import tiny  # noqa: E402
 from idefics_cog.batching import NewTokens  # noqa: E402
 from idefics_cog.engine import Engine, Job, Sampling  # noqa: E402

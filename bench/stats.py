@@ -1,6 +1,12 @@
 """The tables every benchmark prints: medians, the best sample, and each median against a baseline from the same run."""
 
+import os
+import platform
 import statistics
+import subprocess
+
+import torch
+import transformers
 
 
 def median_table(title: str, ms: dict[str, list[float]], baseline: str) -> str:
@@ -20,3 +26,14 @@ def _table(title: str, samples: dict[str, list[float]], baseline: str, unit: str
         median = statistics.median(values)
         lines.append(f"| {name} | {median:.1f} | {best(values):.1f} | {median / base:.2f}x |")
     return "\n".join(lines)
+
+
+def machine() -> dict:
+    """The machine a benchmark ran on, for its report."""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown"
+    return dict(cpu=model, cpus=len(os.sched_getaffinity(0)), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
