@@ -1,0 +1,71 @@
+"""What only a GPU can show, on the tiny model: where the engine puts the model, and whether bitsandbytes changes
+4-bit weights on CUDA (on CPUs with AVX512-BF16 it repacks them at the first forward and `state_dict()` unpacks
+them lossily: tests/test_quantized.py). Run by bench/gpu.sh on a lent CUDA machine; prints Markdown.
+
+    PYTHONPATH=src:. python bench/gpu_facts.py [--device cuda|cpu]   # cpu: the same code path, for a dry run
+"""
+
+import argparse
+import logging
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+import torch  # noqa: E402
+
+from idefics_cog import tiny  # noqa: E402
+from idefics_cog.adapters import Adapters  # noqa: E402
+from idefics_cog.engine import Engine  # noqa: E402
+from tests.helpers import negated_adapter  # noqa: E402
+from tests.test_quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
+
+
+def four_bit_facts(base: Path, adapter: Path, device: str, scratch: Path) -> list[str]:
+    engine = Engine.load(base, device, "4bit")
+    loaded = quantized_bytes(engine.model)
+    text, ids = answer(engine)
+    after_forward = quantized_bytes(engine.model)
+    logits = forced_logits(engine, ids)
+    rows = [f"a forward changed {len(changed(loaded, after_forward))} of {len(loaded)} 4-bit layers"]
+
+    adapters = Adapters(engine, scratch)
+    adapters.load_default(str(negated_adapter(adapter, scratch / "negated")))
+    adapters.select("none")
+    rows.append(f"loading an adapter after forwards (the project's loader) changed "
+                f"{len(changed(after_forward, quantized_bytes(engine.model)))} layers; same answer: "
+                f"{answer(engine) == (text, ids)}; same logits: {torch.equal(forced_logits(engine, ids), logits)}")
+
+    engine.model.state_dict()  # what PEFT's load_adapter does
+    drifted = changed(after_forward, quantized_bytes(engine.model))
+    drift = (forced_logits(engine, ids) - logits).abs().max().item()
+    rows.append(f"`state_dict()` after forwards changed {len(drifted)} layers (largest logit change {drift:.3g})")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore", message=".*cast.*float16.*")
+    built = tiny.build(ROOT / "weights" / "tiny")
+
+    engine = Engine.load(built / "base", args.device)  # logs the placement decision
+    rows = [f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}",
+            f"tiny model (float): dtype {engine.dtype}, device map {getattr(engine.model, 'hf_device_map', None)}, "
+            f"engine {engine.kind}"]
+    del engine
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            rows += four_bit_facts(built / "base", built / "adapter", args.device, Path(scratch))
+        except Exception as exc:  # a fact too: bitsandbytes without kernels for this CUDA, say
+            rows.append(f"4-bit failed: {type(exc).__name__}: {exc}")
+    print("\n".join(f"- {row}" for row in rows))
+
+
+if __name__ == "__main__":
+    main()
