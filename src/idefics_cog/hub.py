@@ -22,7 +22,9 @@ module adds:
   huggingface_hub PR #4228, and removed on any error it sees), but a SIGKILL leaves that file behind. Partial
   files untouched for 10 minutes (no live download goes that long without writing) are removed here.
 
-Only safetensors weights and small config/tokenizer/processor files are fetched; pickled weights never are.
+Only safetensors weights and small config/tokenizer/processor files are fetched; pickled weights never are, except
+an adapter repo's `adapter_model.bin` (`adapter=True`), which adapters.py reads with torch's weights-only loader
+and converts to safetensors. It is sha256-verified like a .safetensors file.
 """
 
 import hashlib
@@ -60,6 +62,9 @@ log = logging.getLogger(__name__)
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # redundant with ALLOW_PATTERNS, on purpose
+ADAPTER_PICKLE = "adapter_model.bin"  # at the repo's root only, for adapters only
+ADAPTER_ALLOW_PATTERNS = ALLOW_PATTERNS + [ADAPTER_PICKLE]
+ADAPTER_IGNORE_PATTERNS = [pattern for pattern in IGNORE_PATTERNS if pattern != "*.bin"]
 DEFAULT_TIMEOUT = 10.0
 STALE_PARTIAL_S = 600
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -68,14 +73,17 @@ SHA1 = re.compile(r"^[0-9a-f]{40}$")
 MARKER_FORMAT = 1
 
 
-def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: float | None = None) -> Path:
+def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: float | None = None,
+              adapter: bool = False) -> Path:
     """Return the snapshot directory of `repo_id` at `revision` (default branch when None), downloading it first.
+    `adapter`: a LoRA adapter repo, whose adapter_model.bin is fetched too (if it has one; PEFT repos that
+    publish both formats then cost both downloads).
 
     Raises WeightsError, naming the repo and revision, when it cannot be had: not found, unreachable hub and not
     cached, offline and not cached, pickled weights only, a file that fails verification twice.
     """
     started = time.monotonic()
-    hub = _Hub(repo_id, revision, Path(cache_dir), timeout)
+    hub = _Hub(repo_id, revision, Path(cache_dir), timeout, adapter)
     before = _blob_states(hub.storage)
     _remove_stale_partials(hub.storage)
     with hub.errors():
@@ -96,8 +104,9 @@ def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: f
 class _Hub:
     """One fetch: the repo, where it is cached, and how to reach the hub (read from the environment now)."""
 
-    def __init__(self, repo_id: str, revision: str | None, cache_dir: Path, timeout: float | None):
-        self.repo_id, self.revision = repo_id, revision
+    def __init__(self, repo_id: str, revision: str | None, cache_dir: Path, timeout: float | None,
+                 adapter: bool = False):
+        self.repo_id, self.revision, self.adapter = repo_id, revision, adapter
         self.label = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
         self.cache_dir = cache_dir / "hub"
         self.storage = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -117,8 +126,8 @@ class _Hub:
                 self.repo_id,
                 revision=revision,
                 cache_dir=self.cache_dir,
-                allow_patterns=ALLOW_PATTERNS,
-                ignore_patterns=IGNORE_PATTERNS,
+                allow_patterns=ADAPTER_ALLOW_PATTERNS if self.adapter else ALLOW_PATTERNS,
+                ignore_patterns=ADAPTER_IGNORE_PATTERNS if self.adapter else IGNORE_PATTERNS,
                 local_files_only=local_files_only or self.offline,
                 endpoint=self.endpoint,
                 etag_timeout=self.timeout,
@@ -205,8 +214,16 @@ def _describe(exc: Exception, hub: _Hub, timeout: float | None = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _weight_files(hub: _Hub, snapshot: Path) -> list[Path]:
+    """The weight files of a snapshot: its .safetensors, and an adapter's adapter_model.bin."""
+    files = list(snapshot.rglob("*.safetensors"))
+    if hub.adapter and (snapshot / ADAPTER_PICKLE).exists():
+        files.append(snapshot / ADAPTER_PICKLE)
+    return files
+
+
 def _require_safetensors(hub: _Hub, snapshot: Path, commit: str) -> None:
-    if any(snapshot.rglob("*.safetensors")):
+    if _weight_files(hub, snapshot):
         return
     listed = sorted(_tree(hub, commit) or {})
     pickled = [path for path in listed if path.endswith(PICKLE_SUFFIXES)]
@@ -229,14 +246,14 @@ def _tree(hub: _Hub, commit: str) -> dict | None:
 
 
 def _verify(hub: _Hub, snapshot: Path, commit: str) -> int:
-    """Hash every .safetensors file not verified before; fetch a mismatching one again once. Returns bytes hashed."""
+    """Hash every weight file (_weight_files) not verified before; fetch a mismatching one again once. Returns bytes hashed."""
     marker_path = hub.marker_path(commit)
     try:
         verified = json.loads(marker_path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         verified = {}
     tree = _tree(hub, commit)
-    files = sorted(path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*.safetensors"))
+    files = sorted(path.relative_to(snapshot).as_posix() for path in _weight_files(hub, snapshot))
     hashed = 0
 
     def check(paths: list[str]) -> list[tuple[str, str, str]]:
