@@ -62,8 +62,9 @@ def test_a_hostile_pickle_is_refused_and_never_runs(fresh, tiny_dir, tmp_path, a
     marker = tmp_path / "marker"
     source = hostile_adapter(tiny_dir / "adapter", tmp_path / "hostile", marker, torch_format)
     adapters = Adapters(fresh, tmp_path / "cache")
-    with pytest.raises(WeightsError, match=r"adapter_model\.bin is refused: torch's weights-only loader cannot read "
-                                           r"it as plain tensors \(UnpicklingError: Unsupported global: GLOBAL \w+\.open "):
+    refused = (r"adapter_model\.bin is refused: torch's weights-only loader cannot read it as plain tensors "
+               r"\(UnpicklingError: Unsupported global: GLOBAL \w+\.open ")
+    with pytest.raises(WeightsError, match=refused):
         adapters.load_default(str(source))
     assert not marker.exists()
     assert not (tmp_path / "cache" / "converted").exists() or not any((tmp_path / "cache" / "converted").iterdir())
@@ -111,3 +112,18 @@ def test_other_pickles_stay_refused(fresh, tiny_dir, tmp_path, name):
     with pytest.raises(WeightsError, match=rf"pickled weights \({name}\) are refused"):
         adapters.load_default(str(source))
     assert not (tmp_path / "cache" / "converted").exists()
+
+
+def test_the_same_bin_with_another_config_is_converted_again(fresh, tiny_dir, tmp_path):
+    import json
+
+    first = bin_adapter(tiny_dir / "adapter", tmp_path / "first")
+    second = bin_adapter(tiny_dir / "adapter", tmp_path / "second")
+    config = json.loads((second / "adapter_config.json").read_text())
+    (second / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+    adapters = Adapters(fresh, tmp_path / "cache", max_loaded=4)
+    scaled = [adapters.select(lora_weights=str(source), allow_local=True) for source in (first, second)]
+    doubled = answer(fresh)
+    adapters.select(lora_weights=str(first), allow_local=True)
+    assert answer(fresh) != doubled and scaled[0] != scaled[1]
+    assert fresh.model.peft_config[scaled[1]].lora_alpha == 2 * fresh.model.peft_config[scaled[0]].lora_alpha

@@ -102,34 +102,44 @@ def lora_key(key: str) -> tuple[str, str]:
 def with_safetensors(path: Path, cache: Path) -> Path:
     """`path` itself, unless it holds an adapter published as adapter_model.bin only: then a directory under
     `cache/converted/` with its config and its tensors as adapter_model.safetensors, made once (atomically) and
-    found again by the .bin's sha256. The source directory is never written to: it may be the operator's own
-    folder, a verified hub snapshot or a complete archive entry."""
+    found again by the sha256 of the config and the .bin. The source directory is never written to: it may be the
+    operator's own folder, a verified hub snapshot or a complete archive entry."""
     if not (path / PICKLED_FILE).is_file() or (path / WEIGHTS_FILE).exists():
         return path  # check_adapter says what is wrong with anything else
     if not (path / CONFIG_FILE).is_file():
         raise AdapterError(f"not a PEFT adapter: {CONFIG_FILE} is missing")
+    digest = hashlib.sha256((path / CONFIG_FILE).read_bytes())
     with open(path / PICKLED_FILE, "rb") as stream:
-        digest = hashlib.file_digest(stream, "sha256").hexdigest()
-    target = cache / "converted" / digest[:32]
+        while chunk := stream.read(8 << 20):
+            digest.update(chunk)
+    target = cache / "converted" / digest.hexdigest()[:32]
     if target.is_dir():
         return target
     started = time.perf_counter()
     tensors = load_pickled_lora(path / PICKLED_FILE)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        shutil.copyfile(path / CONFIG_FILE, staging / CONFIG_FILE)
-        save_file(tensors, staging / WEIGHTS_FILE)
-        try:
-            os.rename(staging, target)  # a complete directory appears at once
-        except OSError:
-            if not target.is_dir():  # else another process converted the same file first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _write_converted(path / CONFIG_FILE, tensors, target)
+    except OSError as exc:
+        raise AdapterError(f"{PICKLED_FILE} could not be converted into {target.parent} ({exc})") from None
     log.info("%s: %d LoRA tensors converted to safetensors in %s in %.1f s", PICKLED_FILE, len(tensors), target,
              time.perf_counter() - started)
     return target
+
+
+def _write_converted(config: Path, tensors: dict[str, torch.Tensor], target: Path) -> None:
+    """Write the config and the tensors aside, then rename the folder into place: it appears complete or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copyfile(config, staging / CONFIG_FILE)
+        save_file(tensors, staging / WEIGHTS_FILE)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():  # else another process converted the same adapter first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_pickled_lora(file: Path) -> dict[str, torch.Tensor]:

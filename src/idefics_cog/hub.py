@@ -23,8 +23,8 @@ module adds:
   files untouched for 10 minutes (no live download goes that long without writing) are removed here.
 
 Only safetensors weights and small config/tokenizer/processor files are fetched; pickled weights never are, except
-an adapter repo's `adapter_model.bin` (`adapter=True`), which adapters.py reads with torch's weights-only loader
-and converts to safetensors. It is sha256-verified like a .safetensors file.
+an adapter repo's `adapter_model.bin` (`adapter=True`) when the repo has no .safetensors: adapters.py reads it with
+torch's weights-only loader and converts it to safetensors. It is sha256-verified like a .safetensors file.
 """
 
 import hashlib
@@ -76,18 +76,21 @@ MARKER_FORMAT = 1
 def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: float | None = None,
               adapter: bool = False) -> Path:
     """Return the snapshot directory of `repo_id` at `revision` (default branch when None), downloading it first.
-    `adapter`: a LoRA adapter repo, whose adapter_model.bin is fetched too (if it has one; PEFT repos that
-    publish both formats then cost both downloads).
+    `adapter`: a LoRA adapter repo, whose adapter_model.bin is fetched too when it has no .safetensors.
 
     Raises WeightsError, naming the repo and revision, when it cannot be had: not found, unreachable hub and not
     cached, offline and not cached, pickled weights only, a file that fails verification twice.
     """
     started = time.monotonic()
-    hub = _Hub(repo_id, revision, Path(cache_dir), timeout, adapter)
+    hub = _Hub(repo_id, revision, Path(cache_dir), timeout)
     before = _blob_states(hub.storage)
     _remove_stale_partials(hub.storage)
     with hub.errors():
         snapshot = hub.snapshot()
+        if adapter and not any(snapshot.rglob("*.safetensors")):
+            # PEFT's older format only: fetch adapter_model.bin too, for the weights-only loader (adapters.py).
+            hub.with_pickle = True
+            snapshot = hub.download(snapshot.name, local_files_only=not hub.online)
     commit = snapshot.name
     _require_safetensors(hub, snapshot, commit)
     hashed = _verify(hub, snapshot, commit)
@@ -104,9 +107,9 @@ def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: f
 class _Hub:
     """One fetch: the repo, where it is cached, and how to reach the hub (read from the environment now)."""
 
-    def __init__(self, repo_id: str, revision: str | None, cache_dir: Path, timeout: float | None,
-                 adapter: bool = False):
-        self.repo_id, self.revision, self.adapter = repo_id, revision, adapter
+    def __init__(self, repo_id: str, revision: str | None, cache_dir: Path, timeout: float | None):
+        self.repo_id, self.revision = repo_id, revision
+        self.with_pickle = False  # also fetch (and verify) an adapter's adapter_model.bin
         self.label = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
         self.cache_dir = cache_dir / "hub"
         self.storage = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -126,8 +129,8 @@ class _Hub:
                 self.repo_id,
                 revision=revision,
                 cache_dir=self.cache_dir,
-                allow_patterns=ADAPTER_ALLOW_PATTERNS if self.adapter else ALLOW_PATTERNS,
-                ignore_patterns=ADAPTER_IGNORE_PATTERNS if self.adapter else IGNORE_PATTERNS,
+                allow_patterns=ADAPTER_ALLOW_PATTERNS if self.with_pickle else ALLOW_PATTERNS,
+                ignore_patterns=ADAPTER_IGNORE_PATTERNS if self.with_pickle else IGNORE_PATTERNS,
                 local_files_only=local_files_only or self.offline,
                 endpoint=self.endpoint,
                 etag_timeout=self.timeout,
@@ -217,7 +220,7 @@ def _describe(exc: Exception, hub: _Hub, timeout: float | None = None) -> str:
 def _weight_files(hub: _Hub, snapshot: Path) -> list[Path]:
     """The weight files of a snapshot: its .safetensors, and an adapter's adapter_model.bin."""
     files = list(snapshot.rglob("*.safetensors"))
-    if hub.adapter and (snapshot / ADAPTER_PICKLE).exists():
+    if hub.with_pickle and (snapshot / ADAPTER_PICKLE).exists():
         files.append(snapshot / ADAPTER_PICKLE)
     return files
 
@@ -246,7 +249,8 @@ def _tree(hub: _Hub, commit: str) -> dict | None:
 
 
 def _verify(hub: _Hub, snapshot: Path, commit: str) -> int:
-    """Hash every weight file (_weight_files) not verified before; fetch a mismatching one again once. Returns bytes hashed."""
+    """Hash every weight file (_weight_files) not verified before; fetch a mismatching one again once.
+    Returns bytes hashed."""
     marker_path = hub.marker_path(commit)
     try:
         verified = json.loads(marker_path.read_text())["files"]
