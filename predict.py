@@ -47,10 +47,13 @@ def _live(pieces: AsyncIterator[str], first: Optional[str]) -> Iterator[str]:
 
 
 class Predictor(BasePredictor):
-    def setup(self) -> None:
+    def setup(self, weights: Optional[str] = None) -> None:
         """Resolve (downloading into weights/ if needed) and load the base model and the default adapter once
-        (`IDEFICS_BASE_WEIGHTS`, `IDEFICS_ADAPTER_WEIGHTS`, `IDEFICS_QUANTIZATION`; see README)."""
-        self.service = Service.from_env()
+        (`IDEFICS_BASE_WEIGHTS`, `IDEFICS_ADAPTER_WEIGHTS`, `IDEFICS_QUANTIZATION`; see README).
+        `weights`: COG_WEIGHTS, which cog 0.23.1 passes (as the string set, None when unset) only to a setup that
+        takes it; Replicate sets it to the training's output .tar URL in a version made by `cog train`. Its adapter
+        then becomes the default (`adapter=medical`) in place of IDEFICS_ADAPTER_WEIGHTS."""
+        self.service = Service.from_env(weights)
 
     @cog.streaming
     @cog.concurrent(max=16)  # newer Cog reads it; cog 0.23.1 takes concurrency.max from cog.yaml (keep them equal)
@@ -99,7 +102,8 @@ class Predictor(BasePredictor):
             default="",
         ),
         adapter: str = Input(
-            description="medical: the MedIDEFICS LoRA adapter loaded at setup; none: the base model alone.",
+            description="medical: the default LoRA adapter loaded at setup (MedIDEFICS, or in a version made by "
+            "`cog train` the adapter it trained); none: the base model alone.",
             choices=["medical", "none"],
             default="medical",
         ),

@@ -127,3 +127,45 @@ def answer(server, inputs: dict) -> str:
     result = server.predict(inputs)
     assert result["status"] == "succeeded", result.get("error")
     return "".join(result["output"] or [])
+
+
+def bin_adapter(adapter: Path, folder: Path) -> Path:
+    """`adapter` as PEFT's older format publishes it: adapter_config.json and a torch.save'd adapter_model.bin."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder.mkdir(parents=True)
+    shutil.copy(adapter / "adapter_config.json", folder)
+    torch.save(load_file(adapter / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    return folder
+
+
+class Hostile:
+    """Unpickling this opens (creates) `marker` for writing: the proof that a pickle ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def hostile_adapter(adapter: Path, folder: Path, marker: Path, torch_format: bool = True) -> Path:
+    """An adapter whose adapter_model.bin would create `marker` if it were unpickled by plain pickle: among the
+    genuine LoRA tensors (torch.save's zip format), or alone (a bare pickle stream)."""
+    import pickle
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder.mkdir(parents=True)
+    shutil.copy(adapter / "adapter_config.json", folder)
+    if torch_format:
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        torch.save({**tensors, "payload": Hostile(marker)}, folder / "adapter_model.bin")
+    else:
+        (folder / "adapter_model.bin").write_bytes(pickle.dumps(Hostile(marker), protocol=2))  # torch's default
+    return folder

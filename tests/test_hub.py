@@ -18,10 +18,14 @@ from safetensors.torch import load_file
 
 import idefics_cog.hub as hub_module
 from idefics_cog.weights import WeightsError, resolve
+from tests.helpers import bin_adapter
 from tests.hubserver import Fault, HubServer
+from tests.test_adapters import alone, answer, fresh  # noqa: F401 (fixtures)
 
 REPO, ADAPTER = "owner/tiny-idefics", "owner/tiny-adapter"
 WITH_PICKLE, PICKLED_ONLY = "owner/with-pickle", "owner/pickled"
+ADAPTER_BIN = "owner/tiny-adapter-bin"  # published as adapter_model.bin, with a training's other pickles
+BOTH_FORMATS = "owner/tiny-adapter-both"  # adapter_model.safetensors and adapter_model.bin
 PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -36,11 +40,19 @@ def repos(tiny_dir, tmp_path_factory):
     pickled_only.mkdir()
     shutil.copy(tiny_dir / "base" / "config.json", pickled_only)
     (pickled_only / "pytorch_model.bin").write_bytes(os.urandom(4096))
+    adapter_bin = bin_adapter(tiny_dir / "adapter", root / "adapter-bin")
+    for name in ("training_args.bin", "optimizer.pt", "pytorch_model.bin"):
+        (adapter_bin / name).write_bytes(os.urandom(4096))
+    both = root / "both"
+    shutil.copytree(tiny_dir / "adapter", both)
+    shutil.copy(adapter_bin / "adapter_model.bin", both)
     return {
         REPO: {"main": tiny_dir / "base", "v1": tiny_dir / "base"},
         ADAPTER: {"main": tiny_dir / "adapter"},
         WITH_PICKLE: {"main": with_pickle},
         PICKLED_ONLY: {"main": pickled_only},
+        ADAPTER_BIN: {"main": adapter_bin},
+        BOTH_FORMATS: {"main": both},
     }
 
 
@@ -282,3 +294,43 @@ def test_partial_files_left_by_a_killed_run_are_removed(hub, tmp_path):
     resolve(f"{REPO}@main", tmp_path)
 
     assert not stale.exists() and live.exists()
+
+
+def test_an_adapter_repo_gets_its_adapter_model_bin_and_no_other_pickle(hub, repos, tmp_path, digests):
+    hub.set_fault(ADAPTER_BIN, "adapter_model.bin", Fault(corrupt=True, times=1))
+
+    path = resolve(ADAPTER_BIN, tmp_path, adapter=True)
+
+    assert same_files(path, repos[ADAPTER_BIN]["main"], ["adapter_config.json", "adapter_model.bin"])
+    assert digests == ["adapter_model.bin", "adapter_model.bin"]  # verified like safetensors: corrupt, fetched again
+    requested = {name for _, name in hub.file_requests(ADAPTER_BIN)}
+    assert "adapter_model.bin" in requested and not requested & {"training_args.bin", "optimizer.pt",
+                                                                  "pytorch_model.bin"}
+    # Not as an adapter (a base model), the same repo offers only pickles: refused, none fetched.
+    with pytest.raises(WeightsError, match=r"offers only pickled weights \(adapter_model\.bin, optimizer\.pt"):
+        resolve(ADAPTER_BIN, tmp_path / "as-base")
+    # An adapter fetch of another repo still never asks for its pytorch_model.bin or other pickles, and an adapter
+    # that has safetensors is fetched without its .bin.
+    resolve(WITH_PICKLE, tmp_path / "with-pickle", adapter=True)
+    assert not [name for _, name in hub.file_requests(WITH_PICKLE) if name.endswith(PICKLES)]
+    both = resolve(BOTH_FORMATS, tmp_path / "both", adapter=True)
+    assert {p.name for p in both.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert not [name for _, name in hub.file_requests(BOTH_FORMATS) if name.endswith(PICKLES)]
+    # Warm, pinned: the .bin snapshot is taken from the cache without a request.
+    hub.reset_counts()
+    assert resolve(f"{ADAPTER_BIN}@{hub.sha(ADAPTER_BIN)}", tmp_path, adapter=True) == path
+    assert hub.total_requests() == 0
+
+
+def test_a_hub_adapter_in_bin_form_serves_as_the_safetensors_one(hub, fresh, tmp_path, alone):
+    from idefics_cog.adapters import Adapters
+
+    adapters = Adapters(fresh, tmp_path)
+    adapters.load_default(ADAPTER_BIN)
+    adapters.select("medical")
+    assert answer(fresh) == alone["medical"]
+    [converted] = (tmp_path / "converted").iterdir()
+    assert sorted(p.name for p in converted.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # As a request's lora_weights too (converted into that adapter's own cache entry).
+    name = adapters.select(lora_weights=ADAPTER_BIN)
+    assert name.startswith("custom_") and answer(fresh) == alone["medical"]

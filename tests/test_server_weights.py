@@ -16,7 +16,7 @@ from idefics_cog.engine import Engine
 from tests.conftest import ADAPTER_LIMIT, tiny_env
 from tests.fileserver import FileServer
 from tests import helpers
-from tests.helpers import data_uri, negated_adapter, noise_image, tar_bytes
+from tests.helpers import bin_adapter, data_uri, hostile_adapter, negated_adapter, noise_image, tar_bytes
 from tests.test_engine import run
 
 PROMPT, IMAGE = "What does this X-ray show?", noise_image(1)
@@ -49,13 +49,28 @@ def other_adapter(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def files(tiny_dir, other_adapter, tmp_path_factory):
-    pickled = tmp_path_factory.mktemp("pickled") / "adapter"
-    shutil.copytree(tiny_dir / "adapter", pickled)
-    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+def hostile_marker(tmp_path_factory):
+    """The file the hostile adapter_model.bin would create if it were ever unpickled."""
+    return tmp_path_factory.mktemp("hostile") / "marker"
+
+
+def pickled_as(adapter, folder, name):
+    """`adapter` with its safetensors file renamed `name` (not a pickle at all)."""
+    shutil.copytree(adapter, folder)
+    (folder / "adapter_model.safetensors").rename(folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tiny_dir, other_adapter, tmp_path_factory, hostile_marker):
+    made = tmp_path_factory.mktemp("made")
     with FileServer() as server:
         server.add("/other.tgz", tar_bytes(other_adapter))
-        server.add("/pickled.tgz", tar_bytes(pickled))
+        server.add("/other-bin.tgz", tar_bytes(bin_adapter(other_adapter, made / "other-bin")))
+        server.add("/hostile.tgz", tar_bytes(hostile_adapter(tiny_dir / "adapter", made / "hostile", hostile_marker)))
+        server.add("/pickled.tgz", tar_bytes(pickled_as(tiny_dir / "adapter", made / "pickled", "pytorch_model.bin")))
+        server.add("/not-torch.tgz", tar_bytes(pickled_as(tiny_dir / "adapter", made / "not-torch",
+                                                           "adapter_model.bin")))
         server.add("/base.tgz", tar_bytes(tiny_dir / "base", top="tiny-base"))
         server.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"))
         for kind in ("dotdot", "absolute", "symlink"):
@@ -114,7 +129,10 @@ def test_a_4bit_server_answers_the_same_after_a_custom_adapter(files, tiny_dir, 
 
 
 BAD_ADAPTERS = {
-    "pickled weights": ("/pickled.tgz", r"lora_weights: pickled weights \(adapter_model.bin\) are refused"),
+    "pickled weights": ("/pickled.tgz", r"lora_weights: pickled weights \(pytorch_model.bin\) are refused"),
+    "hostile adapter_model.bin": ("/hostile.tgz", r"lora_weights: adapter_model.bin is refused: torch's weights-only "
+                                                  r"loader cannot read it .*Unsupported global"),
+    "adapter_model.bin not from torch": ("/not-torch.tgz", r"lora_weights: adapter_model.bin is refused"),
     "a whole model, not an adapter": ("/base.tgz", r"lora_weights: not a PEFT adapter"),
     "missing file": ("/missing.tgz", r"lora_weights: .*missing.tgz.*404"),
     "archive member outside": ("/dotdot.tar", r"lora_weights: .*'\.\./adapter_config.json' points outside"),
@@ -133,6 +151,17 @@ def test_bad_lora_weights_fail_clearly_and_change_nothing(server, files, case):
     error = failure(server, lora_weights=files.url(source) if source.endswith((".tgz", ".tar")) else source)
     assert re.search(message, error), error
     assert {choice: answer(server, adapter=choice) for choice in ("medical", "none")} == before
+
+
+def test_a_hostile_pickle_never_runs_in_the_server(server, files, hostile_marker):
+    assert re.search(r"Unsupported global", failure(server, lora_weights=files.url("/hostile.tgz")))
+    assert not hostile_marker.exists()
+
+
+def test_an_adapter_model_bin_archive_answers_as_its_safetensors_twin(server, files, tiny_dir, other_adapter):
+    expected = reference(tiny_dir, other_adapter)
+    assert answer(server, lora_weights=files.url("/other-bin.tgz")) == expected
+    assert answer(server, lora_weights=files.url("/other-bin.tgz")) == expected  # loaded once, cached
 
 
 def test_setup_downloads_once_and_the_second_setup_uses_the_cache(files, tiny_dir, tmp_path):

@@ -10,13 +10,19 @@
   them, without PEFT's `load_adapter`, which calls `state_dict()` on the whole model. On CPUs with AVX512-BF16,
   bitsandbytes repacks 4-bit weights at the first forward and `state_dict()` unpacks them lossily, so answers
   would drift after every adapter loaded later (tests/test_quantized.py records what a machine does).
+- An adapter published as `adapter_model.bin` only (many on the hub) is read with torch's weights-only unpickler
+  (plain tensors and containers; any other object is refused before it is built, so no code in it runs), checked
+  to hold LoRA matrices only, and written once as safetensors into the cache (`converted/<sha256>/`); PEFT only
+  ever loads that. Every other pickle (pytorch_model.bin, .pt, .pkl, ...) stays refused.
 """
 
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -25,6 +31,7 @@ import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from idefics_cog.errors import InputError
 from idefics_cog.weights import HUB_ID, PICKLE_SUFFIXES, WeightsError, is_url, resolve
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 MEDICAL = "medical"
 NONE = "none"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PICKLED_FILE = "adapter_model.bin"  # PEFT's older format: read with the weights-only unpickler, never by PEFT
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -53,7 +61,8 @@ def check_adapter(path: Path, shapes: dict[str, tuple[int, int]]) -> LoraConfig:
     if WEIGHTS_FILE not in files:
         pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
         if pickled:
-            raise AdapterError(f"pickled weights ({', '.join(pickled)}) are refused: only {WEIGHTS_FILE} is loaded")
+            raise AdapterError(f"pickled weights ({', '.join(pickled)}) are refused: only {WEIGHTS_FILE} is loaded "
+                               f"(or {PICKLED_FILE}, through torch's weights-only loader)")
         raise AdapterError(f"not a PEFT adapter: {WEIGHTS_FILE} is missing")
     if CONFIG_FILE not in files:
         raise AdapterError(f"not a PEFT adapter: {CONFIG_FILE} is missing")
@@ -71,15 +80,12 @@ def check_adapter(path: Path, shapes: dict[str, tuple[int, int]]) -> LoraConfig:
     if not found:
         raise AdapterError(f"{WEIGHTS_FILE} holds no tensors")
     for key, shape in found.items():
-        match = _LORA_KEY.match(key)
-        if not match:
-            raise AdapterError(f"unsupported tensor {key!r} (only LoRA A/B matrices are loaded)")
-        module = match["module"]
+        module, part = lora_key(key)
         if module not in shapes:
             raise AdapterError(f"targets {module}, which the base model does not have (is it for another model?)")
         in_features, out_features = shapes[module]
-        expected = in_features if match["part"] == "A" else out_features
-        actual = shape[1] if match["part"] == "A" else shape[0]
+        expected = in_features if part == "A" else out_features
+        actual = shape[1] if part == "A" else shape[0]
         if len(shape) != 2 or actual != expected:
             raise AdapterError(f"{key} has shape {list(shape)}, which does not fit {module} "
                                f"({in_features} in, {out_features} out)")
@@ -87,6 +93,86 @@ def check_adapter(path: Path, shapes: dict[str, tuple[int, int]]) -> LoraConfig:
         return LoraConfig.from_pretrained(str(path))
     except Exception as exc:  # PEFT validates the fields in several ways
         raise AdapterError(f"{CONFIG_FILE} is not a valid LoRA config ({exc})") from None
+
+
+def lora_key(key: str) -> tuple[str, str]:
+    """(module, "A" or "B") of a LoRA matrix's tensor name; anything else is refused."""
+    match = _LORA_KEY.match(key)
+    if not match:
+        raise AdapterError(f"unsupported tensor {key!r} (only LoRA A/B matrices are loaded)")
+    return match["module"], match["part"]
+
+
+def with_safetensors(path: Path, cache: Path) -> Path:
+    """`path` itself, unless it holds an adapter published as adapter_model.bin only: then a directory under
+    `cache/converted/` with its config and its tensors as adapter_model.safetensors, made once (atomically) and
+    found again by the sha256 of the config and the .bin. The source directory is never written to: it may be the
+    operator's own folder, a verified hub snapshot or a complete archive entry."""
+    if not (path / PICKLED_FILE).is_file() or (path / WEIGHTS_FILE).exists():
+        return path  # check_adapter says what is wrong with anything else
+    if not (path / CONFIG_FILE).is_file():
+        raise AdapterError(f"not a PEFT adapter: {CONFIG_FILE} is missing")
+    digest = hashlib.sha256((path / CONFIG_FILE).read_bytes())
+    with open(path / PICKLED_FILE, "rb") as stream:
+        while chunk := stream.read(8 << 20):
+            digest.update(chunk)
+    target = cache / "converted" / digest.hexdigest()[:32]
+    if target.is_dir():
+        return target
+    started = time.perf_counter()
+    tensors = load_pickled_lora(path / PICKLED_FILE)
+    try:
+        _write_converted(path / CONFIG_FILE, tensors, target)
+    except OSError as exc:
+        raise AdapterError(f"{PICKLED_FILE} could not be converted into {target.parent} ({exc})") from None
+    log.info("%s: %d LoRA tensors converted to safetensors in %s in %.1f s", PICKLED_FILE, len(tensors), target,
+             time.perf_counter() - started)
+    return target
+
+
+def _write_converted(config: Path, tensors: dict[str, torch.Tensor], target: Path) -> None:
+    """Write the config and the tensors aside, then rename the folder into place: it appears complete or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copyfile(config, staging / CONFIG_FILE)
+        save_file(tensors, staging / WEIGHTS_FILE)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.is_dir():  # else another process converted the same adapter first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_pickled_lora(file: Path) -> dict[str, torch.Tensor]:
+    """The LoRA matrices of a pickled adapter_model.bin, read by torch's weights-only unpickler: it builds only
+    tensors and plain containers and refuses any other global before calling it, so a hostile pickle runs nothing."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for a refused global; others for a file that is no torch file
+        raise AdapterError(f"{PICKLED_FILE} is refused: torch's weights-only loader cannot read it as plain "
+                           f"tensors ({type(exc).__name__}: {_unpickler_reason(exc)})") from None
+    if not isinstance(state, dict) or not state:
+        raise AdapterError(f"{PICKLED_FILE} is refused: it must hold a non-empty dict of LoRA tensors, "
+                           f"not {type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise AdapterError(f"{PICKLED_FILE} is refused: entry {key!r} is a {type(value).__name__}, not a tensor")
+        try:
+            lora_key(key)
+        except AdapterError as exc:
+            raise AdapterError(f"{PICKLED_FILE} is refused: {exc}") from None
+    # Clones: safetensors refuses tensors that share memory (torch.save keeps views of one storage).
+    return {key: value.detach().clone().contiguous() for key, value in state.items()}
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The reason in torch's long message (which also suggests loading the file unsafely: not for our users)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?:\. Please|\n|$)", text)
+    return (found[1] if found else (text.strip().splitlines() or [type(exc).__name__])[0])[:300]
 
 
 def source_key(source: str) -> str:
@@ -109,15 +195,17 @@ class Adapters:
         model = self.engine.model
         return list(model.peft_config) if isinstance(model, PeftModel) else []
 
-    def load_default(self, source: str) -> None:
-        """Setup: the `medical` adapter (any weight source, local directories included)."""
+    def load_default(self, source: str, origin: str = "IDEFICS_ADAPTER_WEIGHTS") -> None:
+        """Setup: the `medical` adapter, the default of this version (any weight source, local directories
+        included); `origin` says where the source was set, for the log and errors."""
         started = time.perf_counter()
-        path = resolve(source, self.cache_dir.parent)
         try:
-            self._load(path, MEDICAL)
-        except AdapterError as exc:
-            raise WeightsError(f"adapter weights {source!r}: {exc}") from None
-        log.info("adapter %r from %s loaded in %.1f s", MEDICAL, source, time.perf_counter() - started)
+            self._load(resolve(source, self.cache_dir.parent, adapter=True), MEDICAL)
+        except (AdapterError, WeightsError) as exc:
+            raise WeightsError(f"adapter weights {source!r} ({origin}): {exc}") from None
+        trained_on = self.engine.model.peft_config[MEDICAL].base_model_name_or_path
+        log.info("adapter %r (the default) from %s (%s, trained on %s) loaded in %.1f s", MEDICAL, source, origin,
+                 trained_on, time.perf_counter() - started)
 
     def select(self, adapter: str = MEDICAL, lora_weights: str = "", lora_scale: float = 1.0,
                allow_local: bool = False) -> str:
@@ -160,7 +248,7 @@ class Adapters:
             if local:
                 path = Path(source).expanduser()
             else:
-                path = resolve(source, entry, max_bytes=self.max_adapter_bytes)
+                path = resolve(source, entry, max_bytes=self.max_adapter_bytes, adapter=True)
                 if directory_bytes(entry) > self.max_adapter_bytes:  # a hub repo is only measured once fetched
                     shutil.rmtree(entry, ignore_errors=True)
                     raise AdapterError(f"{source} is over the limit of {self.max_adapter_bytes} bytes per adapter "
@@ -168,7 +256,7 @@ class Adapters:
                 (entry / ".last_used").touch()
                 self._trim_disk_cache(keep=entry)
             name = f"custom_{source_key(source)}"
-            self._load(path, name)
+            self._load(path, name, entry)
         except (WeightsError, AdapterError) as exc:
             raise InputError(f"lora_weights: {exc}") from None
         self.custom[source] = name
@@ -179,8 +267,10 @@ class Adapters:
             log.info("adapter %s (%s) unloaded: more than %d loaded", old_name, old_source, self.max_loaded)
         return name
 
-    def _load(self, path: Path, name: str) -> None:
-        """Add the adapter at `path` as `name`; on any failure the model is left exactly as it was."""
+    def _load(self, path: Path, name: str, cache: Path | None = None) -> None:
+        """Add the adapter at `path` as `name` (an adapter_model.bin is converted under `cache`, the weights cache
+        by default, first); on any failure the model is left exactly as it was."""
+        path = with_safetensors(path, cache or self.cache_dir.parent)
         config = check_adapter(path, self.shapes)
         model = self.engine.model
         wrapped_here = not isinstance(model, PeftModel)

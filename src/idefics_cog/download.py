@@ -596,7 +596,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                    if settings.adapter_weights else [])  # "" when `none`
     for role, source in sources:
         try:
-            path = resolve(source, settings.cache_dir)
+            path = resolve(source, settings.cache_dir, adapter=role == "adapter")
         except WeightsError as exc:
             print(f"download-weights: {role} weights: {exc}", file=sys.stderr)
             return 1

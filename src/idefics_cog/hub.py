@@ -22,7 +22,9 @@ module adds:
   huggingface_hub PR #4228, and removed on any error it sees), but a SIGKILL leaves that file behind. Partial
   files untouched for 10 minutes (no live download goes that long without writing) are removed here.
 
-Only safetensors weights and small config/tokenizer/processor files are fetched; pickled weights never are.
+Only safetensors weights and small config/tokenizer/processor files are fetched; pickled weights never are, except
+an adapter repo's `adapter_model.bin` (`adapter=True`) when the repo has no .safetensors: adapters.py reads it with
+torch's weights-only loader and converts it to safetensors. It is sha256-verified like a .safetensors file.
 """
 
 import hashlib
@@ -60,6 +62,9 @@ log = logging.getLogger(__name__)
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # redundant with ALLOW_PATTERNS, on purpose
+ADAPTER_PICKLE = "adapter_model.bin"  # at the repo's root only, for adapters only
+ADAPTER_ALLOW_PATTERNS = ALLOW_PATTERNS + [ADAPTER_PICKLE]
+ADAPTER_IGNORE_PATTERNS = [pattern for pattern in IGNORE_PATTERNS if pattern != "*.bin"]
 DEFAULT_TIMEOUT = 10.0
 STALE_PARTIAL_S = 600
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -68,8 +73,10 @@ SHA1 = re.compile(r"^[0-9a-f]{40}$")
 MARKER_FORMAT = 1
 
 
-def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: float | None = None) -> Path:
+def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: float | None = None,
+              adapter: bool = False) -> Path:
     """Return the snapshot directory of `repo_id` at `revision` (default branch when None), downloading it first.
+    `adapter`: a LoRA adapter repo, whose adapter_model.bin is fetched too when it has no .safetensors.
 
     Raises WeightsError, naming the repo and revision, when it cannot be had: not found, unreachable hub and not
     cached, offline and not cached, pickled weights only, a file that fails verification twice.
@@ -80,6 +87,10 @@ def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: f
     _remove_stale_partials(hub.storage)
     with hub.errors():
         snapshot = hub.snapshot()
+        if adapter and not any(snapshot.rglob("*.safetensors")):
+            # PEFT's older format only: fetch adapter_model.bin too, for the weights-only loader (adapters.py).
+            hub.with_pickle = True
+            snapshot = hub.download(snapshot.name, local_files_only=not hub.online)
     commit = snapshot.name
     _require_safetensors(hub, snapshot, commit)
     hashed = _verify(hub, snapshot, commit)
@@ -98,6 +109,7 @@ class _Hub:
 
     def __init__(self, repo_id: str, revision: str | None, cache_dir: Path, timeout: float | None):
         self.repo_id, self.revision = repo_id, revision
+        self.with_pickle = False  # also fetch (and verify) an adapter's adapter_model.bin
         self.label = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
         self.cache_dir = cache_dir / "hub"
         self.storage = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -117,8 +129,8 @@ class _Hub:
                 self.repo_id,
                 revision=revision,
                 cache_dir=self.cache_dir,
-                allow_patterns=ALLOW_PATTERNS,
-                ignore_patterns=IGNORE_PATTERNS,
+                allow_patterns=ADAPTER_ALLOW_PATTERNS if self.with_pickle else ALLOW_PATTERNS,
+                ignore_patterns=ADAPTER_IGNORE_PATTERNS if self.with_pickle else IGNORE_PATTERNS,
                 local_files_only=local_files_only or self.offline,
                 endpoint=self.endpoint,
                 etag_timeout=self.timeout,
@@ -205,8 +217,16 @@ def _describe(exc: Exception, hub: _Hub, timeout: float | None = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _weight_files(hub: _Hub, snapshot: Path) -> list[Path]:
+    """The weight files of a snapshot: its .safetensors, and an adapter's adapter_model.bin."""
+    files = list(snapshot.rglob("*.safetensors"))
+    if hub.with_pickle and (snapshot / ADAPTER_PICKLE).exists():
+        files.append(snapshot / ADAPTER_PICKLE)
+    return files
+
+
 def _require_safetensors(hub: _Hub, snapshot: Path, commit: str) -> None:
-    if any(snapshot.rglob("*.safetensors")):
+    if _weight_files(hub, snapshot):
         return
     listed = sorted(_tree(hub, commit) or {})
     pickled = [path for path in listed if path.endswith(PICKLE_SUFFIXES)]
@@ -229,14 +249,15 @@ def _tree(hub: _Hub, commit: str) -> dict | None:
 
 
 def _verify(hub: _Hub, snapshot: Path, commit: str) -> int:
-    """Hash every .safetensors file not verified before; fetch a mismatching one again once. Returns bytes hashed."""
+    """Hash every weight file (_weight_files) not verified before; fetch a mismatching one again once.
+    Returns bytes hashed."""
     marker_path = hub.marker_path(commit)
     try:
         verified = json.loads(marker_path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         verified = {}
     tree = _tree(hub, commit)
-    files = sorted(path.relative_to(snapshot).as_posix() for path in snapshot.rglob("*.safetensors"))
+    files = sorted(path.relative_to(snapshot).as_posix() for path in _weight_files(hub, snapshot))
     hashed = 0
 
     def check(paths: list[str]) -> list[tuple[str, str, str]]:

@@ -17,14 +17,24 @@ from idefics_cog.weights import resolve
 log = logging.getLogger(__name__)
 
 
+def check_trained_base(adapters: Adapters, base_weights: str) -> None:
+    """Warn when the trained adapter names another base: its shapes fit (they were checked), but its weights were
+    tuned against other weights, so its answers may be off."""
+    trained_on = adapters.engine.model.peft_config[MEDICAL].base_model_name_or_path
+    if trained_on and trained_on != base_weights:
+        log.warning("the trained adapter was trained on %s, this version serves %s (IDEFICS_BASE_WEIGHTS)",
+                    trained_on, base_weights)
+
+
 class Service:
     def __init__(self, engine: Engine, adapters: Adapters, settings: Settings):
         self.engine, self.adapters, self.settings = engine, adapters, settings
 
     @classmethod
-    def from_env(cls) -> "Service":
+    def from_env(cls, trained_weights: str | None = None) -> "Service":
+        """`trained_weights`: setup's `weights` (COG_WEIGHTS, a training's output), or None."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        return cls.from_settings(Settings.from_env())
+        return cls.from_settings(Settings.from_env(trained_weights=trained_weights))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Service":
@@ -40,7 +50,13 @@ class Service:
                  settings.quantization, engine.kind, time.perf_counter() - started)
         adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
                             settings.max_adapter_bytes)
-        if settings.adapter_weights:
+        if settings.trained_weights:
+            # A version made by `cog train`: the trained adapter is its default, in place of MedIDEFICS.
+            log.info("a version made from a training: the default adapter is the trained one (COG_WEIGHTS), "
+                     "not IDEFICS_ADAPTER_WEIGHTS (%s)", settings.adapter_weights or "none")
+            adapters.load_default(settings.trained_weights, "COG_WEIGHTS, the training's output")
+            check_trained_base(adapters, settings.base_weights)
+        elif settings.adapter_weights:
             adapters.load_default(settings.adapter_weights)
         return cls(engine, adapters, settings)
 

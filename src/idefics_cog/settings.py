@@ -15,6 +15,7 @@ ENGINES = ("auto", "fast", "transformers")
 class Settings:
     base_weights: str  # a local directory, an https URL of a .tar/.zip, or a hub id (`owner/name@revision`)
     adapter_weights: str  # the `medical` adapter, the same kinds of source; "" when disabled (`none`)
+    trained_weights: str  # COG_WEIGHTS, a version made by `cog train`: its adapter replaces adapter_weights; or ""
     quantization: str  # none | 8bit | 4bit (bitsandbytes)
     cache_dir: Path  # where downloaded weights are kept (`weights/`, which `cog predict` mounts)
     max_images: int  # images per request
@@ -26,11 +27,13 @@ class Settings:
     max_batch: int  # concurrent requests decoded together by the fast engine
 
     @classmethod
-    def from_env(cls, env=os.environ) -> "Settings":
+    def from_env(cls, env=os.environ, trained_weights: str | None = None) -> "Settings":
+        """`trained_weights`: what Cog passes to setup's `weights` (COG_WEIGHTS), or None."""
         adapter = env.get("IDEFICS_ADAPTER_WEIGHTS", DEFAULT_ADAPTER_WEIGHTS)
         return cls(
             base_weights=env.get("IDEFICS_BASE_WEIGHTS", DEFAULT_BASE_WEIGHTS),
             adapter_weights="" if adapter.lower() in ("", "none") else adapter,
+            trained_weights=str(trained_weights or "").strip(),
             quantization=_choice(env, "IDEFICS_QUANTIZATION", QUANTIZATIONS),
             cache_dir=Path(env.get("IDEFICS_CACHE_DIR", ROOT / "weights")),
             max_images=_positive_int(env, "IDEFICS_MAX_IMAGES", 8),

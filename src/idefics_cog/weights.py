@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
-# Pickled weights can run code when loaded: never fetched from the hub, never loaded as an adapter.
+# Pickled weights can run code when loaded: never fetched from the hub, never loaded, with one exception: an
+# adapter's adapter_model.bin, read by torch's weights-only unpickler and converted to safetensors (adapters.py).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -32,9 +33,10 @@ def is_url(source: str) -> bool:
     return source.startswith(("https://", "http://"))
 
 
-def resolve(source: str, cache_dir: Path, max_bytes: int | None = None) -> Path:
+def resolve(source: str, cache_dir: Path, max_bytes: int | None = None, adapter: bool = False) -> Path:
     """Return the local directory holding `source`, downloading it into `cache_dir` first if needed.
-    `max_bytes` refuses an archive URL larger than that before downloading it."""
+    `max_bytes` refuses an archive URL larger than that before downloading it. `adapter`: a LoRA adapter, whose
+    hub repo may offer its weights as adapter_model.bin only (fetched too, for the weights-only loader)."""
     path = Path(source).expanduser()
     if is_url(source):
         from idefics_cog.download import fetch_archive
@@ -46,7 +48,7 @@ def resolve(source: str, cache_dir: Path, max_bytes: int | None = None) -> Path:
         from idefics_cog.hub import fetch_hub
 
         repo_id, _, revision = source.partition("@")
-        return fetch_hub(repo_id, revision or None, cache_dir)
+        return fetch_hub(repo_id, revision or None, cache_dir, adapter=adapter)
     raise WeightsError(
         f"weight source {source!r} is not a directory, an http(s) URL of a .tar/.zip, or a Hugging Face repo id "
         f"(owner/name[@revision])"
