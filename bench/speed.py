@@ -234,11 +234,13 @@ def free_memory(device: torch.device) -> None:
 
 
 def preset_model(preset: str):
-    from transformers import AutoProcessor, IdeficsForVisionText2Text
+    from transformers import IdeficsForVisionText2Text
+
+    from idefics_cog.tokenizer import load_processor
 
     base = tiny.build(ROOT / "weights" / preset, preset) / "base"
     model = IdeficsForVisionText2Text.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"}).eval()
-    return model, AutoProcessor.from_pretrained(base), f"`{preset}` random IDEFICS"
+    return model, load_processor(base), f"`{preset}` random IDEFICS"
 
 
 def real_size_model(smoke: bool):

@@ -19,16 +19,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import (
-    AutoProcessor,
-    BitsAndBytesConfig,
-    IdeficsForVisionText2Text,
-)
+from transformers import BitsAndBytesConfig, IdeficsForVisionText2Text
 
 from idefics_cog.batching import END, Scheduler
 from idefics_cog.errors import InputError
 from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.textstream import TextStream
+from idefics_cog.tokenizer import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +91,7 @@ class Engine:
             path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
             device_map="auto" if device.type == "cuda" else {"": "cpu"},
         ).eval()
-        return cls(model, AutoProcessor.from_pretrained(path), model.device, engine, max_batch, max_images)
+        return cls(model, load_processor(path), model.device, engine, max_batch, max_images)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
         return self.generation_thread.submit(encode, segments, images, self.processor).result()
