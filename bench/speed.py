@@ -7,6 +7,9 @@ Three paths serve the same requests (instruct template, one 224 px image, about 
   fast          Engine(engine="fast"): static KV cache, image keys/values computed once, concurrent requests
                 decoded as one batch (torch.compile on CUDA)
 
+Every path encodes with the processor from idefics_cog.tokenizer.load_processor: the release-era tokens
+(transformers 4.32's), the recipe's `processor(text=...)` included.
+
 First, in float32, the fast path's greedy tokens must equal model.generate's on the benchmark prompt: the recipe's
 (stopping at the end of the turn) and the transformers engine's over all new tokens with ignore_eos; if not, the
 script exits 1. Then, after a warm-up run of each path, the paths run round-robin; every figure is a median:
