@@ -3,7 +3,10 @@ vocabulary (tests/data/llama_tokenizer, built by tests/tools/build_llama_tokeniz
 tests/tools/reference_ids.py)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from transformers import AutoProcessor
 from idefics_cog import cli, tiny
 from idefics_cog.errors import InputError
 from idefics_cog.prompt import build_segments, encode
+from idefics_cog.settings import ROOT
 from idefics_cog.tokenizer import ReleaseTokenizer, load_processor, load_tokenizer
 from idefics_cog.training import IGNORE, answer_labels
 from tests.helpers import noise_image
@@ -163,3 +167,18 @@ def test_tokens_command_needs_the_tokenizer_files(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(InputError, match="tokenizer.json"):
         cli.tokens(tmp_path, "hi", [])
+
+
+def test_tokens_command_runs_as_a_module(tokenizer_only):
+    """`python -m idefics_cog.cli` (what the `idefics-cog` console script calls): JSON on stdout, exit code 2 on
+    bad input with the reason on stderr."""
+    case = CASES["raw_text_only"]
+    run = [sys.executable, "-m", "idefics_cog.cli", "tokens", "--prompt", case["prompt"]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    ok = subprocess.run([*run, "--base", str(tokenizer_only), "--template", "raw"], capture_output=True, text=True,
+                        env=env, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["input_ids"] == case["input_ids"]
+    bad = subprocess.run([*run, "--base", str(tokenizer_only / "nowhere")], capture_output=True, text=True,
+                         env=env, check=False)
+    assert bad.returncode == 2 and "base: " in bad.stderr and bad.stdout == ""

@@ -22,6 +22,7 @@ from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN
 
 SEED = 1234
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+SPACE = "▁"  # sentencepiece's word start
 IDEFICS_TOKENS = [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE]  # ids right after the base vocabulary
 
 
@@ -77,9 +78,6 @@ def _corpus(lines: int = 4000) -> list[str]:
                  for _ in range(lines)]
     # Conversations in the IDEFICS-instruct shape, so its markers are whole tokens.
     return sentences + [f"User: {a.capitalize()}\nAssistant: {b.capitalize()}" for a, b in zip(sentences, sentences[1:])]
-
-
-SPACE = "▁"
 
 
 def _added_token(token_id: int, content: str, normalized: bool) -> dict:
@@ -173,15 +171,6 @@ def train_bpe(vocab: int) -> tuple[dict[str, int], list[str]]:
     model = json.loads(bpe.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return dict(sorted(model["vocab"].items(), key=lambda item: item[1])), merges
-
-
-def build_tokenizer(vocab: int):
-    """The tiny tokenizer, written in the released IDEFICS layout and loaded as the real one is."""
-    from idefics_cog.tokenizer import load_tokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_processor_files(Path(tmp), *train_bpe(vocab), image_size=Preset.image_size)
-        return load_tokenizer(tmp)
 
 
 def build_config(p: Preset):
