@@ -4,7 +4,8 @@ The same greedy prediction (examples/xray.png, "What does this X-ray show?", the
 three ways:
 
   recipe     idefics_cog.recipe.model_card_generate: processor -> model.generate -> decode (the baseline;
-             the PIL image is decoded once, outside the timer)
+             the PIL image is decoded once, outside the timer; the engine's processor, from
+             idefics_cog.tokenizer.load_processor, so the release-era tokens)
   predictor  predict.py's Predictor.predict in-process: input checks, image file decode, encoding, the
              generation thread and the streamed text
   server     the real Cog server (coglet) over HTTP with the image as a data URI: client-side wall time of the

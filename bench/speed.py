@@ -7,6 +7,9 @@ Three paths serve the same requests (instruct template, one 224 px image, about 
   fast          Engine(engine="fast"): static KV cache, image keys/values computed once, concurrent requests
                 decoded as one batch (torch.compile on CUDA)
 
+Every path encodes with the processor from idefics_cog.tokenizer.load_processor: the release-era tokens
+(transformers 4.32's), the recipe's `processor(text=...)` included.
+
 First, in float32, the fast path's greedy tokens must equal model.generate's on the benchmark prompt: the recipe's
 (stopping at the end of the turn) and the transformers engine's over all new tokens with ignore_eos; if not, the
 script exits 1. Then, after a warm-up run of each path, the paths run round-robin; every figure is a median:
@@ -233,11 +236,13 @@ def free_memory(device: torch.device) -> None:
 
 
 def preset_model(preset: str):
-    from transformers import AutoProcessor, IdeficsForVisionText2Text
+    from transformers import IdeficsForVisionText2Text
+
+    from idefics_cog.tokenizer import load_processor
 
     base = tiny.build(ROOT / "weights" / preset, preset) / "base"
     model = IdeficsForVisionText2Text.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"}).eval()
-    return model, AutoProcessor.from_pretrained(base), f"`{preset}` random IDEFICS"
+    return model, load_processor(base), f"`{preset}` random IDEFICS"
 
 
 def real_size_model(smoke: bool):

@@ -90,13 +90,14 @@ def tiny_dataset(folder: Path, count: int = 16) -> Path:
 
 
 def tiny_setup():
-    from transformers import AutoProcessor, IdeficsForVisionText2Text
+    from transformers import IdeficsForVisionText2Text
 
     from idefics_cog.dataset import load_dataset
+    from idefics_cog.tokenizer import load_processor
     from idefics_cog.training import ExampleDataset, prepare
 
     folder = Path(tempfile.mkdtemp(prefix="bench-training-"))
-    processor = AutoProcessor.from_pretrained(BASE)
+    processor = load_processor(BASE)
     examples = load_dataset(tiny_dataset(folder), folder / "data")
     dataset = ExampleDataset([prepare(e, processor, 512) for e in examples], processor)
 

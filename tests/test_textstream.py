@@ -1,14 +1,14 @@
 import random
 
 import pytest
-from transformers import AutoTokenizer
 
 from idefics_cog.textstream import TextStream, parse_stop_sequences
+from idefics_cog.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dir):
-    return AutoTokenizer.from_pretrained(tiny_dir / "base")
+    return load_tokenizer(tiny_dir / "base")
 
 
 def stream_all(tokenizer, ids, stop=(), step=1):

@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, IdeficsForVisionText2Text
+from transformers import IdeficsForVisionText2Text
 
 from idefics_cog import tiny
 from idefics_cog.engine import Engine
+from idefics_cog.tokenizer import load_tokenizer
 from idefics_cog.settings import ROOT
 from tests.helpers import noise_image
 from tests.test_engine import CASES, recipe, run
@@ -24,12 +25,15 @@ def test_build_is_deterministic(tiny_dir, tmp_path):
 
 
 def test_tokenizer_has_the_idefics_special_tokens_after_the_base_vocabulary(tiny_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "base")
+    tokenizer = load_tokenizer(tiny_dir / "base")
     config = json.loads((tiny_dir / "base" / "config.json").read_text())
     ids = tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>", "<end_of_utterance>"])
     assert ids == [config["vocab_size"], config["vocab_size"] + 1, config["vocab_size"] + 2]
     assert config["additional_vocab_size"] == 3
-    assert tokenizer.decode(tokenizer("User: a chest X-ray?\nAssistant:")["input_ids"]) == "User: a chest X-ray?\nAssistant:"
+    text = "User: a chest X-ray?\nAssistant:"
+    ids = tokenizer(text)["input_ids"]  # like the real tokenizer, it adds <s> unless told not to
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
 def test_every_linear_width_is_a_multiple_of_64(tiny_dir):

@@ -11,7 +11,7 @@ import tarfile
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoProcessor, IdeficsForVisionText2Text
+from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.adapters import check_adapter, linear_shapes
 from idefics_cog.dataset import DatasetError, load_dataset
@@ -19,6 +19,7 @@ from idefics_cog.engine import Engine, Sampling
 from idefics_cog.errors import InputError
 from idefics_cog.prompt import END_OF_UTTERANCE, encode
 from idefics_cog.settings import ROOT
+from idefics_cog.tokenizer import load_processor
 from idefics_cog.training import (
     ADAPTER_FILES, IGNORE, Collator, ExampleDataset, TrainConfig, TrainingCancelled, causal_lm_loss, prepare, split,
     train_adapter,
@@ -35,7 +36,7 @@ def dataset_zip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def processor(tiny_dir):
-    return AutoProcessor.from_pretrained(tiny_dir / "base")
+    return load_processor(tiny_dir / "base")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import (
-    AutoProcessor,
-    BitsAndBytesConfig,
-    IdeficsConfig,
-    IdeficsForVisionText2Text,
-)
+from transformers import BitsAndBytesConfig, IdeficsConfig, IdeficsForVisionText2Text
 
 from idefics_cog.batching import END, Scheduler
 from idefics_cog.errors import InputError
@@ -32,6 +27,7 @@ from idefics_cog.fast import cache_bytes
 from idefics_cog.placement import ACTIVATIONS, place
 from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.textstream import TextStream
+from idefics_cog.tokenizer import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +98,7 @@ class Engine:
             path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
             device_map=placement.device_map, max_memory=placement.max_memory,
         ).eval()
-        return cls(model, AutoProcessor.from_pretrained(path), model.device, engine, max_batch, max_images)
+        return cls(model, load_processor(path), model.device, engine, max_batch, max_images)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
         return self.generation_thread.submit(encode, segments, images, self.processor).result()

@@ -22,6 +22,8 @@ from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN
 
 SEED = 1234
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+SPACE = "▁"  # sentencepiece's word start
+IDEFICS_TOKENS = [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE]  # ids right after the base vocabulary
 
 
 @dataclass(frozen=True)
@@ -78,27 +80,97 @@ def _corpus(lines: int = 4000) -> list[str]:
     return sentences + [f"User: {a.capitalize()}\nAssistant: {b.capitalize()}" for a, b in zip(sentences, sentences[1:])]
 
 
-def build_tokenizer(vocab: int):
-    """A Metaspace BPE (decodes to readable words) with IDEFICS's special tokens after the base vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def _added_token(token_id: int, content: str, normalized: bool) -> dict:
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": normalized, "special": True}
+
+
+def llama_tokenizer_json(vocab: dict[str, int], merges: list[str]) -> dict:
+    """A tokenizer.json in the layout of 2023 LLaMA/IDEFICS checkpoints (transformers 4.32's LLaMA conversion):
+    normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer, BPE with byte fallback, decoder
+    Replace/ByteFallback/Fuse/Strip, and IDEFICS's tokens right after the base vocabulary. Written in the
+    serialization tokenizers 0.13 reads. `<unk>`/`<s>`/`</s>` are `normalized: true` as in LLaMA hub files of
+    2023 (it only decides whether the text right after `<s>` starts with "▁"); the IDEFICS tokens were added as
+    special tokens (`normalized: false`)."""
+    base = len(vocab)
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [_added_token(i, t, True) for i, t in enumerate([UNK, BOS, EOS])]
+        + [_added_token(base + i, t, False) for i, t in enumerate(IDEFICS_TOKENS)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": SPACE},
+            {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
+        ]},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {BOS: {"id": BOS, "ids": [vocab[BOS]], "tokens": [BOS]}},
+        },
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": UNK, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "vocab": vocab, "merges": merges,
+        },
+    }
+
+
+# tokenizer_config.json / special_tokens_map.json of an IDEFICS checkpoint (LLaMA's, before `added_tokens_decoder`).
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+    "bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": UNK, "padding_side": "left",
+    "clean_up_tokenization_spaces": False, "model_max_length": 2048, "additional_special_tokens": IDEFICS_TOKENS,
+}
+SPECIAL_TOKENS_MAP = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": UNK,
+                      "additional_special_tokens": IDEFICS_TOKENS}
+
+
+def preprocessor_config(image_size: int) -> dict:
+    """IDEFICS's image processor (CLIP normalisation) for `image_size` px images."""
+    return {
+        "image_processor_type": "IdeficsImageProcessor", "processor_class": "IdeficsProcessor",
+        "image_size": image_size, "image_num_channels": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def write_processor_files(out: Path, vocab: dict[str, int], merges: list[str], image_size: int) -> None:
+    """The tokenizer and preprocessor files of an IDEFICS checkpoint, in the released layout."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "tokenizer.json", llama_tokenizer_json(vocab, merges))
+    _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
+    _write_json(out / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
+    _write_json(out / "preprocessor_config.json", preprocessor_config(image_size))
+
+
+def train_bpe(vocab: int) -> tuple[dict[str, int], list[str]]:
+    """A small BPE trained on "▁"-prefixed words, as sentencepiece trained LLaMA's; `<unk>`, `<s>`, `</s>` are ids
+    0-2. Its pieces decode to readable words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(unk_token=UNK))
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always")
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[UNK, BOS, EOS], show_progress=False,
                                   initial_alphabet=list(string.printable))
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     if bpe.get_vocab_size() != vocab:
         raise RuntimeError(f"tokenizer corpus too small: {bpe.get_vocab_size()} tokens, wanted {vocab}")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=UNK,
-        padding_side="left", add_bos_token=False, add_eos_token=False,
-    )
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": [FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE]}
-    )
-    return tokenizer
+    model = json.loads(bpe.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return dict(sorted(model["vocab"].items(), key=lambda item: item[1])), merges
 
 
 def build_config(p: Preset):
@@ -135,19 +207,19 @@ def build_config(p: Preset):
 
 
 def build_processor(image_size: int, vocab: int = Preset.vocab):
-    """The tiny tokenizer with an IDEFICS image processor for `image_size` px images."""
-    from transformers import IdeficsImageProcessorPil, IdeficsProcessor
+    """The tiny tokenizer with an IDEFICS image processor for `image_size` px images, loaded as the real one is."""
+    from idefics_cog.tokenizer import load_processor
 
-    return IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=image_size),
-                            tokenizer=build_tokenizer(vocab))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_processor_files(Path(tmp), *train_bpe(vocab), image_size=image_size)
+        return load_processor(tmp)
 
 
 def build_base(out: Path, p: Preset) -> None:
     import torch
     from transformers import IdeficsForVisionText2Text
 
-    processor = build_processor(p.image_size, p.vocab)
-    processor.save_pretrained(out)
+    write_processor_files(out, *train_bpe(p.vocab), image_size=p.image_size)
 
     torch.manual_seed(SEED)
     model = IdeficsForVisionText2Text(build_config(p))
@@ -155,7 +227,7 @@ def build_base(out: Path, p: Preset) -> None:
         for name, param in model.named_parameters():
             if "norm" not in name and "alpha" not in name:
                 param.normal_(0.0, 0.2)
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.pad_token_id = 0  # <unk>, the pad token of TOKENIZER_CONFIG
     model.save_pretrained(out, safe_serialization=True)
 
 

@@ -305,9 +305,10 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     """Train a new LoRA on the base model `base_source` (any weight source, resolved into `cache_dir`) on the
     dataset `archive`; write the adapter and its .tar under `out_dir`. Setting `stop` ends the training after the
     current step with `TrainingCancelled`, writing nothing."""
-    from transformers import AutoConfig, AutoProcessor, PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
+    from transformers import AutoConfig, PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
 
     from idefics_cog.engine import pick_device
+    from idefics_cog.tokenizer import load_processor
     from idefics_cog.weights import resolve
 
     started = time.perf_counter()
@@ -320,7 +321,7 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     quantization = resolve_quantization(config.quantization, device)
     path = resolve(base_source, cache_dir)
     log.info("base weights %s resolved to %s", base_source, path)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     context = AutoConfig.from_pretrained(path).max_position_embeddings
     prepared = [prepare(example, processor, context) for example in examples]
     train_items, eval_items = split(prepared, config.validation_fraction, config.seed)

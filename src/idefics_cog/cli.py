@@ -1,0 +1,74 @@
+"""`idefics-cog` console commands.
+
+`idefics-cog tokens --base DIR --prompt TEXT [--image FILE ...] [--template instruct|raw] [--system-prompt TEXT]`
+prints, as JSON, the exact token ids the model will see for a request and their vocabulary pieces: for debugging
+prompts. It reads only the tokenizer and preprocessor files of DIR, never the weights.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from idefics_cog.errors import InputError
+
+USAGE_ERROR = 2
+
+
+def tokens(base: Path, prompt: str, images: list[Path], template: str = "instruct", system_prompt: str = "") -> dict:
+    """What the model sees for this request: ids, pieces, and the text the tokenizer was given."""
+    from idefics_cog.images import load_image
+    from idefics_cog.prompt import build_segments, encode, render
+    from idefics_cog.tokenizer import load_processor
+
+    segments = build_segments(prompt, len(images), template, system_prompt)  # checks placeholders first: cheap
+    processor = load_processor(base)
+    loaded = []
+    for index, path in enumerate(images):
+        name = f"image[{index}]"
+        if not Path(path).is_file():
+            raise InputError(f"{name}: {path} is not a file")
+        loaded.append(load_image(name, Path(path)))
+    encoded = encode(segments, loaded, processor)
+    ids = encoded.input_ids[0].tolist()
+    tokenizer = processor.tokenizer
+    return {
+        "input_ids": ids,
+        "pieces": [tokenizer.piece(i) for i in ids],
+        "num_tokens": len(ids),
+        "images": len(images),
+        "text": tokenizer.bos_token + render(segments),
+        "segments": [f"<image {s}>" if isinstance(s, int) else s for s in segments],
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="idefics-cog", description="IDEFICS on Cog: tools for people debugging it.")
+    commands = main.add_subparsers(dest="command", required=True)
+    command = commands.add_parser(
+        "tokens", help="print the token ids the model will see for a prompt (JSON)",
+        description="Print, as JSON, the exact input_ids the model sees for a prompt and their vocabulary pieces. "
+                    "Reads only the tokenizer and preprocessor files of --base.")
+    command.add_argument("--base", required=True, type=Path,
+                         help="checkpoint folder with tokenizer.json and preprocessor_config.json")
+    command.add_argument("--prompt", required=True, help="the prompt; <image> placeholders bind the images in order")
+    command.add_argument("--image", action="append", default=[], type=Path, metavar="FILE",
+                         help="an image file (repeat for several)")
+    command.add_argument("--template", choices=["instruct", "raw"], default="instruct")
+    command.add_argument("--system-prompt", default="")
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = tokens(args.base, args.prompt, args.image, args.template, args.system_prompt)
+    except InputError as error:
+        print(f"idefics-cog {args.command}: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    print(json.dumps(result, ensure_ascii=False, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
