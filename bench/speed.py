@@ -431,6 +431,9 @@ def main() -> None:
     compared = check_greedy(model, processor, args.new_tokens)  # in float32, before anything is timed
     progress(f"greedy check passed ({compared} tokens)")
     if model.device.type == "cuda":
+        # The check's compiled graphs captured the float32 weights' addresses: replaying them after the weights
+        # move to bf16 reads freed memory (an illegal address on an H200). Serving never changes the dtype.
+        torch._dynamo.reset()
         model.to(torch.bfloat16)
         free_memory(model.device)
     device = model.device

@@ -42,7 +42,7 @@ def forced_logits(engine, continuation: list[int]) -> torch.Tensor:
     """Teacher-forced logits: one forward over the prompt followed by `continuation` (fixed tokens, so they do not
     depend on what this model would pick), at every position."""
     encoded = engine.encode(build_segments(TEXT, len(IMAGES)), list(IMAGES))
-    extra = torch.tensor([continuation])
+    extra = torch.tensor([continuation], device=engine.device)
     inputs = encoded.to(engine.device, engine.dtype)
     inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)

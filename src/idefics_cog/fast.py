@@ -14,6 +14,8 @@ positions and keys it would see alone; other slots only ever meet it as masked-o
 """
 
 import logging
+import threading
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,18 @@ import torch.nn.functional as F
 from idefics_cog.prompt import Encoded
 
 log = logging.getLogger(__name__)
+
+
+def cuda_graphs_on_this_thread() -> None:
+    """Let CUDA graph trees (torch.compile's reduce-overhead mode) run on the engine's own thread. They keep their
+    state per thread and set it up only in the thread that imported them (and in autograd's); on any other thread
+    their first replay fails an assertion (seen on an H200, torch 2.11). This gives this thread that state."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if not hasattr(local, "tree_manager_containers"):
+        local.tree_manager_containers = {}
+        local.tree_manager_locks = defaultdict(threading.Lock)
 
 
 def unwrap(model):
@@ -184,6 +198,7 @@ class FastDecoder:
         where = torch.zeros(bucket, dtype=torch.long)
         where[:count] = torch.tensor(positions)
         ids, where = ids.to(self.device, non_blocking=True), where.to(self.device, non_blocking=True)
+        cuda_graphs_on_this_thread()
         logits = self.compiled(base, ids, where, length, self.image_capacity)
         return logits[:count].float().clone()  # the graph's output buffer is reused by the next replay
 
