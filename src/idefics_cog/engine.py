@@ -28,6 +28,7 @@ from transformers import (
 from idefics_cog.batching import END, Scheduler
 from idefics_cog.errors import InputError
 from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
+from idefics_cog.quiet import no_loading_bars
 from idefics_cog.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Engine:
         On GPU, accelerate's `device_map="auto"` spreads a model too large for one GPU (the 80b) over all of them."""
         device = pick_device(device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        no_loading_bars()
         model = IdeficsForVisionText2Text.from_pretrained(
             path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
             device_map="auto" if device.type == "cuda" else {"": "cpu"},

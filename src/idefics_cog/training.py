@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from idefics_cog.dataset import DATA_FILE, DatasetError, Example, load_dataset
 from idefics_cog.errors import InputError
 from idefics_cog.prompt import encode, render
+from idefics_cog.quiet import no_loading_bars
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def load_model(path: Path, device: torch.device, quantization: str):
         device_map = {"": int(local_rank)} if local_rank is not None else "auto"
     else:
         device_map = {"": "cpu"}
+    no_loading_bars()
     return IdeficsForVisionText2Text.from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config(quantization, dtype), device_map=device_map)
 
