@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import tarfile
+import time
 
 import pytest
 import torch
@@ -221,6 +222,24 @@ def test_script_train_end_to_end_writes_the_adapter_tar(tmp_path, tiny_dir, data
         assert sorted(tar.getnames()) == sorted(ADAPTER_FILES)
         config = json.loads(tar.extractfile("adapter_config.json").read())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
+
+
+def test_script_train_shows_the_training_log_while_it_runs(tmp_path, tiny_dir, dataset_zip):
+    """Each line is timed as it reaches the terminal: step 1 arrives while the later steps still run (before, every
+    log line came at once, when the training had ended)."""
+    env = {**os.environ, **tiny_env(tiny_dir), "IDEFICS_ADAPTER_WEIGHTS": "none", "IDEFICS_DEVICE": "cpu"}
+    command = [str(ROOT / "script/train"), "-i", f"dataset=@{dataset_zip}", "-i", "max_steps=8",
+               "-i", "validation_fraction=0", "-o", str(tmp_path / "weights.tar")]
+    arrived = {}
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                          cwd=tmp_path) as process:
+        for line in process.stderr:
+            for key in ("step 1/8", "training done"):
+                if key in line:
+                    arrived.setdefault(key, time.monotonic())
+            assert not re.search(r"tmp\w+file", line), line  # never Cog's temporary file name (tmpb7b1i4aofile.zip)
+    assert process.returncode == 0
+    assert arrived["step 1/8"] < arrived["training done"] - 1.0, arrived  # seven more steps ran in between
 
 
 def test_script_train_fails_with_the_datasets_file_and_line(tmp_path, tiny_dir):

@@ -316,7 +316,7 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="training-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = load_dataset(Path(archive), out_dir / "dataset")
-    log.info("dataset: %d examples from %s", len(examples), Path(archive).name)
+    log.info("dataset: %d examples", len(examples))  # not the archive's name: Cog's temporary file (tmp…file.zip)
 
     device = pick_device(config.device)
     quantization = resolve_quantization(config.quantization, device)
