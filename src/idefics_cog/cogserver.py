@@ -27,7 +27,7 @@ from pathlib import Path
 import requests
 
 from idefics_cog.schema import write_schema
-from idefics_cog.settings import ROOT
+from idefics_cog.settings import DEFAULT_BASE_WEIGHTS, ROOT
 
 STUBS = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"), "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}
 
@@ -37,6 +37,17 @@ TERMINAL = ("succeeded", "failed", "canceled")
 
 class ServerError(RuntimeError):
     pass
+
+
+# After a failed start with no weights chosen: how to run here without the hub (script/predict's first use).
+NO_WEIGHTS_HINT = (
+    f"No IDEFICS_BASE_WEIGHTS is set, so the server loads {DEFAULT_BASE_WEIGHTS} (about 18 GB) from the Hugging "
+    "Face hub. To try it without the hub: `make predict` (a tiny random model), or `make tiny` and then\n"
+    "  IDEFICS_BASE_WEIGHTS=weights/tiny/base IDEFICS_ADAPTER_WEIGHTS=weights/tiny/adapter "
+    "script/predict -i image=@my.png -i prompt=\"...\"\n"
+    "Or set IDEFICS_BASE_WEIGHTS to a checkpoint directory, or HF_ENDPOINT to a reachable hub mirror (README, "
+    "\"Weights and adapters\")."
+)
 
 
 def free_port() -> int:
@@ -368,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_prediction(args.inputs)
     except ServerError as exc:
         print(exc, file=sys.stderr)
+        if "IDEFICS_BASE_WEIGHTS" not in os.environ:
+            print(NO_WEIGHTS_HINT, file=sys.stderr)
         return 1
 
 

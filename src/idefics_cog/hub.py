@@ -49,7 +49,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from idefics_cog.weights import PICKLE_SUFFIXES, WeightsError, env_flag
+from idefics_cog.weights import PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
 
 try:  # the tree listing snapshot_download caches per commit (`trees/<commit>.json`), with each file's lfs sha256
     from huggingface_hub._tree_cache import read_tree_cache
@@ -162,7 +162,7 @@ class _Hub:
             return self.download(self.revision, local_files_only=True)
         except LocalEntryNotFoundError as exc:
             incomplete = "incomplete" if isinstance(exc, IncompleteSnapshotError) else "not"
-            raise WeightsError(
+            raise UnreachableError(
                 f"Hugging Face repo {self.label} is {incomplete} in the cache ({self.cache_dir}) and cannot be "
                 f"downloaded: {reason}"
             ) from (cause or exc)
