@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TINY := weights/tiny
 
-.PHONY: install tiny predict test bench soak serve clean
+.PHONY: install tiny predict train test bench soak serve clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,13 @@ MAX_NEW_TOKENS ?= 48
 predict: install tiny
 	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/predict -i image=@"$(IMAGE)" -i prompt="$(PROMPT)" -i max_new_tokens=$(MAX_NEW_TOKENS)
 
+# A short fine-tuning of the tiny model through the real Cog server in train mode; the adapter goes to trained.tar.
+train: install tiny examples/data.zip
+	IDEFICS_BASE_WEIGHTS=$(TINY)/base script/train -i dataset=@examples/data.zip -i max_steps=20 -o trained.tar
+
+examples/data.zip: examples/make_dataset.py examples/xray.png | $(VENV)/.installed
+	$(PY) examples/make_dataset.py $@
+
 test: install
 	$(PY) -m pytest
 
@@ -47,4 +54,4 @@ serve: install tiny
 	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/serve
 
 clean:
-	rm -rf $(TINY) .cog .pytest_cache
+	rm -rf $(TINY) .cog .pytest_cache examples/data.zip
