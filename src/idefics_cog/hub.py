@@ -48,6 +48,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 from idefics_cog.weights import PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
 
@@ -57,6 +58,16 @@ except ImportError:  # a later huggingface_hub: fall back on blob names, which a
     read_tree_cache = None
 
 log = logging.getLogger(__name__)
+
+
+class _TerminalOnlyBar(hf_tqdm):
+    """snapshot_download's bars, shown on a terminal only (tqdm's `disable=None`), as its byte bars already are: its
+    "Fetching N files" bar printed two lines into the server log at every start, even with everything cached.
+    Off a terminal the "... fetched" line below says what was downloaded."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True if kwargs.get("disable") else None
+        super().__init__(*args, **kwargs)
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # redundant with ALLOW_PATTERNS, on purpose
@@ -122,6 +133,7 @@ class _Hub:
                 local_files_only=local_files_only or self.offline,
                 endpoint=self.endpoint,
                 etag_timeout=self.timeout,
+                tqdm_class=_TerminalOnlyBar,
             )
         )
 

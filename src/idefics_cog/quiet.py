@@ -15,8 +15,8 @@ def silence_known_noise() -> None:
 
 
 def no_loading_bars() -> None:
-    """transformers' "Loading weights: 100%|████|" bar: in a server log each redraw is a line of its own. Hub
-    download bars stay (they show a first download's progress, not every start)."""
+    """transformers' "Loading weights: 100%|████|" bar: in a server log each redraw is a line of its own. (The hub's
+    bars show on a terminal only: hub.py.)"""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
