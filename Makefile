@@ -3,17 +3,18 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TINY := weights/tiny
-export PYTHONPATH := $(CURDIR)/src
 
-.PHONY: install tiny predict test bench soak serve clean
+.PHONY: install tiny predict train test bench soak serve clean
 
 install: $(VENV)/.installed
 
-# torch first: its CPU wheel is local; installed after the rest, pip would pull the CUDA build.
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# torch first: its CPU wheel is local; installed after the rest, pip would pull the CUDA build. Then the project
+# itself, editable (src/ stays the code that runs): `python -m idefics_cog...` and `idefics-cog` need no PYTHONPATH.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $$(grep '^torch==' requirements.txt)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 tiny: $(TINY)/COMPLETE
@@ -22,8 +23,19 @@ $(TINY)/COMPLETE: | $(VENV)/.installed
 	$(PY) -m idefics_cog.tiny --out $(TINY)
 
 # The main job: one streamed answer from the embedded tiny model, through the real Cog server.
+# Your own question: make predict IMAGE=my.png PROMPT="What is in this picture?"
+IMAGE ?= examples/xray.png
+PROMPT ?= What does this X-ray show?
+MAX_NEW_TOKENS ?= 48
 predict: install tiny
-	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/predict -i image=@examples/xray.png -i prompt="What does this X-ray show?" -i max_new_tokens=48
+	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/predict -i image=@"$(IMAGE)" -i prompt="$(PROMPT)" -i max_new_tokens=$(MAX_NEW_TOKENS)
+
+# A short fine-tuning of the tiny model through the real Cog server in train mode; the adapter goes to trained.tar.
+train: install tiny examples/data.zip
+	IDEFICS_BASE_WEIGHTS=$(TINY)/base script/train -i dataset=@examples/data.zip -i max_steps=20 -o trained.tar
+
+examples/data.zip: examples/make_dataset.py examples/xray.png | $(VENV)/.installed
+	$(PY) examples/make_dataset.py $@
 
 test: install
 	$(PY) -m pytest
@@ -42,4 +54,4 @@ serve: install tiny
 	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/serve
 
 clean:
-	rm -rf $(TINY) .cog .pytest_cache
+	rm -rf $(TINY) .cog .pytest_cache examples/data.zip

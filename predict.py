@@ -1,7 +1,7 @@
 """Cog predictor for IDEFICS: interleaved images and text in, streamed text out.
 
 Every `Input(...)` argument is a literal: `cog build` reads this file statically to make the API schema.
-`predict` is async so that Cog runs up to `concurrency.max` predictions at once (cog.yaml, COG_MAX_CONCURRENCY);
+`run` is async so that Cog runs up to `concurrency.max` predictions at once (cog.yaml, COG_MAX_CONCURRENCY);
 the service batches the requests that arrive together into one decode. It returns a plain generator rather than
 being an async generator: coglet 0.23.1 streams the chunks of a returned generator as they come, but collects an
 async generator's until it ends (README, "Concurrency").
@@ -18,7 +18,7 @@ from typing import Optional
 sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
 
 import cog  # noqa: E402
-from cog import BasePredictor, ConcatenateIterator, Input, Path  # noqa: E402
+from cog import BaseRunner, ConcatenateIterator, Input, Path  # noqa: E402
 
 from idefics_cog.service import Service  # noqa: E402
 
@@ -46,7 +46,7 @@ def _live(pieces: AsyncIterator[str], first: Optional[str]) -> Iterator[str]:
     return stream()
 
 
-class Predictor(BasePredictor):
+class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
         """Resolve (downloading into weights/ if needed) and load the base model and the default adapter once
         (`IDEFICS_BASE_WEIGHTS`, `IDEFICS_ADAPTER_WEIGHTS`, `IDEFICS_QUANTIZATION`; see README).
@@ -57,7 +57,7 @@ class Predictor(BasePredictor):
 
     @cog.streaming
     @cog.concurrent(max=16)  # newer Cog reads it; cog 0.23.1 takes concurrency.max from cog.yaml (keep them equal)
-    async def predict(
+    async def run(
         self,
         prompt: str = Input(
             description="Your message. Put <image> where each image goes (image first, then images); "

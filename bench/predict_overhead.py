@@ -16,7 +16,7 @@ is warmed up, then the paths run round-robin; the table gives medians and minima
 the recipe's. The tiny model makes the model itself cheap, so this shows the fixed per-prediction overhead.
 
     make tiny
-    PYTHONPATH=src .venv/bin/python bench/predict_overhead.py [--repeats 15] [--max-new-tokens 64] [--json PATH]
+    .venv/bin/python bench/predict_overhead.py [--repeats 15] [--max-new-tokens 64] [--json PATH]
 """
 
 import argparse

@@ -7,7 +7,7 @@ the bad ones); the worker's resident memory after warm-up must not grow beyond a
 adapter cache must stay within their limits.
 
     make tiny
-    PYTHONPATH=src .venv/bin/python bench/soak.py [--requests 300] [--json PATH]
+    .venv/bin/python bench/soak.py [--requests 300] [--json PATH]
 """
 
 import argparse

@@ -22,9 +22,9 @@ script exits 1. Then, after a warm-up run of each path, the paths run round-robi
   aggregate tokens/s   1, 4 and 16 concurrent requests (threads, different prompts and images), --concurrent-tokens
                        new tokens each: all new tokens / wall time (runs: half of --repeats, rounded up)
 
-    PYTHONPATH=src .venv/bin/python bench/speed.py [--preset bench-small|tiny] [--repeats 5] [--json PATH]
-    PYTHONPATH=src python bench/speed.py --real-size --repeats 3   # a random idefics-9b in bf16; needs CUDA
-    PYTHONPATH=src .venv/bin/python bench/speed.py --real-size --smoke   # that code path scaled down, on CPU
+    .venv/bin/python bench/speed.py [--preset bench-small|tiny] [--repeats 5] [--json PATH]
+    python bench/speed.py --real-size --repeats 3   # a random idefics-9b in bf16; needs CUDA
+    .venv/bin/python bench/speed.py --real-size --smoke   # that code path scaled down, on CPU
 
 The presets run on CPU in float32 (`bench-small` is sized so that a plain generate step costs a few ms, with real
 matrix work in it); about 3 minutes on 2 cores. `--real-size` builds a random idefics-9b on the GPU with the tiny

@@ -8,7 +8,7 @@ warm-up left out). The table gives, across runs, the median and minimum of those
 samples/s = batch size / (median ms per step).
 
     make tiny
-    PYTHONPATH=src .venv/bin/python bench/training.py [--repeats 3] [--steps 20] [--batch-sizes 1,2,4]
+    .venv/bin/python bench/training.py [--repeats 3] [--steps 20] [--batch-sizes 1,2,4]
 
 `--real-size` builds a random IDEFICS with the idefics-9b configuration (hidden 4096, 32 layers, 32 heads,
 intermediate 11008, vocab 32000 + 2, cross-attention every 4 layers; CLIP ViT-H/14 at 224 px, 32 layers;
@@ -17,7 +17,7 @@ tokens, the last 32 labelled), and measures the same thing on the GPU. It needs 
 (bf16 weights ~18 GB plus activations); it was NOT run on the 2-core CPU machine where this file was written,
 and is meant to run as is:
 
-    PYTHONPATH=src python bench/training.py --real-size [--batch-sizes 1,4,8] [--tokens 256]
+    python bench/training.py --real-size [--batch-sizes 1,4,8] [--tokens 256]
 
 `--real-size --smoke` runs that same code path on CPU with a scaled-down configuration (a check that it works).
 """

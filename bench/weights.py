@@ -10,7 +10,7 @@ Sources are served by a real HTTP server on 127.0.0.1 (tests/fileserver.py), as 
                on the same file from the same server
 
     make tiny
-    PYTHONPATH=src .venv/bin/python bench/weights.py [--repeats 5] [--download-mib 512] [--json PATH]
+    .venv/bin/python bench/weights.py [--repeats 5] [--download-mib 512] [--json PATH]
 """
 
 import argparse

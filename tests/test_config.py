@@ -28,7 +28,8 @@ def test_cog_yaml_declares_gpu_cuda_python_sdk_and_predictor(cog_yaml):
     assert build["gpu"] is True and re.fullmatch(r"\d+\.\d+", build["cuda"])
     assert re.fullmatch(r"3\.\d+", build["python_version"])
     assert build["python_requirements"] == "requirements.txt"
-    assert cog_yaml["predict"] == "predict.py:Predictor"
+    # Cog's current spelling (cog >= 0.20: `run:`, BaseRunner, run()); `predict:` would log a deprecation.
+    assert cog_yaml["run"] == "predict.py:Predictor" and "predict" not in cog_yaml
     pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().split() if "==" in line)
     assert build["sdk_version"] == pins["cog"]
 
@@ -90,9 +91,10 @@ def test_cog_yaml_environment_matches_the_settings_defaults(cog_yaml):
 def _predict_node() -> ast.AsyncFunctionDef:
     tree = ast.parse((ROOT / "predict.py").read_text())
     (predictor,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Predictor"]
-    (predict,) = [node for node in predictor.body if getattr(node, "name", None) == "predict"]
-    assert isinstance(predict, ast.AsyncFunctionDef), "predict must be `async def` for COG_MAX_CONCURRENCY > 1"
-    return predict
+    (run,) = [node for node in predictor.body if getattr(node, "name", None) == "run"]
+    assert isinstance(run, ast.AsyncFunctionDef), "run must be `async def` for COG_MAX_CONCURRENCY > 1"
+    assert not any(getattr(node, "name", None) == "predict" for node in predictor.body)  # deprecated spelling
+    return run
 
 
 def test_concurrency_is_one_number_everywhere(cog_yaml):
@@ -117,10 +119,11 @@ def test_predict_is_async_and_returns_a_generator_to_stream():
     import cog
     import predict
 
-    assert inspect.iscoroutinefunction(predict.Predictor.predict)
-    assert not inspect.isasyncgenfunction(predict.Predictor.predict)
-    assert predict.Predictor.predict.__cog_concurrent_max__ == 16
-    assert typing.get_type_hints(predict.Predictor.predict)["return"] == cog.ConcatenateIterator[str]
+    assert issubclass(predict.Predictor, cog.BaseRunner) and not issubclass(predict.Predictor, cog.BasePredictor)
+    assert inspect.iscoroutinefunction(predict.Predictor.run)
+    assert not inspect.isasyncgenfunction(predict.Predictor.run)
+    assert predict.Predictor.run.__cog_concurrent_max__ == 16
+    assert typing.get_type_hints(predict.Predictor.run)["return"] == cog.ConcatenateIterator[str]
     assert not any(isinstance(node, (ast.Yield, ast.YieldFrom)) for node in ast.walk(_predict_node()))
 
 

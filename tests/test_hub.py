@@ -151,6 +151,14 @@ def test_download_load_and_warm_cache(hub, tiny_dir, tmp_path, caplog, digests):
     assert all("0 bytes (0 B) fetched" in r.getMessage() for r in caplog.records if "fetched" in r.getMessage())
 
 
+def test_no_progress_bar_off_a_terminal(hub, tmp_path, capfd):
+    """A server's log is no terminal: snapshot_download's "Fetching N files" bar printed two lines into it at every
+    start, cold or warm."""
+    resolve(f"{REPO}@main", tmp_path)
+    resolve(f"{REPO}@main", tmp_path)
+    assert "Fetching" not in capfd.readouterr().err
+
+
 def test_pickled_weights_are_never_requested(hub, tiny_dir, tmp_path):
     path = resolve(WITH_PICKLE, tmp_path)
 

@@ -25,7 +25,7 @@ def test_count_limit_names_the_inputs_and_the_limit():
 def test_not_an_image_names_the_input(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("this is text, not pixels")
-    with pytest.raises(InputError, match=r"images\[2\]: notes.png is not a readable image"):
+    with pytest.raises(InputError, match=r"images\[2\]: the file is not a readable image"):
         load_image("images[2]", path)
 
 
@@ -34,7 +34,7 @@ def test_truncated_file_is_refused(tmp_path):
     noise_image(0, (64, 64)).save(buffer, "JPEG")
     path = tmp_path / "cut.jpg"
     path.write_bytes(buffer.getvalue()[:300])
-    with pytest.raises(InputError, match="image: cut.jpg is not a readable image"):
+    with pytest.raises(InputError, match="image: the file is not a readable image"):
         load_image("image", path)
 
 
@@ -142,7 +142,7 @@ def test_dicom_multiframe_uses_the_first_frame_and_says_so(tmp_path, caplog):
     with caplog.at_level("INFO", logger="idefics_cog.images"):
         values = row(load_bytes(tmp_path, dicom_bytes(frames), "cine.dcm", name="images[1]"))
     assert values[0] == 0 and values[-1] == 255 and values == sorted(values)
-    assert "images[1]: cine.dcm is a DICOM with 3 frames; using the first" in caplog.text
+    assert "images[1]: the file is a DICOM with 3 frames; using the first" in caplog.text
 
 
 def test_dicom_rgb(tmp_path):
@@ -155,13 +155,13 @@ def test_dicom_rgb(tmp_path):
 def test_dicom_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     from idefics_cog.images import Limits
 
-    with pytest.raises(InputError, match=r"image: big.dcm is 64x8 = 512 pixels; the limit is 100 pixels"):
+    with pytest.raises(InputError, match=r"image: the file is 64x8 = 512 pixels; the limit is 100 pixels"):
         load_bytes(tmp_path, dicom_bytes(ramp()), "big.dcm", limits=Limits(max_pixels=100))
 
 
 def test_broken_dicom_names_the_input(tmp_path):
     data = dicom_bytes(ramp())
-    with pytest.raises(InputError, match=r"images\[0\]: cut.dcm is a DICOM file whose pixels cannot be decoded"):
+    with pytest.raises(InputError, match=r"images\[0\]: the file is a DICOM file whose pixels cannot be decoded"):
         load_bytes(tmp_path, data[:-500], "cut.dcm", name="images[0]")
 
 
@@ -227,7 +227,7 @@ def test_animated_gif_gives_its_first_frame(tmp_path, caplog):
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
     with caplog.at_level("INFO", logger="idefics_cog.images"):
         assert load_image("image", tmp_path / "anim.gif").getpixel((4, 4)) == (255, 0, 0)
-    assert "anim.gif has 3 frames; using the first" in caplog.text
+    assert "the file has 3 frames; using the first" in caplog.text
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -273,18 +273,18 @@ def zip_bytes() -> bytes:
 
 
 HOSTILE = {
-    "zero bytes": (b"", "empty.png", r"empty.png is not a readable image \(it is empty: 0 bytes\)"),
-    "random bytes": (np.random.default_rng(0).bytes(2000), "noise.jpg", r"noise.jpg is not a readable image"),
+    "zero bytes": (b"", "empty.png", r"the file is not a readable image \(it is empty: 0 bytes\)"),
+    "random bytes": (np.random.default_rng(0).bytes(2000), "noise.jpg", r"the file is not a readable image"),
     "pdf": (b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\n%%EOF\n", "scan.png",
-            r"scan.png is not a readable image \(it is a PDF document\)"),
-    "zip": (zip_bytes(), "scan.jpg", r"scan.jpg is not a readable image \(it is a zip archive\)"),
+            r"the file is not a readable image \(it is a PDF document\)"),
+    "zip": (zip_bytes(), "scan.jpg", r"the file is not a readable image \(it is a zip archive\)"),
     "decompression bomb": (png_header(60000, 60000), "bomb.png",
-                           r"bomb.png is (60000x60000 = )?3600000000 pixels.*; the limit is 40000000 pixels per image "
+                           r"the file is (60000x60000 = )?3600000000 pixels.*; the limit is 40000000 pixels per image "
                            r"\(IDEFICS_MAX_IMAGE_PIXELS\)"),
     "extreme aspect ratio": (png_header(20000, 10), "strip.png",
-                             r"strip.png is 20000x10, an aspect ratio of 2000:1; the limit is 20:1 "
+                             r"the file is 20000x10, an aspect ratio of 2000:1; the limit is 20:1 "
                              r"\(IDEFICS_MAX_ASPECT_RATIO\)"),
-    "eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "x.png", r"x.png is not a readable image"),
+    "eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "x.png", r"the file is not a readable image"),
 }
 
 
@@ -302,7 +302,7 @@ def test_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "load", no_decoding)
     monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
     # Between Pillow's warning (1x the limit) and its error (2x): the explicit check on the header refuses it.
-    with pytest.raises(InputError, match=r"image: bomb.png is 8000x8000 = 64000000 pixels; the limit is 40000000 "
+    with pytest.raises(InputError, match=r"image: the file is 8000x8000 = 64000000 pixels; the limit is 40000000 "
                                          r"pixels per image \(IDEFICS_MAX_IMAGE_PIXELS\)"):
         load_bytes(tmp_path, png_header(8000, 8000), "bomb.png")
 
@@ -322,7 +322,7 @@ def test_limits_come_from_the_environment_at_call_time(tmp_path, monkeypatch):
     Image.new("RGB", (300, 100)).save(path)
     assert load_image("image", path).size == (300, 100)
     monkeypatch.setenv("IDEFICS_MAX_IMAGE_PIXELS", "29999")
-    with pytest.raises(InputError, match=r"image: a.png is 300x100 = 30000 pixels; the limit is 29999 pixels"):
+    with pytest.raises(InputError, match=r"image: the file is 300x100 = 30000 pixels; the limit is 29999 pixels"):
         load_image("image", path)
     monkeypatch.delenv("IDEFICS_MAX_IMAGE_PIXELS")
     monkeypatch.setenv("IDEFICS_MAX_ASPECT_RATIO", "2.5")
@@ -330,7 +330,7 @@ def test_limits_come_from_the_environment_at_call_time(tmp_path, monkeypatch):
         load_image("image", path)
     monkeypatch.delenv("IDEFICS_MAX_ASPECT_RATIO")
     monkeypatch.setenv("IDEFICS_MAX_IMAGE_BYTES", str(path.stat().st_size - 1))
-    with pytest.raises(InputError, match=rf"image: a.png is {path.stat().st_size} bytes; the limit is "
+    with pytest.raises(InputError, match=rf"image: the file is {path.stat().st_size} bytes; the limit is "
                                          rf"{path.stat().st_size - 1} bytes per image \(IDEFICS_MAX_IMAGE_BYTES\)"):
         load_image("image", path)
     monkeypatch.setenv("IDEFICS_MAX_IMAGE_BYTES", "lots")
@@ -345,7 +345,7 @@ def test_default_byte_limit_is_50_mb(tmp_path):
     path = tmp_path / "huge.png"
     with open(path, "wb") as file:  # sparse: 50 MB + 1 of zeros, never read
         file.truncate(50_000_001)
-    with pytest.raises(InputError, match=r"huge.png is 50000001 bytes; the limit is 50000000 bytes"):
+    with pytest.raises(InputError, match=r"the file is 50000001 bytes; the limit is 50000000 bytes"):
         load_image("image", path)
 
 
@@ -372,6 +372,6 @@ def test_jpeg_compressed_dicom_is_decoded(tmp_path):
 
 
 def test_undecodable_compressed_dicom_names_its_transfer_syntax(tmp_path):
-    with pytest.raises(InputError, match=r"image: bad.dcm is a DICOM file whose pixels cannot be decoded "
+    with pytest.raises(InputError, match=r"image: the file is a DICOM file whose pixels cannot be decoded "
                                          r"\(transfer syntax JPEG Baseline \(Process 1\)\)"):
         load_bytes(tmp_path, jpeg_dicom(b"\xff\xd8garbage\xff\xd9"), "bad.dcm")

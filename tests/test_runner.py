@@ -4,6 +4,8 @@ import base64
 import os
 import signal
 import subprocess
+import sys
+import sysconfig
 import time
 
 import pytest
@@ -93,6 +95,56 @@ def test_script_predict_reports_a_setup_failure(tmp_path):
     done = script("predict", "-i", "prompt=hi", env={"IDEFICS_BASE_WEIGHTS": str(tmp_path / "missing")})
     assert done.returncode == 1
     assert "SETUP_FAILED" in done.stderr and "missing" in done.stderr
+
+
+def test_script_predict_without_weights_or_hub_says_what_to_do(tmp_path):
+    """A first try on a machine without the hub: no IDEFICS_BASE_WEIGHTS, an empty cache, a hub that refuses the
+    connection (a closed 127.0.0.1 port): it fails at setup, at once, and names the ways to run anyway."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("IDEFICS_", "HF_"))}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", IDEFICS_CACHE_DIR=str(tmp_path / "cache"))
+    started = time.monotonic()
+    done = subprocess.run([str(ROOT / "script/predict"), "-i", "prompt=hi"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 1
+    assert time.monotonic() - started < 120  # setup's own time; no retries, no timeouts
+    assert "IDEFICS_BASE_WEIGHTS=HuggingFaceM4/idefics-9b-instruct: " in done.stderr, done.stderr
+    assert "could not be reached" in done.stderr  # why
+    for way in ("make predict", "make tiny", "IDEFICS_BASE_WEIGHTS=weights/tiny/base", "HF_ENDPOINT"):
+        assert way in done.stderr, done.stderr
+
+
+def test_an_unreachable_default_adapter_names_its_setting(tiny_dir, tmp_path, monkeypatch):
+    from idefics_cog.service import Service
+    from idefics_cog.settings import Settings
+    from idefics_cog.weights import WeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = Settings.from_env({"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_CACHE_DIR": str(tmp_path)})
+    with pytest.raises(WeightsError, match=r"IDEFICS_ADAPTER_WEIGHTS=WinterSchool/Midefics-lora-v3: .*HF_HUB_OFFLINE is set. "
+                                           r"Set IDEFICS_ADAPTER_WEIGHTS to none, an adapter directory"):
+        Service.from_settings(settings)
+
+
+def test_make_install_installs_the_project_editable(tmp_path):
+    """`make install` into a fresh venv (its packages borrowed from this one through a .pth: pip finds them all
+    installed and fetches only the build backend): the project then imports from src/ with no PYTHONPATH, and
+    `idefics-cog` is installed."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    done = subprocess.run(["make", "-C", str(ROOT), f"VENV={venv}", "install"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    imported = subprocess.run([str(venv / "bin/python"), "-c", "import idefics_cog; print(idefics_cog.__file__)"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert imported.stdout.strip() == str(ROOT / "src/idefics_cog/__init__.py"), imported.stderr
+    assert (venv / "bin/idefics-cog").is_file()
+    # Installed: nothing left to do, until pyproject.toml changes (`-W`: as if it had just been modified).
+    make_q = ["make", "-C", str(ROOT), "-q", f"VENV={venv}", "install"]
+    assert subprocess.run(make_q, env=env).returncode == 0
+    assert subprocess.run([*make_q, "-W", "pyproject.toml"], env=env).returncode == 1
 
 
 def test_script_serve_runs_the_server_in_the_foreground(tiny_dir):

@@ -25,6 +25,15 @@ def test_health_is_ready(server):
     assert server.health()["status"] == "READY"
 
 
+def test_a_server_start_logs_no_noise(server):
+    """Setup's log says what happened (weights, model, adapter) and nothing else: no warning-level line (Cog's own
+    deprecations), no bitsandbytes "kernels" message, no Python warnings, no progress bars."""
+    start = server.log_path.read_text().partition("now accepting requests")[0]
+    assert "model loaded on cpu" in start  # the log of setup is there
+    for noise in ('"level":"WARN"', "kernels", "Warning:", "deprecated", "Loading weights", "%|"):
+        assert noise not in start, f"{noise!r} in the server's start log:\n{start}"
+
+
 def test_openapi_carries_the_input_bounds(server):
     schema = requests.get(f"{server.url}/openapi.json", timeout=10).json()
     properties = schema["components"]["schemas"]["Input"]["properties"]

@@ -58,6 +58,10 @@ HOSTILE = {
                            r"\(IDEFICS_MAX_IMAGE_PIXELS\)"),
     "extreme aspect ratio": (data_uri(png_header(20000, 10)),
                              r"is 20000x10, an aspect ratio of 2000:1; the limit is 20:1 \(IDEFICS_MAX_ASPECT_RATIO\)"),
+    "truncated dicom": (data_uri(dicom_bytes(ramp())[:-500], "application/dicom"),
+                        r"is a DICOM file whose pixels cannot be decoded"),
+    "unreadable dicom": (data_uri(b"\0" * 128 + b"DICM" + b"\xff" * 40, "application/dicom"),
+                         r"is not a readable DICOM image"),
 }
 
 
@@ -84,4 +88,6 @@ def test_hostile_file_fails_naming_the_input_and_the_server_keeps_serving(server
         result = server.predict({"max_new_tokens": 4, **inputs})
         assert result["status"] == "failed", result
         assert re.search(rf"\b{name}: .*{message}", result["error"]), result["error"]
+        # Cog hands predict a temporary file (tmpb7b1i4aofile.png): its name must never reach the user.
+        assert not re.search(r"tmp|/", result["error"]), result["error"]
     assert answer(server, BASELINE) == baseline

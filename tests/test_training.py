@@ -9,6 +9,7 @@ import subprocess
 import tarfile
 
 import pytest
+import requests
 import torch
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
@@ -222,6 +223,30 @@ def test_script_train_end_to_end_writes_the_adapter_tar(tmp_path, tiny_dir, data
         assert sorted(tar.getnames()) == sorted(ADAPTER_FILES)
         config = json.loads(tar.extractfile("adapter_config.json").read())
     assert config["r"] == 8 and config["peft_type"] == "LORA"
+
+
+def test_script_train_shows_the_training_log_while_it_runs(tmp_path, tiny_dir, dataset_zip):
+    """The training's first log line reaches the terminal while the training still runs: the server, given one slot,
+    reports BUSY then (before, every line came at once, once the training had ended)."""
+    env = {**os.environ, **tiny_env(tiny_dir), "IDEFICS_ADAPTER_WEIGHTS": "none", "IDEFICS_DEVICE": "cpu",
+           "COG_MAX_CONCURRENCY": "1"}
+    command = [str(ROOT / "script/train"), "-i", f"dataset=@{dataset_zip}", "-i", "max_steps=8",
+               "-i", "validation_fraction=0", "-o", str(tmp_path / "weights.tar")]
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                          cwd=tmp_path) as process:
+        lines = iter(process.stderr)
+        url = next(re.search(r"training on (\S+)", line).group(1) for line in lines if "training on" in line)
+        first = next(line for line in lines if line.startswith("dataset:"))
+        try:
+            status = requests.get(f"{url}/health-check", timeout=5).json()["status"]
+        except requests.RequestException as exc:
+            status = f"unreachable ({exc})"
+        rest = "".join(lines)
+    assert process.returncode == 0, rest
+    assert status == "BUSY", f"the first log line came when the server was {status}"
+    assert rest.index("step 1/8") < rest.index("training done")
+    # Never Cog's temporary file name (tmpb7b1i4aofile.zip) for the dataset.
+    assert not re.search(r"tmp\w+file", first + rest), first + rest
 
 
 def test_script_train_fails_with_the_datasets_file_and_line(tmp_path, tiny_dir):

@@ -12,25 +12,42 @@ import base64
 import json
 import mimetypes
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
 
 from idefics_cog.schema import write_schema
-from idefics_cog.settings import ROOT
+from idefics_cog.settings import DEFAULT_BASE_WEIGHTS, ROOT
 
 STUBS = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"), "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}
 
 
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
 class ServerError(RuntimeError):
     pass
+
+
+# After a failed start with no weights chosen: how to run here without the hub (script/predict's first use).
+NO_WEIGHTS_HINT = (
+    f"No IDEFICS_BASE_WEIGHTS is set, so the server loads {DEFAULT_BASE_WEIGHTS} (about 18 GB) from the Hugging "
+    "Face hub. To try it without the hub: `make predict` (a tiny random model), or `make tiny` and then\n"
+    "  IDEFICS_BASE_WEIGHTS=weights/tiny/base IDEFICS_ADAPTER_WEIGHTS=weights/tiny/adapter "
+    "script/predict -i image=@my.png -i prompt=\"...\"\n"
+    "Or set IDEFICS_BASE_WEIGHTS to a checkpoint directory, or HF_ENDPOINT to a reachable hub mirror (README, "
+    "\"Weights and adapters\")."
+)
 
 
 def free_port() -> int:
@@ -141,13 +158,44 @@ class CogServer:
         """One training (a server started with mode="train"), waiting for the final JSON response."""
         return self._run("/trainings", inputs, timeout)
 
-    def _post(self, route: str, inputs: dict, timeout: float, wait: float = 30, **kwargs) -> requests.Response:
+    def follow_training(self, inputs: dict, timeout: float = 24 * 3600) -> Iterator[dict]:
+        """One training, followed as it runs: yields each state the server reports (status, the logs so far), the
+        last one final (succeeded, failed or canceled). coglet 0.23.1 neither streams /trainings (406) nor answers
+        GET /trainings/{id} (405), so, like Replicate, this asks for webhooks, received on 127.0.0.1."""
+        with WebhookReceiver() as hooks:
+            response = self._post("/trainings", inputs, 60, body={"webhook": hooks.url},
+                                  headers={"Prefer": "respond-async"})
+            if response.status_code != 202:
+                raise ServerError(f"HTTP {response.status_code}: {response.text}")
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    state = hooks.states.get(timeout=1)
+                except queue.Empty:
+                    self._check_alive()
+                    continue
+                yield state
+                if state.get("status") in TERMINAL:
+                    return
+            raise ServerError(f"training not finished after {timeout:.0f} s")
+
+    def _check_alive(self) -> None:
+        """A crashed worker sends no final webhook: fail instead of waiting for one."""
+        if self.process.poll() is not None:
+            raise ServerError(f"Cog server exited with {self.process.returncode}:\n{self.log_tail()}")
+        status = self.health().get("status")
+        if status in ("UNHEALTHY", "SETUP_FAILED"):
+            raise ServerError(f"Cog server {status}:\n{self.log_tail()}")
+
+    def _post(self, route: str, inputs: dict, timeout: float, wait: float = 30, body: dict | None = None,
+              **kwargs) -> requests.Response:
         """POST a request, waiting up to `wait` seconds for a free slot: coglet answers 409 while every slot is busy
         (COG_MAX_CONCURRENCY of them), and for a moment after each response until that slot is free again."""
         self.wait_ready(wait)  # READY: at least one slot is free (BUSY: all of them are taken)
         deadline = time.monotonic() + wait
         while True:
-            response = requests.post(f"{self.url}{route}", json={"input": inputs}, timeout=timeout, **kwargs)
+            response = requests.post(f"{self.url}{route}", json={"input": inputs, **(body or {})}, timeout=timeout,
+                                     **kwargs)
             if response.status_code != 409 or time.monotonic() > deadline:
                 return response
             response.close()
@@ -167,6 +215,35 @@ class CogServer:
             if response.status_code != 200:
                 raise ServerError(f"HTTP {response.status_code}: {response.text}")
             yield from read_events(response)
+
+
+class WebhookReceiver:
+    """An HTTP endpoint on a free 127.0.0.1 port that queues the Cog server's webhooks (each one the whole state of a
+    prediction or training so far; they may arrive out of order). Use it as a context manager."""
+
+    def __init__(self):
+        self.states: queue.Queue[dict] = queue.Queue()
+        states = self.states
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                states.put(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):  # no access log on the user's terminal
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_port}/"
+
+    def __enter__(self) -> "WebhookReceiver":
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.shutdown()
+        self.http.server_close()
 
 
 def read_events(response: requests.Response) -> Iterator[tuple[str, dict]]:
@@ -246,15 +323,20 @@ def decode_data_uri(uri: str) -> bytes:
 
 
 def run_training(pairs: list[str], output: Path, env: dict | None = None) -> int:
-    """Like `cog train`: start the server in train mode, run one training, print its logs to stderr, write the
-    weights (a data URI in `output.weights`) to `output`, stop the server. Returns the exit code."""
+    """Like `cog train`: start the server in train mode, run one training, print its logs to stderr as they come,
+    write the weights (a data URI in `output.weights`) to `output`, stop the server. Returns the exit code."""
     with CogServer(env=env, mode="train") as server:
         schema = json.loads((server.root / ".cog/openapi_schema.json").read_text())
         inputs = parse_inputs(pairs, schema, "TrainingInput")
         print(f"training on {server.url} ...", file=sys.stderr, flush=True)
-        result = server.train(inputs)
-        logs = result.get("logs") or ""
-        print(logs, end="" if logs.endswith("\n") else "\n", file=sys.stderr, flush=True)
+        shown = ""  # the logs printed so far: each webhook carries all of them
+        for result in server.follow_training(inputs):
+            logs = result.get("logs") or ""
+            if logs.startswith(shown) and len(logs) > len(shown):  # a late, older webhook has fewer: skip it
+                print(logs[len(shown):], end="", file=sys.stderr, flush=True)
+                shown = logs
+        if shown and not shown.endswith("\n"):
+            print(file=sys.stderr)
         if result.get("status") != "succeeded":
             print(f"training {result.get('status')}: {result.get('error')}", file=sys.stderr)
             return 1
@@ -297,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_prediction(args.inputs)
     except ServerError as exc:
         print(exc, file=sys.stderr)
+        if "IDEFICS_BASE_WEIGHTS" not in os.environ:
+            print(NO_WEIGHTS_HINT, file=sys.stderr)
         return 1
 
 

@@ -39,7 +39,8 @@ class Example:
     line: int  # in data.jsonl, for error messages
 
     def load_images(self) -> list[Image.Image]:
-        return [load_image(f"{DATA_FILE} line {self.line}", path) for path in self.images]
+        # The name inside the archive means something here (unlike Cog's temporary name for a request's image).
+        return [load_image(f"{DATA_FILE} line {self.line}: {path.name}", path) for path in self.images]
 
     def transcript(self, answer_last: bool = True) -> tuple[list[Segment], list[tuple[int, int]]]:
         """The conversation in the instruct format (as MedIDEFICS was trained), as prompt segments, and the

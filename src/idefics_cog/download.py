@@ -40,7 +40,7 @@ import requests
 from filelock import FileLock, Timeout
 from urllib3.exceptions import ReadTimeoutError
 
-from idefics_cog.weights import WeightsError, env_flag
+from idefics_cog.weights import UnreachableError, WeightsError, env_flag
 
 log = logging.getLogger("idefics_cog.download")
 
@@ -92,7 +92,7 @@ def fetch_archive(
         log.info("%s: cached at %s", entry.url, found)
         return found
     if offline():
-        raise WeightsError(f"{entry.url}: not in the cache at {cache_dir}, and HF_HUB_OFFLINE=1 forbids downloading it")
+        raise UnreachableError(f"{entry.url}: not in the cache at {cache_dir}, and HF_HUB_OFFLINE=1 forbids downloading it")
     options = Options(chunk_size, threads, connect_timeout, read_timeout, retries, retry_wait, max_bytes)
     for folder in (entry.final.parent, entry.part.parent, entry.lock.parent):
         folder.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from idefics_cog.errors import InputError
 from idefics_cog.fast import cache_bytes
 from idefics_cog.placement import ACTIVATIONS, place
 from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
+from idefics_cog.quiet import no_loading_bars
 from idefics_cog.textstream import TextStream
 from idefics_cog.tokenizer import load_processor
 
@@ -94,6 +95,7 @@ class Engine:
         slots = max_batch if engine in ("auto", "fast") else 1
         working = ACTIVATIONS + cache_bytes(IdeficsConfig.from_pretrained(path), slots, max_images, dtype.itemsize)
         placement = place(path, device, quantization, working)
+        no_loading_bars()
         model = IdeficsForVisionText2Text.from_pretrained(
             path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
             device_map=placement.device_map, max_memory=placement.max_memory,

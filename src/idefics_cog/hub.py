@@ -50,8 +50,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import tqdm as hf_tqdm
 
-from idefics_cog.weights import PICKLE_SUFFIXES, WeightsError, env_flag
+from idefics_cog.weights import PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
 
 try:  # the tree listing snapshot_download caches per commit (`trees/<commit>.json`), with each file's lfs sha256
     from huggingface_hub._tree_cache import read_tree_cache
@@ -59,6 +60,16 @@ except ImportError:  # a later huggingface_hub: fall back on blob names, which a
     read_tree_cache = None
 
 log = logging.getLogger(__name__)
+
+
+class _TerminalOnlyBar(hf_tqdm):
+    """snapshot_download's bars, shown on a terminal only (tqdm's `disable=None`), as its byte bars already are: its
+    "Fetching N files" bar printed two lines into the server log at every start, even with everything cached.
+    Off a terminal the "... fetched" line below says what was downloaded."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["disable"] = True if kwargs.get("disable") else None
+        super().__init__(*args, **kwargs)
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # redundant with ALLOW_PATTERNS, on purpose
@@ -134,6 +145,7 @@ class _Hub:
                 local_files_only=local_files_only or self.offline,
                 endpoint=self.endpoint,
                 etag_timeout=self.timeout,
+                tqdm_class=_TerminalOnlyBar,
             )
         )
 
@@ -174,7 +186,7 @@ class _Hub:
             return self.download(self.revision, local_files_only=True)
         except LocalEntryNotFoundError as exc:
             incomplete = "incomplete" if isinstance(exc, IncompleteSnapshotError) else "not"
-            raise WeightsError(
+            raise UnreachableError(
                 f"Hugging Face repo {self.label} is {incomplete} in the cache ({self.cache_dir}) and cannot be "
                 f"downloaded: {reason}"
             ) from (cause or exc)

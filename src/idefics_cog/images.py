@@ -84,29 +84,29 @@ def load_image(name: str, path: Path, limits: Limits | None = None) -> Image.Ima
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
-        raise InputError(f"{name}: {path.name} is not a readable image (it is empty: 0 bytes)")
+        raise InputError(f"{name}: the file is not a readable image (it is empty: 0 bytes)")
     if size > limits.max_bytes:
-        raise InputError(f"{name}: {path.name} is {size} bytes; the limit is {limits.max_bytes} bytes per image "
+        raise InputError(f"{name}: the file is {size} bytes; the limit is {limits.max_bytes} bytes per image "
                          f"(IDEFICS_MAX_IMAGE_BYTES)")
     with open(path, "rb") as file:
         head = file.read(264)
     for magic, kind in NOT_IMAGES.items():
         if head.startswith(magic) or (magic == b"ustar" and head[257:262] == magic):
-            raise InputError(f"{name}: {path.name} is not a readable image (it is {kind})")
+            raise InputError(f"{name}: the file is not a readable image (it is {kind})")
     if head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom"):
         return load_dicom(name, path, limits)
     return load_pillow(name, path, limits)
 
 
-def check_dimensions(name: str, filename: str, width: int, height: int, limits: Limits) -> None:
+def check_dimensions(name: str, width: int, height: int, limits: Limits) -> None:
     if width < 1 or height < 1:
-        raise InputError(f"{name}: {filename} has no pixels ({width}x{height})")
+        raise InputError(f"{name}: the file has no pixels ({width}x{height})")
     if width * height > limits.max_pixels:
-        raise InputError(f"{name}: {filename} is {width}x{height} = {width * height} pixels; the limit is "
+        raise InputError(f"{name}: the file is {width}x{height} = {width * height} pixels; the limit is "
                          f"{limits.max_pixels} pixels per image (IDEFICS_MAX_IMAGE_PIXELS)")
     ratio = max(width, height) / min(width, height)
     if ratio > limits.max_aspect_ratio:
-        raise InputError(f"{name}: {filename} is {width}x{height}, an aspect ratio of {ratio:g}:1; the limit is "
+        raise InputError(f"{name}: the file is {width}x{height}, an aspect ratio of {ratio:g}:1; the limit is "
                          f"{limits.max_aspect_ratio:g}:1 (IDEFICS_MAX_ASPECT_RATIO)")
 
 
@@ -126,18 +126,29 @@ def load_pillow(name: str, path: Path, limits: Limits) -> Image.Image:
             opened = Image.open(path, formats=pillow_formats())
         with opened:
             # The header alone gives the size: refuse a bomb before a single pixel is decoded.
-            check_dimensions(name, path.name, *opened.size, limits)
+            check_dimensions(name, *opened.size, limits)
             if getattr(opened, "n_frames", 1) > 1:
-                log.info("%s: %s has %d frames; using the first", name, path.name, opened.n_frames)
+                log.info("%s: the file has %d frames; using the first", name, opened.n_frames)
             opened.load()
             return to_rgb(ImageOps.exif_transpose(opened))
+    except InputError:  # a ValueError itself: not to be wrapped by the catch-all below
+        raise
     except Image.DecompressionBombError as exc:  # Pillow's guard, raised by Image.open for 2x the limit
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{found.group(1)} pixels" if found else "too many pixels"
-        raise InputError(f"{name}: {path.name} is {size} (a decompression bomb?); the limit is {limits.max_pixels} "
+        raise InputError(f"{name}: the file is {size} (a decompression bomb?); the limit is {limits.max_pixels} "
                          f"pixels per image (IDEFICS_MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InputError(f"{name}: {path.name} is not a readable image ({exc})") from None
+        raise InputError(f"{name}: the file is not a readable image ({_reason(exc, path)})") from None
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    """A library's error text without the file's path or name: Cog hands predict a temporary file
+    (`tmpb7b1i4aofile.png`) whose name tells the user nothing; the message names the input instead."""
+    text = str(exc)
+    for shown in (str(path), path.name):
+        text = re.sub(rf"\s*['\"]?{re.escape(shown)}['\"]?", "", text)
+    return text.strip() or type(exc).__name__
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -187,21 +198,21 @@ def load_dicom(name: str, path: Path, limits: Limits) -> Image.Image:
         dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         rows, columns = int(dataset.Rows), int(dataset.Columns)
     except (InvalidDicomError, AttributeError, ValueError, TypeError, OSError, EOFError) as exc:
-        raise InputError(f"{name}: {path.name} is not a readable DICOM image ({exc})") from None
-    check_dimensions(name, path.name, columns, rows, limits)
+        raise InputError(f"{name}: the file is not a readable DICOM image ({_reason(exc, path)})") from None
+    check_dimensions(name, columns, rows, limits)
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB") and not photometric.startswith("YBR"):
-        raise InputError(f"{name}: {path.name} is a DICOM image in {photometric}, which is not supported "
+        raise InputError(f"{name}: the file is a DICOM image in {photometric}, which is not supported "
                          f"(MONOCHROME1, MONOCHROME2, RGB and YBR are)")
     try:
         pixels = pixel_array(str(path), index=0 if frames > 1 else None)
     except Exception as exc:  # pydicom raises many kinds (missing decoder, short pixel data, bad attributes)
         transfer = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         syntax = f" (transfer syntax {transfer.name})" if transfer is not None else ""
-        raise InputError(f"{name}: {path.name} is a DICOM file whose pixels cannot be decoded{syntax}: {exc}") from None
+        raise InputError(f"{name}: the file is a DICOM file whose pixels cannot be decoded{syntax}: {_reason(exc, path)}") from None
     if frames > 1:
-        log.info("%s: %s is a DICOM with %d frames; using the first", name, path.name, frames)
+        log.info("%s: the file is a DICOM with %d frames; using the first", name, frames)
     if int(dataset.get("SamplesPerPixel", 1)) == 3:  # RGB (pydicom converts YBR to RGB)
         if pixels.dtype != np.uint8:
             bits = int(dataset.get("BitsStored", 8) or 8)

@@ -76,7 +76,7 @@ def _interface(ref: str, root: Path, train: bool) -> tuple[dict, dict]:
                                  else ("", "Prediction", "/predictions", "predict"))
     enum = {f.name: f"{prefix}{f.name}" for f in fields}
     main = _route(verb.title(), f"{verb}_{route.strip('/')}_post", f"{noun}Request", f"{noun}Response")
-    if not train and is_streaming(source, name, "predict"):
+    if not train and any(is_streaming(source, name, method) for method in ("run", "predict")):
         main["post"]["x-cog-streaming"] = True
     input_schema = {"title": f"{prefix}Input", "type": "object",
                     "properties": {f.name: _input_property(f, enum[f.name]) for f in fields}}

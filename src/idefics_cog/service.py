@@ -4,6 +4,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from idefics_cog import images as image_files
@@ -12,7 +13,7 @@ from idefics_cog.engine import Engine, Job, Sampling
 from idefics_cog.prompt import build_segments, encode
 from idefics_cog.settings import Settings
 from idefics_cog.textstream import parse_stop_sequences
-from idefics_cog.weights import resolve
+from idefics_cog.weights import UnreachableError, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,16 @@ def check_trained_base(adapters: Adapters, base_weights: str) -> None:
     if trained_on and trained_on != base_weights:
         log.warning("the trained adapter was trained on %s, this version serves %s (IDEFICS_BASE_WEIGHTS)",
                     trained_on, base_weights)
+
+
+@contextmanager
+def other_sources(variable: str, value: str, local: str):
+    """Weights the hub cannot give now (offline, no network): say which setting chose them and what else works."""
+    try:
+        yield
+    except UnreachableError as exc:
+        raise WeightsError(f"{variable}={value}: {exc}. Set {variable} to {local} or an https URL of a .tar/.zip, "
+                           f"or HF_ENDPOINT to a reachable hub mirror") from exc
 
 
 class Service:
@@ -40,7 +51,8 @@ class Service:
     def from_settings(cls, settings: Settings) -> "Service":
         """Resolve (downloading if needed) and load the base model, then the default adapter."""
         started = time.perf_counter()
-        path = resolve(settings.base_weights, settings.cache_dir)
+        with other_sources("IDEFICS_BASE_WEIGHTS", settings.base_weights, "a checkpoint directory"):
+            path = resolve(settings.base_weights, settings.cache_dir)
         log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,
                  time.perf_counter() - started)
         started = time.perf_counter()
@@ -57,7 +69,8 @@ class Service:
             adapters.load_default(settings.trained_weights, "COG_WEIGHTS, the training's output")
             check_trained_base(adapters, settings.base_weights)
         elif settings.adapter_weights:
-            adapters.load_default(settings.adapter_weights)
+            with other_sources("IDEFICS_ADAPTER_WEIGHTS", settings.adapter_weights, "none, an adapter directory"):
+                adapters.load_default(settings.adapter_weights)
         return cls(engine, adapters, settings)
 
     def answer(self, **inputs) -> Iterator[str]:

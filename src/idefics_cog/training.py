@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from idefics_cog.dataset import DATA_FILE, DatasetError, Example, load_dataset
 from idefics_cog.errors import InputError
 from idefics_cog.prompt import encode, render
+from idefics_cog.quiet import no_loading_bars
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def load_model(path: Path, device: torch.device, quantization: str):
         device_map = {"": int(local_rank)} if local_rank is not None else "auto"
     else:
         device_map = {"": "cpu"}
+    no_loading_bars()
     return IdeficsForVisionText2Text.from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config(quantization, dtype), device_map=device_map)
 
@@ -315,7 +317,7 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="training-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = load_dataset(Path(archive), out_dir / "dataset")
-    log.info("dataset: %d examples from %s", len(examples), Path(archive).name)
+    log.info("dataset: %d examples", len(examples))  # not the archive's name: Cog's temporary file (tmp…file.zip)
 
     device = pick_device(config.device)
     quantization = resolve_quantization(config.quantization, device)

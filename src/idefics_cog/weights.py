@@ -24,6 +24,10 @@ class WeightsError(RuntimeError):
     """A weight source that cannot be used; the message names the source."""
 
 
+class UnreachableError(WeightsError):
+    """Weights in no cache, from a hub that cannot be used now (offline, unreachable): another source would do."""
+
+
 def env_flag(name: str) -> bool:
     """A boolean environment variable (HF_HUB_OFFLINE and the like), read at call time, as huggingface_hub reads it."""
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
