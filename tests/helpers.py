@@ -169,3 +169,14 @@ def hostile_adapter(adapter: Path, folder: Path, marker: Path, torch_format: boo
     else:
         (folder / "adapter_model.bin").write_bytes(pickle.dumps(Hostile(marker), protocol=2))  # torch's default
     return folder
+
+
+def adapter_with_config(adapter: Path, folder: Path, **changes) -> Path:
+    """A copy of `adapter` in `folder` whose adapter_config.json has `changes` applied."""
+    import json
+    import shutil
+
+    shutil.copytree(adapter, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    return folder

@@ -12,6 +12,7 @@ from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.adapters import AdapterError, Adapters, check_adapter, linear_shapes
 from idefics_cog.engine import Engine
+from tests.helpers import adapter_with_config
 from tests.test_engine import CASES, run
 
 TEXT, IMAGES = CASES["one image"]
@@ -166,3 +167,27 @@ def test_adapter_missing_some_matrices_is_refused_and_rolled_back(with_medical, 
     assert adapters.names == ["medical"]
     adapters.select("medical")
     assert answer(engine) == alone["medical"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
+def test_an_adapters_init_setting_never_touches_the_shared_base(with_medical, tiny_dir, tmp_path, alone, init):
+    """PEFT's PiSSA and OLoRA initialisations rewrite the base layers' weights: a request's adapter must not
+    change what every other request runs on. Its matrices come from its file, so nothing is initialised."""
+    engine, adapters = with_medical
+    before = {name: p.detach().clone() for name, p in engine.model.named_parameters() if "lora_" not in name}
+    adapter = adapter_with_config(tiny_dir / "adapter", tmp_path / init, init_lora_weights=init)
+    assert adapters.select(lora_weights=str(adapter), allow_local=True).startswith("custom_")
+    assert answer(engine) == alone["medical"]  # the same matrices as the tiny adapter
+    after = {name: p for name, p in engine.model.named_parameters() if "lora_" not in name}
+    assert [name for name in before if not torch.equal(before[name], after[name])] == []
+    for choice in ["none", "medical"]:
+        adapters.select(choice)
+        assert answer(engine) == alone[choice], choice
+
+
+@pytest.mark.parametrize("setting, value", [("use_dora", True), ("layer_replication", [[0, 1]]),
+                                            ("modules_to_save", ["lm_head"]), ("bias", "all")])
+def test_settings_beyond_plain_lora_matrices_are_refused(tiny_dir, tmp_path, fresh, setting, value):
+    adapter = adapter_with_config(tiny_dir / "adapter", tmp_path / setting, **{setting: value})
+    with pytest.raises(AdapterError, match=f"sets {setting}.* not supported"):
+        check_adapter(adapter, linear_shapes(fresh.model))

@@ -63,11 +63,25 @@ def test_one_gpu_is_the_one_with_the_most_free_memory(sizes):
 
 def test_80b_in_bf16_on_two_80gb_gpus_is_spread_and_says_what_it_costs(sizes):
     free = {0: 80 * GB, 1: 80 * GB}
-    placement = decide(sizes["80b"]["bf16"], sizes["80b"]["working"], free)
+    placement = decide(sizes["80b"]["bf16"], sizes["80b"]["working"], free, cpu=400 * GB)
     assert placement.spread and placement.device_map == "auto"
-    assert placement.max_memory == {0: 80 * GB - ACTIVATIONS, 1: 80 * GB - ACTIVATIONS}
+    assert placement.max_memory == {0: 80 * GB - ACTIVATIONS, 1: 80 * GB - ACTIVATIONS, "cpu": 400 * GB}
     assert "fast engine is off" in placement.reason and "model.generate" in placement.reason
     assert "CPU memory" in placement.reason  # 160 GB of weights do not fit 2 x 80 GB with room to run
+
+
+def test_what_the_gpus_cannot_hold_goes_to_cpu_memory_not_to_disk(tiny_dir):
+    """accelerate sends what its max_memory leaves over to "disk" (which needs an offload folder) unless the CPU
+    is listed: the spread placement lists it."""
+    from accelerate import infer_auto_device_map
+
+    with init_empty_weights():
+        model = IdeficsForVisionText2Text(IdeficsConfig.from_pretrained(tiny_dir / "base"))
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    placement = decide(size, 0, {0: size // 4, 1: size // 4}, cpu=10 * size)  # GPUs with no room left
+    assert placement.spread
+    devices = set(infer_auto_device_map(model, max_memory=placement.max_memory).values())
+    assert "cpu" in devices and "disk" not in devices, devices
 
 
 def test_9b_on_two_16gb_gpus_is_spread(sizes):

@@ -16,7 +16,8 @@ from idefics_cog.engine import Engine
 from tests.conftest import ADAPTER_LIMIT, tiny_env
 from tests.fileserver import FileServer
 from tests import helpers
-from tests.helpers import bin_adapter, data_uri, hostile_adapter, negated_adapter, noise_image, tar_bytes
+from tests.helpers import (adapter_with_config, bin_adapter, data_uri, hostile_adapter, negated_adapter, noise_image,
+                           tar_bytes)
 from tests.test_engine import run
 
 PROMPT, IMAGE = "What does this X-ray show?", noise_image(1)
@@ -71,6 +72,9 @@ def files(tiny_dir, other_adapter, tmp_path_factory, hostile_marker):
         server.add("/pickled.tgz", tar_bytes(pickled_as(tiny_dir / "adapter", made / "pickled", "pytorch_model.bin")))
         server.add("/not-torch.tgz", tar_bytes(pickled_as(tiny_dir / "adapter", made / "not-torch",
                                                            "adapter_model.bin")))
+        server.add("/pissa.tgz", tar_bytes(adapter_with_config(tiny_dir / "adapter", made / "pissa",
+                                                               init_lora_weights="pissa")))
+        server.add("/dora.tgz", tar_bytes(adapter_with_config(tiny_dir / "adapter", made / "dora", use_dora=True)))
         server.add("/base.tgz", tar_bytes(tiny_dir / "base", top="tiny-base"))
         server.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"))
         for kind in ("dotdot", "absolute", "symlink"):
@@ -134,6 +138,7 @@ BAD_ADAPTERS = {
                                                   r"loader cannot read it .*Unsupported global"),
     "adapter_model.bin not from torch": ("/not-torch.tgz", r"lora_weights: adapter_model.bin is refused"),
     "a whole model, not an adapter": ("/base.tgz", r"lora_weights: not a PEFT adapter"),
+    "DoRA": ("/dora.tgz", r"lora_weights: adapter_config.json sets use_dora, which is not supported"),
     "missing file": ("/missing.tgz", r"lora_weights: .*missing.tgz.*404"),
     "archive member outside": ("/dotdot.tar", r"lora_weights: .*'\.\./adapter_config.json' points outside"),
     "archive member absolute": ("/absolute.tar", r"lora_weights: .*'/tmp/adapter_config.json' points outside"),
@@ -150,6 +155,13 @@ def test_bad_lora_weights_fail_clearly_and_change_nothing(server, files, case):
     source, message = BAD_ADAPTERS[case]
     error = failure(server, lora_weights=files.url(source) if source.endswith((".tgz", ".tar")) else source)
     assert re.search(message, error), error
+    assert {choice: answer(server, adapter=choice) for choice in ("medical", "none")} == before
+
+
+def test_an_adapter_whose_config_asks_for_pissa_leaves_the_shared_base_alone(server, files):
+    """PEFT's PiSSA initialisation rewrites the base layers: one request's adapter would change every answer."""
+    before = {choice: answer(server, adapter=choice) for choice in ("medical", "none")}
+    assert answer(server, lora_weights=files.url("/pissa.tgz")) == before["medical"]  # the tiny adapter's matrices
     assert {choice: answer(server, adapter=choice) for choice in ("medical", "none")} == before
 
 

@@ -42,6 +42,10 @@ MEDICAL = "medical"
 NONE = "none"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PICKLED_FILE = "adapter_model.bin"  # PEFT's older format: read with the weights-only unpickler, never by PEFT
+# LoRA settings that add trained weights beyond the A/B matrices, or change the base layers (DoRA, copies of
+# layers, full modules or token rows saved with the adapter): refused rather than half loaded.
+UNSUPPORTED_SETTINGS = ("use_dora", "layer_replication", "modules_to_save", "trainable_token_indices", "lora_bias",
+                        "target_parameters")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -90,9 +94,18 @@ def check_adapter(path: Path, shapes: dict[str, tuple[int, int]]) -> LoraConfig:
             raise AdapterError(f"{key} has shape {list(shape)}, which does not fit {module} "
                                f"({in_features} in, {out_features} out)")
     try:
-        return LoraConfig.from_pretrained(str(path))
+        config = LoraConfig.from_pretrained(str(path))
     except Exception as exc:  # PEFT validates the fields in several ways
         raise AdapterError(f"{CONFIG_FILE} is not a valid LoRA config ({exc})") from None
+    for field in UNSUPPORTED_SETTINGS:
+        if getattr(config, field, None):
+            raise AdapterError(f"{CONFIG_FILE} sets {field}, which is not supported (only plain LoRA matrices)")
+    if config.bias != "none":
+        raise AdapterError(f"{CONFIG_FILE} sets bias={config.bias!r}, which is not supported (only bias='none')")
+    # Every matrix comes from the file (load_lora_matrices checks it), so PEFT initialises nothing: some of its
+    # initialisations (PiSSA, OLoRA, ...) rewrite the base model's weights, which other requests share.
+    config.init_lora_weights = False
+    return config
 
 
 def lora_key(key: str) -> tuple[str, str]:
@@ -123,8 +136,9 @@ def with_safetensors(path: Path, cache: Path) -> Path:
     tensors = load_pickled_lora(path / PICKLED_FILE)
     try:
         _write_converted(path / CONFIG_FILE, tensors, target)
-    except OSError as exc:
-        raise AdapterError(f"{PICKLED_FILE} could not be converted into {target.parent} ({exc})") from None
+    except OSError:  # the details name server paths: for the log, not for the requester
+        log.exception("%s could not be converted into %s", PICKLED_FILE, target.parent)
+        raise AdapterError(f"{PICKLED_FILE} could not be converted (the server could not write it; see its log)") from None
     log.info("%s: %d LoRA tensors converted to safetensors in %s in %.1f s", PICKLED_FILE, len(tensors), target,
              time.perf_counter() - started)
     return target
@@ -195,17 +209,21 @@ class Adapters:
         model = self.engine.model
         return list(model.peft_config) if isinstance(model, PeftModel) else []
 
-    def load_default(self, source: str, origin: str = "IDEFICS_ADAPTER_WEIGHTS") -> None:
+    def load_default(self, source: str, origin: str = "IDEFICS_ADAPTER_WEIGHTS") -> str | None:
         """Setup: the `medical` adapter, the default of this version (any weight source, local directories
-        included); `origin` says where the source was set, for the log and errors."""
+        included); `origin` says where the source was set, for the log and errors. Returns the base model the
+        adapter says it was trained on (its `base_model_name_or_path`)."""
         started = time.perf_counter()
         try:
             self._load(resolve(source, self.cache_dir.parent, adapter=True), MEDICAL)
         except (AdapterError, WeightsError) as exc:
-            raise WeightsError(f"adapter weights {source!r} ({origin}): {exc}") from None
+            # The same class (UnreachableError stays one, so setup can say what else works), its message prefixed.
+            kind = type(exc) if isinstance(exc, WeightsError) else WeightsError
+            raise kind(f"adapter weights {source!r} ({origin}): {exc}") from None
         trained_on = self.engine.model.peft_config[MEDICAL].base_model_name_or_path
         log.info("adapter %r (the default) from %s (%s, trained on %s) loaded in %.1f s", MEDICAL, source, origin,
                  trained_on, time.perf_counter() - started)
+        return trained_on
 
     def select(self, adapter: str = MEDICAL, lora_weights: str = "", lora_scale: float = 1.0,
                allow_local: bool = False) -> str:
@@ -276,7 +294,7 @@ class Adapters:
         wrapped_here = not isinstance(model, PeftModel)
         try:
             if wrapped_here:
-                # New LoRA layers start with B = 0, so the model is unchanged until the weights load.
+                # On a failure below, unload() takes the new LoRA layers out again; the base layers are untouched.
                 model = self.engine.model = PeftModel(model, config, adapter_name=name)
             else:
                 model.add_adapter(name, config)
@@ -309,8 +327,7 @@ def load_lora_matrices(model: PeftModel, path: Path, name: str) -> None:
     filled = set()
     with safe_open(path / WEIGHTS_FILE, "pt") as tensors, torch.no_grad():
         for key in tensors.keys():
-            match = _LORA_KEY.match(key)  # check_adapter has refused any other key
-            module, part = match["module"], match["part"]
+            module, part = lora_key(key)
             if module not in layers:
                 raise AdapterError(f"{key}: {module} is not among the target_modules of {CONFIG_FILE}")
             weight = getattr(layers[module], f"lora_{part}")[name].weight

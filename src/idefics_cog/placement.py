@@ -64,9 +64,10 @@ def weight_bytes(quantizable: int, other: int, quantization: str, dtype_bytes: i
     return int(quantizable * per_parameter + other * dtype_bytes)
 
 
-def decide(weights: int, working: int, free: dict[int, int]) -> Placement:
+def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Placement:
     """Placement for a model of `weights` bytes that needs `working` more bytes on the GPU that runs it (caches,
-    activations), given each GPU's free bytes (`free`, GPU index -> bytes; empty for CPU)."""
+    activations), given each GPU's free bytes (`free`, GPU index -> bytes; empty for CPU) and the CPU memory that
+    may hold what the GPUs cannot (`cpu` bytes; without it accelerate would send the rest to disk)."""
     if not free:
         return Placement({"": "cpu"}, None, "no GPU: on the CPU")
     best = max(free, key=lambda index: free[index])
@@ -83,20 +84,22 @@ def decide(weights: int, working: int, free: dict[int, int]) -> Placement:
     max_memory = {index: max(0, room - ACTIVATIONS) for index, room in free.items()}
     over = "" if weights <= sum(max_memory.values()) else (
         "; even all GPUs together are too small, the rest goes to CPU memory (very slow)")
+    max_memory["cpu"] = cpu
     return Placement("auto", max_memory, f"spread over {len(free)} GPUs: {weights / GiB:.1f} GiB of weights + "
                      f"{working / GiB:.1f} GiB of caches and activations do not fit the largest free GPU "
                      f"({free[best] / GiB:.1f} GiB). Cost: the fast engine is off (model.generate, one request "
                      f"at a time, no batching; slower){over}")
 
 
-def free_gpu_memory() -> dict[int, int]:
-    """Free bytes of each visible GPU, as accelerate measures them (empty without CUDA)."""
+def free_memory() -> tuple[dict[int, int], int]:
+    """Free bytes of each visible GPU (empty without CUDA) and of the CPU, as accelerate measures them."""
     import torch
     from accelerate.utils import get_max_memory
 
     if not torch.cuda.is_available():
-        return {}
-    return {index: size for index, size in get_max_memory().items() if isinstance(index, int)}
+        return {}, 0
+    found = get_max_memory()
+    return {index: size for index, size in found.items() if isinstance(index, int)}, found.get("cpu", 0)
 
 
 def place(path: Path, device, quantization: str, working: int) -> Placement:
@@ -107,9 +110,9 @@ def place(path: Path, device, quantization: str, working: int) -> Placement:
     elif device.index is not None:
         placement = Placement({"": device.index}, None, f"on GPU {device.index}, as IDEFICS_DEVICE asks")
     else:
-        free = free_gpu_memory()
+        free, cpu = free_memory()
         if not free:
             raise ValueError("IDEFICS_DEVICE=cuda, but no GPU is visible (use auto or cpu)")
-        placement = decide(weight_bytes(*parameter_counts(checkpoint_shapes(path)), quantization), working, free)
+        placement = decide(weight_bytes(*parameter_counts(checkpoint_shapes(path)), quantization), working, free, cpu)
     (log.warning if placement.spread else log.info)("placement: %s", placement.reason)
     return placement

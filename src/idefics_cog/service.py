@@ -18,11 +18,10 @@ from idefics_cog.weights import UnreachableError, WeightsError, resolve
 log = logging.getLogger(__name__)
 
 
-def check_trained_base(adapters: Adapters, base_weights: str) -> None:
-    """Warn when the trained adapter names another base: its shapes fit (they were checked), but its weights were
-    tuned against other weights, so its answers may be off."""
-    trained_on = adapters.engine.model.peft_config[MEDICAL].base_model_name_or_path
-    if trained_on and trained_on != base_weights:
+def check_trained_base(trained_on: str | None, base_weights: str) -> None:
+    """Warn when the trained adapter names another base (`owner/name` and `owner/name@revision` are the same
+    repo): its shapes fit (they were checked), but it was tuned against other weights, so its answers may be off."""
+    if trained_on and trained_on.partition("@")[0] != base_weights.partition("@")[0]:
         log.warning("the trained adapter was trained on %s, this version serves %s (IDEFICS_BASE_WEIGHTS)",
                     trained_on, base_weights)
 
@@ -66,8 +65,8 @@ class Service:
             # A version made by `cog train`: the trained adapter is its default, in place of MedIDEFICS.
             log.info("a version made from a training: the default adapter is the trained one (COG_WEIGHTS), "
                      "not IDEFICS_ADAPTER_WEIGHTS (%s)", settings.adapter_weights or "none")
-            adapters.load_default(settings.trained_weights, "COG_WEIGHTS, the training's output")
-            check_trained_base(adapters, settings.base_weights)
+            trained_on = adapters.load_default(settings.trained_weights, "COG_WEIGHTS, the training's output")
+            check_trained_base(trained_on, settings.base_weights)
         elif settings.adapter_weights:
             with other_sources("IDEFICS_ADAPTER_WEIGHTS", settings.adapter_weights, "none, an adapter directory"):
                 adapters.load_default(settings.adapter_weights)
