@@ -6,7 +6,7 @@ three ways:
   recipe     idefics_cog.recipe.model_card_generate: processor -> model.generate -> decode (the baseline;
              the PIL image is decoded once, outside the timer; the engine's processor, from
              idefics_cog.tokenizer.load_processor, so the release-era tokens)
-  predictor  predict.py's Predictor.predict in-process: input checks, image file decode, encoding, the
+  predictor  predict.py's Predictor.run in-process: input checks, image file decode, encoding, the
              generation thread and the streamed text
   server     the real Cog server (coglet) over HTTP with the image as a data URI: client-side wall time of the
              POST /predictions (the readiness poll before it is not timed), and the server's metrics.predict_time
@@ -79,7 +79,7 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     def predictor_path():
         start = time.perf_counter()
         pieces = asyncio.run_coroutine_threadsafe(
-            predictor.predict(image=cog.Path(IMAGE), images=None, **args), loop).result()
+            predictor.run(image=cog.Path(IMAGE), images=None, **args), loop).result()
         text = "".join(pieces)
         return time.perf_counter() - start, text, list(engine.last_stats.ids), None
 
@@ -98,8 +98,8 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
 
 def check_same_answer(paths: dict) -> tuple[str, list[int]]:
     (_, text, ids, _), (_, p_text, p_ids, _), (_, s_text, _, _) = (run() for run in paths.values())
-    assert p_text == text, f"Predictor.predict differs from the recipe:\n{p_text!r}\n{text!r}"
-    assert p_ids == ids, f"Predictor.predict generated other tokens:\n{p_ids}\n{ids}"
+    assert p_text == text, f"Predictor.run differs from the recipe:\n{p_text!r}\n{text!r}"
+    assert p_ids == ids, f"Predictor.run generated other tokens:\n{p_ids}\n{ids}"
     assert s_text == text, f"the Cog server differs from the recipe:\n{s_text!r}\n{text!r}"
     return text, ids
 
@@ -143,7 +143,7 @@ def main() -> None:
           f"Prompt {PROMPT!r} + {IMAGE.relative_to(ROOT)}, greedy, max_new_tokens {args.max_new_tokens}: "
           f"{len(ids)} tokens generated, the same on all three paths (answer {text!r}).  \n"
           f"{WARMUP} warm-up runs per path, then {args.repeats} round-robin repeats.\n")
-    labels = {"recipe": "recipe (model_card_generate)", "predictor": "Predictor.predict (in-process)",
+    labels = {"recipe": "recipe (model_card_generate)", "predictor": "Predictor.run (in-process)",
               "server": "Cog server, HTTP POST (client)", "server predict_time": "Cog server, metrics.predict_time"}
     print(median_table("path", {labels[name]: samples for name, samples in ms.items()}, labels["recipe"]))
     if args.json:

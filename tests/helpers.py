@@ -129,8 +129,9 @@ def answer(server, inputs: dict) -> str:
     return "".join(result["output"] or [])
 
 
-def bin_adapter(adapter: Path, folder: Path) -> Path:
-    """`adapter` as PEFT's older format publishes it: adapter_config.json and a torch.save'd adapter_model.bin."""
+def bin_adapter(adapter: Path, folder: Path, extra: dict | None = None) -> Path:
+    """`adapter` as PEFT's older format publishes it: adapter_config.json and a torch.save'd adapter_model.bin
+    (its tensors, and `extra` entries beside them)."""
     import shutil
 
     import torch
@@ -138,7 +139,7 @@ def bin_adapter(adapter: Path, folder: Path) -> Path:
 
     folder.mkdir(parents=True)
     shutil.copy(adapter / "adapter_config.json", folder)
-    torch.save(load_file(adapter / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    torch.save({**load_file(adapter / "adapter_model.safetensors"), **(extra or {})}, folder / "adapter_model.bin")
     return folder
 
 
@@ -156,18 +157,11 @@ def hostile_adapter(adapter: Path, folder: Path, marker: Path, torch_format: boo
     """An adapter whose adapter_model.bin would create `marker` if it were unpickled by plain pickle: among the
     genuine LoRA tensors (torch.save's zip format), or alone (a bare pickle stream)."""
     import pickle
-    import shutil
 
-    import torch
-    from safetensors.torch import load_file
-
-    folder.mkdir(parents=True)
-    shutil.copy(adapter / "adapter_config.json", folder)
     if torch_format:
-        tensors = load_file(adapter / "adapter_model.safetensors")
-        torch.save({**tensors, "payload": Hostile(marker)}, folder / "adapter_model.bin")
-    else:
-        (folder / "adapter_model.bin").write_bytes(pickle.dumps(Hostile(marker), protocol=2))  # torch's default
+        return bin_adapter(adapter, folder, {"payload": Hostile(marker)})
+    bin_adapter(adapter, folder)
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(Hostile(marker), protocol=2))  # torch's default
     return folder
 
 

@@ -34,14 +34,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from idefics_cog.errors import InputError
-from idefics_cog.weights import HUB_ID, PICKLE_SUFFIXES, WeightsError, is_url, resolve
+from idefics_cog.weights import ADAPTER_PICKLE, HUB_ID, PICKLE_SUFFIXES, WeightsError, is_url, resolve
 
 log = logging.getLogger(__name__)
 
 MEDICAL = "medical"
 NONE = "none"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PICKLED_FILE = "adapter_model.bin"  # PEFT's older format: read with the weights-only unpickler, never by PEFT
+PICKLED_FILE = ADAPTER_PICKLE  # PEFT's older format: read with the weights-only unpickler, never by PEFT
 # LoRA settings that add trained weights beyond the A/B matrices, or change the base layers (DoRA, copies of
 # layers, full modules or token rows saved with the adapter): refused rather than half loaded.
 UNSUPPORTED_SETTINGS = ("use_dora", "layer_replication", "modules_to_save", "trainable_token_indices", "lora_bias",

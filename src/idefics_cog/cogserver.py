@@ -39,6 +39,10 @@ class ServerError(RuntimeError):
     pass
 
 
+class SetupFailed(ServerError):
+    """setup() raised: the model could not be loaded (the message has setup's log)."""
+
+
 # After a failed start with no weights chosen: how to run here without the hub (script/predict's first use).
 NO_WEIGHTS_HINT = (
     f"No IDEFICS_BASE_WEIGHTS is set, so the server loads {DEFAULT_BASE_WEIGHTS} (about 18 GB) from the Hugging "
@@ -123,7 +127,8 @@ class CogServer:
             if health.get("status") == "READY":
                 return health
             if health.get("status") in ("SETUP_FAILED", "UNHEALTHY"):
-                raise ServerError(f"Cog server {health['status']}:\n{health.get('setup', {}).get('logs', '')}")
+                failed = SetupFailed if health["status"] == "SETUP_FAILED" else ServerError
+                raise failed(f"Cog server {health['status']}:\n{health.get('setup', {}).get('logs', '')}")
             time.sleep(0.2)
         raise ServerError(f"Cog server not READY after {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -379,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_prediction(args.inputs)
     except ServerError as exc:
         print(exc, file=sys.stderr)
-        if "IDEFICS_BASE_WEIGHTS" not in os.environ:
+        if isinstance(exc, SetupFailed) and "IDEFICS_BASE_WEIGHTS" not in os.environ:
             print(NO_WEIGHTS_HINT, file=sys.stderr)
         return 1
 

@@ -52,7 +52,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from idefics_cog.weights import PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
+from idefics_cog.weights import ADAPTER_PICKLE, PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
 
 try:  # the tree listing snapshot_download caches per commit (`trees/<commit>.json`), with each file's lfs sha256
     from huggingface_hub._tree_cache import read_tree_cache
@@ -73,7 +73,6 @@ class _TerminalOnlyBar(hf_tqdm):
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 IGNORE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES]  # redundant with ALLOW_PATTERNS, on purpose
-ADAPTER_PICKLE = "adapter_model.bin"  # at the repo's root only, for adapters only
 ADAPTER_ALLOW_PATTERNS = ALLOW_PATTERNS + [ADAPTER_PICKLE]
 ADAPTER_IGNORE_PATTERNS = [pattern for pattern in IGNORE_PATTERNS if pattern != "*.bin"]
 DEFAULT_TIMEOUT = 10.0
@@ -98,7 +97,7 @@ def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: f
     _remove_stale_partials(hub.storage)
     with hub.errors():
         snapshot = hub.snapshot()
-        if adapter and not any(snapshot.rglob("*.safetensors")):
+        if adapter and not (snapshot / "adapter_model.safetensors").exists():
             # PEFT's older format only: fetch adapter_model.bin too, for the weights-only loader (adapters.py).
             hub.with_pickle = True
             snapshot = hub.download(snapshot.name, local_files_only=not hub.online)

@@ -222,21 +222,24 @@ def resolve_quantization(quantization: str, device: torch.device) -> str:
 
 
 def load_model(path: Path, device: torch.device, quantization: str):
-    """The base model for training: bf16 on GPU (float32 on CPU), or 8/4-bit with MedIDEFICS's settings.
-    Under a distributed launcher (accelerate/torchrun) each process holds the whole model on its own GPU."""
+    """The base model for training: bf16 on GPU (float32 on CPU), or 8/4-bit with MedIDEFICS's settings. On one
+    GPU when it fits there, spread only when not; under a distributed launcher (accelerate/torchrun) each process
+    holds the whole model on its own GPU."""
     from transformers import IdeficsForVisionText2Text
 
     from idefics_cog.engine import quantization_config
+    from idefics_cog.placement import ACTIVATIONS, Placement, place
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        local_rank = os.environ.get("LOCAL_RANK")
-        device_map = {"": int(local_rank)} if local_rank is not None else "auto"
-    else:
-        device_map = {"": "cpu"}
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and local_rank is not None:
+        placement = Placement({"": int(local_rank)}, None, f"on GPU {local_rank} (LOCAL_RANK, one process per GPU)")
+    else:  # one GPU when the model fits it, as for serving (placement.py)
+        placement = place(path, device, quantization, ACTIVATIONS)
     no_loading_bars()
     return IdeficsForVisionText2Text.from_pretrained(
-        path, dtype=dtype, quantization_config=quantization_config(quantization, dtype), device_map=device_map)
+        path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
+        device_map=placement.device_map, max_memory=placement.max_memory)
 
 
 def add_lora(model, config: TrainConfig, quantization: str):

@@ -18,6 +18,7 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 # Pickled weights can run code when loaded: never fetched from the hub, never loaded, with one exception: an
 # adapter's adapter_model.bin, read by torch's weights-only unpickler and converted to safetensors (adapters.py).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ADAPTER_PICKLE = "adapter_model.bin"  # PEFT's older adapter format, at an adapter's root
 
 
 class WeightsError(RuntimeError):
