@@ -2,7 +2,7 @@
 4-bit weights on CUDA (on CPUs with AVX512-BF16 it repacks them at the first forward and `state_dict()` unpacks
 them lossily: tests/test_quantized.py). Run by bench/gpu.sh on a lent CUDA machine; prints Markdown.
 
-    PYTHONPATH=src:. python bench/gpu_facts.py [--device cuda|cpu]   # cpu: the same code path, for a dry run
+    python bench/gpu_facts.py [--device cuda|cpu]   # cpu: the same code path, for a dry run
 """
 
 import argparse
