@@ -26,12 +26,24 @@ LONG = {"prompt": "chest normal", "template": "raw", "max_new_tokens": 480, "ada
 
 
 def send(server, inputs: dict, stream: bool = False, on_event=None) -> dict:
-    """One POST, never retried: {"code": HTTP status, "result": the final response (or {"error": body}),
-    "chunks": the streamed output events, "id": the prediction's id (streamed), "ended": monotonic time}."""
+    """One prediction: {"code": HTTP status, "result": the final response (or {"error": body}), "chunks": the
+    streamed output events, "id": the prediction's id (streamed), "ended": monotonic time, "refused": 409s}.
+    A 409 (every slot busy) is retried for up to 30 s, as clients of a Cog container do: coglet frees a finished
+    prediction's slot a moment after its response, and an abandoned one only when its generation ends (README,
+    "Concurrency"), so a burst right after another can find the slots still taken. The 409 itself is tested on
+    its own (test_a_request_over_capacity_gets_409_and_the_others_complete)."""
     headers = {"Accept": "text/event-stream"} if stream else {}
-    out: dict = {"chunks": [], "id": None}
-    with requests.post(f"{server.url}/predictions", json={"input": inputs}, headers=headers, stream=stream,
-                       timeout=300) as response:
+    out: dict = {"chunks": [], "id": None, "refused": 0}
+    deadline = time.monotonic() + 30
+    while True:
+        response = requests.post(f"{server.url}/predictions", json={"input": inputs}, headers=headers,
+                                 stream=stream, timeout=300)
+        if response.status_code != 409 or time.monotonic() > deadline:
+            break
+        response.close()
+        out["refused"] += 1
+        time.sleep(0.2)
+    with response:
         out["code"] = response.status_code
         if response.status_code != 200:
             out["result"] = {"error": response.text}
