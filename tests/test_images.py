@@ -2,10 +2,11 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from idefics_cog.errors import InputError
-from idefics_cog.images import check_count, image_inputs, load_image
+from idefics_cog.images import Reduction, check_count, image_inputs, load_image
 from tests.helpers import noise_image
 
 
@@ -375,3 +376,76 @@ def test_undecodable_compressed_dicom_names_its_transfer_syntax(tmp_path):
     with pytest.raises(InputError, match=r"image: the file is a DICOM file whose pixels cannot be decoded "
                                          r"\(transfer syntax JPEG Baseline \(Process 1\)\)"):
         load_bytes(tmp_path, jpeg_dicom(b"\xff\xd8garbage\xff\xd9"), "bad.dcm")
+
+
+# --- Reduction right after decoding: the processor's pixel values are unchanged --------------------------------
+
+@pytest.fixture(scope="module", params=[30, 224], ids=["tiny 30 px", "9b 224 px"])
+def image_processor(request):
+    from idefics_cog.tiny import build_processor
+
+    return build_processor(request.param).image_processor
+
+
+def sample_files(tmp_path) -> list:
+    """Files of several formats, modes, sizes and aspect ratios (larger and smaller than the target)."""
+    files = []
+
+    def save(image: Image.Image, filename: str, **options):
+        files.append(tmp_path / filename)
+        image.save(files[-1], **options)
+
+    save(noise_image(1, (640, 480)), "noise.png")
+    save(noise_image(2, (97, 401)), "tall.jpg", quality=90)
+    save(noise_image(3, (17, 11)), "small.png")
+    save(Image.new("RGB", (1, 1), (1, 2, 3)), "dot.png")
+    save(noise_image(4, (300, 300), "RGBA"), "alpha.png")
+    save(Image.fromarray(ramp(top=65535), "I;16").resize((500, 260)), "sixteen.png")
+    save(noise_image(5, (250, 250)).convert("P"), "palette.gif")
+    save(noise_image(6, (333, 222)).convert("L"), "gray.webp", lossless=True)
+    save(noise_image(7, (200, 120)).convert("CMYK"), "print.jpg")
+    files.append(tmp_path / "scan.dcm")
+    files[-1].write_bytes(dicom_bytes(np.tile(ramp(), (4, 2)), WindowCenter=2000, WindowWidth=3000))
+    return files
+
+
+def test_reduced_images_give_the_processors_exact_pixel_values(tmp_path, image_processor):
+    reduce = Reduction.of(image_processor)
+    size = image_processor.image_size
+    assert reduce == Reduction(size, size, int(Image.Resampling.BICUBIC))
+    for path in sample_files(tmp_path):
+        full, reduced = load_image("image", path), load_image("image", path, reduce=reduce)
+        assert reduced.mode == "RGB" and reduced.size == (size, size), path.name
+        before = image_processor([full], return_tensors="pt")
+        after = image_processor([reduced], return_tensors="pt")
+        assert torch.equal(before, after), path.name
+
+
+def test_another_filter_would_change_the_pixel_values(tmp_path, image_processor):
+    """The check above can fail: reducing with another filter first gives other pixel values."""
+    full = load_image("image", sample_files(tmp_path)[0])
+    size = image_processor.image_size
+    other = full.resize((size, size), resample=Image.Resampling.LANCZOS)
+    assert not torch.equal(image_processor([full], return_tensors="pt"), image_processor([other], return_tensors="pt"))
+
+
+def test_no_reduction_for_a_processor_that_does_not_resize_to_a_fixed_size(image_processor):
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+
+    assert Reduction.of(IdeficsImageProcessorPil(do_resize=False)) is None
+    assert Reduction.of(IdeficsImageProcessorPil(size={"shortest_edge": 64})) is None
+
+
+def test_the_service_reduces_images_as_its_processor_would(engine, tmp_path):
+    """What a request's job holds until the scheduler encodes it: image_size x image_size pictures whose pixel
+    values are the ones the processor makes of the full-size file."""
+    from idefics_cog.service import Service
+
+    path = tmp_path / "big.png"
+    noise_image(8, (1200, 900)).save(path)
+    service = Service(engine, adapters=None, settings=None)
+    [held] = service.read_images([("image", path)])
+    processor = engine.processor.image_processor
+    assert held.size == (processor.image_size, processor.image_size)
+    full = load_image("image", path)
+    assert torch.equal(processor([held], return_tensors="pt"), processor([full], return_tensors="pt"))

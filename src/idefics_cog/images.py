@@ -2,7 +2,9 @@
 
 Accepted: every format Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP, ...) except EPS (which would run
 Ghostscript), and DICOM through pydicom. Limits on bytes, pixels and aspect ratio are checked before any pixel is
-decoded, so a decompression bomb costs nothing.
+decoded, so a decompression bomb costs nothing. Given the processor's `Reduction`, each image is resized right after
+decoding to the size the vision tower takes, exactly as the processor would resize it later, so a request waiting in
+the queue holds a few hundred kilobytes per image rather than a full-resolution picture.
 """
 
 import logging
@@ -59,6 +61,30 @@ class Limits:
                    read("IDEFICS_MAX_ASPECT_RATIO", MAX_ASPECT_RATIO, float))
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """The IDEFICS image processor's resize step (width, height, PIL filter), to be done as soon as an image is
+    decoded. The processor resizes 8-bit RGB pictures with Pillow straight to this size; Pillow returns an image
+    already at the target size unchanged, so the processor's own resize later leaves the pixels bit-identical."""
+    width: int
+    height: int
+    resample: int
+
+    @classmethod
+    def of(cls, image_processor) -> "Reduction | None":
+        """The processor's resize, or None when it is not a fixed height x width Pillow resize (then images are
+        left at full size for the processor, as before)."""
+        size = getattr(image_processor, "size", None)
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if (not getattr(image_processor, "do_resize", False) or not height or not width
+                or getattr(image_processor, "backend", None) != "pil"):
+            return None
+        return cls(int(width), int(height), int(image_processor.resample))
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        return image.resize((self.width, self.height), resample=self.resample)
+
+
 def image_inputs(image: Path | None, images: list[Path] | None) -> list[tuple[str, Path]]:
     """The request's images in binding order (`image` first, then `images`), each with the input name to report."""
     named = [("image", image)] if image is not None else []
@@ -77,10 +103,15 @@ NOT_IMAGES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive", b"PK\x0
               b"\x1f\x8b": "a gzip file", b"ustar": "a tar archive"}
 
 
-def load_image(name: str, path: Path, limits: Limits | None = None) -> Image.Image:
-    """Check the file against the limits, decode it fully (so a truncated file fails here, not in the model) and
-    convert it to RGB. Every refusal is an InputError that names the input (`name`)."""
-    limits = limits or Limits.from_env()
+def load_image(name: str, path: Path, limits: Limits | None = None, reduce: Reduction | None = None) -> Image.Image:
+    """Check the file against the limits, decode it fully (so a truncated file fails here, not in the model),
+    convert it to RGB and, given `reduce`, resize it at once as the processor would. Every refusal is an
+    InputError that names the input (`name`)."""
+    picture = decode_image(name, path, limits or Limits.from_env())
+    return reduce.apply(picture) if reduce else picture
+
+
+def decode_image(name: str, path: Path, limits: Limits) -> Image.Image:
     path = Path(path)
     size = path.stat().st_size
     if size == 0:

@@ -83,6 +83,12 @@ class Service:
         async for piece in self.engine.astream(job):
             yield piece
 
+    def read_images(self, files: list[tuple[str, Path]]) -> list:
+        """Decode each (name, path) and resize it at once to the vision tower's size, exactly as the processor
+        would later: the queue holds small pictures, not 40-megapixel ones."""
+        reduce = image_files.Reduction.of(self.engine.processor.image_processor)
+        return [image_files.load_image(name, path, reduce=reduce) for name, path in files]
+
     def job(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
             template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
@@ -92,7 +98,7 @@ class Service:
         files = image_files.image_inputs(image, images)
         image_files.check_count(len(files), self.settings.max_images)
         segments = build_segments(prompt, len(files), template, system_prompt)
-        pictures = [image_files.load_image(name, path) for name, path in files]
+        pictures = self.read_images(files)
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed,
                             stop_sequences=parse_stop_sequences(stop_sequences))
