@@ -161,7 +161,7 @@ def load_pillow(name: str, path: Path, limits: Limits) -> Image.Image:
             if getattr(opened, "n_frames", 1) > 1:
                 log.info("%s: the file has %d frames; using the first", name, opened.n_frames)
             opened.load()
-            return to_rgb(ImageOps.exif_transpose(opened))
+            return to_rgb(ImageOps.exif_transpose(opened))  # a copy: `opened` is unusable once closed
     except InputError:  # a ValueError itself: not to be wrapped by the catch-all below
         raise
     except Image.DecompressionBombError as exc:  # Pillow's guard, raised by Image.open for 2x the limit
@@ -189,6 +189,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return gray_to_rgb(np.asarray(image), 65535 if image.mode.startswith("I;16") else None)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    if image.mode == "RGB":  # no copy: a 40-megapixel picture is 120 MB
+        return image
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))
