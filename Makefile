@@ -46,9 +46,10 @@ bench: install tiny
 	$(PY) bench/training.py
 	$(PY) bench/speed.py
 
-# 300 mixed predictions through the real server: memory, temp files, cache (see BENCHMARKS.md).
+# 16 concurrent requests of 8 large images (peak memory), then 300 mixed predictions through the real server:
+# memory, temp files, cache (see BENCHMARKS.md).
 soak: install tiny
-	$(PY) bench/soak.py --requests 300
+	$(PY) bench/soak.py --requests 300 --large-requests 16
 
 serve: install tiny
 	IDEFICS_BASE_WEIGHTS=$(TINY)/base IDEFICS_ADAPTER_WEIGHTS=$(TINY)/adapter script/serve
