@@ -131,7 +131,7 @@ def test_dropped_connection_is_resumed_where_it_stopped(server, cache):
     assert len(starts) == chunks_of(len(data)) + 2
     assert any(start % CHUNK for start in starts)  # a retry asked for the rest of its range only
     refetched = server.bytes_served("/big.tar") - len(data)
-    assert 0 < refetched < CHUNK
+    assert 0 <= refetched < CHUNK  # bodies are read as they arrive (read1): a drop loses no byte received
 
 
 def test_interrupted_download_is_resumed_by_the_next_call(server, cache):
