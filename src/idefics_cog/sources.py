@@ -37,15 +37,15 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-def check_url(url: str, allowed: Callable[[str], bool] | None = None) -> None:
-    """Refuse `url` unless it is https and its host resolves only to addresses `allowed` says yes to (public ones
-    by default). With IDEFICS_ALLOW_PRIVATE_URLS=1 (and no `allowed` given) everything http(s) passes."""
+def check_url(url: str, allowed: Callable[[str], bool] | None = None, schemes: tuple[str, ...] = ("https",)) -> None:
+    """Refuse `url` unless its scheme is in `schemes` and its host resolves only to addresses `allowed` says yes to
+    (public ones by default). With IDEFICS_ALLOW_PRIVATE_URLS=1 (and no `allowed` given) any http(s) URL passes."""
     parts = urlsplit(url)
     if allowed is None and private_allowed():
         if parts.scheme not in ("http", "https"):
             raise SourceRefused(f"{url}: only http(s) URLs are fetched")
         return
-    if parts.scheme != "https":
+    if parts.scheme not in schemes:
         raise SourceRefused(f"{url}: only https URLs are fetched (set {ALLOW_PRIVATE}=1 to allow http)")
     host = parts.hostname
     if not host:
@@ -65,21 +65,22 @@ def check_url(url: str, allowed: Callable[[str], bool] | None = None) -> None:
 class _CheckedAdapter(HTTPAdapter):
     """Checks every request's URL, the first and each redirect, before any connection is made."""
 
-    def __init__(self, allowed: Callable[[str], bool] | None = None):
+    def __init__(self, allowed: Callable[[str], bool] | None, schemes: tuple[str, ...]):
         super().__init__()
-        self.allowed = allowed
+        self.allowed, self.schemes = allowed, schemes
 
     def send(self, request, *args, **kwargs):
-        check_url(request.url, self.allowed)
+        check_url(request.url, self.allowed, self.schemes)
         return super().send(request, *args, **kwargs)
 
 
-def guarded_session(allowed: Callable[[str], bool] | None = None) -> requests.Session:
+def guarded_session(allowed: Callable[[str], bool] | None = None,
+                    schemes: tuple[str, ...] = ("https",)) -> requests.Session:
     """A requests session that refuses URLs `check_url` refuses, redirects included. The address is checked just
     before urllib3 connects (which resolves the name again: a DNS answer that changes in between is not caught)."""
     session = requests.Session()
     session.trust_env = False  # no proxy from the environment: the check must see the real destination
-    adapter = _CheckedAdapter(allowed)
+    adapter = _CheckedAdapter(allowed, schemes)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
