@@ -3,6 +3,7 @@
 Addresses other than loopback are only ever resolved here (socket.getaddrinfo patched), never connected to:
 connections are recorded, and a test fails if one goes anywhere but 127.0.0.1."""
 
+import concurrent.futures
 import socket
 import threading
 import time
@@ -164,7 +165,7 @@ def test_requests_for_one_source_share_one_download(engine, tiny_dir, tmp_path, 
     monkeypatch.setenv(ALLOW_PRIVATE, "1")
     adapters = Adapters(engine, tmp_path / "cache")
     url = files.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"), Fault(trickle=1.0))
-    with __import__("concurrent.futures").futures.ThreadPoolExecutor(4) as pool:
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
         paths = list(pool.map(adapters.fetch, [url] * 4))
     assert len(set(paths)) == 1 and (paths[0] / "adapter_model.safetensors").is_file()
     assert files.count("/adapter.tgz", "GET") == 1
