@@ -2,6 +2,7 @@ import pytest
 
 from idefics_cog import tiny
 from idefics_cog.settings import ROOT
+from idefics_cog.sources import ALLOW_PRIVATE
 
 
 ADAPTER_LIMIT = 3_000_000  # above the tiny base model archive (refused as "not an adapter"), below a padded one
@@ -30,6 +31,8 @@ def server(tiny_dir):
     """The real Cog server (coglet) serving predict.py on the tiny model."""
     from idefics_cog.cogserver import CogServer
 
-    # A small per-adapter limit, so that tests can send a larger lora_weights.
-    with CogServer(env={**tiny_env(tiny_dir), "IDEFICS_MAX_ADAPTER_BYTES": str(ADAPTER_LIMIT)}) as running:
+    # A small per-adapter limit, so that tests can send a larger lora_weights; lora_weights URLs on the tests'
+    # loopback servers allowed (a request's URL must otherwise be https to a public address).
+    env = {**tiny_env(tiny_dir), "IDEFICS_MAX_ADAPTER_BYTES": str(ADAPTER_LIMIT), ALLOW_PRIVATE: "1"}
+    with CogServer(env=env) as running:
         yield running

@@ -23,6 +23,7 @@ from typing import Optional
 
 RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 GATHER_TIMEOUT = 10.0  # seconds a `gather` fault waits for the other requests
+TRICKLE_PIECES = 100  # a trickled body arrives in this many pieces
 FLIP = bytes(range(255, -1, -1))  # byte b -> 255 - b: corrupted, same length
 
 
@@ -35,6 +36,8 @@ class Fault:
     ignore_range: bool = False  # a Range request gets 200 with the whole body
     accept_ranges: Optional[bool] = None  # send `Accept-Ranges: bytes` (None: when ranges are honoured)
     gather: Optional[int] = None  # hold each request until this many are in flight at once (a parallel client)
+    trickle: float = 0.0  # send the body in small pieces spread over this many seconds (a slow server)
+    head_size: Optional[int] = None  # a HEAD announces this Content-Length (a server that lies about the size)
     times: Optional[int] = None  # apply to this many GET requests only (None: every one)
     skip: int = 0  # let this many GET requests through untouched first
 
@@ -169,7 +172,8 @@ def _handler(server: FileServer):
                     return
             self.send_response(206 if partial else 200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(end - start))
+            announced = fault.head_size if fault.head_size is not None and not send_body else end - start
+            self.send_header("Content-Length", str(announced))
             self.send_header("ETag", f'"{zlib.crc32(data):08x}"')
             advertise = not fault.ignore_range if fault.accept_ranges is None else fault.accept_ranges
             if advertise:
@@ -188,8 +192,7 @@ def _handler(server: FileServer):
                 body = body[: fault.drop_after]
                 self.close_connection = True
             try:
-                self.wfile.write(body)
-                self.wfile.flush()
+                self._write(body, fault.trickle)
             except OSError:
                 return  # the client went away
             with server._lock:
@@ -200,6 +203,15 @@ def _handler(server: FileServer):
                     self.connection.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+        def _write(self, body: bytes, trickle: float) -> None:
+            pieces = TRICKLE_PIECES if trickle else 1
+            size = -(-len(body) // pieces) or 1
+            for number, start in enumerate(range(0, len(body), size)):
+                if number and server._closing.wait(trickle / pieces):
+                    raise OSError("the server is closing")
+                self.wfile.write(body[start:start + size])
+                self.wfile.flush()
 
         def _send_status(self, status: int) -> None:
             body = f"{status}\n".encode()

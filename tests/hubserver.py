@@ -77,6 +77,7 @@ class HubServer:
         self.missing: set[str] = set()
         self.delays: dict[str, float] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) received by the hub itself
+        self.authorizations: list[str] = []  # the Authorization headers the hub received
         self.served: Counter = Counter()  # (repo_id, filename) -> bodies of git-stored files the hub sent itself
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -194,12 +195,15 @@ class HubServer:
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.authorizations.clear()
             self.served.clear()
         self.cdn.reset_counts()
 
-    def _record(self, method: str, path: str) -> None:
+    def _record(self, method: str, path: str, authorization: Optional[str] = None) -> None:
         with self._lock:
             self.requests.append((method, path))
+            if authorization:
+                self.authorizations.append(authorization)
 
 
 def _handler(hub: HubServer):
@@ -218,7 +222,7 @@ def _handler(hub: HubServer):
         def _route(self) -> None:
             url = urlsplit(self.path)
             segments = [unquote(part) for part in url.path.split("/")[1:]]
-            hub._record(self.command, "/".join([""] + segments))
+            hub._record(self.command, "/".join([""] + segments), self.headers.get("Authorization"))
             query = {key: values[-1] for key, values in parse_qs(url.query).items()}
             try:
                 if segments[:2] == ["api", "models"] and len(segments) >= 4:

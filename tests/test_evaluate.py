@@ -267,4 +267,4 @@ def test_python_m_idefics_cog_evaluate_runs_as_a_command(tiny_dir, dataset, expe
 def test_a_bad_adapter_source_fails_with_a_message(tiny_dir, dataset, capsys):
     code = ev.main([str(dataset / "data.zip"), "--base", str(tiny_dir / "base"), "--lora-weights", "/no/such/dir"])
     assert code == 1
-    assert "evaluate: lora_weights: '/no/such/dir' is neither an http(s) URL" in capsys.readouterr().err
+    assert "evaluate: lora_weights: weight source '/no/such/dir' is not a directory" in capsys.readouterr().err

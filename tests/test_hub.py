@@ -342,3 +342,23 @@ def test_a_hub_adapter_in_bin_form_serves_as_the_safetensors_one(hub, fresh, tmp
     # As a request's lora_weights too (converted into that adapter's own cache entry).
     name = adapters.select(lora_weights=ADAPTER_BIN)
     assert name.startswith("custom_") and answer(fresh) == alone["medical"]
+
+
+def test_a_requests_hub_adapter_is_measured_first_fetched_alone_and_without_the_operators_token(
+        hub, repos, tmp_path, monkeypatch):
+    from idefics_cog.hub import fetch_request_adapter
+
+    monkeypatch.setenv("HF_TOKEN", "hf_operator_secret")
+    # Over the limit by the repo's file metadata: refused before any file is downloaded.
+    with pytest.raises(WeightsError, match=r"adapter files \(adapter_config.json, adapter_model.safetensors\) are "
+                                           r"\d+ bytes, over the limit of 1000 bytes .*not downloaded"):
+        fetch_request_adapter(BOTH_FORMATS, None, tmp_path / "small", max_bytes=1000)
+    assert hub.downloads(BOTH_FORMATS) == {}
+    # Within it: only the adapter's two files, and never the operator's token.
+    path = fetch_request_adapter(BOTH_FORMATS, None, tmp_path / "fits", max_bytes=10 << 20)
+    assert {p.name for p in path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(hub.downloads(BOTH_FORMATS)) <= {"adapter_config.json", "adapter_model.safetensors"}
+    assert hub.authorizations == []
+    # The operator's own sources still use it (private repos of the operator).
+    resolve(ADAPTER, tmp_path / "operator", adapter=True)
+    assert hub.authorizations and all("hf_operator_secret" in value for value in hub.authorizations)

@@ -294,7 +294,8 @@ def test_requests_for_different_adapters_at_once_each_equal_their_answer_alone(s
 @pytest.fixture(scope="module")
 def small_server(tiny_dir):
     """A server with 3 slots and batches of at most 2: the third request waits or runs in its own batch."""
-    with CogServer(env={**tiny_env(tiny_dir), "COG_MAX_CONCURRENCY": "3", "IDEFICS_MAX_BATCH": "2"}) as running:
+    with CogServer(env={**tiny_env(tiny_dir), "COG_MAX_CONCURRENCY": "3", "IDEFICS_MAX_BATCH": "2",
+                        "IDEFICS_ALLOW_PRIVATE_URLS": "1"}) as running:
         yield running
 
 

@@ -38,8 +38,10 @@ def files(trained, tiny_dir):
 
 def version_env(tiny_dir, cache, weights: str) -> dict:
     """A version of this model made from a training: the image's settings (MedIDEFICS = the tiny adapter here),
-    and COG_WEIGHTS as Replicate sets it."""
-    return {**tiny_env(tiny_dir), "IDEFICS_CACHE_DIR": str(cache), "COG_WEIGHTS": weights}
+    and COG_WEIGHTS as Replicate sets it (an operator setting: a loopback URL needs no flag there; the flag lets the
+    tests' requests name loopback lora_weights URLs)."""
+    return {**tiny_env(tiny_dir), "IDEFICS_CACHE_DIR": str(cache), "COG_WEIGHTS": weights,
+            "IDEFICS_ALLOW_PRIVATE_URLS": "1"}
 
 
 def test_a_version_made_from_a_training_serves_the_trained_adapter_by_default(files, trained, tiny_dir, tmp_path):

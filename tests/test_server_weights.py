@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tarfile
+import time
 
 import pytest
 from peft import PeftModel
@@ -13,8 +14,9 @@ from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.cogserver import CogServer, ServerError
 from idefics_cog.engine import Engine
+from idefics_cog.sources import ALLOW_PRIVATE
 from tests.conftest import ADAPTER_LIMIT, tiny_env
-from tests.fileserver import FileServer
+from tests.fileserver import Fault, FileServer
 from tests import helpers
 from tests.helpers import (adapter_with_config, bin_adapter, data_uri, hostile_adapter, negated_adapter, noise_image,
                            tar_bytes)
@@ -124,7 +126,8 @@ def test_adapters_switch_per_request_like_each_loaded_alone(server, files, tiny_
 def test_a_4bit_server_answers_the_same_after_a_custom_adapter(files, tiny_dir, tmp_path):
     """In the order a user triggers it: medical loaded at setup, requests, then a custom `lora_weights`, then the
     first requests again. On CPUs with AVX512-BF16, PEFT's own adapter loading made these answers drift."""
-    env = {**tiny_env(tiny_dir), "IDEFICS_QUANTIZATION": "4bit", "IDEFICS_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**tiny_env(tiny_dir), "IDEFICS_QUANTIZATION": "4bit", "IDEFICS_CACHE_DIR": str(tmp_path / "cache"),
+           ALLOW_PRIVATE: "1"}
     with CogServer(env=env) as server:
         before = {choice: answer(server, adapter=choice) for choice in ("medical", "none")}
         assert before["medical"] != before["none"]
@@ -144,7 +147,7 @@ BAD_ADAPTERS = {
     "archive member absolute": ("/absolute.tar", r"lora_weights: .*'/tmp/adapter_config.json' points outside"),
     "archive member a link": ("/symlink.tar", r"lora_weights: .*'adapter_model.safetensors' is a symlink"),
     "over the size limit": ("/big.tgz", rf"lora_weights: .*over the limit of {ADAPTER_LIMIT} bytes"),
-    "file scheme": ("file:///etc/passwd", r"lora_weights: 'file:///etc/passwd' is neither an http\(s\) URL"),
+    "file scheme": ("file:///etc/passwd", r"lora_weights: 'file:///etc/passwd' is neither an https URL"),
     "local path": ("/etc", r"lora_weights: '/etc' is neither"),
 }
 
@@ -208,3 +211,65 @@ def test_setup_with_an_unreachable_source_names_it(files, tmp_path):
             server.start()
     finally:
         server.stop()
+
+
+# The issue asks for 30 s; 10 s shows the same (a stall would add the whole trickle to the other requests) at a
+# third of the suite's time.
+TRICKLE_S = 10.0
+
+
+def test_a_trickling_adapter_download_delays_only_its_own_request(server, files, tiny_dir, other_adapter):
+    """While one request's lora_weights trickles in over TRICKLE_S seconds, other requests stream at their
+    normal speed: the download runs in that request's own thread, not on the torch thread they all share."""
+    from tests.test_server_concurrency import send
+
+    expected = reference(tiny_dir, other_adapter)
+    url = files.add("/trickle.tgz", tar_bytes(other_adapter), Fault(trickle=TRICKLE_S))
+    others = [{**REQUEST, "adapter": "medical"}, {**REQUEST, "adapter": "none"}, {**REQUEST, "adapter": "medical"}]
+
+    def round_of_others() -> tuple[float, float]:
+        """(slowest time to first chunk, total) for the other requests, one after another."""
+        started, first = time.monotonic(), []
+        for inputs in others:
+            sent = time.monotonic()
+            out = send(server, inputs, stream=True, on_event=lambda event, data, out: out.setdefault(
+                "first", time.monotonic()) if event == "output" else None)
+            assert out["result"]["status"] == "succeeded", out["result"]
+            first.append(out["first"] - sent)
+        return max(first), time.monotonic() - started
+
+    round_of_others()  # warm
+    baseline = round_of_others()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        slow = pool.submit(send, server, {**REQUEST, "lora_weights": url})
+        while files.count("/trickle.tgz", "GET") == 0 and time.monotonic() - started < 30:
+            time.sleep(0.05)
+        during = round_of_others()
+        assert not slow.done(), "the trickled request ended before the others: the test shows nothing"
+        result = slow.result()
+    slow_seconds = time.monotonic() - started
+    assert result["result"]["status"] == "succeeded", result["result"]
+    assert result["result"]["output"] and "".join(result["result"]["output"]) == expected
+    assert slow_seconds >= TRICKLE_S * 0.8
+    print(f"others alone {baseline}, beside the trickle {during} (first chunk, total s); trickled {slow_seconds:.1f} s")
+    first, total = during
+    assert first < 3 * baseline[0] + 1.0, (during, baseline)
+    assert total < 3 * baseline[1] + 2.0 < TRICKLE_S, (during, baseline)
+
+
+def test_a_server_without_allow_private_urls_refuses_loopback_urls_and_local_paths(files, tiny_dir, tmp_path):
+    env = {**tiny_env(tiny_dir), "IDEFICS_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env.pop(ALLOW_PRIVATE, None)
+    files.reset_counts()
+    with CogServer(env={**env, ALLOW_PRIVATE: "0"}) as plain:
+        assert re.search(r"lora_weights: http://127\.0\.0\.1:\d+/other\.tgz: only https URLs are fetched \(set "
+                         r"IDEFICS_ALLOW_PRIVATE_URLS=1", failure(plain, lora_weights=files.url("/other.tgz")))
+        https = files.url("/other.tgz").replace("http://", "https://")
+        assert re.search(r"resolves to a loopback, private or link-local address \(127\.0\.0\.1\); only public "
+                         r"addresses are fetched", failure(plain, lora_weights=https))
+        # weights/tiny exists on this server (relative to its working directory): for a request it is a hub id.
+        error = failure(plain, lora_weights="weights/tiny")
+        assert re.search(r"lora_weights: Hugging Face repo weights/tiny@main is not in the cache \(<cache>/", error), error
+        assert str(tmp_path) not in error and str(tiny_dir) not in error
+    assert files.requests == []

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -33,8 +34,11 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from idefics_cog.download import fetch_archive
 from idefics_cog.errors import InputError
-from idefics_cog.weights import ADAPTER_PICKLE, HUB_ID, PICKLE_SUFFIXES, WeightsError, is_url, resolve
+from idefics_cog.hub import fetch_request_adapter
+from idefics_cog.sources import check_request_source, guarded_session
+from idefics_cog.weights import ADAPTER_PICKLE, PICKLE_SUFFIXES, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ PICKLED_FILE = ADAPTER_PICKLE  # PEFT's older format: read with the weights-only
 # layers, full modules or token rows saved with the adapter): refused rather than half loaded.
 UNSUPPORTED_SETTINGS = ("use_dora", "layer_replication", "modules_to_save", "trainable_token_indices", "lora_bias",
                         "target_parameters")
+FAILURE_MEMORY_S = 60.0  # a source that failed is refused with the same message for this long
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -197,12 +202,20 @@ class Adapters:
     """The adapters loaded on the engine's model, and which one the next generation uses."""
 
     def __init__(self, engine, cache_dir: Path, max_loaded: int = 4, cache_bytes: int = 4 << 30,
-                 max_adapter_bytes: int = 1 << 30):
+                 max_adapter_bytes: int = 1 << 30, download_seconds: float = 300.0):
         self.engine = engine
         self.shapes = linear_shapes(engine.model)
         self.cache_dir = Path(cache_dir) / "adapters"
         self.max_loaded, self.cache_bytes, self.max_adapter_bytes = max_loaded, cache_bytes, max_adapter_bytes
+        self.download_seconds = download_seconds
         self.custom: OrderedDict[str, str] = OrderedDict()  # source -> adapter name, least recently used first
+        # Fetching happens in request threads: these are shared between them, under _lock.
+        self._lock = threading.Lock()
+        self._source_locks: dict[str, threading.Lock] = {}  # one fetch per source at a time
+        self._fetched: dict[str, Path] = {}  # source -> checked directory
+        self._failures: dict[str, tuple[float, str]] = {}  # source -> (when, message)
+        self._busy: set[Path] = set()  # cache entries being filled
+        self._disk_lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
@@ -226,12 +239,13 @@ class Adapters:
         return trained_on
 
     def select(self, adapter: str = MEDICAL, lora_weights: str = "", lora_scale: float = 1.0,
-               allow_local: bool = False) -> str:
+               allow_local: bool = False, fetched: Path | None = None) -> str:
         """Point the model at the adapter a request asks for (`lora_weights` wins over `adapter`).
-        Returns its name, or "none" for the base model alone. `allow_local` lets `lora_weights` name a local
-        directory: for the operator's tools (evaluation), never for a request, which may not name server paths."""
+        Returns its name, or "none" for the base model alone. `fetched`: what `fetch(lora_weights)` returned (the
+        server fetches before the scheduler; without it, it is fetched here). `allow_local` lets `lora_weights`
+        name a local directory or any URL: for the operator's tools (evaluation), never for a request."""
         if lora_weights:
-            name = self._custom(lora_weights, allow_local)
+            name = self._custom(lora_weights, fetched or self.fetch(lora_weights, allow_local))
         elif adapter == MEDICAL:
             # A server started without it (IDEFICS_ADAPTER_WEIGHTS=none) serves the base model for the default.
             name = MEDICAL if MEDICAL in self.names else None
@@ -252,31 +266,96 @@ class Adapters:
                 module.set_scale(name, lora_scale)
         return name
 
-    def _custom(self, source: str, allow_local: bool = False) -> str:
+    def fetch(self, source: str, allow_local: bool = False) -> Path:
+        """Everything a custom adapter needs before the model is touched: download, extraction, conversion of an
+        adapter_model.bin, checks against the base model. Runs in the request's own thread, never on the torch
+        thread, so a slow source delays its own request only. Requests for one source share one fetch; a source
+        that failed is refused with the same message for FAILURE_MEMORY_S seconds. Returns the checked directory."""
+        with self._lock:
+            source_lock = self._source_locks.setdefault(source, threading.Lock())
+        with source_lock:
+            with self._lock:
+                found, failed = self._fetched.get(source), self._failures.get(source)
+            if found is not None and found.is_dir():
+                return found
+            if failed and time.monotonic() - failed[0] < FAILURE_MEMORY_S:
+                raise InputError(failed[1])
+            started = time.perf_counter()
+            try:
+                path = self._fetch(source, allow_local)
+            except (WeightsError, AdapterError) as exc:
+                message = f"lora_weights: {self._hide_paths(str(exc))}"
+                with self._lock:
+                    self._failures[source] = (time.monotonic(), message)
+                raise InputError(message) from None
+            with self._lock:
+                self._fetched[source] = path
+                self._failures.pop(source, None)
+            log.info("adapter %s fetched and checked in %.1f s", source, time.perf_counter() - started)
+            return path
+
+    def _fetch(self, source: str, operator: bool) -> Path:
+        """`operator`: a source from the operator's tools, with the freedom of the settings (local directories,
+        any URL); else a request's, with the rules of sources.py."""
+        if operator and Path(source).expanduser().is_dir():
+            path, cache = Path(source).expanduser(), self.cache_dir.parent
+        else:
+            kind = "operator" if operator else check_request_source(source)
+            cache = self.cache_dir / source_key(source)
+            with self._lock:
+                self._busy.add(cache)  # not trimmed while it is being filled
+            try:
+                path = self._download(source, kind, cache)
+            finally:
+                with self._lock:
+                    self._busy.discard(cache)
+        path = with_safetensors(path, cache)
+        check_adapter(path, self.shapes)
+        return path
+
+    def _download(self, source: str, kind: str, entry: Path) -> Path:
+        deadline = time.monotonic() + self.download_seconds
+        try:
+            if kind == "url":
+                path = fetch_archive(source, entry, max_bytes=self.max_adapter_bytes, deadline=deadline,
+                                     session=guarded_session())
+            elif kind == "hub":
+                repo_id, _, revision = source.partition("@")
+                path = fetch_request_adapter(repo_id, revision or None, entry, self.max_adapter_bytes)
+            else:
+                path = resolve(source, entry, max_bytes=self.max_adapter_bytes, adapter=True)
+            if directory_bytes(entry) > self.max_adapter_bytes:  # a hub repo offline is only measured once here
+                shutil.rmtree(entry, ignore_errors=True)
+                raise AdapterError(f"{source} is over the limit of {self.max_adapter_bytes} bytes per adapter "
+                                   f"(IDEFICS_MAX_ADAPTER_BYTES)")
+        finally:
+            if entry.is_dir():
+                (entry / ".last_used").touch()
+                self._trim_disk_cache(keep=entry)  # partial downloads left by a failure count too
+        return path
+
+    def _hide_paths(self, message: str) -> str:
+        """An error for the requester, without the server's directories in it."""
+        for folder in {str(self.cache_dir.parent), str(self.cache_dir.parent.resolve())}:
+            message = message.replace(folder, "<cache>")
+        return message
+
+    def _custom(self, source: str, path: Path) -> str:
+        """Torch-thread part: load the fetched adapter at `path` into the model (once), or reuse it."""
         if source in self.custom:
             self.custom.move_to_end(source)
             return self.custom[source]
-        local = allow_local and Path(source).expanduser().is_dir()
-        if not (local or is_url(source) or HUB_ID.match(source)):
-            raise InputError(f"lora_weights: {source!r} is neither an http(s) URL of a .tar/.zip nor a Hugging Face "
-                             f"repo id (owner/name[@revision])")
-        entry = self.cache_dir / source_key(source)
         started = time.perf_counter()
+        name = f"custom_{source_key(source)}"
+        if not path.is_dir():
+            with self._lock:
+                self._fetched.pop(source, None)
+            raise InputError("lora_weights: the downloaded adapter left the disk cache before it was loaded; "
+                             "send the request again")
         try:
-            if local:
-                path = Path(source).expanduser()
-            else:
-                path = resolve(source, entry, max_bytes=self.max_adapter_bytes, adapter=True)
-                if directory_bytes(entry) > self.max_adapter_bytes:  # a hub repo is only measured once fetched
-                    shutil.rmtree(entry, ignore_errors=True)
-                    raise AdapterError(f"{source} is over the limit of {self.max_adapter_bytes} bytes per adapter "
-                                       f"(IDEFICS_MAX_ADAPTER_BYTES)")
-                (entry / ".last_used").touch()
-                self._trim_disk_cache(keep=entry)
-            name = f"custom_{source_key(source)}"
-            self._load(path, name, entry)
+            self._load(path, name)
         except (WeightsError, AdapterError) as exc:
-            raise InputError(f"lora_weights: {exc}") from None
+            raise InputError(f"lora_weights: {self._hide_paths(str(exc))}") from None
         self.custom[source] = name
         log.info("adapter %s from %s loaded in %.1f s", name, source, time.perf_counter() - started)
         while len(self.custom) > self.max_loaded:
@@ -308,8 +387,15 @@ class Adapters:
             raise AdapterError(f"could not be loaded ({type(exc).__name__}: {exc})") from None
 
     def _trim_disk_cache(self, keep: Path) -> None:
-        """Delete least recently used downloads until the cache fits its byte budget (never `keep`)."""
-        entries = [p for p in self.cache_dir.iterdir() if p.is_dir() and p != keep]
+        """Delete least recently used downloads until the cache fits its byte budget (never `keep`, nor one being
+        filled)."""
+        with self._disk_lock:
+            self._trim_locked(keep)
+
+    def _trim_locked(self, keep: Path) -> None:
+        with self._lock:
+            busy = set(self._busy)
+        entries = [p for p in self.cache_dir.iterdir() if p.is_dir() and p != keep and p not in busy]
         entries.sort(key=lambda p: (p / ".last_used").stat().st_mtime if (p / ".last_used").exists() else 0)
         total = sum(directory_bytes(p) for p in entries) + directory_bytes(keep)
         while entries and total > self.cache_bytes:

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import requests
 from filelock import FileLock, Timeout
-from urllib3.exceptions import ReadTimeoutError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from idefics_cog.weights import UnreachableError, WeightsError, env_flag
 
@@ -67,7 +67,9 @@ class Options:
     read_timeout: float = READ_TIMEOUT
     retries: int = RETRIES
     retry_wait: float = RETRY_WAIT
-    max_bytes: Optional[int] = None  # refuse a larger archive before downloading it (per-request adapters)
+    max_bytes: Optional[int] = None  # refuse a larger archive, announced or received or extracted (requests)
+    deadline: Optional[float] = None  # time.monotonic() by which the whole transfer must be done (requests)
+    session: Optional[requests.Session] = None  # sends every request (sources.guarded_session for requests)
 
 
 def fetch_archive(
@@ -81,10 +83,15 @@ def fetch_archive(
     retries: int = RETRIES,
     retry_wait: float = RETRY_WAIT,
     max_bytes: Optional[int] = None,
+    deadline: Optional[float] = None,
+    session: Optional[requests.Session] = None,
 ) -> Path:
     """Return the directory holding the extracted archive at `url`, downloading it into `cache_dir` once.
 
-    When the archive holds a single top-level directory, that directory is returned.
+    When the archive holds a single top-level directory, that directory is returned. For a request's adapter:
+    `max_bytes` caps the bytes announced, received and extracted; `deadline` (a time.monotonic() value) ends the
+    whole transfer; `session` sends the requests (and pget, which would bypass it, is not used). A transfer that
+    fails leaves no partial download behind when `max_bytes` is set.
     """
     entry = Entry.of(url, Path(cache_dir))
     found = entry.lookup()
@@ -93,12 +100,18 @@ def fetch_archive(
         return found
     if offline():
         raise UnreachableError(f"{entry.url}: not in the cache at {cache_dir}, and HF_HUB_OFFLINE=1 forbids downloading it")
-    options = Options(chunk_size, threads, connect_timeout, read_timeout, retries, retry_wait, max_bytes)
+    options = Options(chunk_size, threads, connect_timeout, read_timeout, retries, retry_wait, max_bytes, deadline,
+                      session)
     for folder in (entry.final.parent, entry.part.parent, entry.lock.parent):
         folder.mkdir(parents=True, exist_ok=True)
     with _locked(entry):
         # Another process may have finished it while we waited for the lock.
-        return entry.lookup() or _install(entry, options)
+        try:
+            return entry.lookup() or _install(entry, options)
+        except BaseException:
+            if max_bytes is not None:  # a stranger's source: its partial bytes are not kept for a resume
+                entry.discard_download()
+            raise
 
 
 def offline() -> bool:
@@ -200,7 +213,7 @@ def _install(entry: Entry, options: Options) -> Path:
                 raise WeightsError(f"{entry.url}: the download is corrupt again ({exc}); nothing was cached") from None
             log.warning("%s: the download is corrupt (%s); fetching it again", entry.url, exc)
     try:
-        _extract(entry, sha256)
+        _extract(entry, sha256, options)
     finally:
         entry.discard_download()  # extracted, or a bad archive: either way the download is of no more use
     return entry.lookup()
@@ -220,14 +233,15 @@ def _verify(entry: Entry, size: Optional[int]) -> str:
     return sha256
 
 
-def _extract(entry: Entry, sha256: str) -> None:
+def _extract(entry: Entry, sha256: str, options: Options) -> None:
     """Extract into a staging directory beside the final one, mark it complete, then rename it into place."""
     started = time.monotonic()
     staging = entry.final.with_name(entry.key + ".staging")
     shutil.rmtree(staging, ignore_errors=True)  # left by a process that died while extracting
     staging.mkdir(parents=True)
     try:
-        extract_archive(entry.part, staging, entry.url, zip_name=urlsplit(entry.url).path.lower().endswith(".zip"))
+        extract_archive(entry.part, staging, entry.url, zip_name=urlsplit(entry.url).path.lower().endswith(".zip"),
+                        max_bytes=options.max_bytes)
         marker = {"url": entry.url, "sha256": sha256, "size": entry.part.stat().st_size, "root": _root(staging)}
         (staging / MARKER).write_text(json.dumps(marker, indent=1))
         _move_into_place(staging, entry.final)
@@ -237,23 +251,34 @@ def _extract(entry: Entry, sha256: str) -> None:
     log.info("%s: extracted into %s in %.1f s", entry.url, entry.final, time.monotonic() - started)
 
 
-def extract_archive(archive: Path, dest: Path, label: str, zip_name: bool = False) -> None:
-    """Extract a tar (any compression) or zip into `dest`, refusing members that could land outside it.
+def extract_archive(archive: Path, dest: Path, label: str, zip_name: bool = False,
+                    max_bytes: Optional[int] = None) -> None:
+    """Extract a tar (any compression) or zip into `dest`, refusing members that could land outside it, and
+    (`max_bytes`) an archive whose members add up to more than that (a small .tar.gz can expand enormously).
     `label` names the archive in errors (its URL, or the input it came from)."""
     if zip_name or not tarfile.is_tarfile(archive):
-        _extract_zip(label, archive, dest)
+        _extract_zip(label, archive, dest, max_bytes)
     else:
-        _extract_tar(label, archive, dest)
+        _extract_tar(label, archive, dest, max_bytes)
 
 
-def _extract_tar(url: str, archive: Path, dest: Path) -> None:
+def _extract_tar(url: str, archive: Path, dest: Path, max_bytes: Optional[int] = None) -> None:
     with tarfile.open(archive, "r:*") as tar:
         # Members are checked as they are read: one pass, even over a .tar.gz.
-        tar.extractall(dest, members=_checked_members(url, tar), filter="data")
+        tar.extractall(dest, members=_checked_members(url, tar, max_bytes), filter="data")
 
 
-def _checked_members(url: str, tar: tarfile.TarFile):
+def _check_total(url: str, total: int, max_bytes: Optional[int]) -> None:
+    if max_bytes is not None and total > max_bytes:
+        raise WeightsError(f"{url}: the archive's members add up to more than the limit of {max_bytes} bytes; "
+                           f"not extracted")
+
+
+def _checked_members(url: str, tar: tarfile.TarFile, max_bytes: Optional[int] = None):
+    total = 0
     for member in tar:
+        total += member.size
+        _check_total(url, total, max_bytes)  # before the member is written
         kind = "a symlink" if member.issym() else "a hard link" if member.islnk() else None
         kind = kind or ("a device or fifo" if member.isdev() else None)
         if kind:
@@ -262,11 +287,13 @@ def _checked_members(url: str, tar: tarfile.TarFile):
         yield member
 
 
-def _extract_zip(url: str, archive: Path, dest: Path) -> None:
+def _extract_zip(url: str, archive: Path, dest: Path, max_bytes: Optional[int] = None) -> None:
     try:
         with zipfile.ZipFile(archive) as zip_file:
             for name in zip_file.namelist():
                 _check_name(url, name)
+            # file_size is what the zip says; zipfile refuses a member whose data inflates past it.
+            _check_total(url, sum(info.file_size for info in zip_file.infolist()), max_bytes)
             zip_file.extractall(dest)
     except zipfile.BadZipFile:
         raise WeightsError(f"{url}: not a .tar, .tar.gz or .zip archive") from None
@@ -328,7 +355,7 @@ def _download(entry: Entry, options: Options) -> Optional[int]:
     if options.max_bytes is not None and (remote.size is None or remote.size > options.max_bytes):
         size = "an unannounced size" if remote.size is None else f"{remote.size} bytes"
         raise WeightsError(f"{entry.url}: {size}, over the limit of {options.max_bytes} bytes; not downloaded")
-    pget = shutil.which("pget")
+    pget = shutil.which("pget") if options.session is None else None  # pget would bypass the session's checks
     if pget:
         _download_with_pget(entry, pget)
     elif remote.ranges and remote.size:
@@ -358,12 +385,14 @@ def _probe(url: str, options: Options) -> Remote:
 
 def _request(url: str, options: Options, method: str = "GET", headers: Optional[dict] = None) -> requests.Response:
     """One streamed request; an HTTP error becomes a WeightsError naming the URL (a _ServerError for 5xx/429)."""
-    response = requests.request(
+    _check_deadline(url, options)
+    remaining = options.deadline - time.monotonic() if options.deadline is not None else float("inf")
+    response = (options.session or requests).request(
         method,
         url,
         headers={**HEADERS, **(headers or {})},
         stream=True,
-        timeout=(options.connect_timeout, options.read_timeout),
+        timeout=(min(options.connect_timeout, remaining), min(options.read_timeout, remaining)),
         allow_redirects=True,
     )
     if response.status_code >= 400:
@@ -373,6 +402,12 @@ def _request(url: str, options: Options, method: str = "GET", headers: Optional[
             raise _ServerError(problem)
         raise WeightsError(f"{url}: {problem}")
     return response
+
+
+def _check_deadline(url: str, options: Options) -> None:
+    if options.deadline is not None and time.monotonic() > options.deadline:
+        raise WeightsError(f"{url}: the download did not finish within its deadline "
+                           f"(IDEFICS_ADAPTER_DOWNLOAD_SECONDS); stopped")
 
 
 def _retrying(url: str, options: Options, attempt: Callable):
@@ -460,9 +495,10 @@ class _RangeDownload:
             with _request(self.entry.url, self.options, headers=headers) as response:
                 if response.status_code != 206:
                     raise _RangesIgnored
-                for block in response.iter_content(BLOCK):
+                for block in _blocks(response):
                     if self.stop.is_set():
                         raise _Stopped
+                    _check_deadline(self.entry.url, self.options)
                     block = block[: end - position]
                     os.pwrite(self.fd, block, position)
                     position += len(block)
@@ -488,6 +524,19 @@ class _RangeDownload:
             temporary = self.entry.state.with_suffix(".json.tmp")
             temporary.write_text(json.dumps({**state, "done": self.done}))
             temporary.replace(self.entry.state)
+
+
+def _blocks(response: requests.Response):
+    """The body as it arrives (read1: a trickling server cannot hold a block back past the deadline checks),
+    with urllib3's errors raised as requests raises them (retryable)."""
+    while True:
+        try:
+            block = response.raw.read1(BLOCK)
+        except (ProtocolError, ReadTimeoutError) as exc:
+            raise requests.ConnectionError(exc) from exc
+        if not block:
+            return
+        yield block
 
 
 def _load_state(entry: Entry, remote: Remote) -> list[list[int]]:
@@ -531,8 +580,14 @@ def _download_stream(entry: Entry, remote: Remote, options: Options) -> None:
 
     def attempt():
         progress = _Progress(entry.url, remote.size)
+        received = 0
         with _request(entry.url, options) as response, open(entry.part, "wb") as file:
-            for block in response.iter_content(BLOCK):
+            for block in _blocks(response):
+                _check_deadline(entry.url, options)
+                received += len(block)
+                if options.max_bytes is not None and received > options.max_bytes:  # whatever HEAD said
+                    raise WeightsError(f"{entry.url}: more than the limit of {options.max_bytes} bytes received; "
+                                       f"stopped")
                 file.write(block)
                 progress.add(len(block))
 

@@ -84,7 +84,7 @@ MARKER_FORMAT = 1
 
 
 def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: float | None = None,
-              adapter: bool = False) -> Path:
+              adapter: bool = False, hub: "_Hub | None" = None) -> Path:
     """Return the snapshot directory of `repo_id` at `revision` (default branch when None), downloading it first.
     `adapter`: a LoRA adapter repo, whose adapter_model.bin is fetched too when it has no .safetensors.
 
@@ -92,7 +92,7 @@ def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: f
     cached, offline and not cached, pickled weights only, a file that fails verification twice.
     """
     started = time.monotonic()
-    hub = _Hub(repo_id, revision, Path(cache_dir), timeout)
+    hub = hub or _Hub(repo_id, revision, Path(cache_dir), timeout)
     before = _blob_states(hub.storage)
     _remove_stale_partials(hub.storage)
     with hub.errors():
@@ -114,12 +114,42 @@ def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: f
     return snapshot
 
 
+REQUEST_FILES = ("adapter_config.json", "adapter_model.safetensors", ADAPTER_PICKLE)
+
+
+def fetch_request_adapter(repo_id: str, revision: str | None, cache_dir: Path, max_bytes: int) -> Path:
+    """A hub adapter a request named: without the operator's HF_TOKEN, only its adapter files, and refused before
+    anything is downloaded when the repo's file metadata says they add up to more than `max_bytes`."""
+    hub = _Hub(repo_id, revision, Path(cache_dir), None)
+    hub.token = False  # a stranger's request must not read the operator's private repos
+    if hub.online:
+        with hub.errors():
+            info = HfApi(endpoint=hub.endpoint, token=False).model_info(
+                repo_id, revision=revision, files_metadata=True, timeout=hub.timeout)
+        sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
+        wanted = [name for name in REQUEST_FILES[:2] if name in sizes]
+        if REQUEST_FILES[1] not in sizes and ADAPTER_PICKLE in sizes:
+            wanted.append(ADAPTER_PICKLE)
+        total = sum(sizes[name] for name in wanted)
+        if total > max_bytes:
+            raise WeightsError(f"Hugging Face repo {hub.label}: its adapter files ({', '.join(wanted)}) are {total} "
+                               f"bytes, over the limit of {max_bytes} bytes (IDEFICS_MAX_ADAPTER_BYTES); not downloaded")
+        hub.only = wanted or list(REQUEST_FILES[:2])
+        hub.with_pickle = ADAPTER_PICKLE in hub.only
+        hub.revision = info.sha or revision  # the commit whose listing was measured
+    else:
+        hub.only = list(REQUEST_FILES)
+    return fetch_hub(repo_id, hub.revision, cache_dir, adapter=True, hub=hub)
+
+
 class _Hub:
     """One fetch: the repo, where it is cached, and how to reach the hub (read from the environment now)."""
 
     def __init__(self, repo_id: str, revision: str | None, cache_dir: Path, timeout: float | None):
         self.repo_id, self.revision = repo_id, revision
         self.with_pickle = False  # also fetch (and verify) an adapter's adapter_model.bin
+        self.token = None  # None: HF_TOKEN from the environment; False for a request's repo
+        self.only: list[str] | None = None  # exactly these files (a request's adapter)
         self.label = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
         self.cache_dir = cache_dir / "hub"
         self.storage = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -139,12 +169,13 @@ class _Hub:
                 self.repo_id,
                 revision=revision,
                 cache_dir=self.cache_dir,
-                allow_patterns=ADAPTER_ALLOW_PATTERNS if self.with_pickle else ALLOW_PATTERNS,
+                allow_patterns=self.only or (ADAPTER_ALLOW_PATTERNS if self.with_pickle else ALLOW_PATTERNS),
                 ignore_patterns=ADAPTER_IGNORE_PATTERNS if self.with_pickle else IGNORE_PATTERNS,
                 local_files_only=local_files_only or self.offline,
                 endpoint=self.endpoint,
                 etag_timeout=self.timeout,
                 tqdm_class=_TerminalOnlyBar,
+                token=self.token,
             )
         )
 
@@ -165,7 +196,7 @@ class _Hub:
             except LocalEntryNotFoundError:
                 pass  # incomplete or gone: fetch what is missing
         try:
-            HfApi(endpoint=self.endpoint).repo_info(
+            HfApi(endpoint=self.endpoint, token=self.token).repo_info(
                 self.repo_id, revision=self.revision, timeout=self.timeout
             )
         except RevisionNotFoundError:

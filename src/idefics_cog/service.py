@@ -60,7 +60,7 @@ class Service:
         log.info("model loaded on %s (%s, quantization %s, %s engine) in %.1f s", engine.device, engine.dtype,
                  settings.quantization, engine.kind, time.perf_counter() - started)
         adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
-                            settings.max_adapter_bytes)
+                            settings.max_adapter_bytes, settings.adapter_download_seconds)
         if settings.trained_weights:
             # A version made by `cog train`: the trained adapter is its default, in place of MedIDEFICS.
             log.info("a version made from a training: the default adapter is the trained one (COG_WEIGHTS), "
@@ -94,7 +94,8 @@ class Service:
             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
             seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
             lora_scale: float = 1.0) -> Job:
-        """Check the inputs and read the images now; encoding and the adapter are the scheduler's (torch) work."""
+        """Check the inputs, read the images and fetch a custom adapter now (blocking: astream runs it in a thread);
+        encoding and loading the adapter are the scheduler's (torch) work."""
         files = image_files.image_inputs(image, images)
         image_files.check_count(len(files), self.settings.max_images)
         segments = build_segments(prompt, len(files), template, system_prompt)
@@ -103,8 +104,12 @@ class Service:
                             repetition_penalty=repetition_penalty, seed=seed,
                             stop_sequences=parse_stop_sequences(stop_sequences))
 
+        # A custom adapter is fetched and checked here, in the request's thread: only loading it into the model
+        # (from the local disk) is left to the torch thread, which every request shares.
+        fetched = self.adapters.fetch(lora_weights) if lora_weights else None
+
         def select_adapter() -> None:
-            name = self.adapters.select(adapter, lora_weights, lora_scale)
+            name = self.adapters.select(adapter, lora_weights, lora_scale, fetched=fetched)
             log.info("adapter: %s (scale %g)", name, lora_scale)
 
         # Requests with the same key may share a batch: lora_weights wins over adapter; `none` ignores the scale.

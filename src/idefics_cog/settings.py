@@ -22,6 +22,7 @@ class Settings:
     max_loaded_adapters: int  # custom adapters kept loaded in memory (besides `medical`)
     adapter_cache_bytes: int  # disk budget for downloaded custom adapters
     max_adapter_bytes: int  # largest custom adapter download
+    adapter_download_seconds: int  # deadline for a custom adapter's whole download
     device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
     engine: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
     max_batch: int  # concurrent requests decoded together by the fast engine
@@ -40,6 +41,7 @@ class Settings:
             max_loaded_adapters=_positive_int(env, "IDEFICS_MAX_LOADED_ADAPTERS", 4),
             adapter_cache_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
             max_adapter_bytes=_positive_int(env, "IDEFICS_MAX_ADAPTER_BYTES", 1 << 30),
+            adapter_download_seconds=_positive_int(env, "IDEFICS_ADAPTER_DOWNLOAD_SECONDS", 300),
             device=env.get("IDEFICS_DEVICE", "auto"),
             engine=_choice(env, "IDEFICS_ENGINE", ENGINES),
             max_batch=_positive_int(env, "IDEFICS_MAX_BATCH", 16),
