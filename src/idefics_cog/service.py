@@ -89,6 +89,7 @@ class Service:
             seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
             lora_scale: float = 1.0) -> Job:
         """Check the inputs and read the images now; encoding and the adapter are the scheduler's (torch) work."""
+        lora_scale = float(lora_scale)  # JSON `1` arrives as an int; PEFT's scaling and the batch key want a float
         files = image_files.image_inputs(image, images)
         image_files.check_count(len(files), self.settings.max_images)
         segments = build_segments(prompt, len(files), template, system_prompt)
