@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 END = object()  # the last item a job's sink receives after a normal end
 DEVICE_LOST_EXIT = 70  # the worker's exit status when the device is unusable
+EXIT_GRACE_S = 1.0  # how long the worker waits for its last log line to be sent before it ends
 
 
 class GenerationError(RuntimeError):
@@ -62,6 +64,7 @@ def exit_worker(exc: BaseException) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
+    time.sleep(EXIT_GRACE_S)  # coglet forwards the worker's logs from a thread of this process: let it send this one
     os._exit(DEVICE_LOST_EXIT)
 
 
