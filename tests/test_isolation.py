@@ -216,6 +216,7 @@ def test_an_error_that_leaves_the_device_unusable_ends_the_worker(requests_, mon
     (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
     (RuntimeError("CUDA error: misaligned address"), True),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"), False),
+    (torch.AcceleratorError("CUDA error: out of memory"), False),  # not sticky: the next allocation may succeed
     (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
     (ValueError("CUDA error in a message about something else"), False),
 ])

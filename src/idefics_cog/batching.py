@@ -51,9 +51,9 @@ class GenerationError(RuntimeError):
 def device_lost(exc: BaseException) -> bool:
     """Whether `exc` leaves the device unusable for every later request (CUDA's sticky errors); an out-of-memory
     error does not: it concerns the request that asked for the memory."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return False
     text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
+        return False
     return isinstance(exc, torch.AcceleratorError) or isinstance(exc, RuntimeError) and any(
         marker in text for marker in ("device-side assert", "illegal memory access", "CUDA error"))
 
