@@ -247,3 +247,22 @@ def test_a_device_side_assert_ends_the_process_with_the_reason_logged(tiny_dir):
     assert done.returncode == batching.DEVICE_LOST_EXIT, done.stderr[-2000:]
     assert "still serving" not in done.stdout
     assert "the device is unusable after AcceleratorError: CUDA error: device-side assert" in done.stderr
+
+
+def test_a_fault_in_model_generate_fails_that_request_alone(tiny_dir, monkeypatch):
+    """The transformers path (IDEFICS_ENGINE=transformers, and requests the fast path cannot hold): one request's
+    `model.generate` fails, the requests queued behind it get their own tokens."""
+    engine = Engine.load(tiny_dir / "base", "cpu", engine="transformers")
+    encs = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(3)]
+    sampling = [Sampling(max_new_tokens=10)] * 3
+    expected = [generate(engine, enc, s) for enc, s in zip(encs, sampling)]
+    original = engine.model.generate
+
+    def broken(**kwargs):
+        if torch.equal(kwargs["input_ids"], encs[FAULTY].input_ids):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (simulated)")
+        return original(**kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", broken)
+    results = outcomes(engine, jobs_for(encs, sampling))
+    check_only_the_faulty_one_failed(results, expected, "out of memory while generating")
