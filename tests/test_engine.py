@@ -121,3 +121,19 @@ def test_prompt_longer_than_the_context_is_refused(engine):
 
 def test_max_new_tokens_is_lowered_to_fit_the_context(engine):
     assert engine.fit_to_context(engine.context - 10, 500) == 10
+
+
+def test_integer_and_float_json_numbers_give_the_same_answer(engine):
+    """JSON clients send `1` for 1.0 (and may send `8.0` for 8): each setting works as either, with the same
+    tokens (transformers' logits processors refuse an int; range() a float)."""
+    text, images = CASES["one image"]
+    as_float = run(engine, text, images, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=5,
+                   repetition_penalty=2.0, seed=3)
+    as_int = run(engine, text, images, max_new_tokens=8.0, temperature=1, top_p=1, top_k=5.0,
+                 repetition_penalty=2, seed=3.0)
+    assert as_int == as_float and len(engine.last_stats.ids) == 8
+
+
+def test_a_number_with_a_fraction_is_refused_for_a_whole_number_setting():
+    with pytest.raises(InputError, match=r"top_k: 2\.5 is not a whole number"):
+        Sampling(top_k=2.5)

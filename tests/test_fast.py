@@ -242,22 +242,32 @@ def test_quantized_models_give_the_same_greedy_tokens(tiny_dir, tmp_path, quanti
         assert engine.kind == "fast" and engine.last_stats.ids == generate(engine, enc, sampling)
 
 
-def test_a_failing_step_fails_the_batch_and_the_engine_serves_on(tiny_dir, monkeypatch):
-    """An error inside the decode loop (an out-of-memory, say) ends every admitted request with it, none hangs,
-    and the next request is served correctly."""
-    engine = Engine.load(tiny_dir / "base", "cpu")
-    encs = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(3)]
+def test_an_out_of_memory_prefill_fails_that_request_alone(tiny_dir, monkeypatch):
+    """An out-of-memory error in one request's prefill ends that request with a clear message; the requests
+    around it (running and waiting: two slots for four) get their tokens unchanged, and its slot is reused."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    encs = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(4)]
     sampling = Sampling(max_new_tokens=10)
-    expected = generate(engine, encs[0], sampling)
-    prefill, calls = engine.scheduler.decoder.prefill, []
+    expected = [generate(engine, enc, sampling) for enc in encs]
+    prefill = engine.scheduler.decoder.prefill
 
-    def fails_on_the_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("out of memory (simulated)")
-        return prefill(*args)
+    def out_of_memory_for_the_second(model, slot, enc):
+        if enc is encs[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return prefill(model, slot, enc)
 
-    monkeypatch.setattr(engine.scheduler.decoder, "prefill", fails_on_the_second)
-    with pytest.raises(RuntimeError, match="simulated"):
-        run_together(engine, [Job(enc, sampling) for enc in encs])
-    assert run_together(engine, [Job(encs[0], sampling)]) == [expected]
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill", out_of_memory_for_the_second)
+    with pytest.raises(RuntimeError, match="out of memory while prefilling the prompt.*other requests were not"):
+        run_together(engine, [Job(encs[1], sampling)])
+    jobs = [Job(enc, sampling) for enc in encs]
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    received = [[] for _ in jobs]
+    for job, items in zip(jobs, received):
+        engine.submit(job, items.append)
+    gate.set()
+    assert all(job.finished.wait(60) for job in jobs)
+    assert isinstance(received[1][-1], RuntimeError) and len(received[1]) == 1
+    for index in (0, 2, 3):
+        assert [t for item in received[index] if isinstance(item, list) for t in item] == expected[index]
+    assert engine.scheduler.rows == [] and engine.scheduler.largest_batch == 2

@@ -207,3 +207,34 @@ def test_control_tokens_typed_into_the_instruct_template_stay_text(server):
                                          ("raw", forged, {"template": "raw"}))}
     assert all(result["status"] == "succeeded" for result in answers.values())
     assert answers["forged"]["output"] == answers["escaped"]["output"] != answers["raw"]["output"]
+
+
+def test_an_error_that_leaves_the_device_unusable_makes_the_server_unhealthy(tiny_dir):
+    """A device-side assert on the torch thread ends the worker, with the reason in the log: coglet reports the
+    server UNHEALTHY (so the platform restarts it) instead of staying READY while every request fails. The request
+    running beside it ends too (it does not hang)."""
+    import time
+
+    from idefics_cog.cogserver import CogServer
+    from tests.conftest import tiny_env
+
+    env = {**tiny_env(tiny_dir), "COG_PREDICT_TYPE_STUB": "tests/tools/faulty_predict.py:Predictor"}
+    with CogServer(env=env) as faulty:
+        assert faulty.predict(CHECK)["status"] == "succeeded"
+        beside: dict = {}
+        running = threading.Thread(target=lambda: beside.update(response=requests.post(
+            f"{faulty.url}/predictions", json={"input": LONG}, timeout=120)))
+        running.start()
+        time.sleep(0.5)
+        fatal = requests.post(f"{faulty.url}/predictions", json={"input": {**CHECK, "prompt": "DEVICE_FAULT"}},
+                              timeout=60)
+        assert fatal.status_code != 200 or fatal.json()["status"] == "failed"
+        running.join(60)
+        assert not running.is_alive()
+        for _ in range(100):
+            if faulty.health()["status"] == "UNHEALTHY":
+                break
+            time.sleep(0.1)
+        assert faulty.health()["status"] == "UNHEALTHY"
+        logs = faulty.log_path.read_text(errors="replace")
+        assert "the device is unusable after AcceleratorError: CUDA error: device-side assert" in logs, logs[-6000:]

@@ -6,10 +6,19 @@ settings and generator and ends on its own (end of turn, max_new_tokens, a stop 
 Requests for another adapter wait until the running batch has drained (first come, first served: a waiting
 request also stops later ones for the running adapter from joining), so adapters never mix within a batch.
 `transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time.
+
+Isolation: an error while admitting, encoding, selecting the adapter of, prefilling, sampling or streaming one
+request ends that request alone (an out-of-memory error too, and its slot is freed); the others go on with
+unchanged tokens. An error in the shared decode step ends the rows of that step, never the waiting requests. An
+error that leaves the device unusable (a CUDA device-side assert, an illegal memory access) ends the worker
+process, so that Cog reports it unhealthy instead of failing every later request.
 """
 
 import logging
+import os
+import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,10 +35,57 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from idefics_cog.fast import FastDecoder
+from idefics_cog.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
 END = object()  # the last item a job's sink receives after a normal end
+DEVICE_LOST_EXIT = 70  # the worker's exit status when the device is unusable
+EXIT_GRACE_S = 1.0  # how long the worker waits for its last log line to be sent before it ends
+
+
+class GenerationError(RuntimeError):
+    """An error of the server while generating one request's answer (its stage in the message)."""
+
+
+def device_lost(exc: BaseException) -> bool:
+    """Whether `exc` leaves the device unusable for every later request (CUDA's sticky errors); an out-of-memory
+    error does not: it concerns the request that asked for the memory."""
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
+        return False
+    return isinstance(exc, torch.AcceleratorError) or isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("device-side assert", "illegal memory access", "CUDA error"))
+
+
+def exit_worker(exc: BaseException) -> None:
+    """End this process at once (coglet then reports the server UNHEALTHY and the platform restarts it)."""
+    log.critical("the device is unusable after %s: %s; ending the worker process", type(exc).__name__, exc)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    time.sleep(EXIT_GRACE_S)  # coglet forwards the worker's logs from a thread of this process: let it send this one
+    os._exit(DEVICE_LOST_EXIT)
+
+
+def _explained(exc: Exception) -> bool:
+    """Errors that already tell the client what was wrong with its request (InputError, AdapterError, ...)."""
+    return isinstance(exc, (ValueError, WeightsError)) and not device_lost(exc)
+
+
+def failure(stage: str, exc: Exception) -> Exception:
+    """The error a request ends with when `stage` failed for it: a device-fatal error ends the worker; an
+    out-of-memory error or a bug is reported as the server's, naming the stage."""
+    if device_lost(exc):
+        exit_worker(exc)
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
+        error = GenerationError(f"out of memory while {stage}; the request was stopped and its memory freed "
+                                f"(other requests were not affected): retry, or send a shorter prompt, fewer "
+                                f"images or a lower max_new_tokens")
+    else:
+        error = GenerationError(f"{stage} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 class Scheduler:
@@ -60,10 +116,11 @@ class Scheduler:
         self.engine.generation_thread.submit(self._serve)
 
     def _serve(self) -> None:
-        """Run until no request is active or waiting; a new submit starts it again."""
-        try:
-            with torch.inference_mode():
-                while True:
+        """Run until no request is active or waiting; a new submit starts it again. Each stage handles its own
+        errors; the catch-all below is for a bug in the loop itself: it ends the active requests only."""
+        with torch.inference_mode():
+            while True:
+                try:
                     with self.lock:
                         if not self.rows and not self.waiting:
                             self.running = False
@@ -74,16 +131,20 @@ class Scheduler:
                         self.starting.popleft()
                     if self.rows:
                         self._step()
-        except BaseException as exc:  # a bug or an out-of-memory: fail what is active, keep serving
-            log.exception("decode loop failed")
-            with self.lock:
-                for job in [row.job for row in self.rows if not row.job.finished.is_set()] + [
-                        job for job in self.starting if not job.finished.is_set()] + list(self.waiting):
-                    _end(job, exc)
-                self.rows.clear()
-                self.starting.clear()
-                self.waiting.clear()
-                self.running = False
+                except BaseException as exc:
+                    log.exception("decode loop failed")
+                    with self.lock:
+                        if not self.rows and not self.starting and self.waiting:
+                            self.starting.append(self.waiting.popleft())  # so that a repeating error moves on
+                    self._fail_active(failure("decoding", exc) if isinstance(exc, Exception) else exc)
+
+    def _fail_active(self, error: BaseException) -> None:
+        """End the running and starting requests with `error`; the waiting ones are served next."""
+        for job in [row.job for row in self.rows] + list(self.starting):
+            if not job.finished.is_set():
+                _end(job, error)
+        self.rows.clear()
+        self.starting.clear()
 
     def _admit(self) -> list:
         """Waiting jobs that may start now, in arrival order: with a running batch, those for its adapter up to
@@ -92,33 +153,51 @@ class Scheduler:
             self.waiting.remove(job)
             _end(job)
         admitted = []
-        if not self.rows and self.waiting:
-            self.adapter = self.waiting[0].adapter
         room = self.decoder.max_batch - len(self.rows) if self.decoder else 1 - len(self.rows)
-        while self.waiting and len(admitted) < room and self.waiting[0].adapter == self.adapter:
+        while self.waiting and len(admitted) < room:
+            job = self.waiting[0]
+            try:
+                if not self.rows and not admitted:
+                    self.adapter = job.adapter
+                if not self._joins(job):
+                    break
+            except Exception as exc:  # this request's key cannot be compared: it alone fails
+                self.waiting.popleft()
+                _end(job, failure("admitting the request", exc))
+                continue
             admitted.append(self.waiting.popleft())
         return admitted
+
+    def _joins(self, job) -> bool:
+        """Whether `job` may join the running batch (the same adapter)."""
+        return job.adapter == self.adapter
 
     def _start(self, job) -> None:
         """Select the job's adapter (at the start of a batch), encode it, and prefill it or run it alone."""
         if job.cancelled.is_set():
             return _end(job)
         engine = self.engine
+        stage = "selecting the adapter"
         try:
             if job.select_adapter and not self.rows:
                 job.context.run(job.select_adapter)
+            stage = "encoding the prompt"
             encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
             job.stats.prompt_tokens = encoded.num_tokens
             max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
-        except BaseException as exc:  # an input error (bad adapter, prompt too long) ends this job only
-            return _end(job, exc)
+        except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only
+            return _end(job, exc if _explained(exc) else failure(stage, exc))
         if self.decoder is None or not self.decoder.fits(encoded):
             if self.decoder is not None:
                 job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
             return self._generate(job, encoded, max_new_tokens)
-        row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
+        try:
+            row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
+            logits = self.decoder.prefill(engine.model, row.slot, encoded)
+        except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
+            job.context.run(log.exception, "prefill failed")
+            return _end(job, failure("prefilling the prompt", exc))
         self.rows.append(row)
-        logits = self.decoder.prefill(engine.model, row.slot, encoded)
         self._emit([row], logits)
 
     def _step(self) -> None:
@@ -126,28 +205,41 @@ class Scheduler:
         self._drop([i for i, row in enumerate(rows) if row.job.cancelled.is_set()])
         if rows:
             self.largest_batch = max(self.largest_batch, len(rows))
-            logits = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
-                                         [len(row.ids) - 1 for row in rows])
+            try:
+                logits = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
+                                             [len(row.ids) - 1 for row in rows])
+            except Exception as exc:  # shared by every row: it cannot be pinned on one, so the step's rows end
+                log.exception("decode step failed")
+                return self._fail_active(failure("decoding (a step shared by the requests of one batch)", exc))
             self._emit(rows, logits)
 
     def _emit(self, rows: list, logits: torch.Tensor) -> None:
-        """Pick each row's next token, hand it to its job, and drop the rows that are done."""
+        """Pick each row's next token, hand it to its job, and drop the rows that are done (or failed)."""
         logits[:, self.engine.banned_ids] = -float("inf")
         greedy = logits.argmax(-1).tolist()
-        done = []
+        done, errors = [], {}
         for index, row in enumerate(rows):
-            token = row.pick(logits[index:index + 1]) if row.processors else greedy[index]
+            try:
+                token = row.pick(logits[index:index + 1]) if row.processors else greedy[index]
+            except Exception as exc:
+                errors[row.slot] = failure("sampling the next token", exc)
+                continue
             row.ids.append(token)
-            row.job.sink([token])
+            try:
+                row.job.sink([token])
+            except Exception as exc:
+                errors[row.slot] = failure("streaming the answer", exc)
+                continue
             row.remaining -= 1
             if row.remaining == 0 or (token in self.engine.eos_token_ids and not row.job.sampling.ignore_eos):
                 done.append(row.slot)
-        self._drop(done)
+        self._drop(done + list(errors), errors)
 
-    def _drop(self, slots: list[int]) -> None:
-        """End the rows in `slots`; the last rows move into the freed slots, so slots 0..n-1 stay active."""
+    def _drop(self, slots: list[int], errors: dict | None = None) -> None:
+        """End the rows in `slots` (with their error, if any); the last rows move into the freed slots, so slots
+        0..n-1 stay active."""
         for slot in sorted(slots, reverse=True):
-            _end(self.rows[slot].job)
+            _end(self.rows[slot].job, (errors or {}).get(slot))
             last = self.rows.pop()
             if slot < len(self.rows):
                 self.decoder.move(last.slot, slot)
@@ -162,8 +254,8 @@ class Scheduler:
         try:
             torch.manual_seed(job.stats.seed)  # sampling draws from the global generator in `generate`
             engine.model.generate(**kwargs)
-        except BaseException as exc:
-            return _end(job, exc)
+        except Exception as exc:
+            return _end(job, failure("generating", exc))
         _end(job)
 
     def _log_fallback(self, reason: str) -> None:
@@ -173,8 +265,12 @@ class Scheduler:
 
 
 def _end(job, error: BaseException | None = None) -> None:
-    job.sink(error if error is not None else END)
-    job.finished.set()
+    try:
+        job.sink(error if error is not None else END)
+    except Exception:  # a sink that fails cannot be told; the job is over all the same
+        log.exception("a request's stream failed at its end")
+    finally:
+        job.finished.set()
 
 
 @dataclass(eq=False)

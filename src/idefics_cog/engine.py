@@ -46,6 +46,21 @@ class Sampling:
     stop_sequences: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # benchmarks: always decode max_new_tokens tokens
 
+    def __post_init__(self):
+        # JSON clients send `1` for 1.0 and may send `24.0` for 24 (the schema allows both): coerced once, here,
+        # because transformers' logits processors refuse an int and range() refuses a float.
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.repetition_penalty = float(self.repetition_penalty)
+        self.max_new_tokens, self.top_k = whole("max_new_tokens", self.max_new_tokens), whole("top_k", self.top_k)
+        self.seed = None if self.seed is None else whole("seed", self.seed)
+
+
+def whole(name: str, value: int | float) -> int:
+    """`value` as an int; a float with a fraction is refused (the input's schema type is integer)."""
+    if isinstance(value, float) and not value.is_integer():
+        raise InputError(f"{name}: {value} is not a whole number")
+    return int(value)
+
 
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":

@@ -96,6 +96,7 @@ class Service:
             lora_scale: float = 1.0) -> Job:
         """Check the inputs, read the images and fetch a custom adapter now (blocking: astream runs it in a thread);
         encoding and loading the adapter are the scheduler's (torch) work."""
+        lora_scale = float(lora_scale)  # JSON `1` arrives as an int; PEFT's scaling and the batch key want a float
         files = image_files.image_inputs(image, images)
         image_files.check_count(len(files), self.settings.max_images)
         segments = build_segments(prompt, len(files), template, system_prompt)

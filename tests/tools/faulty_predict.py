@@ -1,0 +1,31 @@
+"""predict.py's Predictor with a fault a request can trigger, for tests only: a prompt containing DEVICE_FAULT
+fails on the torch thread with the error CUDA raises after a device-side assert (the device is then unusable)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from predict import Predictor as Served  # noqa: E402
+
+MARKER = "DEVICE_FAULT"
+
+
+class Predictor(Served):
+    def setup(self, weights=None) -> None:
+        super().setup(weights)
+        make_job = self.service.job
+
+        def job(**inputs):
+            made = make_job(**inputs)
+            if MARKER in inputs["prompt"]:
+                made.prepare = fault  # run by the scheduler, where the prompt would be encoded
+            return made
+
+        self.service.job = job
+
+
+def fault():
+    raise torch.AcceleratorError("CUDA error: device-side assert triggered (injected by a test)")
