@@ -4,7 +4,8 @@ Every `Input(...)` argument is a literal: `cog build` reads this file statically
 `run` is async so that Cog runs up to `concurrency.max` predictions at once (cog.yaml, COG_MAX_CONCURRENCY);
 the service batches the requests that arrive together into one decode. It returns a plain generator rather than
 being an async generator: coglet 0.23.1 streams the chunks of a returned generator as they come, but collects an
-async generator's until it ends (README, "Concurrency").
+async generator's until it ends; a cancel or a client that goes away reaches that generator only through the hook
+that setup installs (idefics_cog/live.py; README, "Concurrency").
 """
 
 import sys

@@ -1,5 +1,6 @@
 """Cancellation, disconnects and a concurrent request through the real Cog server, and the stream predict.py
-hands coglet: what stops a request's generation, and what a cancelled request still costs."""
+hands coglet: what stops a request's generation (a cancel, a client that goes away, closing or dropping the
+stream), at once and without changing the other requests."""
 
 import asyncio
 import gc

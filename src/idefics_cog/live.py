@@ -82,9 +82,9 @@ class _Stream:
                     log.info("cancelled after %d chunks: generation stopped", sent)
                     raise CancelationException("prediction cancelled") from None
         finally:
-            # A cancelled read has already ended `pieces`; closing it again does nothing.
+            # Stops the generation (a read cancelled in `pieces` has already ended it: then this does nothing).
             closed = self._on_loop(self.pieces.aclose())
-            if threading.get_ident() != self.loop_thread:  # waiting on the loop's own thread (a GC there) would block it
+            if threading.get_ident() != self.loop_thread:  # waiting on the loop's thread (a GC there) would block it
                 closed.result()
 
 
