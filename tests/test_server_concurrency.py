@@ -374,3 +374,40 @@ def test_cancelling_or_leaving_every_stream_of_a_full_server_frees_every_slot_at
     for result in results:
         assert new_tokens_of(full_server, result["id"]) < LONG["max_new_tokens"]  # each stopped early
     assert "Slot poisoned" not in log
+
+
+def test_cancelling_a_request_still_waiting_for_its_batch_ends_it_at_once(small_server):
+    """Two requests fill the batch (IDEFICS_MAX_BATCH=2); a third has its Cog slot but waits for a batch slot, so
+    `predict` has not returned yet and coglet cancels its coroutine itself. It ends `canceled` at once without
+    generating a token, and the two others are unchanged."""
+    other = {**LONG, "max_new_tokens": 300}
+    expected = answer(small_server, other)
+    generating = threading.Barrier(3, timeout=60)
+    cancel: dict = {}
+
+    def wait_for_output(event, data, out):
+        if event == "output" and not out.get("counted"):
+            out["counted"] = True
+            generating.wait()
+
+    def cancel_on_start(event, data, out):
+        if event == "start":
+            cancel["response"] = requests.post(f"{small_server.url}/predictions/{out['id']}/cancel", timeout=10)
+            cancel["at"] = time.monotonic()
+
+    small_server.wait_ready(30)
+    results: list = [None] * 2
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, send(small_server, other, True,
+                                                                              wait_for_output)))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    generating.wait()  # the two others are generating: the batch is full, the next request waits
+    waiting = send(small_server, LONG, True, cancel_on_start)
+    for thread in threads:
+        thread.join(120)
+    assert cancel["response"].status_code == 200 and waiting["result"]["status"] == "canceled", waiting["result"]
+    assert waiting["chunks"] == [] and waiting["ended"] - cancel["at"] < 1
+    assert new_tokens_of(small_server, waiting["id"]) == 0  # "no token generated"
+    assert [succeeded(result) for result in results] == [expected] * 2
+    assert "Slot poisoned" not in small_server.log_path.read_text(errors="replace")
