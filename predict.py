@@ -4,14 +4,11 @@ Every `Input(...)` argument is a literal: `cog build` reads this file statically
 `run` is async so that Cog runs up to `concurrency.max` predictions at once (cog.yaml, COG_MAX_CONCURRENCY);
 the service batches the requests that arrive together into one decode. It returns a plain generator rather than
 being an async generator: coglet 0.23.1 streams the chunks of a returned generator as they come, but collects an
-async generator's until it ends (README, "Concurrency").
+async generator's until it ends; a cancel or a client that goes away reaches that generator only through the hook
+that setup installs (idefics_cog/live.py; README, "Concurrency").
 """
 
-import asyncio
-import contextvars
 import sys
-import threading
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as _Path
 from typing import Optional
 
@@ -20,30 +17,8 @@ sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
 import cog  # noqa: E402
 from cog import BaseRunner, ConcatenateIterator, Input, Path  # noqa: E402
 
+from idefics_cog.live import install_cancel_hook, live  # noqa: E402
 from idefics_cog.service import Service  # noqa: E402
-
-
-def _live(pieces: AsyncIterator[str], first: Optional[str]) -> Iterator[str]:
-    """`first`, then the rest of `pieces`, as a plain generator for coglet, which iterates it on a thread of its own.
-    Each piece is read on the event loop that runs `pieces`, in the prediction's context (its logs stay its own).
-    Closing the generator early, or dropping it, closes `pieces`, which cancels the request's generation."""
-    loop, context, loop_thread = asyncio.get_running_loop(), contextvars.copy_context(), threading.get_ident()
-
-    def on_loop(coroutine):
-        return context.run(asyncio.run_coroutine_threadsafe, coroutine, loop)
-
-    def stream() -> Iterator[str]:
-        try:
-            piece = first
-            while piece is not None:
-                yield piece
-                piece = on_loop(anext(pieces, None)).result()
-        finally:
-            closed = on_loop(pieces.aclose())
-            if threading.get_ident() != loop_thread:  # waiting on the loop's own thread (a GC there) would block it
-                closed.result()
-
-    return stream()
 
 
 class Predictor(BaseRunner):
@@ -54,6 +29,7 @@ class Predictor(BaseRunner):
         takes it; Replicate sets it to the training's output .tar URL in a version made by `cog train`. Its adapter
         then becomes the default (`adapter=medical`) in place of IDEFICS_ADAPTER_WEIGHTS."""
         self.service = Service.from_env(weights)
+        install_cancel_hook()  # a cancel or a client that goes away stops the generation (idefics_cog/live.py)
 
     @cog.streaming
     @cog.concurrent(max=16)  # newer Cog reads it; cog 0.23.1 takes concurrency.max from cog.yaml (keep them equal)
@@ -125,4 +101,4 @@ class Predictor(BaseRunner):
             repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences, adapter=adapter,
             lora_weights=lora_weights, lora_scale=lora_scale,
         )
-        return _live(pieces, await anext(pieces, None))
+        return live(pieces, await anext(pieces, None))

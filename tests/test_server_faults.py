@@ -1,11 +1,13 @@
 """Cancellation, disconnects and a concurrent request through the real Cog server, and the stream predict.py
-hands coglet: what stops a request's generation, and what a cancelled request still costs."""
+hands coglet: what stops a request's generation (a cancel, a client that goes away, closing or dropping the
+stream), at once and without changing the other requests."""
 
 import asyncio
 import gc
 import json
 import re
 import threading
+import time
 
 import requests
 
@@ -14,8 +16,10 @@ from tests.helpers import data_uri, new_tokens_of, noise_image
 # A raw prompt on which the tiny model (greedy, no adapter) never says <end_of_utterance> within 480 tokens.
 LONG = {"prompt": "chest normal", "template": "raw", "max_new_tokens": 480, "adapter": "none"}
 CHECK = {"image": data_uri(noise_image(1)), "max_new_tokens": 12}
-RUNS_TO_ITS_END = ("coglet 0.23.1 gives the generator an async predict returns no cancel signal, so a cancelled "
-                   "request generates all its tokens; if it now stops early, update README (Concurrency)")
+CANCEL_HOOK_FAILED = ("a cancelled request ran on: coglet's cancel no longer reaches the generator predict returns. "
+                      "idefics_cog/live.py hooks concurrent.futures.Future.cancel, which coglet 0.23.1 calls on the "
+                      "finished future of an async predict (worker_bridge.rs, cancel_async_future); check how the "
+                      "new coglet cancels an async prediction and update live.py and README (Concurrency)")
 
 
 def new_tokens(logs: str) -> int:
@@ -31,27 +35,30 @@ def test_the_long_request_really_runs_long(server):
 # coglet 0.23.1 streams what predict returns as it comes, so these tests cancel or hang up on the first chunk.
 
 
-def test_a_cancelled_prediction_ends_canceled_and_the_next_one_is_correct(server):
-    """Cancelling answers 200 and the prediction ends `canceled`, but only when its generation ends: coglet gives
-    the returned generator no cancel signal, so it runs to `max_new_tokens` (README, "Concurrency")."""
+def test_a_cancelled_prediction_stops_at_once_keeps_its_chunks_and_the_next_one_is_correct(server):
+    """Cancelling answers 200; the prediction ends `canceled` at once with the chunks it had sent as its output,
+    and its generation stops (predict.py's cancel hook, idefics_cog/live.py)."""
     before = server.predict(CHECK)["output"]
-    final, prediction, cancel, chunks = None, None, None, 0
+    final, prediction, cancelled_at, chunks = None, None, None, []
     for event, data in server.stream(LONG):
         if event == "start":
             prediction = data["id"]
         elif event == "output":
-            chunks += 1
-            if cancel is None:
+            chunks.append(data["chunk"])
+            if len(chunks) == 3:
                 cancel = requests.post(f"{server.url}/predictions/{prediction}/cancel", timeout=10)
+                cancelled_at = time.monotonic()
         elif event == "completed":
-            final = data
+            final, completed_at = data, time.monotonic()
     assert cancel.status_code == 200 and final["status"] == "canceled"
-    assert new_tokens_of(server, prediction) == 480, RUNS_TO_ITS_END
-    assert chunks > 1  # its chunks went on coming after the cancel
+    assert new_tokens_of(server, prediction) < 480, CANCEL_HOOK_FAILED
+    assert completed_at - cancelled_at < 5, CANCEL_HOOK_FAILED  # the whole answer takes about 1-3 s alone
+    assert final["output"] == chunks and len(chunks) >= 3  # what was sent is kept
     assert server.predict(CHECK)["output"] == before  # the next prediction starts and is correct
+    assert "Slot poisoned" not in server.log_path.read_text(errors="replace")
 
 
-def test_a_client_that_disconnects_leaves_the_server_serving(server):
+def test_a_client_that_disconnects_stops_its_generation_and_the_server_goes_on(server):
     before = server.predict(CHECK)["output"]
     server.wait_ready(30)
     response = requests.post(f"{server.url}/predictions", json={"input": LONG}, stream=True, timeout=60,
@@ -64,8 +71,9 @@ def test_a_client_that_disconnects_leaves_the_server_serving(server):
             if "chunk" in data:  # the first `output` event: the prediction is generating
                 response.close()
                 break
-    assert server.predict(CHECK)["output"] == before  # served while the abandoned one still runs, and correct
-    assert new_tokens_of(server, prediction) == 480, RUNS_TO_ITS_END
+    assert server.predict(CHECK)["output"] == before  # served, and correct
+    assert new_tokens_of(server, prediction) < 480, CANCEL_HOOK_FAILED
+    assert "Slot poisoned" not in server.log_path.read_text(errors="replace")
 
 
 def test_a_second_concurrent_request_is_served_while_the_first_streams(server):
@@ -97,11 +105,11 @@ def test_a_second_concurrent_request_is_served_while_the_first_streams(server):
 
 
 def test_closing_or_dropping_the_stream_predict_returns_cancels_its_generation(engine, monkeypatch):
-    """What predict.py hands coglet (`_live`: a plain generator over the engine's async stream, read on the event
+    """What predict.py hands coglet (`live`: a plain generator over the engine's async stream, read on the event
     loop) stops the request's generation when it is closed early or garbage-collected, as coglet does when it
     lets a generator go. Run in-process, with coglet's layout: the event loop on one thread, the reader on another."""
-    import predict
     from idefics_cog.engine import Job, Sampling
+    from idefics_cog.live import live
     from idefics_cog.prompt import build_segments
 
     generated: dict = {}
@@ -118,11 +126,11 @@ def test_closing_or_dropping_the_stream_predict_returns_cancels_its_generation(e
     encoded = engine.encode(build_segments("Describe it.", 0), [])
     jobs = [Job(encoded, Sampling(max_new_tokens=200, ignore_eos=True)) for _ in range(3)]
 
-    held = []  # the async streams stay referenced, so only _live can close them (not asyncio's finalizer)
+    held = []  # the async streams stay referenced, so only `live` can close them (not asyncio's finalizer)
 
     async def start(job):  # what predict does with service.astream
         held.append(engine.astream(job))
-        return predict._live(held[-1], await anext(held[-1], None))
+        return live(held[-1], await anext(held[-1], None))
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -143,6 +151,86 @@ def test_closing_or_dropping_the_stream_predict_returns_cancels_its_generation(e
         loop.close()
     assert answer and generated[id(jobs[0])] == 200  # read to the end: every token
     assert generated[id(jobs[1])] < 100 and generated[id(jobs[2])] < 100  # let go: stopped early
+
+
+def test_cancelling_the_finished_future_of_predict_stops_its_stream_within_one_decode_step(engine, monkeypatch):
+    """What coglet 0.23.1 does on a cancel or a disconnect, in-process: `Future.cancel()` on the finished future of
+    the predict coroutine (run with `run_coroutine_threadsafe`), while its thread reads the returned generator.
+    With the hook, the reader gets Cog's CancelationException (coglet's `canceled`), the request leaves its batch
+    within one decode step of the cancel reaching it, and its neighbour's tokens are unchanged. Other futures
+    cancel exactly as before."""
+    import concurrent.futures
+
+    from cog import CancelationException
+
+    from idefics_cog.engine import Job, Sampling
+    from idefics_cog.live import hook_installed, install_cancel_hook, live
+    from idefics_cog.prompt import build_segments
+
+    monkeypatch.setattr(concurrent.futures.Future, "cancel", concurrent.futures.Future.cancel)  # undone after
+    install_cancel_hook()
+    install_cancel_hook()  # idempotent
+    assert hook_installed()
+    late: dict = {}  # per job: tokens generated after the job was marked cancelled
+    submit = engine.submit
+
+    def watching_submit(job, sink):
+        def watch(item):
+            if isinstance(item, list) and job.cancelled.is_set():
+                late[id(job)] = late.get(id(job), 0) + len(item)
+            sink(item)
+        submit(job, watch)
+
+    monkeypatch.setattr(engine, "submit", watching_submit)
+    encoded = engine.encode(build_segments("Describe it.", 0), [])
+    alone = "".join(engine.stream(encoded, Sampling(max_new_tokens=120, ignore_eos=True)))
+    victim, neighbour = (Job(encoded, Sampling(max_new_tokens=400, ignore_eos=True)),
+                         Job(encoded, Sampling(max_new_tokens=120, ignore_eos=True)))
+
+    async def predict(job):  # what predict.py's run does with service.astream
+        pieces = engine.astream(job)
+        return live(pieces, await anext(pieces, None))
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    got: dict = {"victim": [], "neighbour": []}
+
+    def read(name, generator):  # coglet's prediction thread
+        try:
+            for piece in generator:
+                got[name].append(piece)
+        except BaseException as exc:  # noqa: BLE001 - what coglet would see
+            got[name + " raised"] = exc
+
+    try:
+        futures = {name: asyncio.run_coroutine_threadsafe(predict(job), loop)
+                   for name, job in (("victim", victim), ("neighbour", neighbour))}
+        readers = [threading.Thread(target=read, args=(name, future.result(60))) for name, future in futures.items()]
+        for reader in readers:
+            reader.start()
+        while len(got["victim"]) < 5:
+            time.sleep(0.001)
+        asked = time.perf_counter()
+        assert futures["victim"].cancel() is False  # finished: the plain cancel changes nothing; the hook acts
+        assert victim.cancelled.wait(5)
+        reached = time.perf_counter() - asked
+        for reader in readers:
+            reader.join(60)
+        assert victim.finished.wait(60) and neighbour.finished.wait(60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+    assert isinstance(got.get("victim raised"), CancelationException), got.get("victim raised")
+    assert late.get(id(victim), 0) <= 1  # at most the step under way when the cancel reached it
+    assert len(victim.stats.ids) < 400 and reached < 1, (len(victim.stats.ids), reached)
+    assert "neighbour raised" not in got and "".join(got["neighbour"]) == alone  # unchanged by its neighbour
+    # Futures that are no stream of ours cancel as before.
+    pending, done = concurrent.futures.Future(), concurrent.futures.Future()
+    done.set_result((piece for piece in "ab"))
+    assert pending.cancel() is True and pending.cancelled()
+    assert done.cancel() is False and list(done.result()) == ["a", "b"]
 
 
 def test_urls_and_paths_in_the_prompt_are_never_fetched(server):
