@@ -50,7 +50,8 @@ def setup_times(server: FileServer, repeats: int) -> dict:
 
     cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     os.environ.update(IDEFICS_BASE_WEIGHTS=server.url("/base.tgz"), IDEFICS_ADAPTER_WEIGHTS=server.url("/adapter.tgz"),
-                      IDEFICS_CACHE_DIR=str(cache), IDEFICS_MAX_LOADED_ADAPTERS="64")
+                      IDEFICS_CACHE_DIR=str(cache), IDEFICS_MAX_LOADED_ADAPTERS="64",
+                      IDEFICS_ALLOW_PRIVATE_URLS="1")  # lora_weights from the loopback file server
     cold, warm = [], []
     for _ in range(repeats):
         shutil.rmtree(cache, ignore_errors=True)
