@@ -213,9 +213,8 @@ def test_setup_with_an_unreachable_source_names_it(files, tmp_path):
         server.stop()
 
 
-# The issue asks for 30 s; 10 s shows the same (a stall would add the whole trickle to the other requests) at a
-# third of the suite's time.
-TRICKLE_S = 10.0
+# As long as the issue asks: a stall would add the whole trickle to the other requests.
+TRICKLE_S = 30.0
 
 
 def test_a_trickling_adapter_download_delays_only_its_own_request(server, files, tiny_dir, other_adapter):

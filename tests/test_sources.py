@@ -198,3 +198,29 @@ def test_sources_module_reads_allow_private_at_call_time(monkeypatch):
     assert sources.private_allowed()
     monkeypatch.setenv(ALLOW_PRIVATE, "0")
     assert not sources.private_allowed()
+
+
+def test_a_name_that_resolves_elsewhere_by_the_time_of_connecting_is_refused(fake_dns, monkeypatch):
+    """DNS rebinding: the name resolves to an allowed address when the URL is checked, then to a private one. The
+    connection goes to an address checked as it connects, so nothing reaches the private address."""
+    answers = iter(["127.0.0.1"] + ["10.0.0.5"] * 5)
+    real = socket.getaddrinfo
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "rebind.test":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    session = guarded_session(allowed=lambda address: address == "127.0.0.1", schemes=("http", "https"))
+    with pytest.raises(SourceRefused, match=r"rebind.test.*10\.0\.0\.5"):
+        session.get("http://rebind.test:8080/adapter.tgz", timeout=5)
+    assert all(address[0] != "10.0.0.5" for address in fake_dns)
+
+
+def test_a_pinned_connection_reaches_the_checked_loopback_server(monkeypatch):
+    """The pinned connection still talks HTTP to the name's (checked) address: a loopback file server answers."""
+    with FileServer() as files:
+        url = files.add("/x.bin", b"abc")
+        session = guarded_session(allowed=lambda address: address == "127.0.0.1", schemes=("http", "https"))
+        assert session.get(url, timeout=5).content == b"abc"

@@ -4,7 +4,8 @@ The operator's settings (IDEFICS_BASE_WEIGHTS, IDEFICS_ADAPTER_WEIGHTS, COG_WEIG
 (weights.resolve); a request comes from a stranger, so:
 - it never names a local path, whatever it looks like (`weights/tiny` is a hub id here, never a directory);
 - a URL is https, and every address its host resolves to is public (not loopback, private, link-local, ...),
-  checked before each request is sent, redirects included (`guarded_session`);
+  checked before each request is sent, redirects included, and again as each connection is made, to the very
+  address connected to (`guarded_session`);
 - `IDEFICS_ALLOW_PRIVATE_URLS=1` lifts both URL rules (tests on loopback servers, private networks).
 """
 
@@ -15,6 +16,10 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.util import connection as urllib3_connection
 
 from idefics_cog.weights import HUB_ID, WeightsError, env_flag, is_url
 
@@ -47,19 +52,56 @@ def check_url(url: str, allowed: Callable[[str], bool] | None = None, schemes: t
         return
     if parts.scheme not in schemes:
         raise SourceRefused(f"{url}: only https URLs are fetched (set {ALLOW_PRIVATE}=1 to allow http)")
-    host = parts.hostname
-    if not host:
+    if not parts.hostname:
         raise SourceRefused(f"{url}: the URL has no host")
+    checked_addresses(url, parts.hostname, parts.port or 443, allowed)
+
+
+def checked_addresses(what: str, host: str, port: int, allowed: Callable[[str], bool] | None) -> list[str]:
+    """The addresses `host` resolves to, all of them allowed (public by default), or SourceRefused naming `what`."""
     try:
-        found = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise SourceRefused(f"{url}: the host {host!r} cannot be resolved ({exc})") from None
-    addresses = sorted({info[4][0] for info in found})
+        raise SourceRefused(f"{what}: the host {host!r} cannot be resolved ({exc})") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in found))
     refused = [address for address in addresses if not (allowed or is_public)(address)]
     if refused or not addresses:
-        raise SourceRefused(f"{url}: the host {host!r} resolves to a loopback, private or link-local address "
-                            f"({', '.join(refused) or 'none'}); only public addresses are fetched "
+        raise SourceRefused(f"{what}: the host {host!r} resolves to a loopback, private or link-local address "
+                            f"({', '.join(sorted(refused)) or 'none'}); only public addresses are fetched "
                             f"(set {ALLOW_PRIVATE}=1 for private networks)")
+    return addresses
+
+
+class _PinnedConnection:
+    """Connects to an address checked at that moment, not to the name: urllib3 would resolve it again, and an
+    answer that changed since the URL was checked (DNS rebinding) could lead to a private address. The TLS
+    handshake still checks the certificate against the name."""
+
+    allowed: Callable[[str], bool] | None = None
+
+    def _new_conn(self) -> socket.socket:
+        if self.allowed is None and private_allowed():
+            return super()._new_conn()
+        address = checked_addresses(f"{self.host}:{self.port}", self.host, self.port, self.allowed)[0]
+        try:
+            return urllib3_connection.create_connection((address, self.port), self.timeout,
+                                                        source_address=self.source_address,
+                                                        socket_options=self.socket_options)
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from exc
+        except OSError as exc:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {exc}") from exc
+
+
+def _pinned_pools(allowed: Callable[[str], bool] | None) -> dict:
+    """urllib3 connection pools whose connections are `_PinnedConnection`s checking with `allowed`."""
+    check = staticmethod(allowed) if allowed is not None else None
+    pools = {}
+    for scheme, pool, connection in (("http", HTTPConnectionPool, HTTPConnection),
+                                     ("https", HTTPSConnectionPool, HTTPSConnection)):
+        pinned = type(f"Pinned{connection.__name__}", (_PinnedConnection, connection), {"allowed": check})
+        pools[scheme] = type(f"Pinned{pool.__name__}", (pool,), {"ConnectionCls": pinned})
+    return pools
 
 
 class _CheckedAdapter(HTTPAdapter):
@@ -76,11 +118,12 @@ class _CheckedAdapter(HTTPAdapter):
 
 def guarded_session(allowed: Callable[[str], bool] | None = None,
                     schemes: tuple[str, ...] = ("https",)) -> requests.Session:
-    """A requests session that refuses URLs `check_url` refuses, redirects included. The address is checked just
-    before urllib3 connects (which resolves the name again: a DNS answer that changes in between is not caught)."""
+    """A requests session that refuses URLs `check_url` refuses, redirects included, and connects only to an
+    address checked as it connects (`_PinnedConnection`)."""
     session = requests.Session()
     session.trust_env = False  # no proxy from the environment: the check must see the real destination
     adapter = _CheckedAdapter(allowed, schemes)
+    adapter.poolmanager.pool_classes_by_scheme = _pinned_pools(allowed)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
