@@ -27,8 +27,9 @@ def generate(engine, enc, sampling: Sampling) -> list[int]:
     return out[0, enc.num_tokens:].tolist()
 
 
-def run_together(engine, jobs: list[Job]) -> list[list[int]]:
-    """Submit all jobs while the scheduler's thread is held, so that they arrive together; their tokens."""
+def submit_together(engine, jobs: list[Job]) -> list[list]:
+    """Submit all jobs while the scheduler's thread is held, so that they arrive together; what each one's sink
+    received (lists of token ids, then END or the exception that ended it)."""
     gate = threading.Event()
     engine.generation_thread.submit(gate.wait)
     received = [[] for _ in jobs]
@@ -37,6 +38,12 @@ def run_together(engine, jobs: list[Job]) -> list[list[int]]:
     gate.set()
     for job in jobs:
         assert job.finished.wait(120)
+    return received
+
+
+def run_together(engine, jobs: list[Job]) -> list[list[int]]:
+    """`submit_together`, then each job's tokens (the first error any of them got is raised)."""
+    received = submit_together(engine, jobs)
     for items in received:
         errors = [item for item in items if isinstance(item, BaseException)]
         if errors:
@@ -259,14 +266,7 @@ def test_an_out_of_memory_prefill_fails_that_request_alone(tiny_dir, monkeypatch
     monkeypatch.setattr(engine.scheduler.decoder, "prefill", out_of_memory_for_the_second)
     with pytest.raises(RuntimeError, match="out of memory while prefilling the prompt.*other requests were not"):
         run_together(engine, [Job(encs[1], sampling)])
-    jobs = [Job(enc, sampling) for enc in encs]
-    gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
-    received = [[] for _ in jobs]
-    for job, items in zip(jobs, received):
-        engine.submit(job, items.append)
-    gate.set()
-    assert all(job.finished.wait(60) for job in jobs)
+    received = submit_together(engine, [Job(enc, sampling) for enc in encs])
     assert isinstance(received[1][-1], RuntimeError) and len(received[1]) == 1
     for index in (0, 2, 3):
         assert [t for item in received[index] if isinstance(item, list) for t in item] == expected[index]
