@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from idefics_cog import batching
-from idefics_cog.batching import _Row, device_lost
+from idefics_cog.batching import GenerationError, _Row, device_lost
 from idefics_cog.engine import Engine, Job, Sampling
 from idefics_cog.errors import InputError
 from tests.helpers import noise_image
@@ -91,29 +91,23 @@ def test_a_fault_while_selecting_the_adapter_fails_that_request_alone(requests_)
     assert selected  # the batch after the failure selected its adapter itself
 
 
-def test_an_input_error_while_encoding_keeps_its_own_message(requests_):
+@pytest.mark.parametrize("error, message, kind", [
+    # An input error keeps its own message; a bug is reported as the server's, naming the stage.
+    (InputError("prompt: 9999 tokens do not fit the model's context of 128 tokens"), "prompt: 9999 tokens", InputError),
+    (AttributeError("'NoneType' object has no attribute 'convert' (simulated)"),
+     "encoding the prompt failed: AttributeError", GenerationError),
+], ids=["input error keeps its message", "bug fails that request alone"])
+def test_an_error_while_encoding_fails_that_request_alone(requests_, error, message, kind):
     engine, encs, sampling, expected = requests_
 
-    def too_long():
-        raise InputError("prompt: 9999 tokens do not fit the model's context of 128 tokens")
+    def failing():
+        raise error
 
     prepares = list(encs)
-    prepares[FAULTY] = too_long
+    prepares[FAULTY] = failing
     results = outcomes(engine, [Job(p, s) for p, s in zip(prepares, sampling)])
-    check_only_the_faulty_one_failed(results, expected, "prompt: 9999 tokens")
-    assert type(results[FAULTY][1]) is InputError
-
-
-def test_a_bug_while_encoding_fails_that_request_alone(requests_):
-    engine, encs, sampling, expected = requests_
-
-    def broken():
-        raise AttributeError("'NoneType' object has no attribute 'convert' (simulated)")
-
-    prepares = list(encs)
-    prepares[FAULTY] = broken
-    results = outcomes(engine, [Job(p, s) for p, s in zip(prepares, sampling)])
-    check_only_the_faulty_one_failed(results, expected, "encoding the prompt failed: AttributeError")
+    check_only_the_faulty_one_failed(results, expected, message)
+    assert type(results[FAULTY][1]) is kind
 
 
 def test_a_fault_in_a_prefill_fails_that_request_alone(requests_, monkeypatch):

@@ -48,14 +48,17 @@ class GenerationError(RuntimeError):
     """An error of the server while generating one request's answer (its stage in the message)."""
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+
+
 def device_lost(exc: BaseException) -> bool:
     """Whether `exc` leaves the device unusable for every later request (CUDA's sticky errors); an out-of-memory
     error does not: it concerns the request that asked for the memory."""
-    text = str(exc)
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text:
+    if out_of_memory(exc):
         return False
     return isinstance(exc, torch.AcceleratorError) or isinstance(exc, RuntimeError) and any(
-        marker in text for marker in ("device-side assert", "illegal memory access", "CUDA error"))
+        marker in str(exc) for marker in ("device-side assert", "illegal memory access", "CUDA error"))
 
 
 def exit_worker(exc: BaseException) -> None:
@@ -78,7 +81,7 @@ def failure(stage: str, exc: Exception) -> Exception:
     out-of-memory error or a bug is reported as the server's, naming the stage."""
     if device_lost(exc):
         exit_worker(exc)
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
+    if out_of_memory(exc):
         error = GenerationError(f"out of memory while {stage}; the request was stopped and its memory freed "
                                 f"(other requests were not affected): retry, or send a shorter prompt, fewer "
                                 f"images or a lower max_new_tokens")
