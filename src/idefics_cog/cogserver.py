@@ -43,6 +43,12 @@ class SetupFailed(ServerError):
     """setup() raised: the model could not be loaded (the message has setup's log)."""
 
 
+def _raise_if_failed(status: str | None, detail: str) -> None:
+    """SetupFailed for SETUP_FAILED, ServerError for UNHEALTHY (a crashed worker), with `detail` (logs)."""
+    if status in ("SETUP_FAILED", "UNHEALTHY"):
+        raise (SetupFailed if status == "SETUP_FAILED" else ServerError)(f"Cog server {status}:\n{detail}")
+
+
 # After a failed start with no weights chosen: how to run here without the hub (script/predict's first use).
 NO_WEIGHTS_HINT = (
     f"No IDEFICS_BASE_WEIGHTS is set, so the server loads {DEFAULT_BASE_WEIGHTS} (about 18 GB) from the Hugging "
@@ -126,9 +132,7 @@ class CogServer:
                 health = {}
             if health.get("status") == "READY":
                 return health
-            if health.get("status") in ("SETUP_FAILED", "UNHEALTHY"):
-                failed = SetupFailed if health["status"] == "SETUP_FAILED" else ServerError
-                raise failed(f"Cog server {health['status']}:\n{health.get('setup', {}).get('logs', '')}")
+            _raise_if_failed(health.get("status"), health.get("setup", {}).get("logs", ""))
             time.sleep(0.2)
         raise ServerError(f"Cog server not READY after {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -188,9 +192,7 @@ class CogServer:
         """A crashed worker sends no final webhook: fail instead of waiting for one."""
         if self.process.poll() is not None:
             raise ServerError(f"Cog server exited with {self.process.returncode}:\n{self.log_tail()}")
-        status = self.health().get("status")
-        if status in ("UNHEALTHY", "SETUP_FAILED"):
-            raise ServerError(f"Cog server {status}:\n{self.log_tail()}")
+        _raise_if_failed(self.health().get("status"), self.log_tail())
 
     def _post(self, route: str, inputs: dict, timeout: float, wait: float = 30, body: dict | None = None,
               **kwargs) -> requests.Response:
