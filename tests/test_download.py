@@ -440,3 +440,16 @@ def test_a_trickling_server_is_stopped_at_the_deadline(server, cache):
         fetch_archive(url, cache, **FAST, max_bytes=10 << 20, deadline=time.monotonic() + 1.0)
     assert time.monotonic() - started < 5
     assert not list(cache.rglob("*.part"))
+
+
+def test_fetch_file_caps_the_bytes_received_and_leaves_nothing_on_failure(server, tmp_path):
+    """download.fetch_file, a request's hub adapter file: the cap holds on what arrives, whatever was announced."""
+    import time
+
+    url = server.add("/adapter_model.safetensors", os.urandom(5000))
+    with pytest.raises(WeightsError, match=r"more than the limit of 4000 bytes received; stopped"):
+        download.fetch_file(url, tmp_path / "adapter_model.safetensors", max_bytes=4000, deadline=time.monotonic() + 30)
+    assert list(tmp_path.iterdir()) == []
+    download.fetch_file(url, tmp_path / "adapter_model.safetensors", max_bytes=5000, deadline=time.monotonic() + 30)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == server.files["/adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter_model.safetensors"]

@@ -357,8 +357,66 @@ def test_a_requests_hub_adapter_is_measured_first_fetched_alone_and_without_the_
     # Within it: only the adapter's two files, and never the operator's token.
     path = fetch_request_adapter(BOTH_FORMATS, None, tmp_path / "fits", max_bytes=10 << 20)
     assert {p.name for p in path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
-    assert set(hub.downloads(BOTH_FORMATS)) <= {"adapter_config.json", "adapter_model.safetensors"}
+    assert hub.downloads(BOTH_FORMATS) == {"adapter_config.json": 1, "adapter_model.safetensors": 1}
     assert hub.authorizations == []
     # The operator's own sources still use it (private repos of the operator).
     resolve(ADAPTER, tmp_path / "operator", adapter=True)
     assert hub.authorizations and all("hf_operator_secret" in value for value in hub.authorizations)
+
+
+def test_a_requests_hub_adapter_is_stopped_at_its_deadline_and_leaves_nothing(hub, fresh, tmp_path):
+    """A total deadline on the adapter's bytes as they arrive: a CDN trickling the weights for 30 s is cut off."""
+    from idefics_cog.adapters import Adapters
+    from idefics_cog.hub import fetch_request_adapter
+    from idefics_cog.errors import InputError
+
+    hub.set_fault(ADAPTER, "adapter_model.safetensors", Fault(trickle=30.0))
+    started = time.monotonic()
+    with pytest.raises(WeightsError, match=r"adapter_model.safetensors: the download did not finish within its "
+                                           r"deadline \(IDEFICS_ADAPTER_DOWNLOAD_SECONDS\); stopped"):
+        fetch_request_adapter(ADAPTER, None, tmp_path / "slow", max_bytes=10 << 20, deadline=time.monotonic() + 1)
+    assert time.monotonic() - started < 5
+    assert [p.name for p in (tmp_path / "slow").iterdir()] == []  # no partial file, no half-filled commit folder
+    # The server's way in: Adapters.fetch gives it IDEFICS_ADAPTER_DOWNLOAD_SECONDS, and says so to the requester.
+    with pytest.raises(InputError, match=r"^lora_weights: .*did not finish within its deadline"):
+        Adapters(fresh, tmp_path / "server", download_seconds=1).fetch(ADAPTER)
+    assert time.monotonic() - started < 10
+    hub.set_fault(ADAPTER, "adapter_model.safetensors", None)
+    path = fetch_request_adapter(ADAPTER, None, tmp_path / "slow", max_bytes=10 << 20, deadline=time.monotonic() + 30)
+    assert path.name == hub.sha(ADAPTER) and (path / "adapter_model.safetensors").is_file()
+
+
+def test_a_requests_hub_adapter_is_checked_against_the_hubs_checksums(hub, tiny_dir, tmp_path):
+    from idefics_cog.hub import fetch_request_adapter
+
+    hub.set_fault(ADAPTER, "adapter_model.safetensors", Fault(corrupt=True))
+    expected = hub.file(ADAPTER, "adapter_model.safetensors").sha256
+    with pytest.raises(WeightsError, match=rf"adapter_model.safetensors does not match the hub's checksum "
+                                           rf"\(expected {expected}, got [0-9a-f]{{64}}\); not used"):
+        fetch_request_adapter(ADAPTER, None, tmp_path / "bad", max_bytes=10 << 20)
+    assert [p.name for p in (tmp_path / "bad").iterdir()] == []
+
+
+def test_a_requests_hub_adapter_is_reused_and_served_offline_from_its_folder(hub, tiny_dir, tmp_path, monkeypatch):
+    from idefics_cog.hub import fetch_request_adapter
+
+    first = fetch_request_adapter(ADAPTER, None, tmp_path / "entry", max_bytes=10 << 20)
+    assert same_files(first, tiny_dir / "adapter", ["adapter_config.json", "adapter_model.safetensors"])
+    # Online again: the commit is looked up (the branch may have moved), nothing is downloaded again.
+    assert fetch_request_adapter(ADAPTER, None, tmp_path / "entry", max_bytes=10 << 20) == first
+    assert hub.downloads(ADAPTER) == {"adapter_config.json": 1, "adapter_model.safetensors": 1}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.reset_counts()
+    assert fetch_request_adapter(ADAPTER, None, tmp_path / "entry", max_bytes=10 << 20) == first
+    assert hub.total_requests() == 0
+    with pytest.raises(WeightsError, match=r"not in the cache .* HF_HUB_OFFLINE is set"):
+        fetch_request_adapter(ADAPTER, None, tmp_path / "never", max_bytes=10 << 20)
+
+
+def test_a_repo_without_adapter_files_is_refused_before_any_download(hub, tmp_path):
+    from idefics_cog.hub import fetch_request_adapter
+
+    with pytest.raises(WeightsError, match=r"owner/tiny-idefics@main has no adapter_config.json and "
+                                           r"adapter_model.safetensors \(a PEFT LoRA adapter"):
+        fetch_request_adapter(REPO, None, tmp_path / "base", max_bytes=10 << 20)
+    assert hub.downloads(REPO) == {}

@@ -321,7 +321,7 @@ class Adapters:
                                      session=guarded_session())
             elif kind == "hub":
                 repo_id, _, revision = source.partition("@")
-                path = fetch_request_adapter(repo_id, revision or None, entry, self.max_adapter_bytes)
+                path = fetch_request_adapter(repo_id, revision or None, entry, self.max_adapter_bytes, deadline)
             else:
                 path = resolve(source, entry, max_bytes=self.max_adapter_bytes, adapter=True)
             if directory_bytes(entry) > self.max_adapter_bytes:  # a hub repo offline is only measured once here

@@ -577,21 +577,37 @@ def _missing(done: list[list[int]], size: int, chunk_size: int) -> list[tuple[in
 def _download_stream(entry: Entry, remote: Remote, options: Options) -> None:
     """One GET of the whole file, for servers without ranges; a dropped connection starts it over."""
     entry.state.unlink(missing_ok=True)
+    _stream(entry.url, entry.part, remote.size, options)
+
+
+def fetch_file(url: str, target: Path, *, max_bytes: int, deadline: float) -> None:
+    """`url` into `target` by one streamed GET (a request's hub adapter file: small, from the operator's hub), with
+    the byte cap and the deadline checked on the bytes as they arrive; `target` appears only when whole, and a
+    failed transfer leaves nothing behind."""
+    partial = target.with_name(target.name + ".part")
+    try:
+        _stream(url, partial, None, Options(max_bytes=max_bytes, deadline=deadline))
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _stream(url: str, path: Path, size: Optional[int], options: Options) -> None:
+    """The body of one GET into `path`; a dropped connection starts it over (within the retries and deadline)."""
 
     def attempt():
-        progress = _Progress(entry.url, remote.size)
+        progress = _Progress(url, size)
         received = 0
-        with _request(entry.url, options) as response, open(entry.part, "wb") as file:
+        with _request(url, options) as response, open(path, "wb") as file:
             for block in _blocks(response):
-                _check_deadline(entry.url, options)
+                _check_deadline(url, options)
                 received += len(block)
                 if options.max_bytes is not None and received > options.max_bytes:  # whatever HEAD said
-                    raise WeightsError(f"{entry.url}: more than the limit of {options.max_bytes} bytes received; "
-                                       f"stopped")
+                    raise WeightsError(f"{url}: more than the limit of {options.max_bytes} bytes received; stopped")
                 file.write(block)
                 progress.add(len(block))
 
-    _retrying(entry.url, options, attempt)
+    _retrying(url, options, attempt)
 
 
 def _download_with_pget(entry: Entry, pget: str) -> None:

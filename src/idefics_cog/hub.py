@@ -25,6 +25,10 @@ module adds:
 Only safetensors weights and small config/tokenizer/processor files are fetched; pickled weights never are, except
 an adapter repo's `adapter_model.bin` (`adapter=True`) when the repo has no .safetensors: adapters.py reads it with
 torch's weights-only loader and converts it to safetensors. It is sha256-verified like a .safetensors file.
+
+An adapter a request names (fetch_request_adapter) takes another way: its few files are listed with their sizes
+and checksums first, then each is fetched by download.fetch_file, under the request's byte cap and total deadline
+(snapshot_download has neither), into the request adapter's own cache folder.
 """
 
 import hashlib
@@ -32,13 +36,14 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub import HfApi, constants, hf_hub_url, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -52,6 +57,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import tqdm as hf_tqdm
 
+from idefics_cog.download import fetch_file
 from idefics_cog.weights import ADAPTER_PICKLE, PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
 
 try:  # the tree listing snapshot_download caches per commit (`trees/<commit>.json`), with each file's lfs sha256
@@ -115,31 +121,85 @@ def fetch_hub(repo_id: str, revision: str | None, cache_dir: Path, *, timeout: f
 
 
 REQUEST_FILES = ("adapter_config.json", "adapter_model.safetensors", ADAPTER_PICKLE)
+CURRENT = "commit"  # in a request adapter's folder: the commit last fetched, for use offline
 
 
-def fetch_request_adapter(repo_id: str, revision: str | None, cache_dir: Path, max_bytes: int) -> Path:
-    """A hub adapter a request named: without the operator's HF_TOKEN, only its adapter files, and refused before
-    anything is downloaded when the repo's file metadata says they add up to more than `max_bytes`."""
-    hub = _Hub(repo_id, revision, Path(cache_dir), None)
-    hub.token = False  # a stranger's request must not read the operator's private repos
-    if hub.online:
-        with hub.errors():
-            info = HfApi(endpoint=hub.endpoint, token=False).model_info(
-                repo_id, revision=revision, files_metadata=True, timeout=hub.timeout)
-        sizes = {sibling.rfilename: sibling.size or 0 for sibling in info.siblings or []}
-        wanted = [name for name in REQUEST_FILES[:2] if name in sizes]
-        if REQUEST_FILES[1] not in sizes and ADAPTER_PICKLE in sizes:
-            wanted.append(ADAPTER_PICKLE)
-        total = sum(sizes[name] for name in wanted)
-        if total > max_bytes:
-            raise WeightsError(f"Hugging Face repo {hub.label}: its adapter files ({', '.join(wanted)}) are {total} "
-                               f"bytes, over the limit of {max_bytes} bytes (IDEFICS_MAX_ADAPTER_BYTES); not downloaded")
-        hub.only = wanted or list(REQUEST_FILES[:2])
-        hub.with_pickle = ADAPTER_PICKLE in hub.only
-        hub.revision = info.sha or revision  # the commit whose listing was measured
-    else:
-        hub.only = list(REQUEST_FILES)
-    return fetch_hub(repo_id, hub.revision, cache_dir, adapter=True, hub=hub)
+def fetch_request_adapter(repo_id: str, revision: str | None, folder: Path, max_bytes: int,
+                          deadline: float | None = None) -> Path:
+    """A hub adapter a request named, as `folder/<commit>/` holding only its adapter files. Without the operator's
+    HF_TOKEN; refused before anything is downloaded when the repo's file metadata says the files add up to more
+    than `max_bytes`; each file then fetched by download.fetch_file, so the cap and the deadline (a
+    time.monotonic() value) hold on the bytes received, and checked against the hub's sha256 (git sha1 for a file
+    not in LFS). snapshot_download is not used here: it has no total deadline. Offline, the commit last fetched."""
+    folder = Path(folder)
+    hub = _Hub(repo_id, revision, folder, None)
+    if not hub.online:
+        return _cached_request_adapter(hub, folder)
+    with hub.errors():
+        info = HfApi(endpoint=hub.endpoint, token=False).model_info(  # token=False: never the operator's repos
+            repo_id, revision=revision, files_metadata=True, timeout=hub.timeout)
+    files = {sibling.rfilename: sibling for sibling in info.siblings or []}
+    config, weights = REQUEST_FILES[0], next((name for name in REQUEST_FILES[1:] if name in files), None)
+    missing = [name for name, found in ((config, config in files), (REQUEST_FILES[1], weights)) if not found]
+    if missing:
+        raise WeightsError(f"Hugging Face repo {hub.label} has no {' and '.join(missing)} (a PEFT LoRA adapter has "
+                           f"adapter_config.json and adapter_model.safetensors)")
+    wanted = [config, weights]
+    total = sum(files[name].size or 0 for name in wanted)
+    if total > max_bytes:
+        raise WeightsError(f"Hugging Face repo {hub.label}: its adapter files ({', '.join(wanted)}) are {total} "
+                           f"bytes, over the limit of {max_bytes} bytes (IDEFICS_MAX_ADAPTER_BYTES); not downloaded")
+    if not COMMIT.match(info.sha or ""):
+        raise WeightsError(f"Hugging Face repo {hub.label}: the hub gave no commit sha ({info.sha!r})")
+    snapshot = folder / info.sha
+    if not snapshot.is_dir():
+        staging = folder / f"{info.sha}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            received = 0
+            for name in wanted:
+                url = hf_hub_url(repo_id, name, revision=info.sha, endpoint=hub.endpoint)
+                with hub.errors():
+                    fetch_file(url, staging / name, max_bytes=max_bytes - received,
+                               deadline=deadline if deadline is not None else float("inf"))
+                received += (staging / name).stat().st_size
+                _check_request_file(hub, staging / name, files[name])
+            staging.rename(snapshot)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    _write_atomically(folder / CURRENT, info.sha)
+    log.info("%s: adapter files of commit %s in %s", hub.label, info.sha, snapshot)
+    return snapshot
+
+
+def _check_request_file(hub: "_Hub", file: Path, sibling) -> None:
+    lfs = getattr(sibling, "lfs", None)
+    expected = ("sha256", lfs.sha256.lower()) if lfs else ("git-sha1", (sibling.blob_id or "").lower())
+    actual = _digest(file, expected[0])
+    if actual != expected[1]:
+        raise WeightsError(f"Hugging Face repo {hub.label}: {file.name} does not match the hub's checksum "
+                           f"(expected {expected[1]}, got {actual}); not used")
+
+
+def _cached_request_adapter(hub: "_Hub", folder: Path) -> Path:
+    try:
+        snapshot = folder / (folder / CURRENT).read_text().strip()
+    except OSError:
+        snapshot = None
+    if snapshot is None or not snapshot.is_dir():
+        raise UnreachableError(f"Hugging Face repo {hub.label} is not in the cache ({folder}) and cannot be "
+                               f"downloaded: HF_HUB_OFFLINE is set")
+    return snapshot
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class _Hub:
@@ -357,14 +417,12 @@ def _verify(hub: _Hub, snapshot: Path, commit: str) -> int:
 
 def _write_marker(hub: _Hub, path: Path, commit: str, verified: dict) -> None:
     """Best effort: without it (a read-only cache), the next setup only hashes the files again."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"format": MARKER_FORMAT, "repo": hub.repo_id, "commit": commit, "files": verified}))
-        os.replace(tmp, path)
+        _write_atomically(path, json.dumps({"format": MARKER_FORMAT, "repo": hub.repo_id, "commit": commit,
+                                            "files": verified}))
     except OSError as exc:
         log.warning("%s: could not record the verification in %s (%s)", hub.label, path, exc)
-        tmp.unlink(missing_ok=True)
 
 
 def _expected_digest(file: Path, entry) -> tuple[str, str] | None:
