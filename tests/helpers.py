@@ -174,3 +174,57 @@ def adapter_with_config(adapter: Path, folder: Path, **changes) -> Path:
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
     return folder
+
+
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", **attributes) -> bytes:
+    """An uncompressed DICOM file (Explicit VR Little Endian) made with pydicom: `pixels` is (rows, columns),
+    (frames, rows, columns) or, for RGB, (rows, columns, 3)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    dataset.Modality = "OT"
+    rgb = photometric == "RGB"
+    if rgb:
+        dataset.Rows, dataset.Columns = pixels.shape[:2]
+        dataset.SamplesPerPixel, dataset.PlanarConfiguration = 3, 0
+    else:
+        dataset.Rows, dataset.Columns = pixels.shape[-2:]
+        dataset.SamplesPerPixel = 1
+        if pixels.ndim == 3:
+            dataset.NumberOfFrames = pixels.shape[0]
+    dataset.PhotometricInterpretation = photometric
+    bits = pixels.dtype.itemsize * 8
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
+    dataset.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    for key, value in attributes.items():
+        setattr(dataset, key, value)
+    dataset.PixelData = np.ascontiguousarray(pixels).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def ramp(width: int = 64, height: int = 8, top: int = 4095, dtype=np.uint16) -> np.ndarray:
+    return np.tile(np.linspace(0, top, width).round().astype(dtype), (height, 1))
+
+
+def row(image) -> list[int]:
+    """The red channel of the middle row: what the model receives along a horizontal ramp."""
+    assert image.mode == "RGB"
+    pixels = np.asarray(image)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    return pixels[pixels.shape[0] // 2, :, 0].astype(int).tolist()
+
+
+def load_bytes(tmp_path, data: bytes, filename: str, name: str = "image", **kwargs):
+    path = tmp_path / filename
+    path.write_bytes(data)
+    from idefics_cog.images import load_image
+
+    return load_image(name, path, **kwargs)

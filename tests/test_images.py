@@ -7,7 +7,7 @@ from PIL import Image
 
 from idefics_cog.errors import InputError
 from idefics_cog.images import Reduction, check_count, image_inputs, load_image
-from tests.helpers import noise_image
+from tests.helpers import dicom_bytes, load_bytes, noise_image, ramp, row
 
 
 def test_image_comes_first_then_images(tmp_path):
@@ -53,118 +53,7 @@ def test_grayscale_becomes_rgb(tmp_path):
     assert load_image("image", path).getpixel((2, 2)) == (80, 80, 80)
 
 
-# --- Formats: DICOM, high bit depth, palette, alpha, CMYK, WebP, GIF, EXIF -------------------------------------
-
-def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", **attributes) -> bytes:
-    """An uncompressed DICOM file (Explicit VR Little Endian) made with pydicom: `pixels` is (rows, columns),
-    (frames, rows, columns) or, for RGB, (rows, columns, 3)."""
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "OT"
-    rgb = photometric == "RGB"
-    if rgb:
-        dataset.Rows, dataset.Columns = pixels.shape[:2]
-        dataset.SamplesPerPixel, dataset.PlanarConfiguration = 3, 0
-    else:
-        dataset.Rows, dataset.Columns = pixels.shape[-2:]
-        dataset.SamplesPerPixel = 1
-        if pixels.ndim == 3:
-            dataset.NumberOfFrames = pixels.shape[0]
-    dataset.PhotometricInterpretation = photometric
-    bits = pixels.dtype.itemsize * 8
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
-    dataset.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-    for key, value in attributes.items():
-        setattr(dataset, key, value)
-    dataset.PixelData = np.ascontiguousarray(pixels).tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def ramp(width: int = 64, height: int = 8, top: int = 4095, dtype=np.uint16) -> np.ndarray:
-    return np.tile(np.linspace(0, top, width).round().astype(dtype), (height, 1))
-
-
-def row(image) -> list[int]:
-    """The red channel of the middle row: what the model receives along a horizontal ramp."""
-    assert image.mode == "RGB"
-    pixels = np.asarray(image)
-    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
-    return pixels[pixels.shape[0] // 2, :, 0].astype(int).tolist()
-
-
-def load_bytes(tmp_path, data: bytes, filename: str, name: str = "image", **kwargs):
-    path = tmp_path / filename
-    path.write_bytes(data)
-    return load_image(name, path, **kwargs)
-
-
-def test_dicom_ramp_stays_a_ramp(tmp_path):
-    values = row(load_bytes(tmp_path, dicom_bytes(ramp()), "scan.dcm"))
-    assert values[0] == 0 and values[-1] == 255 and values == sorted(values) and len(set(values)) == 64
-
-
-def test_dicom_is_recognised_by_its_preamble_without_an_extension(tmp_path):
-    values = row(load_bytes(tmp_path, dicom_bytes(ramp()), "upload"))
-    assert values[0] == 0 and values[-1] == 255
-
-
-def test_dicom_monochrome1_is_inverted(tmp_path):
-    values = row(load_bytes(tmp_path, dicom_bytes(ramp(), "MONOCHROME1"), "scan.dcm"))
-    assert values[0] == 255 and values[-1] == 0 and values == sorted(values, reverse=True)
-
-
-def test_dicom_window_and_rescale_are_applied(tmp_path):
-    # Stored 0..1000, rescaled to -1024..976 (CT-like), window 0 +/- 100 (the first of two windows).
-    pixels = ramp(width=101, top=1000)
-    data = dicom_bytes(pixels, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=[0, 40], WindowWidth=[200, 400])
-    values = row(load_bytes(tmp_path, data, "ct.dcm"))
-    hounsfield = pixels[0].astype(float) * 2 - 1024
-    expected = np.round(np.clip((hounsfield + 100) / 200, 0, 1) * 255).astype(int).tolist()
-    assert values == expected
-    assert values[0] == 0 and values[-1] == 255 and 0 < values[51] < 255  # the window, not the whole range
-
-
-def test_dicom_signed_pixels(tmp_path):
-    values = row(load_bytes(tmp_path, dicom_bytes(ramp(top=2000, dtype=np.int16) - 1000), "signed.dcm"))
-    assert values[0] == 0 and values[-1] == 255 and values == sorted(values)
-
-
-def test_dicom_multiframe_uses_the_first_frame_and_says_so(tmp_path, caplog):
-    frames = np.stack([ramp(), ramp()[:, ::-1], np.zeros((8, 64), np.uint16)])
-    with caplog.at_level("INFO", logger="idefics_cog.images"):
-        values = row(load_bytes(tmp_path, dicom_bytes(frames), "cine.dcm", name="images[1]"))
-    assert values[0] == 0 and values[-1] == 255 and values == sorted(values)
-    assert "images[1]: the file is a DICOM with 3 frames; using the first" in caplog.text
-
-
-def test_dicom_rgb(tmp_path):
-    pixels = np.zeros((4, 6, 3), np.uint8)
-    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 200, 100, 50
-    image = load_bytes(tmp_path, dicom_bytes(pixels, "RGB"), "photo.dcm")
-    assert image.mode == "RGB" and image.size == (6, 4) and image.getpixel((3, 2)) == (200, 100, 50)
-
-
-def test_dicom_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
-    from idefics_cog.images import Limits
-
-    with pytest.raises(InputError, match=r"image: the file is 64x8 = 512 pixels; the limit is 100 pixels"):
-        load_bytes(tmp_path, dicom_bytes(ramp()), "big.dcm", limits=Limits(max_pixels=100))
-
-
-def test_broken_dicom_names_the_input(tmp_path):
-    data = dicom_bytes(ramp())
-    with pytest.raises(InputError, match=r"images\[0\]: the file is a DICOM file whose pixels cannot be decoded"):
-        load_bytes(tmp_path, data[:-500], "cut.dcm", name="images[0]")
-
+# --- Formats (DICOM: tests/test_dicom.py): high bit depth, palette, alpha, CMYK, WebP, GIF, EXIF -------------------------------------
 
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path, fmt):
@@ -348,34 +237,6 @@ def test_default_byte_limit_is_50_mb(tmp_path):
         file.truncate(50_000_001)
     with pytest.raises(InputError, match=r"the file is 50000001 bytes; the limit is 50000000 bytes"):
         load_image("image", path)
-
-
-def jpeg_dicom(jpeg: bytes) -> bytes:
-    """A DICOM file whose pixel data is one encapsulated JPEG baseline frame (8-bit grayscale ramp header)."""
-    from pydicom import dcmread
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import JPEGBaseline8Bit
-
-    dataset = dcmread(io.BytesIO(dicom_bytes(ramp(top=255, dtype=np.uint8))))
-    dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    dataset.PixelData = encapsulate([jpeg])
-    dataset["PixelData"].VR = "OB"
-    buffer = io.BytesIO()
-    dataset.save_as(buffer)
-    return buffer.getvalue()
-
-
-def test_jpeg_compressed_dicom_is_decoded(tmp_path):
-    buffer = io.BytesIO()
-    Image.fromarray(ramp(top=255, dtype=np.uint8), "L").save(buffer, "JPEG", quality=100)
-    values = row(load_bytes(tmp_path, jpeg_dicom(buffer.getvalue()), "jpeg.dcm"))
-    assert values[0] <= 3 and values[-1] >= 252 and abs(values[32] - 129) <= 6
-
-
-def test_undecodable_compressed_dicom_names_its_transfer_syntax(tmp_path):
-    with pytest.raises(InputError, match=r"image: the file is a DICOM file whose pixels cannot be decoded "
-                                         r"\(transfer syntax JPEG Baseline \(Process 1\)\)"):
-        load_bytes(tmp_path, jpeg_dicom(b"\xff\xd8garbage\xff\xd9"), "bad.dcm")
 
 
 # --- Reduction right after decoding: the processor's pixel values are unchanged --------------------------------

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import answer, data_uri, noise_image
-from tests.test_images import dicom_bytes, png_header, ramp, zip_bytes
+from tests.helpers import answer, data_uri, dicom_bytes, noise_image, ramp
+from tests.test_images import png_header, zip_bytes
 
 BASELINE = {"image": data_uri(noise_image(7)), "prompt": "What is shown?", "max_new_tokens": 6, "adapter": "none"}
 
