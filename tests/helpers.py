@@ -210,6 +210,20 @@ def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", **attribut
     return buffer.getvalue()
 
 
+COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (10, 20, 30), (0, 0, 0)]
+
+
+def palette_dicom(stored: np.ndarray, bits: int, colors=COLORS, **attributes) -> bytes:
+    """A PALETTE COLOR file: stored value i (from 0) shows colors[i]; 16-bit entries are the 8-bit ones x 257."""
+    kind = np.uint8 if bits == 8 else np.uint16
+    channels = np.array(colors, dtype=np.uint16) * (1 if bits == 8 else 257)
+    tables = {}  # an 8-bit palette of an odd length would be padded: pydicom would misread it
+    for channel, color in zip(channels.T.astype(kind), ("Red", "Green", "Blue")):
+        tables[f"{color}PaletteColorLookupTableDescriptor"] = [len(colors), 0, bits]
+        tables[f"{color}PaletteColorLookupTableData"] = channel.tobytes()
+    return dicom_bytes(stored, "PALETTE COLOR", **{**tables, **attributes})
+
+
 def ramp(width: int = 64, height: int = 8, top: int = 4095, dtype=np.uint16) -> np.ndarray:
     return np.tile(np.linspace(0, top, width).round().astype(dtype), (height, 1))
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import answer, data_uri, dicom_bytes, noise_image, ramp
+from tests.helpers import COLORS, answer, data_uri, dicom_bytes, noise_image, palette_dicom, ramp
 from tests.test_images import png_header, zip_bytes
 
 BASELINE = {"image": data_uri(noise_image(7)), "prompt": "What is shown?", "max_new_tokens": 6, "adapter": "none"}
@@ -45,6 +45,15 @@ def test_dicom_and_the_same_pixels_as_png_give_the_same_answer(server):
     as_png = data_uri(Image.fromarray(gray, "L").convert("RGB"))
     inputs = {"prompt": "What is shown?", "max_new_tokens": 8, "adapter": "none"}
     assert answer(server, {**inputs, "image": GOOD["dicom"]}) == answer(server, {**inputs, "image": as_png})
+
+
+def test_palette_color_dicom_and_its_colors_as_png_give_the_same_answer(server):
+    # Each stored value of the PALETTE COLOR file becomes its palette's color: the model got the PNG's pixels.
+    stored = np.random.default_rng(3).integers(0, len(COLORS), (40, 48)).astype(np.uint8)
+    as_png = data_uri(Image.fromarray(np.array(COLORS, np.uint8)[stored], "RGB"))
+    inputs = {"prompt": "What is shown?", "max_new_tokens": 8, "adapter": "none"}
+    palette = data_uri(palette_dicom(stored, 16), "application/dicom")
+    assert answer(server, {**inputs, "image": palette}) == answer(server, {**inputs, "image": as_png})
 
 
 HOSTILE = {
