@@ -139,7 +139,7 @@ def test_the_incremental_stream_cuts_every_stop_sequence_like_the_full_decode(an
     ("no fracture seen. Question: is it normal", ["Question:"], "no fracture seen. "),
     ("one two### three four", ["###", "four"], "one two"),
     ("seen Quest", ["Question: "], "seen Quest"),
-    ("a<image>b<end_of_utterance>", [], "a b"),  # release-era tokens: "▁b" after <image>
+    ("a<image>b<end_of_utterance>", [], "a b"),  # the release-era tokens put "▁b" after <image>
 ])
 def test_the_stop_cases_on_the_llama_vocabulary(text, stops, expected):
     tokenizer = load_tokenizer(LLAMA)

@@ -81,8 +81,9 @@ class _Redecoded:
 
 
 def _source(tokenizer):
-    incremental = hasattr(tokenizer, "backend_tokenizer") and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
-    return _Incremental(tokenizer) if incremental else _Redecoded(tokenizer)
+    if hasattr(tokenizer, "backend_tokenizer") and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return _Incremental(tokenizer)
+    return _Redecoded(tokenizer)
 
 
 class TextStream:
