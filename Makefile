@@ -45,6 +45,7 @@ bench: install tiny
 	$(PY) bench/weights.py
 	$(PY) bench/training.py
 	$(PY) bench/speed.py
+	$(PY) bench/textstream.py
 
 # 16 concurrent requests of 8 large images (peak memory), then 300 mixed predictions through the real server:
 # memory, temp files, cache (see BENCHMARKS.md).

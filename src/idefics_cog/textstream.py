@@ -2,6 +2,8 @@
 
 from collections.abc import Sequence
 
+from tokenizers.decoders import DecodeStream
+
 # A tokenizer decodes an incomplete multi-byte character to this; wait for the rest before emitting.
 _INCOMPLETE = "\ufffd"
 
@@ -11,52 +13,121 @@ def parse_stop_sequences(value: str) -> list[str]:
     return [s for s in value.split(",") if s]
 
 
+class _Incremental:
+    """The answer's text through the `tokenizers` library's `DecodeStream`: each token decodes a window of a few
+    tokens, not the whole answer. Special ids are dropped first, as `ReleaseTokenizer.decode` does, so the text is
+    the same as `tokenizer.decode(all ids, skip_special_tokens=True)`.
+
+    A run of byte-fallback tokens (`<0xE2>`...) goes to the stream only with the token that ends it: the decoder
+    turns the whole run into U+FFFD, one per byte, when the run is not valid UTF-8, so a byte that arrives later
+    can change how the earlier ones read ("j" then `<0xE5>` alone reads "\ufffd\ufffd", not "j\ufffd").
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = tokenizer.backend_tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.ids: list[int] = []  # kept for `finish`, which may have to decode them all once
+        self.run: list[int] = []  # the byte-fallback tokens not yet given to the stream
+        self.pending = False  # ids given since the stream's last chunk (it waits on incomplete characters)
+        self.text, self.start = "", 0  # the decoded text from character `start` on
+
+    def push(self, ids: Sequence[int]) -> None:
+        for i in ids:
+            if i in self.special:
+                continue
+            self.ids.append(i)
+            self.run.append(i)
+            if not self._is_byte(i):
+                self._step()
+
+    def _step(self) -> None:
+        piece = self.stream.step(self.backend, self.run)
+        self.run = []
+        self.pending = piece is None
+        self.text += piece or ""
+
+    def _is_byte(self, token_id: int) -> bool:
+        piece = self.backend.id_to_token(token_id) or ""
+        return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+    def finish(self) -> None:
+        # An open byte run, or a trailing incomplete character the stream waits on: decode the answer once.
+        if self.pending or self.run:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.start:]
+
+    def text_from(self, start: int) -> str:
+        self.text, self.start = self.text[start - self.start:], start
+        return self.text
+
+
+class _Redecoded:
+    """Any tokenizer with a `decode`: the whole answer decoded again at each push (quadratic in its length). Used
+    where the incremental decoder cannot give the same text: no fast backend, or a decode that cleans up spaces
+    over the whole text afterwards (`clean_up_tokenization_spaces`)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids = tokenizer, []
+
+    def push(self, ids: Sequence[int]) -> None:
+        self.ids.extend(ids)
+
+    def finish(self) -> None:
+        pass
+
+    def text_from(self, start: int) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)[start:]
+
+
+def _source(tokenizer):
+    if hasattr(tokenizer, "backend_tokenizer") and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return _Incremental(tokenizer)
+    return _Redecoded(tokenizer)
+
+
 class TextStream:
     """Feed token ids with `push`, get the text that is safe to show; `finish` returns the rest.
 
-    The text is always `tokenizer.decode(all ids so far)`, so the joined stream equals the non-streamed decode.
-    Three kinds of tail are held back until the next token settles them: trailing whitespace (tokenization-space
-    cleanup may remove it before punctuation), an incomplete character, and any text that could be the start of
-    a stop sequence.
+    The joined stream equals `tokenizer.decode(all ids, skip_special_tokens=True)`. Three kinds of tail are held
+    back until the next token settles them: trailing whitespace (so that pieces are whole words), an incomplete
+    character, and any text that could be the start of a stop sequence. Only the text not yet released is searched
+    for stop sequences: a stop that began in released text would have been held back.
     Once a stop sequence appears, `stopped` is set and the text before it is all that is ever released.
     """
 
     def __init__(self, tokenizer, stop_sequences: Sequence[str] = ()):
-        self.tokenizer = tokenizer
         self.stop_sequences = [s for s in stop_sequences if s]
-        self.ids: list[int] = []
+        self.source = _source(tokenizer)
         self.released = 0  # characters of the decoded text already returned
         self.stopped = False
 
     def push(self, ids: Sequence[int]) -> str:
         if self.stopped:
             return ""
-        self.ids.extend(ids)
-        text = self._text()
-        if self.stopped:
-            return self._release(text)
-        safe = len(text.rstrip(_INCOMPLETE).rstrip())
-        safe = min(safe, len(text) - self._stop_prefix_length(text))
-        return self._release(text[:safe])
+        self.source.push(ids)
+        return self._release(final=False)
 
     def finish(self) -> str:
         """The remaining text once generation has ended."""
-        return self._release(self._text())
+        if self.stopped:
+            return ""
+        self.source.finish()
+        return self._release(final=True)
 
-    def _text(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _release(self, final: bool) -> str:
+        text = self.source.text_from(self.released)
         cut = min((i for i in (text.find(s) for s in self.stop_sequences) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
-            return text[:cut]
-        return text
+            safe = cut
+        elif final:
+            safe = len(text)
+        else:
+            safe = min(len(text.rstrip(_INCOMPLETE).rstrip()), len(text) - self._stop_prefix_length(text))
+        self.released += safe
+        return text[:safe]
 
     def _stop_prefix_length(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
         return max((n for s in self.stop_sequences for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-
-    def _release(self, text: str) -> str:
-        if len(text) <= self.released:
-            return ""
-        piece, self.released = text[self.released:], len(text)
-        return piece
