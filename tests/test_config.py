@@ -137,3 +137,27 @@ def test_one_schema_serves_predict_and_train():
     assert components["TrainingInput"]["properties"]["quantization"]["allOf"] == [
         {"$ref": "#/components/schemas/Trainingquantization"}]
     assert "x-cog-streaming" not in schema["paths"]["/trainings"]["post"]
+
+
+def test_cog_yaml_installs_pget_pinned(cog_yaml):
+    """download.py hands archive URLs to pget when it is on PATH: the image installs a pinned release."""
+    (install,) = [command for command in cog_yaml["build"]["run"] if "pget" in command]
+    assert re.search(r"github\.com/replicate/pget/releases/download/v\d+\.\d+\.\d+/", install)
+    assert "/usr/local/bin/pget" in install and "chmod +x /usr/local/bin/pget" in install
+
+
+def test_cog_yaml_managed_weights_serve_the_default_settings(cog_yaml, tmp_path):
+    """A lock as `cog weights import` would write it from cog.yaml's `weights:` is found for the default
+    IDEFICS_BASE_WEIGHTS and IDEFICS_ADAPTER_WEIGHTS, at the declared targets."""
+    from idefics_cog.managed import Lock, set_digest
+    from idefics_cog.settings import Settings
+
+    declared = cog_yaml["weights"]
+    assert len({entry["target"] for entry in declared}) == len(declared)
+    assert all(entry["target"].startswith("/src/weights/managed/") for entry in declared)
+    (tmp_path / "weights.lock").write_text(json.dumps({"version": 1, "weights": [
+        {"name": entry["name"], "target": entry["target"], "setDigest": set_digest([]), "files": [],
+         "sources": [{"uri": entry["source"]["uri"], "fingerprint": "commit:" + "0" * 40}]} for entry in declared]}))
+    lock, defaults = Lock.read(tmp_path / "weights.lock", tmp_path), Settings.from_env({})
+    found = [lock.find(defaults.base_weights), lock.find(defaults.adapter_weights)]
+    assert [str(weight.target) for weight in found] == [entry["target"] for entry in declared]

@@ -10,6 +10,7 @@ from pathlib import Path
 from idefics_cog import images as image_files
 from idefics_cog.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.engine import Engine, Job, Sampling
+from idefics_cog.managed import Lock
 from idefics_cog.prompt import build_segments, encode
 from idefics_cog.settings import Settings
 from idefics_cog.textstream import parse_stop_sequences
@@ -27,13 +28,15 @@ def check_trained_base(trained_on: str | None, base_weights: str) -> None:
 
 
 @contextmanager
-def other_sources(variable: str, value: str, local: str):
-    """Weights the hub cannot give now (offline, no network): say which setting chose them and what else works."""
+def other_sources(variable: str, value: str, local: str, lock: Lock | None = None):
+    """Weights the hub cannot give now (offline, no network): say which setting chose them and what else works
+    (and why the managed weights mounted for it were not used, when they did not match weights.lock)."""
     try:
         yield
     except UnreachableError as exc:
-        raise WeightsError(f"{variable}={value}: {exc}. Set {variable} to {local} or an https URL of a .tar/.zip, "
-                           f"or HF_ENDPOINT to a reachable hub mirror") from exc
+        refused = f" ({lock.refused[variable]})" if lock and variable in lock.refused else ""
+        raise WeightsError(f"{variable}={value}: {exc}{refused}. Set {variable} to {local} or an https URL of a "
+                           f".tar/.zip, or HF_ENDPOINT to a reachable hub mirror") from exc
 
 
 class Service:
@@ -50,8 +53,9 @@ class Service:
     def from_settings(cls, settings: Settings) -> "Service":
         """Resolve (downloading if needed) and load the base model, then the default adapter."""
         started = time.perf_counter()
-        with other_sources("IDEFICS_BASE_WEIGHTS", settings.base_weights, "a checkpoint directory"):
-            path = resolve(settings.base_weights, settings.cache_dir)
+        lock = Lock.read(settings.weights_lock, settings.cache_dir)  # managed weights mounted by Cog, if any
+        with other_sources("IDEFICS_BASE_WEIGHTS", settings.base_weights, "a checkpoint directory", lock):
+            path = resolve(lock.source_for("IDEFICS_BASE_WEIGHTS", settings.base_weights), settings.cache_dir)
         log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,
                  time.perf_counter() - started)
         started = time.perf_counter()
@@ -68,8 +72,9 @@ class Service:
             trained_on = adapters.load_default(settings.trained_weights, "COG_WEIGHTS, the training's output")
             check_trained_base(trained_on, settings.base_weights)
         elif settings.adapter_weights:
-            with other_sources("IDEFICS_ADAPTER_WEIGHTS", settings.adapter_weights, "none, an adapter directory"):
-                adapters.load_default(settings.adapter_weights)
+            with other_sources("IDEFICS_ADAPTER_WEIGHTS", settings.adapter_weights, "none, an adapter directory",
+                               lock):
+                adapters.load_default(lock.source_for("IDEFICS_ADAPTER_WEIGHTS", settings.adapter_weights))
         return cls(engine, adapters, settings)
 
     def answer(self, **inputs) -> Iterator[str]:

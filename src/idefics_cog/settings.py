@@ -26,6 +26,7 @@ class Settings:
     device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
     engine: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
     max_batch: int  # concurrent requests decoded together by the fast engine
+    weights_lock: Path = ROOT / "weights.lock"  # Cog's managed weights (`cog weights import`); see managed.py
 
     @classmethod
     def from_env(cls, env=os.environ, trained_weights: str | None = None) -> "Settings":
@@ -45,6 +46,7 @@ class Settings:
             device=env.get("IDEFICS_DEVICE", "auto"),
             engine=_choice(env, "IDEFICS_ENGINE", ENGINES),
             max_batch=_positive_int(env, "IDEFICS_MAX_BATCH", 16),
+            weights_lock=Path(env.get("IDEFICS_WEIGHTS_LOCK", ROOT / "weights.lock")),
         )
 
 
