@@ -181,3 +181,32 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole(tiny_dir):
     ids = tokenizer("don't , . ? fine", add_special_tokens=False).input_ids
     pieces, _ = stream_all(tokenizer, ids)
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == "don't,.? fine"
+    llama = load_tokenizer(LLAMA)  # and with byte runs: an open run is held back as in the incremental path
+    llama.clean_up_tokenization_spaces = True
+    llama.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    for rng, ids in random_answers(llama, seed=15, count=200):
+        pieces, _ = stream_all(llama, ids, step=rng.randint(1, 3))
+        assert "".join(pieces) == llama.decode(ids, skip_special_tokens=True), ids
+
+
+def test_a_step_the_incremental_decoder_refuses_falls_back_to_the_full_decode(any_tokenizer, monkeypatch):
+    """tokenizers' DecodeStream may refuse a step ("Invalid prefix encountered"); the answer is then decoded whole
+    from there on, and the joined stream is still the full decode."""
+    import idefics_cog.textstream as textstream
+
+    real = textstream.DecodeStream
+
+    class Refusing:
+        def __init__(self, **kwargs):
+            self.inner, self.steps = real(**kwargs), 0
+
+        def step(self, backend, ids):
+            self.steps += 1
+            if self.steps == 5:
+                raise Exception("Invalid prefix encountered")
+            return self.inner.step(backend, ids)
+
+    monkeypatch.setattr(textstream, "DecodeStream", Refusing)
+    for rng, ids in random_answers(any_tokenizer, seed=14, count=100):
+        pieces, _ = stream_all(any_tokenizer, ids, step=rng.randint(1, 3))
+        assert "".join(pieces) == any_tokenizer.decode(ids, skip_special_tokens=True), ids

@@ -23,7 +23,7 @@ class _Incremental:
     can change how the earlier ones read ("j" then `<0xE5>` alone reads "\ufffd\ufffd", not "j\ufffd").
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, redecode: bool = False):
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer
         self.special = set(tokenizer.all_special_ids)
@@ -32,6 +32,9 @@ class _Incremental:
         self.run: list[int] = []  # the byte-fallback tokens not yet given to the stream
         self.pending = False  # ids given since the stream's last chunk (it waits on incomplete characters)
         self.text, self.start = "", 0  # the decoded text from character `start` on
+        # Decode the whole answer (up to an open byte run) at each push instead: for a decode that cleans up spaces
+        # over the whole text, and from the moment the stream refuses a step ("Invalid prefix encountered").
+        self.redecode = redecode
 
     def push(self, ids: Sequence[int]) -> None:
         for i in ids:
@@ -43,10 +46,15 @@ class _Incremental:
                 self._step()
 
     def _step(self) -> None:
-        piece = self.stream.step(self.backend, self.run)
+        if not self.redecode:
+            try:
+                piece = self.stream.step(self.backend, self.run)
+            except Exception:  # correct text wins over speed for the rest of this answer
+                self.redecode = True
+            else:
+                self.pending = piece is None
+                self.text += piece or ""
         self.run = []
-        self.pending = piece is None
-        self.text += piece or ""
 
     def _is_byte(self, token_id: int) -> bool:
         piece = self.backend.id_to_token(token_id) or ""
@@ -54,18 +62,25 @@ class _Incremental:
 
     def finish(self) -> None:
         # An open byte run, or a trailing incomplete character the stream waits on: decode the answer once.
-        if self.pending or self.run:
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)[self.start:]
+        if self.pending or self.run or self.redecode:
+            self.run = []
+            self.text = self._decoded()
 
     def text_from(self, start: int) -> str:
+        if self.redecode:
+            self.text = self._decoded()
         self.text, self.start = self.text[start - self.start:], start
         return self.text
 
+    def _decoded(self) -> str:
+        """The full decode from character `start` on, without an open byte run (a later byte can change it)."""
+        ids = self.ids[:len(self.ids) - len(self.run)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)[self.start:]
+
 
 class _Redecoded:
-    """Any tokenizer with a `decode`: the whole answer decoded again at each push (quadratic in its length). Used
-    where the incremental decoder cannot give the same text: no fast backend, or a decode that cleans up spaces
-    over the whole text afterwards (`clean_up_tokenization_spaces`)."""
+    """Any tokenizer with a `decode` and no fast backend: the whole answer decoded again at each push (quadratic in
+    its length)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids = tokenizer, []
@@ -81,8 +96,9 @@ class _Redecoded:
 
 
 def _source(tokenizer):
-    if hasattr(tokenizer, "backend_tokenizer") and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return _Incremental(tokenizer)
+    if hasattr(tokenizer, "backend_tokenizer"):
+        # DecodeStream does not clean up spaces over the whole text afterwards, as such a decode does.
+        return _Incremental(tokenizer, redecode=getattr(tokenizer, "clean_up_tokenization_spaces", False))
     return _Redecoded(tokenizer)
 
 
