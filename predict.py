@@ -95,8 +95,12 @@ class Predictor(BaseRunner):
     ) -> ConcatenateIterator[str]:
         """Answer the prompt about the images, streaming the text as it is generated (batched with the requests
         running at the same time). Bad inputs fail the prediction before its first chunk."""
+        # This prediction's metric scope, taken here where coglet has set it, so that recording does not depend on
+        # the thread or context that later reads the generator. coglet keeps it open until it has read the
+        # generator to its end (or cancelled it): the metrics are recorded then (input/output_token_count, ...).
+        scope = cog.current_scope()
         pieces = self.service.astream(
-            prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
+            record_metric=scope.record_metric, prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences, adapter=adapter,
             lora_weights=lora_weights, lora_scale=lora_scale,

@@ -261,6 +261,15 @@ class Stats:
         self.first_token_at = self.first_token_at or time.perf_counter()
         self.ids.extend(ids)
 
+    def metrics(self, started: float) -> dict:
+        """The prediction's metrics as Replicate's models report them (replicate/cog-vllm): the prompt's tokens as
+        the model saw them (3 per image), the tokens generated (the end-of-turn token too), and the seconds from
+        `started` (a perf_counter time) to the first of them, when there was one."""
+        metrics = {"input_token_count": self.prompt_tokens, "output_token_count": len(self.ids)}
+        if self.first_token_at is not None:
+            metrics["time_to_first_token"] = self.first_token_at - started
+        return metrics
+
     def finish(self) -> None:
         self.ended = time.perf_counter()
         if self.first_token_at is None:

@@ -3,8 +3,8 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 
 from idefics_cog import images as image_files
@@ -82,11 +82,29 @@ class Service:
         when iteration starts."""
         yield from self.engine.stream(self.job(**inputs))
 
-    async def astream(self, **inputs) -> AsyncIterator[str]:
-        """`answer` for the concurrent (async) predictor: requests arriving together are decoded as one batch."""
+    async def astream(self, record_metric: Callable[[str, object], None] | None = None,
+                      **inputs) -> AsyncIterator[str]:
+        """`answer` for the concurrent (async) predictor: requests arriving together are decoded as one batch.
+        `record_metric(name, value)` receives the request's token metrics when it ends (`Stats.metrics`; timed from
+        here), also when it fails or is cancelled after its inputs were read."""
+        started = time.perf_counter()
         job = await asyncio.to_thread(self.job, **inputs)  # image decoding stays off the event loop
-        async for piece in self.engine.astream(job):
-            yield piece
+        try:
+            async with aclosing(self.engine.astream(job)) as pieces:  # its end counted before the metrics are read
+                async for piece in pieces:
+                    yield piece
+        finally:
+            if record_metric is not None:
+                self.report(job.stats.metrics(started), record_metric)
+
+    @staticmethod
+    def report(metrics: dict, record_metric: Callable[[str, object], None]) -> None:
+        """Hand `metrics` on; a failure there is logged, never the prediction's (the answer is already sent)."""
+        try:
+            for name, value in metrics.items():
+                record_metric(name, value)
+        except Exception:  # noqa: BLE001 - e.g. coglet's "Failed to send metric"
+            log.exception("the prediction's metrics could not be recorded")
 
     def read_images(self, files: list[tuple[str, Path]]) -> list:
         """Decode each (name, path) and resize it at once to the vision tower's size, exactly as the processor
