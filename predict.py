@@ -100,7 +100,8 @@ class Predictor(BaseRunner):
         # generator to its end (or cancelled it): the metrics are recorded then (input/output_token_count, ...).
         scope = cog.current_scope()
         pieces = self.service.astream(
-            record_metric=scope.record_metric, prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
+            record_metric=scope.record_metric,
+            prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences, adapter=adapter,
             lora_weights=lora_weights, lora_scale=lora_scale,
