@@ -17,9 +17,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
 
-from idefics_cog import tiny  # noqa: E402
-from idefics_cog.adapters import Adapters  # noqa: E402
-from idefics_cog.engine import Engine  # noqa: E402
+from idefics_dev import tiny  # noqa: E402
+from idefics_cog.weights.adapters import Adapters  # noqa: E402
+from idefics_cog.serving.engine import Engine  # noqa: E402
 from tests.helpers import negated_adapter  # noqa: E402
 from tests.test_quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
 

@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from idefics_cog.adapters import directory_bytes  # noqa: E402
-from idefics_cog.cogserver import CogServer  # noqa: E402
+from idefics_cog.weights.adapters import directory_bytes  # noqa: E402
+from idefics_dev.cogrunner import CogServer  # noqa: E402
 from tests.fileserver import FileServer  # noqa: E402
 from tests.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
 

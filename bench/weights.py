@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from bench.stats import median_table  # noqa: E402
-from idefics_cog.download import fetch_archive  # noqa: E402
+from idefics_cog.weights.archive import fetch_archive  # noqa: E402
 from tests.fileserver import FileServer  # noqa: E402
 from tests.helpers import noise_image, tar_bytes  # noqa: E402
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from idefics_cog.adapters import Adapters
-from idefics_cog.engine import Engine
-from idefics_cog.weights import WeightsError
+from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.engine import Engine
+from idefics_cog.weights.resolve import WeightsError
 from tests.helpers import bin_adapter, hostile_adapter
 from tests.test_adapters import alone, answer, fresh  # noqa: F401 (fixtures)
 
@@ -22,7 +22,7 @@ def test_a_bin_adapter_is_converted_once_and_answers_as_the_safetensors_one(fres
                                                                            caplog):
     source = bin_adapter(tiny_dir / "adapter", tmp_path / "published")
     published = listing(source)
-    caplog.set_level("INFO", logger="idefics_cog.adapters")
+    caplog.set_level("INFO", logger="idefics_cog.weights.adapters")
     adapters = Adapters(fresh, tmp_path / "cache")
     adapters.load_default(str(source))
     adapters.select("medical")

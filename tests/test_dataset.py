@@ -4,8 +4,8 @@ import zipfile
 
 import pytest
 
-from idefics_cog.dataset import DatasetError, load_dataset
-from idefics_cog.prompt import render
+from idefics_cog.training.data import DatasetError, load_dataset
+from idefics_cog.inputs.prompt import render
 from tests.helpers import dataset_zip, png_bytes
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from idefics_cog import download, weights
-from idefics_cog.download import MARKER, fetch_archive
-from idefics_cog.settings import ROOT
-from idefics_cog.weights import WeightsError
+from idefics_cog.weights import archive as download, resolve as weights
+from idefics_cog.weights.archive import MARKER, fetch_archive
+from idefics_cog.config import ROOT
+from idefics_cog.weights.resolve import WeightsError
 from tests.fileserver import Fault, FileServer
 
 CHUNK = 256 << 10  # small ranges, so that small files have several
@@ -198,10 +198,10 @@ def test_timeout_names_the_url(server, cache):
 
 def test_progress_and_stage_times_are_logged(server, cache, caplog, monkeypatch):
     monkeypatch.setattr(download, "PROGRESS_EVERY", 0.0)  # every block, instead of every few seconds
-    caplog.set_level(logging.INFO, logger="idefics_cog.download")
+    caplog.set_level(logging.INFO, logger="idefics_cog.weights.archive")
     url = server.add("/big.tar", big_archive())
     fetch_archive(url, cache, **FAST)
-    messages = [record.getMessage() for record in caplog.records if record.name == "idefics_cog.download"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "idefics_cog.weights.archive"]
     assert any(re.fullmatch(rf"{url}: [\d.]+ MB of 1\.3 MB \([\d.]+ MB/s\)", message) for message in messages)
     for stage in ("downloaded 1.3 MB in", "verified 1.3 MB (sha256 ", "extracted into"):
         assert any(message.startswith(f"{url}: {stage}") and message.endswith(("s", "MB/s)")) for message in messages)
@@ -347,7 +347,7 @@ def tar_directory(folder: Path, top: str) -> bytes:
 
 
 def test_resolved_url_is_a_loadable_model(server, cache, tiny_dir):
-    from idefics_cog.engine import Engine
+    from idefics_cog.serving.engine import Engine
 
     data = tar_directory(tiny_dir / "base", "tiny-idefics")
     url = server.add("/weights/tiny-idefics.tar.gz", data)

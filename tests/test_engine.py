@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from idefics_cog.engine import Engine, Sampling
+from idefics_cog.serving.engine import Engine, Sampling
 from idefics_cog.errors import InputError
-from idefics_cog.prompt import build_segments
-from idefics_cog.recipe import model_card_generate
+from idefics_cog.inputs.prompt import build_segments
+from idefics_dev.recipe import model_card_generate
 from tests.helpers import noise_image
 
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -10,11 +10,11 @@ import zipfile
 
 import pytest
 
-from idefics_cog import evaluate as ev
-from idefics_cog.adapters import Adapters
-from idefics_cog.dataset import load_dataset
-from idefics_cog.engine import Engine, Sampling
-from idefics_cog.settings import ROOT
+from idefics_cog.evaluation import run as ev
+from idefics_cog.weights.adapters import Adapters
+from idefics_cog.training.data import load_dataset
+from idefics_cog.serving.engine import Engine, Sampling
+from idefics_cog.config import ROOT
 from tests.fileserver import FileServer
 from tests.helpers import noise_image, tar_bytes
 
@@ -249,7 +249,7 @@ def test_python_m_idefics_cog_evaluate_runs_as_a_command(tiny_dir, dataset, expe
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "IDEFICS_CACHE_DIR": str(tmp_path / "cache"),
            "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")}
     run = subprocess.run(
-        [sys.executable, "-m", "idefics_cog.evaluate", str(dataset / "data.tar.gz"), "--adapter", "none",
+        [sys.executable, "-m", "idefics_cog.evaluation.run", str(dataset / "data.tar.gz"), "--adapter", "none",
          "--adapter-weights", str(tiny_dir / "adapter"), "--compare-adapter", "medical", "--limit", "2",
          "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", str(tmp_path / "out.json")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

@@ -6,10 +6,10 @@ import threading
 import pytest
 import torch
 
-from idefics_cog.adapters import Adapters
-from idefics_cog.engine import Engine, Job, Sampling
-from idefics_cog.fast import FastDecoder
-from idefics_cog.prompt import build_segments
+from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.engine import Engine, Job, Sampling
+from idefics_cog.serving.decoder import FastDecoder
+from idefics_cog.inputs.prompt import build_segments
 from tests.test_engine import CASES
 from tests.helpers import noise_image
 
@@ -213,7 +213,7 @@ def test_requests_the_fast_path_cannot_hold_fall_back_to_generate_logged_once(ti
     engine = Engine.load(tiny_dir / "base", "cpu", max_images=1)
     enc = encoded(engine, *CASES["two images with placeholders"])
     sampling = Sampling(max_new_tokens=20)
-    with caplog.at_level(logging.WARNING, logger="idefics_cog.batching"):
+    with caplog.at_level(logging.WARNING, logger="idefics_cog.serving.scheduler"):
         for _ in range(2):
             "".join(engine.stream(enc, sampling))
             assert engine.last_stats.ids == generate(engine, enc, sampling)

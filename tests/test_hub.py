@@ -1,7 +1,7 @@
 """Hub weight sources (`owner/name[@revision]`) through huggingface_hub, against a real loopback hub (hubserver.py).
 
 Every request goes to 127.0.0.1 (a guard fails the test otherwise). huggingface_hub reads HF_ENDPOINT,
-HF_HUB_OFFLINE and HF_HUB_DISABLE_TELEMETRY once, at import; idefics_cog.hub reads the first two at each call,
+HF_HUB_OFFLINE and HF_HUB_DISABLE_TELEMETRY once, at import; idefics_cog.weights.hub reads the first two at each call,
 which is what the tests rely on (set with monkeypatch, after the import).
 """
 
@@ -16,8 +16,8 @@ import pytest
 from huggingface_hub import constants
 from safetensors.torch import load_file
 
-import idefics_cog.hub as hub_module
-from idefics_cog.weights import WeightsError, resolve
+import idefics_cog.weights.hub as hub_module
+from idefics_cog.weights.resolve import WeightsError, resolve
 from tests.helpers import bin_adapter
 from tests.hubserver import Fault, HubServer
 from tests.test_adapters import alone, answer, fresh  # noqa: F401 (fixtures)
@@ -95,7 +95,7 @@ def hub(hub_server, monkeypatch):
 
 @pytest.fixture
 def digests(monkeypatch):
-    """The files idefics_cog.hub hashes, in order."""
+    """The files idefics_cog.weights.hub hashes, in order."""
     hashed = []
     digest = hub_module._digest
 
@@ -118,9 +118,9 @@ def lfs_path(hub, repo, name):
 
 
 def test_download_load_and_warm_cache(hub, tiny_dir, tmp_path, caplog, digests):
-    from idefics_cog.engine import Engine
+    from idefics_cog.serving.engine import Engine
 
-    caplog.set_level(logging.INFO, logger="idefics_cog.hub")
+    caplog.set_level(logging.INFO, logger="idefics_cog.weights.hub")
     base = tiny_dir / "base"
     names = sorted(path.name for path in base.iterdir())
     sha = hub.sha(REPO, "main")
@@ -331,7 +331,7 @@ def test_an_adapter_repo_gets_its_adapter_model_bin_and_no_other_pickle(hub, rep
 
 
 def test_a_hub_adapter_in_bin_form_serves_as_the_safetensors_one(hub, fresh, tmp_path, alone):
-    from idefics_cog.adapters import Adapters
+    from idefics_cog.weights.adapters import Adapters
 
     adapters = Adapters(fresh, tmp_path)
     adapters.load_default(ADAPTER_BIN)
@@ -346,7 +346,7 @@ def test_a_hub_adapter_in_bin_form_serves_as_the_safetensors_one(hub, fresh, tmp
 
 def test_a_requests_hub_adapter_is_measured_first_fetched_alone_and_without_the_operators_token(
         hub, repos, tmp_path, monkeypatch):
-    from idefics_cog.hub import fetch_request_adapter
+    from idefics_cog.weights.hub import fetch_request_adapter
 
     monkeypatch.setenv("HF_TOKEN", "hf_operator_secret")
     # Over the limit by the repo's file metadata: refused before any file is downloaded.
@@ -366,8 +366,8 @@ def test_a_requests_hub_adapter_is_measured_first_fetched_alone_and_without_the_
 
 def test_a_requests_hub_adapter_is_stopped_at_its_deadline_and_leaves_nothing(hub, fresh, tmp_path):
     """A total deadline on the adapter's bytes as they arrive: a CDN trickling the weights for 30 s is cut off."""
-    from idefics_cog.adapters import Adapters
-    from idefics_cog.hub import fetch_request_adapter
+    from idefics_cog.weights.adapters import Adapters
+    from idefics_cog.weights.hub import fetch_request_adapter
     from idefics_cog.errors import InputError
 
     hub.set_fault(ADAPTER, "adapter_model.safetensors", Fault(trickle=30.0))
@@ -387,7 +387,7 @@ def test_a_requests_hub_adapter_is_stopped_at_its_deadline_and_leaves_nothing(hu
 
 
 def test_a_requests_hub_adapter_is_checked_against_the_hubs_checksums(hub, tiny_dir, tmp_path):
-    from idefics_cog.hub import fetch_request_adapter
+    from idefics_cog.weights.hub import fetch_request_adapter
 
     hub.set_fault(ADAPTER, "adapter_model.safetensors", Fault(corrupt=True))
     expected = hub.file(ADAPTER, "adapter_model.safetensors").sha256
@@ -398,7 +398,7 @@ def test_a_requests_hub_adapter_is_checked_against_the_hubs_checksums(hub, tiny_
 
 
 def test_a_requests_hub_adapter_is_reused_and_served_offline_from_its_folder(hub, tiny_dir, tmp_path, monkeypatch):
-    from idefics_cog.hub import fetch_request_adapter
+    from idefics_cog.weights.hub import fetch_request_adapter
 
     first = fetch_request_adapter(ADAPTER, None, tmp_path / "entry", max_bytes=10 << 20)
     assert same_files(first, tiny_dir / "adapter", ["adapter_config.json", "adapter_model.safetensors"])
@@ -414,7 +414,7 @@ def test_a_requests_hub_adapter_is_reused_and_served_offline_from_its_folder(hub
 
 
 def test_a_repo_without_adapter_files_is_refused_before_any_download(hub, tmp_path):
-    from idefics_cog.hub import fetch_request_adapter
+    from idefics_cog.weights.hub import fetch_request_adapter
 
     with pytest.raises(WeightsError, match=r"owner/tiny-idefics@main has no adapter_config.json and "
                                            r"adapter_model.safetensors \(a PEFT LoRA adapter"):

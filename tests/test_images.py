@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from idefics_cog.errors import InputError
-from idefics_cog.images import Reduction, check_count, image_inputs, load_image
+from idefics_cog.inputs.images import Reduction, check_count, image_inputs, load_image
 from tests.helpers import noise_image
 
 
@@ -140,7 +140,7 @@ def test_dicom_signed_pixels(tmp_path):
 
 def test_dicom_multiframe_uses_the_first_frame_and_says_so(tmp_path, caplog):
     frames = np.stack([ramp(), ramp()[:, ::-1], np.zeros((8, 64), np.uint16)])
-    with caplog.at_level("INFO", logger="idefics_cog.images"):
+    with caplog.at_level("INFO", logger="idefics_cog.inputs.images"):
         values = row(load_bytes(tmp_path, dicom_bytes(frames), "cine.dcm", name="images[1]"))
     assert values[0] == 0 and values[-1] == 255 and values == sorted(values)
     assert "images[1]: the file is a DICOM with 3 frames; using the first" in caplog.text
@@ -154,7 +154,7 @@ def test_dicom_rgb(tmp_path):
 
 
 def test_dicom_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
-    from idefics_cog.images import Limits
+    from idefics_cog.inputs.images import Limits
 
     with pytest.raises(InputError, match=r"image: the file is 64x8 = 512 pixels; the limit is 100 pixels"):
         load_bytes(tmp_path, dicom_bytes(ramp()), "big.dcm", limits=Limits(max_pixels=100))
@@ -226,7 +226,7 @@ def test_webp(tmp_path):
 def test_animated_gif_gives_its_first_frame(tmp_path, caplog):
     frames = [Image.new("RGB", (8, 8), color) for color in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
-    with caplog.at_level("INFO", logger="idefics_cog.images"):
+    with caplog.at_level("INFO", logger="idefics_cog.inputs.images"):
         assert load_image("image", tmp_path / "anim.gif").getpixel((4, 4)) == (255, 0, 0)
     assert "the file has 3 frames; using the first" in caplog.text
 
@@ -340,7 +340,7 @@ def test_limits_come_from_the_environment_at_call_time(tmp_path, monkeypatch):
 
 
 def test_default_byte_limit_is_50_mb(tmp_path):
-    from idefics_cog.images import Limits
+    from idefics_cog.inputs.images import Limits
 
     assert Limits.from_env({}) == Limits(40_000_000, 50_000_000, 20.0)
     path = tmp_path / "huge.png"
@@ -382,7 +382,7 @@ def test_undecodable_compressed_dicom_names_its_transfer_syntax(tmp_path):
 
 @pytest.fixture(scope="module", params=[30, 224], ids=["tiny 30 px", "9b 224 px"])
 def image_processor(request):
-    from idefics_cog.tiny import build_processor
+    from idefics_dev.tiny import build_processor
 
     return build_processor(request.param).image_processor
 
@@ -439,7 +439,7 @@ def test_no_reduction_for_a_processor_that_does_not_resize_to_a_fixed_size(image
 def test_the_service_reduces_images_as_its_processor_would(engine, tmp_path):
     """What a request's job holds until the scheduler encodes it: image_size x image_size pictures whose pixel
     values are the ones the processor makes of the full-size file."""
-    from idefics_cog.service import Service
+    from idefics_cog.serving.service import Service
 
     path = tmp_path / "big.png"
     noise_image(8, (1200, 900)).save(path)

@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from idefics_cog import batching
-from idefics_cog.batching import GenerationError, _Row, device_lost
-from idefics_cog.engine import Engine, Job, Sampling
+from idefics_cog.serving import scheduler as batching
+from idefics_cog.serving.scheduler import GenerationError, _Row, device_lost
+from idefics_cog.serving.engine import Engine, Job, Sampling
 from idefics_cog.errors import InputError
 from tests.helpers import noise_image
 from tests.test_fast import encoded, generate
@@ -220,8 +220,8 @@ def test_which_errors_leave_the_device_unusable(error, lost):
 
 WORKER = """
 import sys, torch
-from idefics_cog.engine import Engine, Sampling
-from idefics_cog.prompt import build_segments
+from idefics_cog.serving.engine import Engine, Sampling
+from idefics_cog.inputs.prompt import build_segments
 engine = Engine.load(sys.argv[1], "cpu")
 def broken(*args):
     raise torch.AcceleratorError("CUDA error: device-side assert triggered")

@@ -9,9 +9,9 @@ import torch
 from accelerate import init_empty_weights
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-from idefics_cog.engine import quantization_config
-from idefics_cog.fast import FastDecoder, cache_bytes
-from idefics_cog.placement import ACTIVATIONS, checkpoint_shapes, decide, parameter_counts, place, weight_bytes
+from idefics_cog.serving.engine import quantization_config
+from idefics_cog.serving.decoder import FastDecoder, cache_bytes
+from idefics_cog.model.placement import ACTIVATIONS, checkpoint_shapes, decide, parameter_counts, place, weight_bytes
 
 GB = 10**9
 
@@ -102,7 +102,7 @@ def test_without_a_gpu_it_is_the_cpu(sizes):
 
 
 def test_place_takes_an_explicit_device_as_given_and_logs_it(tiny_dir, caplog):
-    with caplog.at_level(logging.INFO, logger="idefics_cog.placement"):
+    with caplog.at_level(logging.INFO, logger="idefics_cog.model.placement"):
         assert place(tiny_dir / "base", torch.device("cpu"), "none", 0).device_map == {"": "cpu"}
         assert place(tiny_dir / "base", torch.device("cuda", 1), "none", 0).device_map == {"": 1}
     assert "placement: on cpu" in caplog.text and "placement: on GPU 1" in caplog.text

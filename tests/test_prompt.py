@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from idefics_cog.errors import InputError
-from idefics_cog.prompt import build_segments, encode, render
-from idefics_cog.tokenizer import load_processor
+from idefics_cog.inputs.prompt import build_segments, encode, render
+from idefics_cog.model.tokenizer import load_processor
 from tests.helpers import noise_image
 
 EOU = "<end_of_utterance>"

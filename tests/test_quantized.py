@@ -15,9 +15,9 @@ from bitsandbytes.functional import has_avx512bf16
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.adapters import Adapters
-from idefics_cog.engine import Engine, quantization_config
-from idefics_cog.prompt import build_segments
+from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.engine import Engine, quantization_config
+from idefics_cog.inputs.prompt import build_segments
 from tests.helpers import negated_adapter
 from tests.test_engine import CASES, run
 

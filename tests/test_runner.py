@@ -11,9 +11,9 @@ import time
 import pytest
 import requests
 
-from idefics_cog.cogserver import free_port, parse_inputs
-from idefics_cog.schema import build_schema
-from idefics_cog.settings import ROOT
+from idefics_dev.cogrunner import free_port, parse_inputs
+from idefics_dev.schema import build_schema
+from idefics_cog.config import ROOT
 from tests.conftest import tiny_env
 from tests.helpers import noise_image, save_png
 from tests.test_engine import run
@@ -41,7 +41,7 @@ def test_parse_inputs_refuses_mistakes(schema, pair, message):
 
 
 def test_the_runner_passes_cog_yaml_concurrency_unless_the_caller_sets_it(monkeypatch):
-    from idefics_cog.cogserver import CogServer, cog_yaml_concurrency, server_env
+    from idefics_dev.cogrunner import CogServer, cog_yaml_concurrency, server_env
 
     monkeypatch.delenv("COG_MAX_CONCURRENCY", raising=False)
     assert cog_yaml_concurrency() == 16
@@ -55,7 +55,7 @@ def test_the_runner_passes_cog_yaml_concurrency_unless_the_caller_sets_it(monkey
 
 
 def test_cog_yaml_without_concurrency_leaves_coglet_its_default(tmp_path, monkeypatch):
-    from idefics_cog.cogserver import cog_yaml_concurrency, server_env
+    from idefics_dev.cogrunner import cog_yaml_concurrency, server_env
 
     monkeypatch.delenv("COG_MAX_CONCURRENCY", raising=False)
     (tmp_path / "cog.yaml").write_text("build:\n  python_version: '3.11'\npredict: predict.py:Predictor\n")
@@ -114,9 +114,9 @@ def test_script_predict_without_weights_or_hub_says_what_to_do(tmp_path):
 
 
 def test_an_unreachable_default_adapter_names_its_setting(tiny_dir, tmp_path, monkeypatch):
-    from idefics_cog.service import Service
-    from idefics_cog.settings import Settings
-    from idefics_cog.weights import WeightsError
+    from idefics_cog.serving.service import Service
+    from idefics_cog.config import Settings
+    from idefics_cog.weights.resolve import WeightsError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     settings = Settings.from_env({"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_CACHE_DIR": str(tmp_path)})

@@ -95,7 +95,7 @@ def test_bad_input_fails_clearly_and_the_server_keeps_serving(server, case):
 
 
 def test_idefics_engine_selects_the_decode_path_and_both_give_the_same_answer(server, tiny_dir):
-    from idefics_cog.cogserver import CogServer
+    from idefics_dev.cogrunner import CogServer
     from tests.conftest import ADAPTER_LIMIT, tiny_env
 
     inputs = {"image": XRAY, "prompt": "What does this X-ray show?", "max_new_tokens": 24}
@@ -107,7 +107,7 @@ def test_idefics_engine_selects_the_decode_path_and_both_give_the_same_answer(se
 
 
 def test_a_bad_idefics_engine_is_refused_naming_it():
-    from idefics_cog.settings import Settings
+    from idefics_cog.config import Settings
 
     with pytest.raises(ValueError, match="IDEFICS_ENGINE must be one of auto, fast, transformers, got 'turbo'"):
         Settings.from_env({"IDEFICS_ENGINE": "turbo"})

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from idefics_cog.cogserver import CogServer, cog_yaml_concurrency, read_events
+from idefics_dev.cogrunner import CogServer, cog_yaml_concurrency, read_events
 from tests.conftest import tiny_env
 from tests.fileserver import FileServer
 from tests.helpers import answer, data_uri, negated_adapter, new_tokens_of, noise_image, tar_bytes

@@ -17,7 +17,7 @@ from tests.helpers import data_uri, new_tokens_of, noise_image
 LONG = {"prompt": "chest normal", "template": "raw", "max_new_tokens": 480, "adapter": "none"}
 CHECK = {"image": data_uri(noise_image(1)), "max_new_tokens": 12}
 CANCEL_HOOK_FAILED = ("a cancelled request ran on: coglet's cancel no longer reaches the generator predict returns. "
-                      "idefics_cog/live.py hooks concurrent.futures.Future.cancel, which coglet 0.23.1 calls on the "
+                      "idefics_cog/serving/live.py hooks concurrent.futures.Future.cancel, which coglet 0.23.1 calls on the "
                       "finished future of an async predict (worker_bridge.rs, cancel_async_future); check how the "
                       "new coglet cancels an async prediction and update live.py and README (Concurrency)")
 
@@ -37,7 +37,7 @@ def test_the_long_request_really_runs_long(server):
 
 def test_a_cancelled_prediction_stops_at_once_keeps_its_chunks_and_the_next_one_is_correct(server):
     """Cancelling answers 200; the prediction ends `canceled` at once with the chunks it had sent as its output,
-    and its generation stops (predict.py's cancel hook, idefics_cog/live.py)."""
+    and its generation stops (predict.py's cancel hook, idefics_cog/serving/live.py)."""
     before = server.predict(CHECK)["output"]
     final, prediction, cancelled_at, chunks = None, None, None, []
     for event, data in server.stream(LONG):
@@ -108,9 +108,9 @@ def test_closing_or_dropping_the_stream_predict_returns_cancels_its_generation(e
     """What predict.py hands coglet (`live`: a plain generator over the engine's async stream, read on the event
     loop) stops the request's generation when it is closed early or garbage-collected, as coglet does when it
     lets a generator go. Run in-process, with coglet's layout: the event loop on one thread, the reader on another."""
-    from idefics_cog.engine import Job, Sampling
-    from idefics_cog.live import live
-    from idefics_cog.prompt import build_segments
+    from idefics_cog.serving.engine import Job, Sampling
+    from idefics_cog.serving.live import live
+    from idefics_cog.inputs.prompt import build_segments
 
     generated: dict = {}
     submit = engine.submit
@@ -163,9 +163,9 @@ def test_cancelling_the_finished_future_of_predict_stops_its_stream_within_one_d
 
     from cog import CancelationException
 
-    from idefics_cog.engine import Job, Sampling
-    from idefics_cog.live import hook_installed, install_cancel_hook, live
-    from idefics_cog.prompt import build_segments
+    from idefics_cog.serving.engine import Job, Sampling
+    from idefics_cog.serving.live import hook_installed, install_cancel_hook, live
+    from idefics_cog.inputs.prompt import build_segments
 
     monkeypatch.setattr(concurrent.futures.Future, "cancel", concurrent.futures.Future.cancel)  # undone after
     install_cancel_hook()
@@ -250,7 +250,7 @@ def test_a_worker_crash_and_a_setup_failure_show_in_the_health_check(tiny_dir, t
     import psutil
     import pytest
 
-    from idefics_cog.cogserver import CogServer, ServerError
+    from idefics_dev.cogrunner import CogServer, ServerError
     from tests.conftest import tiny_env
 
     with CogServer(env=tiny_env(tiny_dir)) as crashing:
@@ -303,7 +303,7 @@ def test_an_error_that_leaves_the_device_unusable_makes_the_server_unhealthy(tin
     running beside it ends too (it does not hang)."""
     import time
 
-    from idefics_cog.cogserver import CogServer
+    from idefics_dev.cogrunner import CogServer
     from tests.conftest import tiny_env
 
     env = {**tiny_env(tiny_dir), "COG_PREDICT_TYPE_STUB": "tests/tools/faulty_predict.py:Predictor"}

@@ -6,7 +6,7 @@ get the answers they get alone. Most clients send `temperature: 1`; coglet passe
 import pytest
 import requests
 
-from idefics_cog.schema import build_schema
+from idefics_dev.schema import build_schema
 from tests.helpers import answer, data_uri, noise_image
 from tests.test_server_concurrency import send, succeeded, together
 

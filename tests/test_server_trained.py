@@ -6,9 +6,9 @@ import tarfile
 
 import pytest
 
-from idefics_cog.cogserver import CogServer, ServerError
-from idefics_cog.settings import ROOT
-from idefics_cog.training import TrainConfig, train_adapter
+from idefics_dev.cogrunner import CogServer, ServerError
+from idefics_cog.config import ROOT
+from idefics_cog.training.run import TrainConfig, train_adapter
 from tests.conftest import tiny_env
 from tests.fileserver import FileServer
 from tests.helpers import dataset_zip, tar_bytes, vqa_lines
@@ -81,8 +81,8 @@ def test_bad_cog_weights_fail_setup_with_the_reason(files, tiny_dir, tmp_path, c
 
 
 def test_a_trained_adapter_recording_another_base_is_served_with_a_warning(tiny_dir, tmp_path, caplog):
-    from idefics_cog.service import Service
-    from idefics_cog.settings import Settings
+    from idefics_cog.serving.service import Service
+    from idefics_cog.config import Settings
 
     # The tiny adapter records `idefics-cog/tiny-idefics`, not the local folder this version serves.
     settings = Settings.from_env({**tiny_env(tiny_dir), "IDEFICS_CACHE_DIR": str(tmp_path)},

@@ -12,9 +12,9 @@ import pytest
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.cogserver import CogServer, ServerError
-from idefics_cog.engine import Engine
-from idefics_cog.sources import ALLOW_PRIVATE
+from idefics_dev.cogrunner import CogServer, ServerError
+from idefics_cog.serving.engine import Engine
+from idefics_cog.weights.sources import ALLOW_PRIVATE
 from tests.conftest import ADAPTER_LIMIT, tiny_env
 from tests.fileserver import Fault, FileServer
 from tests import helpers

@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from idefics_cog import sources
-from idefics_cog.adapters import Adapters
+from idefics_cog.weights import sources
+from idefics_cog.weights.adapters import Adapters
 from idefics_cog.errors import InputError
-from idefics_cog.sources import (ALLOW_PRIVATE, SourceRefused, check_request_source, check_url, guarded_session,
+from idefics_cog.weights.sources import (ALLOW_PRIVATE, SourceRefused, check_request_source, check_url, guarded_session,
                                  is_public)
 from tests.fileserver import Fault, FileServer
 from tests.helpers import tar_bytes
@@ -155,7 +155,7 @@ def test_a_failing_source_is_refused_fast_with_the_same_message(engine, tmp_path
     with pytest.raises(InputError) as again:
         adapters.fetch(url)
     assert str(again.value) == str(first.value) and len(files.requests) == asked
-    monkeypatch.setattr("idefics_cog.adapters.FAILURE_MEMORY_S", 0.0)  # remembered briefly only
+    monkeypatch.setattr("idefics_cog.weights.adapters.FAILURE_MEMORY_S", 0.0)  # remembered briefly only
     with pytest.raises(InputError):
         adapters.fetch(url)
     assert len(files.requests) > asked

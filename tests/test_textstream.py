@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from idefics_cog.textstream import TextStream, parse_stop_sequences
-from idefics_cog.tokenizer import load_tokenizer
+from idefics_cog.serving.textstream import TextStream, parse_stop_sequences
+from idefics_cog.model.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

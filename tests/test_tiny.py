@@ -6,10 +6,10 @@ import torch
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog import tiny
-from idefics_cog.engine import Engine
-from idefics_cog.tokenizer import load_tokenizer
-from idefics_cog.settings import ROOT
+from idefics_dev import tiny
+from idefics_cog.serving.engine import Engine
+from idefics_cog.model.tokenizer import load_tokenizer
+from idefics_cog.config import ROOT
 from tests.helpers import noise_image
 from tests.test_engine import CASES, recipe, run
 
@@ -44,7 +44,7 @@ def test_every_linear_width_is_a_multiple_of_64(tiny_dir):
 
 
 def test_images_change_the_logits(engine):
-    from idefics_cog.prompt import build_segments
+    from idefics_cog.inputs.prompt import build_segments
     from tests.helpers import noise_image
 
     segments = build_segments("Describe it.", 1)

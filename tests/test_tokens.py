@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor
 
-from idefics_cog import cli, tiny
+from idefics_cog import cli
+from idefics_dev import tiny
 from idefics_cog.errors import InputError
-from idefics_cog.prompt import build_segments, encode
-from idefics_cog.settings import ROOT
-from idefics_cog.tokenizer import ReleaseTokenizer, load_processor, load_tokenizer
-from idefics_cog.training import IGNORE, answer_labels
+from idefics_cog.inputs.prompt import build_segments, encode
+from idefics_cog.config import ROOT
+from idefics_cog.model.tokenizer import ReleaseTokenizer, load_processor, load_tokenizer
+from idefics_cog.training.run import IGNORE, answer_labels
 from tests.helpers import noise_image
 
 DATA = Path(__file__).parent / "data"

@@ -14,14 +14,14 @@ import torch
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.adapters import check_adapter, linear_shapes
-from idefics_cog.dataset import DatasetError, load_dataset
-from idefics_cog.engine import Engine, Sampling
+from idefics_cog.weights.adapters import check_adapter, linear_shapes
+from idefics_cog.training.data import DatasetError, load_dataset
+from idefics_cog.serving.engine import Engine, Sampling
 from idefics_cog.errors import InputError
-from idefics_cog.prompt import END_OF_UTTERANCE, encode
-from idefics_cog.settings import ROOT
-from idefics_cog.tokenizer import load_processor
-from idefics_cog.training import (
+from idefics_cog.inputs.prompt import END_OF_UTTERANCE, encode
+from idefics_cog.config import ROOT
+from idefics_cog.model.tokenizer import load_processor
+from idefics_cog.training.run import (
     ADAPTER_FILES, IGNORE, Collator, ExampleDataset, TrainConfig, TrainingCancelled, causal_lm_loss, prepare, split,
     train_adapter,
 )
@@ -116,7 +116,7 @@ def test_validation_split_is_seeded_and_never_leaves_training_empty(caplog):
     assert len(held) == 2 and sorted(train + held) == items and split(items, 0.2, seed=3) == (train, held)
     assert split(items, 0.0, seed=3) == (items, [])
     assert split(items, 0.01, seed=3)[1]  # any fraction above 0 holds out at least one
-    with caplog.at_level("INFO", logger="idefics_cog.training"):
+    with caplog.at_level("INFO", logger="idefics_cog.training.run"):
         assert split([7], 0.5, seed=3) == ([7], [])
     assert "no split" in caplog.text
 
@@ -152,7 +152,7 @@ def test_training_lowers_the_loss_and_changes_the_answers(trained, examples, eng
 
 def test_the_training_logs_step_loss_learning_rate_speed_and_validation(dataset_zip, tiny_dir, tmp_path, caplog):
     config = TrainConfig(max_steps=2, batch_size=1, validation_fraction=0.2, device="cpu")
-    with caplog.at_level("INFO", logger="idefics_cog.training"):
+    with caplog.at_level("INFO", logger="idefics_cog.training.run"):
         train_adapter(dataset_zip, str(tiny_dir / "base"), ROOT / "weights", config, tmp_path)
     assert re.search(r"step 1/2 .*loss \d+\.\d+ +learning rate [\d.e-]+ +[\d.]+ samples/s", caplog.text)
     assert re.search(r"step 2/2 +validation loss \d+\.\d+", caplog.text)  # max_steps ended mid-epoch: still one
@@ -323,7 +323,7 @@ def test_the_train_server_validates_inputs_against_the_schema(tiny_dir):
     """Out-of-range training inputs get Cog's 422 naming the input, before any training starts."""
     import requests
 
-    from idefics_cog.cogserver import CogServer
+    from idefics_dev.cogrunner import CogServer
 
     with CogServer(env=tiny_env(tiny_dir), mode="train") as server:
         response = requests.post(f"{server.url}/trainings", json={"input": {"lora_rank": 0}}, timeout=30)

@@ -4,7 +4,7 @@ The LLaMA-1/2 vocabulary (32,000 pieces) and its BPE merges ship inside npm's `l
 `llama-tokenizer.js`). This script writes `tests/data/llama_tokenizer/`: a `tokenizer.json` laid out as
 transformers 4.32's LLaMA conversion wrote it (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer,
 BPE with byte fallback, decoder Replace/ByteFallback/Fuse/Strip), IDEFICS's three tokens as ids 32000-32002, and
-the tokenizer/processor configs of an IDEFICS checkpoint, all written by `idefics_cog.tiny.write_processor_files`
+the tokenizer/processor configs of an IDEFICS checkpoint, all written by `idefics_dev.tiny.write_processor_files`
 (the tiny model's tokenizer uses the same writer). The JSON is in the serialization tokenizers 0.13 reads, so the
 release-era stack (tests/tools/reference_ids.py) loads the same files.
 
@@ -24,7 +24,7 @@ import struct
 import tarfile
 from pathlib import Path
 
-from idefics_cog import tiny
+from idefics_dev import tiny
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "llama_tokenizer"
 

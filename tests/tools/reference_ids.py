@@ -19,7 +19,7 @@ import transformers
 from PIL import Image
 from transformers import AutoProcessor
 
-from idefics_cog.prompt import build_segments
+from idefics_cog.inputs.prompt import build_segments
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 TOKENIZER = DATA / "llama_tokenizer"

@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from idefics_cog import images as image_files
-from idefics_cog.adapters import MEDICAL, NONE, Adapters
-from idefics_cog.engine import Engine, Job, Sampling
-from idefics_cog.prompt import build_segments, encode
-from idefics_cog.settings import Settings
-from idefics_cog.textstream import parse_stop_sequences
-from idefics_cog.weights import UnreachableError, WeightsError, resolve
+from idefics_cog.inputs import images as image_files
+from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters
+from idefics_cog.serving.engine import Engine, Job, Sampling
+from idefics_cog.inputs.prompt import build_segments, encode
+from idefics_cog.config import Settings
+from idefics_cog.serving.textstream import parse_stop_sequences
+from idefics_cog.weights.resolve import UnreachableError, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from idefics_cog.download import fetch_archive
+from idefics_cog.weights.archive import fetch_archive
 from idefics_cog.errors import InputError
-from idefics_cog.hub import fetch_request_adapter
-from idefics_cog.sources import check_request_source, guarded_session
-from idefics_cog.weights import ADAPTER_PICKLE, PICKLE_SUFFIXES, WeightsError, resolve
+from idefics_cog.weights.hub import fetch_request_adapter
+from idefics_cog.weights.sources import check_request_source, guarded_session
+from idefics_cog.weights.resolve import ADAPTER_PICKLE, PICKLE_SUFFIXES, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,13 @@ def resolve(source: str, cache_dir: Path, max_bytes: int | None = None, adapter:
     hub repo may offer its weights as adapter_model.bin only (fetched too, for the weights-only loader)."""
     path = Path(source).expanduser()
     if is_url(source):
-        from idefics_cog.download import fetch_archive
+        from idefics_cog.weights.archive import fetch_archive
 
         return fetch_archive(source, cache_dir, max_bytes=max_bytes)
     if path.is_dir():
         return path
     if HUB_ID.match(source) and not path.exists():
-        from idefics_cog.hub import fetch_hub
+        from idefics_cog.weights.hub import fetch_hub
 
         repo_id, _, revision = source.partition("@")
         return fetch_hub(repo_id, revision or None, cache_dir, adapter=adapter)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from idefics_cog.dataset import DATA_FILE, DatasetError, Example, load_dataset
+from idefics_cog.training.data import DATA_FILE, DatasetError, Example, load_dataset
 from idefics_cog.errors import InputError
-from idefics_cog.prompt import encode, render
+from idefics_cog.inputs.prompt import encode, render
 from idefics_cog.quiet import no_loading_bars
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,8 @@ def load_model(path: Path, device: torch.device, quantization: str):
     holds the whole model on its own GPU."""
     from transformers import IdeficsForVisionText2Text
 
-    from idefics_cog.engine import quantization_config
-    from idefics_cog.placement import ACTIVATIONS, Placement, place
+    from idefics_cog.serving.engine import quantization_config
+    from idefics_cog.model.placement import ACTIVATIONS, Placement, place
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     local_rank = os.environ.get("LOCAL_RANK")
@@ -312,9 +312,9 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     current step with `TrainingCancelled`, writing nothing."""
     from transformers import AutoConfig, PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
 
-    from idefics_cog.engine import pick_device
-    from idefics_cog.tokenizer import load_processor
-    from idefics_cog.weights import resolve
+    from idefics_cog.serving.engine import pick_device
+    from idefics_cog.model.tokenizer import load_processor
+    from idefics_cog.weights.resolve import resolve
 
     started = time.perf_counter()
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="training-"))

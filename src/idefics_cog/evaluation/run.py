@@ -1,6 +1,6 @@
 """Evaluate the model on a dataset (data.jsonl + images, see dataset.py) in one or two configurations, side by side.
 
-    python -m idefics_cog.evaluate data.zip --base weights/tiny/base --adapter none \
+    python -m idefics_cog.evaluation.run data.zip --base weights/tiny/base --adapter none \
         --compare-lora-weights https://example.com/trained.tar --json out.json --markdown out.md
 
 Each example is asked its last question, after the earlier turns of its conversation (with their reference
@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from idefics_cog.errors import InputError
-from idefics_cog.settings import Settings
-from idefics_cog.weights import HUB_ID, WeightsError, is_url
+from idefics_cog.config import Settings
+from idefics_cog.weights.resolve import HUB_ID, WeightsError, is_url
 
 # The model-side modules (torch, transformers, peft) are imported where they are used, so that the metrics and
 # `--help` load quickly.
@@ -187,7 +187,7 @@ def select(adapters, config: Configuration) -> str:
 
 
 def predict(engine, example, max_new_tokens: int) -> str:
-    from idefics_cog.engine import Sampling
+    from idefics_cog.serving.engine import Sampling
 
     segments, _ = example.transcript(answer_last=False)  # ends with "\nAssistant:"
     encoded = engine.encode(segments, example.load_images())
@@ -256,13 +256,13 @@ def markdown_table(results: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m idefics_cog.evaluate",
+        prog="python -m idefics_cog.evaluation.run",
         description="Evaluate IDEFICS on a dataset (a .zip/.tar holding data.jsonl and its images) with the medical "
                     "VQA metrics, in one configuration or two side by side (--compare-*). Weight sources are local "
                     "directories, https URLs of .tar/.zip archives, or hub ids owner/name[@revision]; "
                     "IDEFICS_CACHE_DIR, IDEFICS_QUANTIZATION and IDEFICS_DEVICE apply as for the server.",
     )
-    parser.add_argument("dataset", type=Path, help="the dataset archive (see src/idefics_cog/dataset.py)")
+    parser.add_argument("dataset", type=Path, help="the dataset archive (see src/idefics_cog/training/data.py)")
     parser.add_argument("--base", help="the base model (default: IDEFICS_BASE_WEIGHTS, else idefics-9b-instruct)")
     parser.add_argument("--adapter-weights", help="what `medical` is, or `none` (default: IDEFICS_ADAPTER_WEIGHTS, "
                                                   "else MedIDEFICS)")
@@ -296,8 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from idefics_cog.dataset import load_dataset
-    from idefics_cog.service import Service
+    from idefics_cog.training.data import load_dataset
+    from idefics_cog.serving.service import Service
 
     settings = Settings.from_env()
     base = args.base or settings.base_weights
@@ -330,5 +330,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress on stderr; stdout is the table
-    logging.getLogger("idefics_cog.engine").setLevel(logging.WARNING)  # not one line per generation
+    logging.getLogger("idefics_cog.serving.engine").setLevel(logging.WARNING)  # not one line per generation
     sys.exit(main())

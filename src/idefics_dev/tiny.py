@@ -1,6 +1,6 @@
 """An embedded tiny IDEFICS: deterministic random weights, a trained tiny BPE tokenizer and a LoRA adapter.
 
-`python -m idefics_cog.tiny --out DIR` writes `DIR/base` (a checkpoint laid out exactly like a hub snapshot:
+`python -m idefics_dev.tiny --out DIR` writes `DIR/base` (a checkpoint laid out exactly like a hub snapshot:
 config, safetensors, tokenizer, processor) and `DIR/adapter` (standard PEFT layout). Everything that runs on
 real weights runs on this, on CPU, through the same code paths. `--preset bench-small` writes a larger random
 IDEFICS of the same layout for speed benchmarks on CPU; `idefics_9b_config` + `random_model` make a random
@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN
+from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN
 
 SEED = 1234
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
@@ -208,7 +208,7 @@ def build_config(p: Preset):
 
 def build_processor(image_size: int, vocab: int = Preset.vocab):
     """The tiny tokenizer with an IDEFICS image processor for `image_size` px images, loaded as the real one is."""
-    from idefics_cog.tokenizer import load_processor
+    from idefics_cog.model.tokenizer import load_processor
 
     with tempfile.TemporaryDirectory() as tmp:
         write_processor_files(Path(tmp), *train_bpe(vocab), image_size=image_size)

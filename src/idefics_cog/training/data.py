@@ -16,8 +16,8 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from idefics_cog.errors import InputError
-from idefics_cog.images import load_image
-from idefics_cog.prompt import END_OF_UTTERANCE, Segment, build_segments, render
+from idefics_cog.inputs.images import load_image
+from idefics_cog.inputs.prompt import END_OF_UTTERANCE, Segment, build_segments, render
 
 DATA_FILE = "data.jsonl"
 
@@ -63,8 +63,8 @@ class Example:
 
 def load_dataset(archive: Path, workdir: Path | None = None) -> list[Example]:
     """Extract the archive safely into `workdir` (a new temporary directory by default) and read data.jsonl."""
-    from idefics_cog.download import extract_archive
-    from idefics_cog.weights import WeightsError
+    from idefics_cog.weights.archive import extract_archive
+    from idefics_cog.weights.resolve import WeightsError
 
     if not Path(archive).is_file():
         raise DatasetError(f"dataset: {archive} is not a file")

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from idefics_cog.prompt import Encoded
+from idefics_cog.inputs.prompt import Encoded
 
 log = logging.getLogger(__name__)
 

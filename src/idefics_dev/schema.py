@@ -14,7 +14,7 @@ from pathlib import Path
 from cog import _adt as adt
 from cog._inspector import create_predictor
 
-from idefics_cog.settings import ROOT
+from idefics_cog.config import ROOT
 
 SCHEMA_PATH = Path(".cog/openapi_schema.json")
 

@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 from transformers import BitsAndBytesConfig, IdeficsConfig, IdeficsForVisionText2Text
 
-from idefics_cog.batching import END, Scheduler
+from idefics_cog.serving.scheduler import END, Scheduler
 from idefics_cog.errors import InputError
-from idefics_cog.fast import cache_bytes
-from idefics_cog.placement import ACTIVATIONS, place
-from idefics_cog.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
+from idefics_cog.serving.decoder import cache_bytes
+from idefics_cog.model.placement import ACTIVATIONS, place
+from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.quiet import no_loading_bars
-from idefics_cog.textstream import TextStream
-from idefics_cog.tokenizer import load_processor
+from idefics_cog.serving.textstream import TextStream
+from idefics_cog.model.tokenizer import load_processor
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ file's stem plus a short sha256 of the URL without its fragment):
 The transfer uses parallel byte ranges with `requests` (or `pget` when it is on PATH), falls back to one stream
 when the server has no range support, and retries a dropped connection from where it stopped.
 
-`python -m idefics_cog.download` (`script/download-weights`) fills the cache with the configured weights before
+`python -m idefics_cog.weights.archive` (`script/download-weights`) fills the cache with the configured weights before
 `cog push`, so they can be baked into the image.
 """
 
@@ -40,9 +40,9 @@ import requests
 from filelock import FileLock, Timeout
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from idefics_cog.weights import UnreachableError, WeightsError, env_flag
+from idefics_cog.weights.resolve import UnreachableError, WeightsError, env_flag
 
-log = logging.getLogger("idefics_cog.download")
+log = logging.getLogger("idefics_cog.weights.archive")
 
 CHUNK_SIZE = 32 << 20  # bytes per range request
 THREADS = 8
@@ -649,8 +649,8 @@ def _mb(size: Optional[int]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from idefics_cog.settings import Settings
-    from idefics_cog.weights import resolve
+    from idefics_cog.config import Settings
+    from idefics_cog.weights.resolve import resolve
 
     argparse.ArgumentParser(
         prog="script/download-weights",

@@ -34,8 +34,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from idefics_cog.fast import FastDecoder
-from idefics_cog.weights import WeightsError
+from idefics_cog.serving.decoder import FastDecoder
+from idefics_cog.weights.resolve import WeightsError
 
 log = logging.getLogger(__name__)
 
