@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from idefics_cog.weights.adapters import Adapters
 from idefics_cog.serving.engine import Engine
-from idefics_cog.weights.resolve import WeightsError
+from idefics_cog.weights.base import WeightsError
 from tests.helpers import bin_adapter, hostile_adapter
 from tests.test_adapters import alone, answer, fresh  # noqa: F401 (fixtures)
 

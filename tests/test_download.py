@@ -19,7 +19,7 @@ import pytest
 from idefics_cog.weights import archive as download, resolve as weights
 from idefics_cog.weights.archive import MARKER, fetch_archive
 from idefics_cog.config import ROOT
-from idefics_cog.weights.resolve import WeightsError
+from idefics_cog.weights.base import WeightsError
 from tests.fileserver import Fault, FileServer
 
 CHUNK = 256 << 10  # small ranges, so that small files have several

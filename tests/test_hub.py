@@ -17,7 +17,8 @@ from huggingface_hub import constants
 from safetensors.torch import load_file
 
 import idefics_cog.weights.hub as hub_module
-from idefics_cog.weights.resolve import WeightsError, resolve
+from idefics_cog.weights.base import WeightsError
+from idefics_cog.weights.resolve import resolve
 from tests.helpers import bin_adapter
 from tests.hubserver import Fault, HubServer
 from tests.test_adapters import alone, answer, fresh  # noqa: F401 (fixtures)

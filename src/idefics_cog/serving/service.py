@@ -13,7 +13,8 @@ from idefics_cog.serving.engine import Engine, Job, Sampling
 from idefics_cog.inputs.prompt import build_segments, encode
 from idefics_cog.config import Settings
 from idefics_cog.serving.textstream import parse_stop_sequences
-from idefics_cog.weights.resolve import UnreachableError, WeightsError, resolve
+from idefics_cog.weights.base import UnreachableError, WeightsError
+from idefics_cog.weights.resolve import resolve
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ class Example:
 def load_dataset(archive: Path, workdir: Path | None = None) -> list[Example]:
     """Extract the archive safely into `workdir` (a new temporary directory by default) and read data.jsonl."""
     from idefics_cog.weights.archive import extract_archive
-    from idefics_cog.weights.resolve import WeightsError
+    from idefics_cog.weights.base import WeightsError
 
     if not Path(archive).is_file():
         raise DatasetError(f"dataset: {archive} is not a file")

@@ -38,7 +38,8 @@ from idefics_cog.weights.archive import fetch_archive
 from idefics_cog.errors import InputError
 from idefics_cog.weights.hub import fetch_request_adapter
 from idefics_cog.weights.sources import check_request_source, guarded_session
-from idefics_cog.weights.resolve import ADAPTER_PICKLE, PICKLE_SUFFIXES, WeightsError, resolve
+from idefics_cog.weights.base import ADAPTER_PICKLE, PICKLE_SUFFIXES, WeightsError
+from idefics_cog.weights.resolve import resolve
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ import requests
 from filelock import FileLock, Timeout
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from idefics_cog.weights.resolve import UnreachableError, WeightsError, env_flag
+from idefics_cog.weights.base import UnreachableError, WeightsError, env_flag
 
 log = logging.getLogger("idefics_cog.weights.archive")
 

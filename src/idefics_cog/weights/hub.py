@@ -58,7 +58,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from idefics_cog.weights.archive import fetch_file
-from idefics_cog.weights.resolve import ADAPTER_PICKLE, PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
+from idefics_cog.weights.base import ADAPTER_PICKLE, PICKLE_SUFFIXES, UnreachableError, WeightsError, env_flag
 
 try:  # the tree listing snapshot_download caches per commit (`trees/<commit>.json`), with each file's lfs sha256
     from huggingface_hub._tree_cache import read_tree_cache

@@ -3,39 +3,18 @@
 A source is one of:
 - a local directory (used as it is);
 - an `https://` (or `http://`) URL of a .tar, .tar.gz or .zip archive, optionally ending in `#sha256=<hex>`
-  (downloaded in parallel byte ranges, verified, safely extracted; see download.py);
+  (downloaded in parallel byte ranges, verified, safely extracted; see archive.py);
 - a Hugging Face repo id, optionally with a pinned revision: `owner/name@revision` (see hub.py).
 
 Everything downloaded lives under the cache directory (`weights/` by default), which `cog predict` mounts, so a
 second setup finds it there and downloads nothing.
 """
 
-import os
-import re
 from pathlib import Path
 
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
-# Pickled weights can run code when loaded: never fetched from the hub, never loaded, with one exception: an
-# adapter's adapter_model.bin, read by torch's weights-only unpickler and converted to safetensors (adapters.py).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-ADAPTER_PICKLE = "adapter_model.bin"  # PEFT's older adapter format, at an adapter's root
-
-
-class WeightsError(RuntimeError):
-    """A weight source that cannot be used; the message names the source."""
-
-
-class UnreachableError(WeightsError):
-    """Weights in no cache, from a hub that cannot be used now (offline, unreachable): another source would do."""
-
-
-def env_flag(name: str) -> bool:
-    """A boolean environment variable (HF_HUB_OFFLINE and the like), read at call time, as huggingface_hub reads it."""
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def is_url(source: str) -> bool:
-    return source.startswith(("https://", "http://"))
+from idefics_cog.weights.archive import fetch_archive
+from idefics_cog.weights.base import HUB_ID, WeightsError, is_url
+from idefics_cog.weights.hub import fetch_hub
 
 
 def resolve(source: str, cache_dir: Path, max_bytes: int | None = None, adapter: bool = False) -> Path:
@@ -44,14 +23,10 @@ def resolve(source: str, cache_dir: Path, max_bytes: int | None = None, adapter:
     hub repo may offer its weights as adapter_model.bin only (fetched too, for the weights-only loader)."""
     path = Path(source).expanduser()
     if is_url(source):
-        from idefics_cog.weights.archive import fetch_archive
-
         return fetch_archive(source, cache_dir, max_bytes=max_bytes)
     if path.is_dir():
         return path
     if HUB_ID.match(source) and not path.exists():
-        from idefics_cog.weights.hub import fetch_hub
-
         repo_id, _, revision = source.partition("@")
         return fetch_hub(repo_id, revision or None, cache_dir, adapter=adapter)
     raise WeightsError(

@@ -21,7 +21,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
-from idefics_cog.weights.resolve import HUB_ID, WeightsError, env_flag, is_url
+from idefics_cog.weights.base import HUB_ID, WeightsError, env_flag, is_url
 
 ALLOW_PRIVATE = "IDEFICS_ALLOW_PRIVATE_URLS"
 
