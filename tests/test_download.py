@@ -1,4 +1,4 @@
-"""Weights archives at http(s) URLs (download.py), with real requests against a loopback file server."""
+"""Weights archives at http(s) URLs (weights/archive.py, cache.py, transfer.py, extract.py), with real requests against a loopback file server."""
 
 import hashlib
 import io
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from idefics_cog.weights import archive as download, resolve as weights
+from idefics_cog.weights import archive as download, resolve as weights, transfer
 from idefics_cog.weights.archive import MARKER, fetch_archive
 from idefics_cog.config import ROOT
 from idefics_cog.weights.base import WeightsError
@@ -197,11 +197,11 @@ def test_timeout_names_the_url(server, cache):
 
 
 def test_progress_and_stage_times_are_logged(server, cache, caplog, monkeypatch):
-    monkeypatch.setattr(download, "PROGRESS_EVERY", 0.0)  # every block, instead of every few seconds
-    caplog.set_level(logging.INFO, logger="idefics_cog.weights.archive")
+    monkeypatch.setattr(transfer, "PROGRESS_EVERY", 0.0)  # every block, instead of every few seconds
+    caplog.set_level(logging.INFO, logger="idefics_cog.weights")
     url = server.add("/big.tar", big_archive())
     fetch_archive(url, cache, **FAST)
-    messages = [record.getMessage() for record in caplog.records if record.name == "idefics_cog.weights.archive"]
+    messages = [record.getMessage() for record in caplog.records if record.name.startswith("idefics_cog.weights.")]
     assert any(re.fullmatch(rf"{url}: [\d.]+ MB of 1\.3 MB \([\d.]+ MB/s\)", message) for message in messages)
     for stage in ("downloaded 1.3 MB in", "verified 1.3 MB (sha256 ", "extracted into"):
         assert any(message.startswith(f"{url}: {stage}") and message.endswith(("s", "MB/s)")) for message in messages)
@@ -443,13 +443,13 @@ def test_a_trickling_server_is_stopped_at_the_deadline(server, cache):
 
 
 def test_fetch_file_caps_the_bytes_received_and_leaves_nothing_on_failure(server, tmp_path):
-    """download.fetch_file, a request's hub adapter file: the cap holds on what arrives, whatever was announced."""
+    """transfer.fetch_file, a request's hub adapter file: the cap holds on what arrives, whatever was announced."""
     import time
 
     url = server.add("/adapter_model.safetensors", os.urandom(5000))
     with pytest.raises(WeightsError, match=r"more than the limit of 4000 bytes received; stopped"):
-        download.fetch_file(url, tmp_path / "adapter_model.safetensors", max_bytes=4000, deadline=time.monotonic() + 30)
+        transfer.fetch_file(url, tmp_path / "adapter_model.safetensors", max_bytes=4000, deadline=time.monotonic() + 30)
     assert list(tmp_path.iterdir()) == []
-    download.fetch_file(url, tmp_path / "adapter_model.safetensors", max_bytes=5000, deadline=time.monotonic() + 30)
+    transfer.fetch_file(url, tmp_path / "adapter_model.safetensors", max_bytes=5000, deadline=time.monotonic() + 30)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == server.files["/adapter_model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_model.safetensors"]

@@ -18,6 +18,8 @@ from PIL import Image
 from idefics_cog.errors import InputError
 from idefics_cog.inputs.images import load_image
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, Segment, build_segments, render
+from idefics_cog.weights.base import WeightsError
+from idefics_cog.weights.extract import extract_archive
 
 DATA_FILE = "data.jsonl"
 
@@ -63,9 +65,6 @@ class Example:
 
 def load_dataset(archive: Path, workdir: Path | None = None) -> list[Example]:
     """Extract the archive safely into `workdir` (a new temporary directory by default) and read data.jsonl."""
-    from idefics_cog.weights.archive import extract_archive
-    from idefics_cog.weights.base import WeightsError
-
     if not Path(archive).is_file():
         raise DatasetError(f"dataset: {archive} is not a file")
     root = Path(workdir or tempfile.mkdtemp(prefix="dataset-"))
