@@ -16,7 +16,7 @@ import pytest
 from huggingface_hub import constants
 from safetensors.torch import load_file
 
-import idefics_cog.weights.hub as hub_module
+import idefics_cog.weights.checksums as checksums_module
 from idefics_cog.weights.base import WeightsError
 from idefics_cog.weights.resolve import resolve
 from tests.helpers import bin_adapter
@@ -98,13 +98,13 @@ def hub(hub_server, monkeypatch):
 def digests(monkeypatch):
     """The files idefics_cog.weights.hub hashes, in order."""
     hashed = []
-    digest = hub_module._digest
+    digest = checksums_module.digest
 
     def spy(file, algorithm):
         hashed.append(file.name)
         return digest(file, algorithm)
 
-    monkeypatch.setattr(hub_module, "_digest", spy)
+    monkeypatch.setattr(checksums_module, "digest", spy)
     return hashed
 
 
