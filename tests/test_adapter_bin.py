@@ -22,7 +22,7 @@ def test_a_bin_adapter_is_converted_once_and_answers_as_the_safetensors_one(fres
                                                                            caplog):
     source = bin_adapter(tiny_dir / "adapter", tmp_path / "published")
     published = listing(source)
-    caplog.set_level("INFO", logger="idefics_cog.weights.adapters")
+    caplog.set_level("INFO", logger="idefics_cog.weights")
     adapters = Adapters(fresh, tmp_path / "cache")
     adapters.load_default(str(source))
     adapters.select("medical")

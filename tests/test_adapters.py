@@ -10,7 +10,8 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.weights.adapters import AdapterError, Adapters, check_adapter, linear_shapes
+from idefics_cog.weights.adapters import Adapters
+from idefics_cog.weights.lora import AdapterError, check_adapter, linear_shapes
 from idefics_cog.serving.engine import Engine
 from tests.helpers import adapter_with_config
 from tests.test_engine import CASES, run

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.weights.adapters import check_adapter, linear_shapes
+from idefics_cog.weights.lora import check_adapter, linear_shapes
 from idefics_cog.training.data import DatasetError, load_dataset
 from idefics_cog.serving.engine import Engine, Sampling
 from idefics_cog.errors import InputError
