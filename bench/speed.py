@@ -54,7 +54,8 @@ import transformers  # noqa: E402
 from bench.stats import machine, median_table, rate_table  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from idefics_cog.serving.scheduler import NewTokens  # noqa: E402
-from idefics_cog.serving.engine import Engine, Job, Sampling  # noqa: E402
+from idefics_cog.serving.engine import Engine  # noqa: E402
+from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments  # noqa: E402
 from idefics_dev.recipe import model_card_generate  # noqa: E402
 from tests.helpers import noise_image  # noqa: E402

@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from idefics_cog.serving.engine import Engine, Sampling
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Sampling
 from idefics_cog.errors import InputError
 from idefics_cog.inputs.prompt import build_segments
 from idefics_dev.recipe import model_card_generate

@@ -13,7 +13,8 @@ import pytest
 from idefics_cog.evaluation import run as ev
 from idefics_cog.weights.adapters import Adapters
 from idefics_cog.training.data import load_dataset
-from idefics_cog.serving.engine import Engine, Sampling
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Sampling
 from idefics_cog.config import ROOT
 from tests.fileserver import FileServer
 from tests.helpers import noise_image, tar_bytes

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from idefics_cog.weights.adapters import Adapters
-from idefics_cog.serving.engine import Engine, Job, Sampling
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.inputs.prompt import build_segments
 from tests.test_engine import CASES

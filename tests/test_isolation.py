@@ -11,7 +11,8 @@ import torch
 
 from idefics_cog.serving import scheduler as batching
 from idefics_cog.serving.scheduler import GenerationError, _Row, device_lost
-from idefics_cog.serving.engine import Engine, Job, Sampling
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.errors import InputError
 from tests.helpers import noise_image
 from tests.test_fast import encoded, generate
@@ -220,7 +221,8 @@ def test_which_errors_leave_the_device_unusable(error, lost):
 
 WORKER = """
 import sys, torch
-from idefics_cog.serving.engine import Engine, Sampling
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Sampling
 from idefics_cog.inputs.prompt import build_segments
 engine = Engine.load(sys.argv[1], "cpu")
 def broken(*args):

@@ -9,7 +9,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-from idefics_cog.serving.engine import quantization_config
+from idefics_cog.model.loading import quantization_config
 from idefics_cog.serving.decoder import FastDecoder, cache_bytes
 from idefics_cog.model.placement import ACTIVATIONS, checkpoint_shapes, decide, parameter_counts, place, weight_bytes
 

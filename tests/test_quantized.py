@@ -16,7 +16,8 @@ from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.weights.adapters import Adapters
-from idefics_cog.serving.engine import Engine, quantization_config
+from idefics_cog.model.loading import quantization_config
+from idefics_cog.serving.engine import Engine
 from idefics_cog.inputs.prompt import build_segments
 from tests.helpers import negated_adapter
 from tests.test_engine import CASES, run

@@ -108,7 +108,7 @@ def test_closing_or_dropping_the_stream_predict_returns_cancels_its_generation(e
     """What predict.py hands coglet (`live`: a plain generator over the engine's async stream, read on the event
     loop) stops the request's generation when it is closed early or garbage-collected, as coglet does when it
     lets a generator go. Run in-process, with coglet's layout: the event loop on one thread, the reader on another."""
-    from idefics_cog.serving.engine import Job, Sampling
+    from idefics_cog.serving.jobs import Job, Sampling
     from idefics_cog.serving.live import live
     from idefics_cog.inputs.prompt import build_segments
 
@@ -163,7 +163,7 @@ def test_cancelling_the_finished_future_of_predict_stops_its_stream_within_one_d
 
     from cog import CancelationException
 
-    from idefics_cog.serving.engine import Job, Sampling
+    from idefics_cog.serving.jobs import Job, Sampling
     from idefics_cog.serving.live import hook_installed, install_cancel_hook, live
     from idefics_cog.inputs.prompt import build_segments
 

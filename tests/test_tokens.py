@@ -18,7 +18,7 @@ from idefics_cog.errors import InputError
 from idefics_cog.inputs.prompt import build_segments, encode
 from idefics_cog.config import ROOT
 from idefics_cog.model.tokenizer import ReleaseTokenizer, load_processor, load_tokenizer
-from idefics_cog.training.run import IGNORE, answer_labels
+from idefics_cog.training.examples import IGNORE, answer_labels
 from tests.helpers import noise_image
 
 DATA = Path(__file__).parent / "data"

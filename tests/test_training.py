@@ -16,15 +16,16 @@ from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.weights.lora import check_adapter, linear_shapes
 from idefics_cog.training.data import DatasetError, load_dataset
-from idefics_cog.serving.engine import Engine, Sampling
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Sampling
 from idefics_cog.errors import InputError
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, encode
 from idefics_cog.config import ROOT
 from idefics_cog.model.tokenizer import load_processor
-from idefics_cog.training.run import (
-    ADAPTER_FILES, IGNORE, Collator, ExampleDataset, TrainConfig, TrainingCancelled, causal_lm_loss, prepare, split,
-    train_adapter,
-)
+from idefics_cog.training.collator import Collator, causal_lm_loss
+from idefics_cog.training.examples import IGNORE, ExampleDataset, prepare
+from idefics_cog.training.packing import ADAPTER_FILES
+from idefics_cog.training.run import TrainConfig, TrainingCancelled, split, train_adapter
 from tests.conftest import tiny_env
 from tests.fileserver import FileServer
 from tests.helpers import png_bytes, vqa_lines
@@ -152,7 +153,7 @@ def test_training_lowers_the_loss_and_changes_the_answers(trained, examples, eng
 
 def test_the_training_logs_step_loss_learning_rate_speed_and_validation(dataset_zip, tiny_dir, tmp_path, caplog):
     config = TrainConfig(max_steps=2, batch_size=1, validation_fraction=0.2, device="cpu")
-    with caplog.at_level("INFO", logger="idefics_cog.training.run"):
+    with caplog.at_level("INFO", logger="idefics_cog.training"):
         train_adapter(dataset_zip, str(tiny_dir / "base"), ROOT / "weights", config, tmp_path)
     assert re.search(r"step 1/2 .*loss \d+\.\d+ +learning rate [\d.e-]+ +[\d.]+ samples/s", caplog.text)
     assert re.search(r"step 2/2 +validation loss \d+\.\d+", caplog.text)  # max_steps ended mid-epoch: still one

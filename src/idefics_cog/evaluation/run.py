@@ -187,7 +187,7 @@ def select(adapters, config: Configuration) -> str:
 
 
 def predict(engine, example, max_new_tokens: int) -> str:
-    from idefics_cog.serving.engine import Sampling
+    from idefics_cog.serving.jobs import Sampling
 
     segments, _ = example.transcript(answer_last=False)  # ends with "\nAssistant:"
     encoded = engine.encode(segments, example.load_images())
@@ -330,5 +330,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress on stderr; stdout is the table
-    logging.getLogger("idefics_cog.serving.engine").setLevel(logging.WARNING)  # not one line per generation
+    for name in ("idefics_cog.serving.engine", "idefics_cog.serving.jobs"):  # not one line per generation
+        logging.getLogger(name).setLevel(logging.WARNING)
     sys.exit(main())

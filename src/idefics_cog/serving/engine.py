@@ -1,82 +1,32 @@
 """Generation: load the model, encode interleaved prompts, and stream each request's new text.
 
-Requests are `Job`s handed to the scheduler (batching.py), which runs all torch work on one thread and decodes
-concurrent requests together. `stream` (sync) and `astream` (async, for Cog's concurrent predictor) turn a job's
+Requests are `Job`s (jobs.py) handed to the scheduler (scheduler.py), which runs all torch work on one thread and
+decodes concurrent requests together. `stream` (sync) and `astream` (async, for Cog's concurrent predictor) turn a job's
 token ids into text as they arrive.
 """
 
 import asyncio
-import contextvars
 import logging
 import queue
-import random
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import BitsAndBytesConfig, IdeficsConfig, IdeficsForVisionText2Text
+from transformers import IdeficsConfig
 
 from idefics_cog.serving.scheduler import END, Scheduler
 from idefics_cog.errors import InputError
 from idefics_cog.serving.decoder import cache_bytes
-from idefics_cog.model.placement import ACTIVATIONS, place
+from idefics_cog.serving.jobs import Job, Sampling, Stats
+from idefics_cog.model.loading import compute_dtype, load_model, pick_device
+from idefics_cog.model.placement import ACTIVATIONS
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
-from idefics_cog.quiet import no_loading_bars
 from idefics_cog.serving.textstream import TextStream
 from idefics_cog.model.tokenizer import load_processor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Sampling:
-    """How to pick tokens. `temperature == 0` is greedy decoding."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop_sequences: list[str] = field(default_factory=list)
-    ignore_eos: bool = False  # benchmarks: always decode max_new_tokens tokens
-
-    def __post_init__(self):
-        # JSON clients send `1` for 1.0 and may send `24.0` for 24 (the schema allows both): coerced once, here,
-        # because transformers' logits processors refuse an int and range() refuses a float.
-        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
-        self.repetition_penalty = float(self.repetition_penalty)
-        self.max_new_tokens, self.top_k = whole("max_new_tokens", self.max_new_tokens), whole("top_k", self.top_k)
-        self.seed = None if self.seed is None else whole("seed", self.seed)
-
-
-def whole(name: str, value: int | float) -> int:
-    """`value` as an int; a float with a fraction is refused (the input's schema type is integer)."""
-    if isinstance(value, float) and not value.is_integer():
-        raise InputError(f"{name}: {value} is not a whole number")
-    return int(value)
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def quantization_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """MedIDEFICS's settings: nf4 with double quantization; the output and embedding layers stay unquantized."""
-    keep = ["lm_head", "embed_tokens"]
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
-    if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep)
-    return None
 
 
 class Engine:
@@ -104,17 +54,12 @@ class Engine:
         """Load a checkpoint directory: bf16 on GPU, float32 on CPU, optionally 8-bit or 4-bit (bitsandbytes).
         On one GPU when it fits there with its caches; spread over several only when not (placement.py)."""
         device = pick_device(device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = compute_dtype(device)
         # What the GPU needs beside the weights: the fast engine's caches for max_batch requests, or one
         # request's cache for model.generate.
         slots = max_batch if engine in ("auto", "fast") else 1
         working = ACTIVATIONS + cache_bytes(IdeficsConfig.from_pretrained(path), slots, max_images, dtype.itemsize)
-        placement = place(path, device, quantization, working)
-        no_loading_bars()
-        model = IdeficsForVisionText2Text.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
-            device_map=placement.device_map, max_memory=placement.max_memory,
-        ).eval()
+        model = load_model(path, device, quantization, working).eval()
         return cls(model, load_processor(path), model.device, engine, max_batch, max_images)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
@@ -200,30 +145,6 @@ class Engine:
             job.stats.finish()
 
 
-@dataclass(eq=False)
-class Job:
-    """One request for the scheduler."""
-
-    prepare: Encoded | Callable[[], Encoded]  # the encoded prompt, or how to make it (run on the torch thread)
-    sampling: Sampling
-    adapter: Hashable = None  # jobs with different adapters never share a batch
-    select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
-    stats: "Stats" = field(init=False)
-    sink: Callable | None = None  # set by Engine.submit
-    # The submitter's context: the scheduler runs the job's own work in it, so that its log lines stay the
-    # prediction's (coglet attributes logs through it).
-    context: contextvars.Context = field(default_factory=contextvars.copy_context)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    finished: threading.Event = field(default_factory=threading.Event)  # the scheduler is done with it
-
-    def __post_init__(self):
-        seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(2**32)
-        self.stats = Stats(prompt_tokens=0, seed=seed)  # prompt_tokens: set once the scheduler has encoded it
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-
 class _Reader:
     """A job's sink items to text: token ids become whole words, stop sequences end the answer."""
 
@@ -244,29 +165,3 @@ class _Reader:
             self.job.cancel()
             piece += self.text.finish()
         return piece
-
-
-@dataclass
-class Stats:
-    """What the last generation did: its token ids and its speed (logged, and read by tests and benchmarks)."""
-
-    prompt_tokens: int
-    seed: int
-    ids: list[int] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    ended: float | None = None
-
-    def add(self, ids: list[int]) -> None:
-        self.first_token_at = self.first_token_at or time.perf_counter()
-        self.ids.extend(ids)
-
-    def finish(self) -> None:
-        self.ended = time.perf_counter()
-        if self.first_token_at is None:
-            log.info("prompt %d tokens, no token generated (seed %d)", self.prompt_tokens, self.seed)
-            return
-        decoded = len(self.ids) - 1
-        rate = decoded / (self.ended - self.first_token_at) if decoded > 0 else float("nan")
-        log.info("prompt %d tokens, time to first token %.0f ms, %d new tokens at %.1f tokens/s (seed %d)",
-                 self.prompt_tokens, 1000 * (self.first_token_at - self.started), len(self.ids), rate, self.seed)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from idefics_cog.inputs import images as image_files
 from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters
-from idefics_cog.serving.engine import Engine, Job, Sampling
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.inputs.prompt import build_segments, encode
 from idefics_cog.config import Settings
 from idefics_cog.serving.textstream import parse_stop_sequences

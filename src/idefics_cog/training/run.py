@@ -14,12 +14,10 @@ The output is the adapter in the standard PEFT layout (adapter_config.json + ada
 `base_model_name_or_path` set to the base weight source, packed as a .tar that predict's `lora_weights` takes.
 """
 
-import json
 import logging
 import math
 import os
 import random
-import tarfile
 import tempfile
 import threading
 import time
@@ -27,18 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
-from idefics_cog.training.data import DATA_FILE, DatasetError, Example, load_dataset
 from idefics_cog.errors import InputError
-from idefics_cog.inputs.prompt import encode, render
-from idefics_cog.quiet import no_loading_bars
+from idefics_cog.model.loading import load_model, pick_device
+from idefics_cog.model.placement import Placement
+from idefics_cog.model.tokenizer import load_processor
+from idefics_cog.training.callbacks import trainer_callback
+from idefics_cog.training.collator import Collator, causal_lm_loss
+from idefics_cog.training.data import load_dataset
+from idefics_cog.training.examples import IGNORE, ExampleDataset, prepare
+from idefics_cog.training.packing import pack, save_adapter
+from idefics_cog.weights.resolve import resolve
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
@@ -92,108 +93,6 @@ class TrainResult:
         return [entry["eval_loss"] for entry in self.history if "eval_loss" in entry]
 
 
-# --- examples to model inputs ------------------------------------------------------------------------------------
-
-
-def answer_labels(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids of `text` (tokenized exactly as `prompt.encode` does) and their labels: the id where the token
-    overlaps one of the character `spans`, IGNORE elsewhere."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, labels = encoded["input_ids"], []
-    for token_id, (start, end) in zip(ids, encoded["offset_mapping"]):
-        inside = end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
-        labels.append(token_id if inside else IGNORE)
-    return ids, labels
-
-
-@dataclass
-class Prepared:
-    example: Example
-    segments: list
-    input_ids: torch.Tensor  # (tokens,)
-    labels: torch.Tensor  # (tokens,)
-
-
-def prepare(example: Example, processor, context: int) -> Prepared:
-    """Tokens and labels of one example; its images are decoded once here, so a bad file fails before training."""
-    tokenizer = processor.tokenizer
-    segments, spans = example.transcript()
-    bos = tokenizer.bos_token
-    ids, labels = answer_labels(bos + render(segments), [(s + len(bos), e + len(bos)) for s, e in spans], tokenizer)
-    example.load_images()  # raises InputError naming data.jsonl and the line
-    where = f"{DATA_FILE} line {example.line}"
-    if len(ids) > context:
-        raise DatasetError(f"{where}: {len(ids)} tokens (text plus 3 per image) do not fit the model's context "
-                           f"of {context} tokens")
-    if all(label == IGNORE for label in labels):
-        raise DatasetError(f"{where}: no answer tokens to learn from")
-    return Prepared(example, segments, torch.tensor(ids), torch.tensor(labels))
-
-
-class ExampleDataset(Dataset):
-    """Prepared examples; pixel values are made when an item is read (they are large)."""
-
-    def __init__(self, items: list[Prepared], processor):
-        self.items, self.processor = items, processor
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
-        encoded = encode(item.segments, item.example.load_images(), self.processor)
-        if not torch.equal(encoded.input_ids[0], item.input_ids):  # the labels were made for these very tokens
-            raise RuntimeError(f"{DATA_FILE} line {item.example.line}: tokenization changed between two reads")
-        return {"input_ids": item.input_ids, "attention_mask": encoded.attention_mask[0], "labels": item.labels,
-                "pixel_values": encoded.pixel_values[0], "image_attention_mask": encoded.image_attention_mask[0]}
-
-
-class Collator:
-    """Right-pads a batch: tokens with the pad id (attention 0, label IGNORE), images with blank images that no
-    token attends to, up to the largest image count in the batch."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict]) -> dict:
-        length = max(f["input_ids"].shape[0] for f in features)
-        images = max(f["pixel_values"].shape[0] for f in features)
-        channels, height, width = features[0]["pixel_values"].shape[1:]
-        size = len(features)
-        batch = {
-            "input_ids": torch.full((size, length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros(size, length, dtype=torch.long),
-            "labels": torch.full((size, length), IGNORE, dtype=torch.long),
-            "pixel_values": torch.zeros(size, images, channels, height, width,
-                                        dtype=features[0]["pixel_values"].dtype),
-            "image_attention_mask": torch.zeros(size, length, images, dtype=torch.long),
-        }
-        for row, f in enumerate(features):
-            n, k = f["input_ids"].shape[0], f["pixel_values"].shape[0]
-            batch["input_ids"][row, :n] = f["input_ids"]
-            batch["attention_mask"][row, :n] = f["attention_mask"]
-            batch["labels"][row, :n] = f["labels"]
-            batch["pixel_values"][row, :k] = f["pixel_values"]
-            batch["image_attention_mask"][row, :n, :k] = f["image_attention_mask"].long()
-        return batch
-
-
-def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy over the whole output vocabulary (base plus additional tokens), on labelled
-    tokens only; summed and divided by the labelled tokens of the whole accumulated batch when the Trainer
-    gives that count (so gradient accumulation weighs every token alike)."""
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    if num_items_in_batch is None:
-        return loss / (targets != IGNORE).sum().clamp(min=1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
-
-
 def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     """(train, validation): `fraction` of the items (at least one when fraction > 0), seeded; no split when it
     would leave no training example."""
@@ -210,9 +109,6 @@ def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
-# --- the model ---------------------------------------------------------------------------------------------------
-
-
 def resolve_quantization(quantization: str, device: torch.device) -> str:
     if quantization not in QUANTIZATIONS:
         raise InputError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -221,25 +117,13 @@ def resolve_quantization(quantization: str, device: torch.device) -> str:
     return quantization
 
 
-def load_model(path: Path, device: torch.device, quantization: str):
-    """The base model for training: bf16 on GPU (float32 on CPU), or 8/4-bit with MedIDEFICS's settings. On one
-    GPU when it fits there, spread only when not; under a distributed launcher (accelerate/torchrun) each process
-    holds the whole model on its own GPU."""
-    from transformers import IdeficsForVisionText2Text
-
-    from idefics_cog.serving.engine import quantization_config
-    from idefics_cog.model.placement import ACTIVATIONS, Placement, place
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def _one_gpu_per_process(device: torch.device) -> Placement | None:
+    """Under a distributed launcher (accelerate/torchrun) each process holds the whole model on its own GPU;
+    otherwise None: one GPU when the model fits it, as for serving (placement.py)."""
     local_rank = os.environ.get("LOCAL_RANK")
     if device.type == "cuda" and local_rank is not None:
-        placement = Placement({"": int(local_rank)}, None, f"on GPU {local_rank} (LOCAL_RANK, one process per GPU)")
-    else:  # one GPU when the model fits it, as for serving (placement.py)
-        placement = place(path, device, quantization, ACTIVATIONS)
-    no_loading_bars()
-    return IdeficsForVisionText2Text.from_pretrained(
-        path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),
-        device_map=placement.device_map, max_memory=placement.max_memory)
+        return Placement({"": int(local_rank)}, None, f"on GPU {local_rank} (LOCAL_RANK, one process per GPU)")
+    return None
 
 
 def add_lora(model, config: TrainConfig, quantization: str):
@@ -255,53 +139,6 @@ def add_lora(model, config: TrainConfig, quantization: str):
         raise InputError(f"target_modules: {exc}") from None
 
 
-# --- logging -----------------------------------------------------------------------------------------------------
-
-
-def _trainer_callback():
-    from transformers import TrainerCallback
-
-    class LogCallback(TrainerCallback):
-        """One line per logging step (step, loss, learning rate, samples/s over those steps) and per
-        evaluation (validation loss); they go to the training's logs. Keeps the Trainer's log entries."""
-
-        def __init__(self, samples_per_step: int, stop=None):
-            self.samples_per_step, self.stop = samples_per_step, stop
-            self.history: list[dict] = []
-            self.step_time, self.steps = 0.0, 0
-            self.started: float | None = None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.started is not None:
-                self.step_time += time.perf_counter() - self.started
-                self.steps += 1
-                self.started = None
-            if self.stop is not None and self.stop.is_set():  # the training was cancelled
-                control.should_training_stop = True
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = dict(logs or {})
-            self.history.append({**logs, "step": state.global_step})
-            if "loss" in logs:
-                rate = self.steps * self.samples_per_step / self.step_time if self.step_time else float("nan")
-                grad = f"  grad norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
-                log.info("step %d/%d  epoch %.2f  loss %.4f  learning rate %.3g  %.2f samples/s%s",
-                         state.global_step, state.max_steps, logs.get("epoch", 0.0), logs["loss"],
-                         logs.get("learning_rate", float("nan")), rate, grad)
-                self.step_time, self.steps = 0.0, 0
-            if "eval_loss" in logs:
-                log.info("step %d/%d  validation loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
-            if "train_runtime" in logs:
-                log.info("training done: %d steps in %.1f s, %.2f samples/s, mean training loss %.4f",
-                         state.global_step, logs["train_runtime"], logs.get("train_samples_per_second", 0.0),
-                         logs.get("train_loss", float("nan")))
-
-    return LogCallback
-
-
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
@@ -312,9 +149,6 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     current step with `TrainingCancelled`, writing nothing."""
     from transformers import AutoConfig, PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
 
-    from idefics_cog.serving.engine import pick_device
-    from idefics_cog.model.tokenizer import load_processor
-    from idefics_cog.weights.resolve import resolve
 
     started = time.perf_counter()
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="training-"))
@@ -335,7 +169,7 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
              len(eval_items))
 
     set_seed(config.seed)
-    model = load_model(path, device, quantization)
+    model = load_model(path, device, quantization, placement=_one_gpu_per_process(device))
     model = add_lora(model, config, quantization)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model on %s (quantization %s); LoRA r=%d alpha=%d dropout %g on %s: %d trainable parameters of %d",
@@ -344,7 +178,7 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
 
     world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     samples_per_step = config.batch_size * config.gradient_accumulation_steps * world
-    callback = _trainer_callback()(samples_per_step, stop)
+    callback = trainer_callback()(samples_per_step, stop)
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"),
         num_train_epochs=config.num_train_epochs,
@@ -400,17 +234,3 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     return TrainResult(adapter_dir, tar_path, len(train_items), len(eval_items), callback.history, model, processor)
 
 
-def save_adapter(model, folder: Path, base_source: str) -> None:
-    model.save_pretrained(str(folder), safe_serialization=True)
-    config_path = folder / "adapter_config.json"
-    adapter_config = json.loads(config_path.read_text())
-    adapter_config["base_model_name_or_path"] = base_source  # not the local cache path PEFT recorded
-    config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-
-
-def pack(folder: Path, tar_path: Path) -> Path:
-    """The adapter files at the root of an uncompressed tar (what `lora_weights` and plain PEFT take)."""
-    with tarfile.open(tar_path, "w") as tar:
-        for name in ADAPTER_FILES:
-            tar.add(folder / name, arcname=name)
-    return tar_path
