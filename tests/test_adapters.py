@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.weights.adapters import Adapters
-from idefics_cog.weights.lora import AdapterError, check_adapter, linear_shapes
+from idefics_cog.errors import AdapterError
+from idefics_cog.weights.lora import check_adapter, linear_shapes
 from idefics_cog.serving.engine import Engine
 from tests.helpers import adapter_with_config
 from tests.test_engine import CASES, run

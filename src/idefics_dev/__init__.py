@@ -1,1 +1,2 @@
-"""Development tools: the local Cog runner, the schema writer, the tiny model, the model-card recipe. Not in the image."""
+"""Development tools, not the product (the image leaves them out): the local Cog runner (cogrunner.py), the schema
+writer (schema.py), the embedded tiny model (tiny.py), the model-card recipe (recipe.py)."""

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from idefics_cog.errors import InputError
 from idefics_cog.config import Settings
-from idefics_cog.weights.base import HUB_ID, WeightsError, is_url
+from idefics_cog.errors import WeightsError
+from idefics_cog.weights.base import HUB_ID, is_url
 
 # The model-side modules (torch, transformers, peft) are imported where they are used, so that the metrics and
 # `--help` load quickly.

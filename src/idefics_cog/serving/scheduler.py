@@ -35,7 +35,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from idefics_cog.serving.decoder import FastDecoder
-from idefics_cog.weights.base import WeightsError
+from idefics_cog.errors import WeightsError
 
 log = logging.getLogger(__name__)
 

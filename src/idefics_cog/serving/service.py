@@ -14,7 +14,7 @@ from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.inputs.prompt import build_segments, encode
 from idefics_cog.config import Settings
 from idefics_cog.serving.textstream import parse_stop_sequences
-from idefics_cog.weights.base import UnreachableError, WeightsError
+from idefics_cog.errors import UnreachableError, WeightsError
 from idefics_cog.weights.resolve import resolve
 
 log = logging.getLogger(__name__)

@@ -1,22 +1,20 @@
 """What every weight source shares: the errors, the hub id pattern, the pickle rules, the environment flags.
-The bottom of the weights part: it imports nothing of ours, so hub.py, archive.py and resolve.py all import it."""
+The bottom of the weights part (its errors come from errors.py, shared with the other parts): hub.py, archive.py
+and resolve.py all import it, and it imports none of them."""
 
 import os
 import re
+
+from idefics_cog.errors import UnreachableError, WeightsError
+
+__all__ = ["ADAPTER_PICKLE", "HUB_ID", "PICKLE_SUFFIXES", "UnreachableError", "WeightsError", "env_flag",
+           "is_url"]
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 # Pickled weights can run code when loaded: never fetched from the hub, never loaded, with one exception: an
 # adapter's adapter_model.bin, read by torch's weights-only unpickler and converted to safetensors (adapters.py).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ADAPTER_PICKLE = "adapter_model.bin"  # PEFT's older adapter format, at an adapter's root
-
-
-class WeightsError(RuntimeError):
-    """A weight source that cannot be used; the message names the source."""
-
-
-class UnreachableError(WeightsError):
-    """Weights in no cache, from a hub that cannot be used now (offline, unreachable): another source would do."""
 
 
 def env_flag(name: str) -> bool:

@@ -17,6 +17,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from idefics_cog.errors import AdapterError
 from idefics_cog.weights.base import ADAPTER_PICKLE, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,6 @@ PICKLED_FILE = ADAPTER_PICKLE  # PEFT's older format: read with the weights-only
 UNSUPPORTED_SETTINGS = ("use_dora", "layer_replication", "modules_to_save", "trainable_token_indices", "lora_bias",
                         "target_parameters")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
-
-
-class AdapterError(ValueError):
-    """An adapter that does not fit the base model or is not in the standard PEFT layout."""
 
 
 def linear_shapes(model) -> dict[str, tuple[int, int]]:
