@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from idefics_cog.evaluation import run as ev
+from idefics_cog.evaluation import metrics as vqa, run as ev
 from idefics_cog.weights.adapters import Adapters
 from idefics_cog.training.data import load_dataset
 from idefics_cog.serving.engine import Engine
@@ -24,15 +24,15 @@ from tests.helpers import noise_image, tar_bytes
 
 
 def test_normalize_lowercases_strips_punctuation_and_collapses_spaces():
-    assert ev.normalize("  No. ") == "no"
-    assert ev.normalize("The X-ray,\tshows  the patient's LEFT lung!") == "the x ray shows the patients left lung"
-    assert ev.normalize("?!...") == ""
+    assert vqa.normalize("  No. ") == "no"
+    assert vqa.normalize("The X-ray,\tshows  the patient's LEFT lung!") == "the x ray shows the patients left lung"
+    assert vqa.normalize("?!...") == ""
 
 
 @pytest.mark.parametrize("reference, expected", [("no", "no"), ("No.", "no"), (" YES! ", "yes"), ("no fracture", None),
                                                  ("Normal", None), ("", None)])
 def test_a_question_is_closed_when_its_reference_is_yes_or_no(reference, expected):
-    assert ev.closed_answer(reference) == expected
+    assert vqa.closed_answer(reference) == expected
 
 
 @pytest.mark.parametrize("prediction, reference, correct", [
@@ -48,48 +48,48 @@ def test_a_question_is_closed_when_its_reference_is_yes_or_no(reference, expecte
     ("It is a fracture.", "yes", False),  # no verdict at all
 ])
 def test_closed_accuracy_matches_whole_words_and_the_first_verdict(prediction, reference, correct):
-    scores = ev.score(prediction, reference)
+    scores = vqa.score(prediction, reference)
     assert scores["closed"] and scores["correct"] is correct
 
 
 def test_recall_f1_and_exact_match_by_hand():
     # reference [left, lower, lobe] (3 tokens), prediction [the, lower, left, lung] (4): overlap {left, lower} = 2
     # recall 2/3, precision 2/4, F1 = 2 * (2/3 * 1/2) / (2/3 + 1/2) = (2/3) / (7/6) = 4/7
-    assert ev.recall("The lower left lung.", "Left lower lobe") == pytest.approx(2 / 3)
-    assert ev.f1("The lower left lung.", "Left lower lobe") == pytest.approx(4 / 7)
-    assert ev.exact_match("The lower left lung.", "Left lower lobe") == 0.0
-    assert ev.exact_match("  LEFT lower-lobe!", "left lower lobe") == 1.0  # "-" is a space, case and "!" ignored
+    assert vqa.recall("The lower left lung.", "Left lower lobe") == pytest.approx(2 / 3)
+    assert vqa.f1("The lower left lung.", "Left lower lobe") == pytest.approx(4 / 7)
+    assert vqa.exact_match("The lower left lung.", "Left lower lobe") == 0.0
+    assert vqa.exact_match("  LEFT lower-lobe!", "left lower lobe") == 1.0  # "-" is a space, case and "!" ignored
     # Tokens are a multiset: the reference [left, left, lung] has "left" twice; the prediction [left, lung] once.
     # recall 2/3 (left once, lung), precision 2/2, F1 = 2 * (2/3 * 1) / (2/3 + 1) = (4/3) / (5/3) = 4/5
-    assert ev.recall("left lung", "left, left lung") == pytest.approx(2 / 3)
-    assert ev.f1("left lung", "left, left lung") == pytest.approx(4 / 5)
+    assert vqa.recall("left lung", "left, left lung") == pytest.approx(2 / 3)
+    assert vqa.f1("left lung", "left, left lung") == pytest.approx(4 / 5)
 
 
 def test_bleu_by_hand():
     # prediction [the, left, lung] (3 tokens), reference [the, left, lung, is, clear] (5):
     # p1 = 3/3; p2 = (2 + 1) / (2 + 1); p3 = (1 + 1) / (1 + 1); p4 = (0 + 1) / (0 + 1)  (add-one for n >= 2)
     # brevity penalty exp(1 - 5/3) = exp(-2/3), so BLEU = exp(-2/3) = 0.5134
-    assert ev.bleu("The left lung.", "The left lung is clear") == pytest.approx(math.exp(-2 / 3))
+    assert vqa.bleu("The left lung.", "The left lung is clear") == pytest.approx(math.exp(-2 / 3))
     # prediction [right, lung, clear], reference [left, lung]: p1 = 1/3 (lung); p2 = (0 + 1) / (2 + 1) = 1/3;
     # p3 = (0 + 1) / (1 + 1) = 1/2; p4 = (0 + 1) / (0 + 1) = 1; no brevity penalty (3 >= 2)
     # BLEU = (1/3 * 1/3 * 1/2 * 1) ** (1/4) = (1/18) ** (1/4) = 0.4855
-    assert ev.bleu("right lung clear", "left lung") == pytest.approx((1 / 18) ** 0.25)
-    assert ev.bleu("Fracture.", "fracture") == 1.0  # a one-word match scores 1, not 0 for lack of 4-grams
-    assert ev.bleu("lung", "fracture") == 0.0  # no unigram in common
+    assert vqa.bleu("right lung clear", "left lung") == pytest.approx((1 / 18) ** 0.25)
+    assert vqa.bleu("Fracture.", "fracture") == 1.0  # a one-word match scores 1, not 0 for lack of 4-grams
+    assert vqa.bleu("lung", "fracture") == 0.0  # no unigram in common
 
 
 def test_an_empty_prediction_scores_zero_and_an_empty_reference_only_matches_an_empty_prediction():
-    assert ev.score("", "left lung") == {"closed": False, "correct": None, "recall": 0.0, "f1": 0.0,
+    assert vqa.score("", "left lung") == {"closed": False, "correct": None, "recall": 0.0, "f1": 0.0,
                                          "exact_match": 0.0, "bleu": 0.0}
-    assert ev.score("...", "") == {"closed": False, "correct": None, "recall": 1.0, "f1": 1.0, "exact_match": 1.0,
+    assert vqa.score("...", "") == {"closed": False, "correct": None, "recall": 1.0, "f1": 1.0, "exact_match": 1.0,
                                    "bleu": 1.0}
-    assert ev.score("lung", "")["recall"] == ev.score("lung", "")["f1"] == ev.score("lung", "")["bleu"] == 0.0
+    assert vqa.score("lung", "")["recall"] == vqa.score("lung", "")["f1"] == vqa.score("lung", "")["bleu"] == 0.0
 
 
 def test_aggregate_splits_closed_and_open_questions():
     pairs = [("No.", "no"), ("normal", "no"), ("Yes", "yes"),  # closed: 2 of 3 right
              ("left lung", "the left lung"), ("", "right lobe")]  # open: recall 2/3 and 0
-    metrics = ev.aggregate([ev.score(p, r) for p, r in pairs])
+    metrics = vqa.aggregate([vqa.score(p, r) for p, r in pairs])
     assert metrics["questions"] == 5 and metrics["closed"] == 3 and metrics["open"] == 2
     assert metrics["closed_accuracy"] == pytest.approx(2 / 3)
     assert metrics["open_recall"] == pytest.approx((2 / 3 + 0) / 2)
@@ -97,19 +97,20 @@ def test_aggregate_splits_closed_and_open_questions():
     assert metrics["exact_match"] == pytest.approx(2 / 5)
     assert metrics["f1"] == pytest.approx((1 + 0 + 1 + 4 / 5 + 0) / 5)
     assert metrics["errors"] == 0
-    only_open = ev.aggregate([ev.score("x", "left lung")])
+    only_open = vqa.aggregate([vqa.score("x", "left lung")])
     assert only_open["closed_accuracy"] is None and only_open["closed"] == 0
 
 
 def test_markdown_table_has_a_column_per_configuration_and_the_difference():
-    first = {"label": "none", "metrics": ev.aggregate([ev.score("no", "no"), ev.score("x", "left lung")])}
-    second = {"label": "trained.tar", "metrics": ev.aggregate([ev.score("yes", "no"), ev.score("left", "left lung")])}
+    first = {"label": "none", "metrics": vqa.aggregate([vqa.score("no", "no"), vqa.score("x", "left lung")])}
+    second = {"label": "trained.tar",
+              "metrics": vqa.aggregate([vqa.score("yes", "no"), vqa.score("left", "left lung")])}
     table = ev.markdown_table([first, second]).splitlines()
     assert table[0] == "| metric (%) | none | trained.tar | difference |"
     assert "| closed accuracy (yes/no) | 100.0 | 0.0 | -100.0 |" in table
     assert "| open recall | 0.0 | 50.0 | +50.0 |" in table
     assert "| questions | 2 (1 closed, 1 open) | 2 (1 closed, 1 open) |  |" in table
-    alone = ev.markdown_table([{"label": "medical", "metrics": ev.aggregate([ev.score("x", "left lung")])}])
+    alone = ev.markdown_table([{"label": "medical", "metrics": vqa.aggregate([vqa.score("x", "left lung")])}])
     assert alone.splitlines()[0] == "| metric (%) | medical |"
     assert "| closed accuracy (yes/no) | n/a |" in alone
 
@@ -236,10 +237,10 @@ def test_cli_compares_the_base_with_an_adapter_from_a_url(tiny_dir, dataset, exp
     for config in report["configurations"]:
         records = config["predictions"]
         for record in records:  # every record's scores are those of its prediction
-            assert {k: record[k] for k in ev.score("", "x")} == ev.score(record["prediction"], record["reference"])
-        assert ev.aggregate(records) == config["metrics"]
+            assert {k: record[k] for k in vqa.score("", "x")} == vqa.score(record["prediction"], record["reference"])
+        assert vqa.aggregate(records) == config["metrics"]
         # closed accuracy again, from the raw texts: the first whole yes/no word against the reference
-        verdicts = [ev.verdict(r["prediction"]) == ev.normalize(r["reference"]) for r in records[:2]]
+        verdicts = [vqa.verdict(r["prediction"]) == vqa.normalize(r["reference"]) for r in records[:2]]
         assert config["metrics"]["closed_accuracy"] == pytest.approx(sum(verdicts) / 2)
         row = next(line for line in lines if line.startswith("| token F1 |")).split(" | ")
         column = 1 if config is none else 2
