@@ -58,7 +58,7 @@ from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments  # noqa: E402
 from idefics_dev.recipe import model_card_generate  # noqa: E402
-from tests.helpers import noise_image  # noqa: E402
+from tests.support.helpers import noise_image  # noqa: E402
 
 PROMPT_TOKENS = 60
 IMAGE_PX = 224

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from bench.stats import median_table  # noqa: E402
-from tests.helpers import dataset_zip, vqa_lines  # noqa: E402
+from tests.support.helpers import dataset_zip, vqa_lines  # noqa: E402
 from idefics_dev.tiny import idefics_9b_config, random_model  # noqa: E402
 from idefics_cog.training.collator import Collator, causal_lm_loss  # noqa: E402
 from idefics_cog.training.examples import IGNORE  # noqa: E402

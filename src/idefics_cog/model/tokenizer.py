@@ -7,7 +7,7 @@ which rebuilds the pipeline from the vocabulary alone (a Metaspace pre-tokenizer
 of the text), so text after an image or an end of turn becomes word pieces the model rarely saw.
 
 Here the tokenizer is the generic fast tokenizer over tokenizer.json's own pipeline, exactly as the file has it:
-the release-era tokens (tests/test_tokens.py checks them against transformers 4.32.1). Everything that encodes
+the release-era tokens (tests/model/test_tokens.py checks them against transformers 4.32.1). Everything that encodes
 prompts for the model (engine, training, evaluation, benchmarks, the `tokens` command) loads through here.
 """
 

@@ -7,7 +7,7 @@ once `predict` returned the generator: that cancel changes nothing, and the gene
 `install_cancel_hook` makes that call reach the stream: when `Future.cancel` is called on a finished future whose
 result is a stream made here, the stream is stopped (the request leaves its batch within one decode step) and
 raises Cog's `CancelationException`, which coglet reports as `canceled`. A client that drops its server-sent
-events takes the same path. It relies on coglet's internals: tests/test_server_faults.py fails with a message
+events takes the same path. It relies on coglet's internals: tests/server/test_server_faults.py fails with a message
 saying so if it no longer fires; then a cancelled request runs to its end, as it would without the hook.
 """
 

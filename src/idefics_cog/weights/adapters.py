@@ -9,7 +9,7 @@
 - Loading an adapter never touches the base weights: the LoRA matrices are copied into the layers PEFT made for
   them, without PEFT's `load_adapter`, which calls `state_dict()` on the whole model. On CPUs with AVX512-BF16,
   bitsandbytes repacks 4-bit weights at the first forward and `state_dict()` unpacks them lossily, so answers
-  would drift after every adapter loaded later (tests/test_quantized.py records what a machine does).
+  would drift after every adapter loaded later (tests/model/test_quantized.py records what a machine does).
 - An adapter published as `adapter_model.bin` only (many on the hub) is read with torch's weights-only unpickler
   (plain tensors and containers; any other object is refused before it is built, so no code in it runs), checked
   to hold LoRA matrices only, and written once as safetensors into the cache (`converted/<sha256>/`); PEFT only
