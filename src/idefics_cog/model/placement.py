@@ -1,8 +1,8 @@
 """Where the model goes: on one GPU whenever it fits there, spread over several GPUs only when it does not.
 
 transformers' `device_map="auto"` is balanced: it splits even a model that fits one GPU over every GPU it sees,
-and a spread model cannot use the fast engine (batching.py falls back to `model.generate`, one request at a time).
-So the decision is made here, from sizes known before loading: the weights (parameter counts from the
+and a spread model cannot use the fast engine (serving/scheduler.py falls back to `model.generate`, one request at a
+time). So the decision is made here, from sizes known before loading: the weights (parameter counts from the
 checkpoint's safetensors headers, at the bytes per parameter the quantization gives) plus what the engine needs
 beside them (the fast engine's preallocated key/value caches, and room for activations).
 """

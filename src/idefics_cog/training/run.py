@@ -1,6 +1,6 @@
 """Fine-tune a new LoRA adapter on the base IDEFICS model (`cog train`): transformers' `Trainer` and PEFT.
 
-Data: a zip/tar with `data.jsonl` and its images (dataset.py). Each example becomes the instruct transcript that
+Data: a zip/tar with `data.jsonl` and its images (data.py). Each example becomes the instruct transcript that
 predict.py serves (`prompt.encode`: `<s>` + the rendered segments, the pixel values and the image attention
 mask), and its labels: the token ids of the assistant's answers with their `<end_of_utterance>`, -100 everywhere
 else (the prompt, the image tokens, padding). A token is an answer token when its character offsets overlap
