@@ -127,8 +127,8 @@ def test_an_unreachable_default_adapter_names_its_setting(tiny_dir, tmp_path, mo
 
 def test_make_install_installs_the_project_editable(tmp_path):
     """`make install` into a fresh venv (its packages borrowed from this one through a .pth: pip finds them all
-    installed and fetches only the build backend): the project then imports from src/ with no PYTHONPATH, and
-    `idefics-cog` is installed."""
+    installed and fetches only the build backend): the project (idefics_cog and idefics_dev) then imports from src/
+    with no PYTHONPATH, and `idefics-cog` is installed."""
     venv = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
@@ -137,9 +137,12 @@ def test_make_install_installs_the_project_editable(tmp_path):
     done = subprocess.run(["make", "-C", str(ROOT), f"VENV={venv}", "install"], capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    imported = subprocess.run([str(venv / "bin/python"), "-c", "import idefics_cog; print(idefics_cog.__file__)"],
-                              capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert imported.stdout.strip() == str(ROOT / "src/idefics_cog/__init__.py"), imported.stderr
+    show = "import idefics_cog, idefics_dev; print(idefics_cog.__file__); print(idefics_dev.__file__)"
+    imported = subprocess.run([str(venv / "bin/python"), "-c", show], capture_output=True, text=True, env=env,
+                              cwd=tmp_path)
+    # both packages: the product, and the development tools the tests and benchmarks use
+    expected = [str(ROOT / "src" / package / "__init__.py") for package in ("idefics_cog", "idefics_dev")]
+    assert imported.stdout.split() == expected, imported.stderr
     assert (venv / "bin/idefics-cog").is_file()
     # Installed: nothing left to do, until pyproject.toml changes (`-W`: as if it had just been modified).
     make_q = ["make", "-C", str(ROOT), "-q", f"VENV={venv}", "install"]
