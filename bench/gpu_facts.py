@@ -21,7 +21,7 @@ from idefics_dev import tiny  # noqa: E402
 from idefics_cog.weights.adapters import Adapters  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
 from tests.support.helpers import negated_adapter  # noqa: E402
-from tests.test_quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
+from tests.support.quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
 
 
 def four_bit_facts(base: Path, adapter: Path, device: str, scratch: Path) -> list[str]:

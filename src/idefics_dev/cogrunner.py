@@ -368,7 +368,7 @@ def serve() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cogserver", description="Local Cog runtime (no Docker needed).")
+    parser = argparse.ArgumentParser(prog="cogrunner", description="Local Cog runtime (no Docker needed).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the Cog server in the foreground")
     predict = sub.add_parser("predict", help="like `cog predict`: one streamed prediction")
