@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 tiny: $(TINY)/COMPLETE
 
 $(TINY)/COMPLETE: | $(VENV)/.installed
-	$(PY) -m idefics_cog.tiny --out $(TINY)
+	$(PY) -m idefics_dev.tiny --out $(TINY)
 
 # The main job: one streamed answer from the embedded tiny model, through the real Cog server.
 # Your own question: make predict IMAGE=my.png PROMPT="What is in this picture?"

@@ -5,7 +5,7 @@ Every `Input(...)` argument is a literal: `cog build` reads this file statically
 the service batches the requests that arrive together into one decode. It returns a plain generator rather than
 being an async generator: coglet 0.23.1 streams the chunks of a returned generator as they come, but collects an
 async generator's until it ends; a cancel or a client that goes away reaches that generator only through the hook
-that setup installs (idefics_cog/live.py; README, "Concurrency").
+that setup installs (idefics_cog/serving/live.py; README, "Concurrency").
 """
 
 import sys
@@ -17,8 +17,8 @@ sys.path.insert(0, str(_Path(__file__).resolve().parent / "src"))
 import cog  # noqa: E402
 from cog import BaseRunner, ConcatenateIterator, Input, Path  # noqa: E402
 
-from idefics_cog.live import install_cancel_hook, live  # noqa: E402
-from idefics_cog.service import Service  # noqa: E402
+from idefics_cog.serving.live import install_cancel_hook, live  # noqa: E402
+from idefics_cog.serving.service import Service  # noqa: E402
 
 
 class Predictor(BaseRunner):
@@ -29,7 +29,7 @@ class Predictor(BaseRunner):
         takes it; Replicate sets it to the training's output .tar URL in a version made by `cog train`. Its adapter
         then becomes the default (`adapter=medical`) in place of IDEFICS_ADAPTER_WEIGHTS."""
         self.service = Service.from_env(weights)
-        install_cancel_hook()  # a cancel or a client that goes away stops the generation (idefics_cog/live.py)
+        install_cancel_hook()  # a cancel or a client that goes away stops the generation (idefics_cog/serving/live.py)
 
     @cog.streaming
     @cog.concurrent(max=16)  # newer Cog reads it; cog 0.23.1 takes concurrency.max from cog.yaml (keep them equal)

@@ -70,8 +70,8 @@ async def train(
     import logging
     import tempfile
 
-    from idefics_cog.settings import Settings
-    from idefics_cog.training import TrainConfig, train_adapter
+    from idefics_cog.config import Settings
+    from idefics_cog.training.run import TrainConfig, train_adapter
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = Settings.from_env()

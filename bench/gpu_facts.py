@@ -1,6 +1,6 @@
 """What only a GPU can show, on the tiny model: where the engine puts the model, and whether bitsandbytes changes
 4-bit weights on CUDA (on CPUs with AVX512-BF16 it repacks them at the first forward and `state_dict()` unpacks
-them lossily: tests/test_quantized.py). Run by bench/gpu.sh on a lent CUDA machine; prints Markdown.
+them lossily: tests/model/test_quantized.py). Run by bench/gpu.sh on a lent CUDA machine; prints Markdown.
 
     python bench/gpu_facts.py [--device cuda|cpu]   # cpu: the same code path, for a dry run
 """
@@ -17,11 +17,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
 
-from idefics_cog import tiny  # noqa: E402
-from idefics_cog.adapters import Adapters  # noqa: E402
-from idefics_cog.engine import Engine  # noqa: E402
-from tests.helpers import negated_adapter  # noqa: E402
-from tests.test_quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
+from idefics_dev import tiny  # noqa: E402
+from idefics_cog.weights.adapters import Adapters  # noqa: E402
+from idefics_cog.serving.engine import Engine  # noqa: E402
+from tests.support.helpers import negated_adapter  # noqa: E402
+from tests.support.quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
 
 
 def four_bit_facts(base: Path, adapter: Path, device: str, scratch: Path) -> list[str]:

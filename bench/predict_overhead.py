@@ -3,9 +3,9 @@
 The same greedy prediction (examples/xray.png, "What does this X-ray show?", the same generated tokens) is timed
 three ways:
 
-  recipe     idefics_cog.recipe.model_card_generate: processor -> model.generate -> decode (the baseline;
+  recipe     idefics_dev.recipe.model_card_generate: processor -> model.generate -> decode (the baseline;
              the PIL image is decoded once, outside the timer; the engine's processor, from
-             idefics_cog.tokenizer.load_processor, so the release-era tokens)
+             idefics_cog.model.tokenizer.load_processor, so the release-era tokens)
   predictor  predict.py's Predictor.run in-process: input checks, image file decode, encoding, the
              generation thread and the streamed text
   server     the real Cog server (coglet) over HTTP with the image as a data URI: client-side wall time of the
@@ -36,10 +36,10 @@ import cog  # noqa: E402
 import requests  # noqa: E402
 
 from bench.stats import machine, median_table  # noqa: E402
-from idefics_cog.cogserver import CogServer  # noqa: E402
-from idefics_cog.images import load_image  # noqa: E402
-from idefics_cog.prompt import build_segments  # noqa: E402
-from idefics_cog.recipe import model_card_generate  # noqa: E402
+from idefics_dev.cogrunner import CogServer  # noqa: E402
+from idefics_cog.inputs.images import load_image  # noqa: E402
+from idefics_cog.inputs.prompt import build_segments  # noqa: E402
+from idefics_dev.recipe import model_card_generate  # noqa: E402
 from predict import Predictor  # noqa: E402
 
 BASE = ROOT / "weights" / "tiny" / "base"

@@ -30,10 +30,10 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from idefics_cog.adapters import directory_bytes  # noqa: E402
-from idefics_cog.cogserver import CogServer  # noqa: E402
-from tests.fileserver import FileServer  # noqa: E402
-from tests.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
+from idefics_cog.weights.adapters import directory_bytes  # noqa: E402
+from idefics_dev.cogrunner import CogServer  # noqa: E402
+from tests.support.fileserver import FileServer  # noqa: E402
+from tests.support.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 RSS_GROWTH_LIMIT = 64 << 20  # bytes the worker may grow after warm-up

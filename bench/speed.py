@@ -2,12 +2,12 @@
 
 Three paths serve the same requests (instruct template, one 224 px image, about 60 prompt tokens, greedy):
 
-  recipe        idefics_cog.recipe.model_card_generate: processor -> model.generate -> decode (the baseline)
+  recipe        idefics_dev.recipe.model_card_generate: processor -> model.generate -> decode (the baseline)
   transformers  Engine(engine="transformers"): the project's engine on model.generate, one request at a time
   fast          Engine(engine="fast"): static KV cache, image keys/values computed once, concurrent requests
                 decoded as one batch (torch.compile on CUDA)
 
-Every path encodes with the processor from idefics_cog.tokenizer.load_processor: the release-era tokens
+Every path encodes with the processor from idefics_cog.model.tokenizer.load_processor: the release-era tokens
 (transformers 4.32's), the recipe's `processor(text=...)` included.
 
 First, in float32, the fast path's greedy tokens must equal model.generate's on the benchmark prompt: the recipe's
@@ -52,12 +52,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from bench.stats import machine, median_table, rate_table  # noqa: E402
-from idefics_cog import tiny  # noqa: E402
-from idefics_cog.batching import NewTokens  # noqa: E402
-from idefics_cog.engine import Engine, Job, Sampling  # noqa: E402
-from idefics_cog.prompt import build_segments  # noqa: E402
-from idefics_cog.recipe import model_card_generate  # noqa: E402
-from tests.helpers import noise_image  # noqa: E402
+from idefics_dev import tiny  # noqa: E402
+from idefics_cog.serving.scheduler import NewTokens  # noqa: E402
+from idefics_cog.serving.engine import Engine  # noqa: E402
+from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
+from idefics_cog.inputs.prompt import build_segments  # noqa: E402
+from idefics_dev.recipe import model_card_generate  # noqa: E402
+from tests.support.helpers import noise_image  # noqa: E402
 
 PROMPT_TOKENS = 60
 IMAGE_PX = 224
@@ -238,7 +239,7 @@ def free_memory(device: torch.device) -> None:
 def preset_model(preset: str):
     from transformers import IdeficsForVisionText2Text
 
-    from idefics_cog.tokenizer import load_processor
+    from idefics_cog.model.tokenizer import load_processor
 
     base = tiny.build(ROOT / "weights" / preset, preset) / "base"
     model = IdeficsForVisionText2Text.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"}).eval()

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from bench.stats import machine  # noqa: E402
-from idefics_cog.textstream import TextStream, _Redecoded  # noqa: E402
-from idefics_cog.tokenizer import load_tokenizer  # noqa: E402
+from idefics_cog.serving.textstream import TextStream, _Redecoded  # noqa: E402
+from idefics_cog.model.tokenizer import load_tokenizer  # noqa: E402
 
 LLAMA = ROOT / "tests" / "data" / "llama_tokenizer"
 TEXT = ("The chest X-ray shows a small nodule in the right upper lobe, about 8 mm across; no effusion 😀, "

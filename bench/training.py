@@ -39,9 +39,11 @@ from torch.utils.data import Dataset  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from bench.stats import median_table  # noqa: E402
-from tests.helpers import dataset_zip, vqa_lines  # noqa: E402
-from idefics_cog.tiny import idefics_9b_config, random_model  # noqa: E402
-from idefics_cog.training import IGNORE, Collator, TrainConfig, add_lora, causal_lm_loss  # noqa: E402
+from tests.support.helpers import dataset_zip, vqa_lines  # noqa: E402
+from idefics_dev.tiny import idefics_9b_config, random_model  # noqa: E402
+from idefics_cog.training.collator import Collator, causal_lm_loss  # noqa: E402
+from idefics_cog.training.examples import IGNORE  # noqa: E402
+from idefics_cog.training.run import TrainConfig, add_lora  # noqa: E402
 
 BASE = ROOT / "weights" / "tiny" / "base"
 
@@ -92,9 +94,9 @@ def tiny_dataset(folder: Path, count: int = 16) -> Path:
 def tiny_setup():
     from transformers import IdeficsForVisionText2Text
 
-    from idefics_cog.dataset import load_dataset
-    from idefics_cog.tokenizer import load_processor
-    from idefics_cog.training import ExampleDataset, prepare
+    from idefics_cog.training.data import load_dataset
+    from idefics_cog.model.tokenizer import load_processor
+    from idefics_cog.training.examples import ExampleDataset, prepare
 
     folder = Path(tempfile.mkdtemp(prefix="bench-training-"))
     processor = load_processor(BASE)

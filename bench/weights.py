@@ -1,6 +1,6 @@
 """Weights and adapters on the tiny model: setup cold vs warm, adapter switches, and download throughput.
 
-Sources are served by a real HTTP server on 127.0.0.1 (tests/fileserver.py), as tarballs:
+Sources are served by a real HTTP server on 127.0.0.1 (tests/support/fileserver.py), as tarballs:
 
   setup        Predictor.setup() with the base and the adapter as tarball URLs: cold (empty cache: download,
                verify, extract, load) and warm (the same cache again: load only)
@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from bench.stats import median_table  # noqa: E402
-from idefics_cog.download import fetch_archive  # noqa: E402
-from tests.fileserver import FileServer  # noqa: E402
-from tests.helpers import noise_image, tar_bytes  # noqa: E402
+from idefics_cog.weights.archive import fetch_archive  # noqa: E402
+from tests.support.fileserver import FileServer  # noqa: E402
+from tests.support.helpers import noise_image, tar_bytes  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 

@@ -1,8 +1,8 @@
 import pytest
 
-from idefics_cog import tiny
-from idefics_cog.settings import ROOT
-from idefics_cog.sources import ALLOW_PRIVATE
+from idefics_dev import tiny
+from idefics_cog.config import ROOT
+from idefics_cog.weights.sources import ALLOW_PRIVATE
 
 
 ADAPTER_LIMIT = 3_000_000  # above the tiny base model archive (refused as "not an adapter"), below a padded one
@@ -21,7 +21,7 @@ def tiny_dir():
 
 @pytest.fixture(scope="session")
 def engine(tiny_dir):
-    from idefics_cog.engine import Engine
+    from idefics_cog.serving.engine import Engine
 
     return Engine.load(tiny_dir / "base", "cpu")
 
@@ -29,7 +29,7 @@ def engine(tiny_dir):
 @pytest.fixture(scope="session")
 def server(tiny_dir):
     """The real Cog server (coglet) serving predict.py on the tiny model."""
-    from idefics_cog.cogserver import CogServer
+    from idefics_dev.cogrunner import CogServer
 
     # A small per-adapter limit, so that tests can send a larger lora_weights; lora_weights URLs on the tests'
     # loopback servers allowed (a request's URL must otherwise be https to a public address).

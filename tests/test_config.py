@@ -8,8 +8,8 @@ import jsonschema
 import pytest
 import yaml
 
-from idefics_cog.schema import build_schema
-from idefics_cog.settings import ROOT
+from idefics_dev.schema import build_schema
+from idefics_cog.config import ROOT
 
 COG_SCHEMA = json.loads((ROOT / "tests/data/cog_config_schema_v1.0.json").read_text())
 
@@ -77,7 +77,7 @@ def test_schema_marks_streaming_and_the_concatenated_text_output():
 
 
 def test_cog_yaml_environment_matches_the_settings_defaults(cog_yaml):
-    from idefics_cog.settings import Settings
+    from idefics_cog.config import Settings
 
     declared = dict(item.split("=", 1) for item in cog_yaml["environment"])
     defaults = Settings.from_env({})
@@ -100,7 +100,7 @@ def _predict_node() -> ast.AsyncFunctionDef:
 def test_concurrency_is_one_number_everywhere(cog_yaml):
     """cog.yaml's concurrency.max (COG_MAX_CONCURRENCY in the image, what cog 0.23.1 reads), predict's
     @cog.concurrent(max=...) (what newer Cog reads) and the batch size IDEFICS_MAX_BATCH are the same number."""
-    from idefics_cog.settings import Settings
+    from idefics_cog.config import Settings
 
     concurrency = cog_yaml["concurrency"]
     assert concurrency["max"] > 1 and 1 <= concurrency["default_target"] <= concurrency["max"]
@@ -149,8 +149,8 @@ def test_cog_yaml_installs_pget_pinned(cog_yaml):
 def test_cog_yaml_managed_weights_serve_the_default_settings(cog_yaml, tmp_path):
     """A lock as `cog weights import` would write it from cog.yaml's `weights:` is found for the default
     IDEFICS_BASE_WEIGHTS and IDEFICS_ADAPTER_WEIGHTS, at the declared targets."""
-    from idefics_cog.managed import Lock, set_digest
-    from idefics_cog.settings import Settings
+    from idefics_cog.weights.managed import Lock, set_digest
+    from idefics_cog.config import Settings
 
     declared = cog_yaml["weights"]
     assert len({entry["target"] for entry in declared}) == len(declared)

@@ -17,9 +17,9 @@ USAGE_ERROR = 2
 
 def tokens(base: Path, prompt: str, images: list[Path], template: str = "instruct", system_prompt: str = "") -> dict:
     """What the model sees for this request: ids, pieces, and the text the tokenizer was given."""
-    from idefics_cog.images import load_image
-    from idefics_cog.prompt import build_segments, encode, render
-    from idefics_cog.tokenizer import load_processor
+    from idefics_cog.inputs.images import load_image
+    from idefics_cog.inputs.prompt import build_segments, encode, render
+    from idefics_cog.model.tokenizer import load_processor
 
     segments = build_segments(prompt, len(images), template, system_prompt)  # checks placeholders first: cheap
     processor = load_processor(base)

@@ -1,0 +1,127 @@
+"""The standard medical VQA metrics (the LLaVA-Med recipe): pure functions of (prediction, reference) texts,
+computed on normalised text (`normalize`).
+
+- closed questions (the reference is `yes` or `no`): accuracy. The answer's verdict is its FIRST whole word
+  `yes` or `no` ("no" inside "normal", "not" or "know" is not a word "no"): "Yes, there is no fracture." says yes,
+  and a hedge such as "yes or no" is right only when the reference is yes (no better than always saying yes).
+  An answer with neither word (an empty one included) is wrong.
+- open questions (every other reference): recall, the share of the reference's tokens found in the answer.
+- every question: token F1, exact match, and sentence BLEU-4 with add-one smoothing of the 2- to 4-gram
+  precisions (Lin & Och 2004), written out below instead of adding a dependency (no BLEU library is installed).
+  An n-gram order the answer is too short for counts as (0 + 1) / (0 + 1), so a one-word answer equal to a
+  one-word reference scores 1; other implementations (NLTK's `method2`) may differ on such short answers.
+
+Tokens count as a multiset (a reference word found once in the answer matches once). When the reference has no
+tokens (an empty answer in the data), recall, F1 and BLEU are 1 if the answer is empty too, else 0.
+"""
+
+import math
+import re
+from collections import Counter
+
+YES_NO = ("yes", "no")
+
+_APOSTROPHE = re.compile(r"['\u2019]")
+_NOT_A_WORD = re.compile(r"[\W_]+")
+
+
+def normalize(text: str) -> str:
+    """Lowercase; apostrophes dropped ("don't" -> "dont"); other punctuation becomes a space ("x-ray" -> "x ray",
+    "no," -> "no"); whitespace collapsed."""
+    return " ".join(_NOT_A_WORD.sub(" ", _APOSTROPHE.sub("", text.lower())).split())
+
+
+def tokens(text: str) -> list[str]:
+    return normalize(text).split()
+
+
+def closed_answer(reference: str) -> str | None:
+    """`yes` or `no` when the question is closed (its reference is one of them), else None."""
+    answer = normalize(reference)
+    return answer if answer in YES_NO else None
+
+
+def verdict(prediction: str) -> str | None:
+    """The first whole word `yes` or `no` of the prediction, or None."""
+    return next((token for token in tokens(prediction) if token in YES_NO), None)
+
+
+def _overlap(prediction: list[str], reference: list[str]) -> int:
+    return sum((Counter(prediction) & Counter(reference)).values())
+
+
+def recall(prediction: str, reference: str) -> float:
+    pred, ref = tokens(prediction), tokens(reference)
+    if not ref:
+        return float(not pred)
+    return _overlap(pred, ref) / len(ref)
+
+
+def f1(prediction: str, reference: str) -> float:
+    pred, ref = tokens(prediction), tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = _overlap(pred, ref)
+    if not common:
+        return 0.0
+    precision, recall_ = common / len(pred), common / len(ref)
+    return 2 * precision * recall_ / (precision + recall_)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize(prediction) == normalize(reference))
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu(prediction: str, reference: str, max_n: int = 4) -> float:
+    """Sentence BLEU: brevity penalty x geometric mean of the n-gram precisions, n = 1..max_n, with add-one
+    smoothing for n >= 2, so that a short answer equal to a short reference scores 1."""
+    pred, ref = tokens(prediction), tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    log_precisions = 0.0
+    for n in range(1, max_n + 1):
+        matches = sum((_ngrams(pred, n) & _ngrams(ref, n)).values())
+        total = max(len(pred) - n + 1, 0)
+        if n == 1 and not matches:
+            return 0.0
+        log_precisions += math.log(matches / total if n == 1 else (matches + 1) / (total + 1))
+    brevity = min(1.0, math.exp(1 - len(ref) / len(pred)))
+    return brevity * math.exp(log_precisions / max_n)
+
+
+def score(prediction: str, reference: str) -> dict:
+    """The per-question scores; `correct` only for closed questions (None for open ones)."""
+    expected = closed_answer(reference)
+    return {
+        "closed": expected is not None,
+        "correct": None if expected is None else verdict(prediction) == expected,
+        "recall": recall(prediction, reference),
+        "f1": f1(prediction, reference),
+        "exact_match": exact_match(prediction, reference),
+        "bleu": bleu(prediction, reference),
+    }
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(records: list[dict]) -> dict:
+    """Closed accuracy over closed questions, open recall over open ones, F1 / exact match / BLEU over all."""
+    closed = [r for r in records if r["closed"]]
+    opened = [r for r in records if not r["closed"]]
+    return {
+        "questions": len(records),
+        "closed": len(closed),
+        "open": len(opened),
+        "closed_accuracy": _mean([float(r["correct"]) for r in closed]),
+        "open_recall": _mean([r["recall"] for r in opened]),
+        "f1": _mean([r["f1"] for r in records]),
+        "exact_match": _mean([r["exact_match"] for r in records]),
+        "bleu": _mean([r["bleu"] for r in records]),
+        "errors": sum(1 for r in records if r.get("error")),
+    }

@@ -1,0 +1,203 @@
+"""Read the request's image files into the RGB PIL images the vision tower expects.
+
+Accepted: every format Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP, ...) except EPS (which would run
+Ghostscript), and DICOM through pydicom. Limits on bytes, pixels and aspect ratio are checked before any pixel is
+decoded, so a decompression bomb costs nothing. Given the processor's `Reduction`, each image is resized right after
+decoding to the size the vision tower takes, exactly as the processor would resize it later, so a request waiting in
+the queue holds a few hundred kilobytes per image rather than a full-resolution picture.
+"""
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from idefics_cog.inputs.dicom import load_dicom
+from idefics_cog.errors import InputError, reason as _reason
+
+log = logging.getLogger(__name__)
+
+# Defaults of the image limits. They are read from the environment at each call (not through settings.py, so
+# that a changed variable applies without a new Settings; see `Limits.from_env`).
+MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
+MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
+MAX_ASPECT_RATIO = 20.0  # IDEFICS_MAX_ASPECT_RATIO: long side / short side
+
+# Pillow's own guard (DecompressionBombError at twice this many pixels, raised by Image.open itself) as a second
+# line of defence behind the explicit check in `load_image`; it follows the limit in use at each call.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+PILLOW_FORMATS = None  # every format Pillow can open, EPS excluded; filled on first use
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Limits":
+        environ = os.environ if environ is None else environ
+
+        def read(variable: str, default, kind):
+            raw = environ.get(variable, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{variable}={raw!r} is not a number") from None
+            if value <= 0:
+                raise ValueError(f"{variable}={raw!r} must be positive")
+            return value
+
+        return cls(read("IDEFICS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, int),
+                   read("IDEFICS_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES, int),
+                   read("IDEFICS_MAX_ASPECT_RATIO", MAX_ASPECT_RATIO, float))
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """The IDEFICS image processor's resize step (width, height, PIL filter), to be done as soon as an image is
+    decoded. The processor resizes 8-bit RGB pictures with Pillow straight to this size; Pillow returns an image
+    already at the target size unchanged, so the processor's own resize later leaves the pixels bit-identical."""
+    width: int
+    height: int
+    resample: int
+
+    @classmethod
+    def of(cls, image_processor) -> "Reduction | None":
+        """The processor's resize, or None when it is not a fixed height x width Pillow resize (then images are
+        left at full size for the processor, as before)."""
+        size = getattr(image_processor, "size", None)
+        height, width = getattr(size, "height", None), getattr(size, "width", None)
+        if (not getattr(image_processor, "do_resize", False) or not height or not width
+                or getattr(image_processor, "backend", None) != "pil"):
+            return None
+        return cls(int(width), int(height), int(image_processor.resample))
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        return image.resize((self.width, self.height), resample=self.resample)
+
+
+def image_inputs(image: Path | None, images: list[Path] | None) -> list[tuple[str, Path]]:
+    """The request's images in binding order (`image` first, then `images`), each with the input name to report."""
+    named = [("image", image)] if image is not None else []
+    return named + [(f"images[{i}]", path) for i, path in enumerate(images or [])]
+
+
+def check_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise InputError(
+            f"image, images: {count} images given; the limit is {limit} per request (IDEFICS_MAX_IMAGES)"
+        )
+
+
+# Files people send by mistake, recognised by their first bytes, for a clearer message.
+NOT_IMAGES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive", b"PK\x05\x06": "an empty zip archive",
+              b"\x1f\x8b": "a gzip file", b"ustar": "a tar archive"}
+
+
+def load_image(name: str, path: Path, limits: Limits | None = None, reduce: Reduction | None = None) -> Image.Image:
+    """Check the file against the limits, decode it fully (so a truncated file fails here, not in the model),
+    convert it to RGB and, given `reduce`, resize it at once as the processor would. Every refusal is an
+    InputError that names the input (`name`)."""
+    picture = decode_image(name, path, limits or Limits.from_env())
+    return reduce.apply(picture) if reduce else picture
+
+
+def decode_image(name: str, path: Path, limits: Limits) -> Image.Image:
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{name}: the file is not a readable image (it is empty: 0 bytes)")
+    if size > limits.max_bytes:
+        raise InputError(f"{name}: the file is {size} bytes; the limit is {limits.max_bytes} bytes per image "
+                         f"(IDEFICS_MAX_IMAGE_BYTES)")
+    with open(path, "rb") as file:
+        head = file.read(264)
+    for magic, kind in NOT_IMAGES.items():
+        if head.startswith(magic) or (magic == b"ustar" and head[257:262] == magic):
+            raise InputError(f"{name}: the file is not a readable image (it is {kind})")
+    if head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom"):
+        return load_dicom(name, path, lambda width, height: check_dimensions(name, width, height, limits))
+    return load_pillow(name, path, limits)
+
+
+def check_dimensions(name: str, width: int, height: int, limits: Limits) -> None:
+    if width < 1 or height < 1:
+        raise InputError(f"{name}: the file has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InputError(f"{name}: the file is {width}x{height} = {width * height} pixels; the limit is "
+                         f"{limits.max_pixels} pixels per image (IDEFICS_MAX_IMAGE_PIXELS)")
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise InputError(f"{name}: the file is {width}x{height}, an aspect ratio of {ratio:g}:1; the limit is "
+                         f"{limits.max_aspect_ratio:g}:1 (IDEFICS_MAX_ASPECT_RATIO)")
+
+
+def pillow_formats() -> list[str]:
+    global PILLOW_FORMATS
+    if PILLOW_FORMATS is None:
+        Image.init()
+        PILLOW_FORMATS = sorted(f for f in Image.OPEN if f != "EPS")
+    return PILLOW_FORMATS
+
+
+def load_pillow(name: str, path: Path, limits: Limits) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    try:
+        with warnings.catch_warnings():  # Pillow warns between 1x and 2x its limit; check_dimensions refuses
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path, formats=pillow_formats())
+        with opened:
+            # The header alone gives the size: refuse a bomb before a single pixel is decoded.
+            check_dimensions(name, *opened.size, limits)
+            if getattr(opened, "n_frames", 1) > 1:
+                log.info("%s: the file has %d frames; using the first", name, opened.n_frames)
+            opened.load()
+            return to_rgb(ImageOps.exif_transpose(opened))  # a copy: `opened` is unusable once closed
+    except InputError:  # a ValueError itself: not to be wrapped by the catch-all below
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's guard, raised by Image.open for 2x the limit
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        raise InputError(f"{name}: the file is {size} (a decompression bomb?); the limit is {limits.max_pixels} "
+                         f"pixels per image (IDEFICS_MAX_IMAGE_PIXELS)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InputError(f"{name}: the file is not a readable image ({_reason(exc, path)})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with more than 8 bits per sample scaled to 8 and any transparency composited on white (the model
+    never saw alpha)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return gray_to_rgb(np.asarray(image), 65535 if image.mode.startswith("I;16") else None)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode == "RGB":  # no copy: a 40-megapixel picture is 120 MB
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def gray_to_rgb(pixels: np.ndarray, full_scale: float | None = None) -> Image.Image:
+    """High-bit-depth grayscale to 8 bits: the darkest pixel becomes 0 and the brightest 255 (linear), so a 12- or
+    16-bit image keeps its whole contrast. A uniform image keeps its level relative to `full_scale`."""
+    values = pixels.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high > low:
+        scaled = (values - low) / (high - low)
+    else:
+        scaled = np.full(values.shape, min(max(low / full_scale, 0.0), 1.0) if full_scale else 0.0)
+    return Image.fromarray(np.round(scaled * 255).astype(np.uint8), "L").convert("RGB")

@@ -1,0 +1,118 @@
+"""Where the model goes: on one GPU whenever it fits there, spread over several GPUs only when it does not.
+
+transformers' `device_map="auto"` is balanced: it splits even a model that fits one GPU over every GPU it sees,
+and a spread model cannot use the fast engine (serving/scheduler.py falls back to `model.generate`, one request at a
+time). So the decision is made here, from sizes known before loading: the weights (parameter counts from the
+checkpoint's safetensors headers, at the bytes per parameter the quantization gives) plus what the engine needs
+beside them (the fast engine's preallocated key/value caches, and room for activations).
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+ACTIVATIONS = 2 * GiB  # prefill activations and logits of one long prompt, the CUDA allocator's slack
+# bytes per parameter of the layers bitsandbytes quantizes: int8; or 4-bit nf4 plus one 8-bit absmax per block
+# of 64 (double quantization) and its small second-level state.
+QUANTIZED_BYTES = {"none": None, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 0.002}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device_map: dict | str
+    max_memory: dict | None
+    reason: str
+
+    @property
+    def spread(self) -> bool:
+        return self.device_map == "auto"
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a checkpoint directory, from its safetensors headers (no weight is read)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors files to size the model from")
+    shapes = {}
+    for file in files:
+        with safe_open(file, "pt") as tensors:
+            shapes.update({key: tuple(tensors.get_slice(key).get_shape()) for key in tensors.keys()})
+    return shapes
+
+
+def parameter_counts(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
+    """(parameters bitsandbytes quantizes, all other parameters): the quantized ones are the 2-D weights of Linear
+    layers, which is every 2-D weight but the embeddings and the output layer."""
+    quantizable = other = 0
+    for key, shape in shapes.items():
+        count = math.prod(shape)
+        linear = len(shape) == 2 and key.endswith(".weight") and "embed" not in key and "lm_head" not in key
+        quantizable += count if linear else 0
+        other += 0 if linear else count
+    return quantizable, other
+
+
+def weight_bytes(quantizable: int, other: int, quantization: str, dtype_bytes: int = 2) -> int:
+    """The weights' size in memory: everything in the compute dtype, or the Linear weights quantized."""
+    per_parameter = QUANTIZED_BYTES[quantization] or dtype_bytes
+    return int(quantizable * per_parameter + other * dtype_bytes)
+
+
+def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Placement:
+    """Placement for a model of `weights` bytes that needs `working` more bytes on the GPU that runs it (caches,
+    activations), given each GPU's free bytes (`free`, GPU index -> bytes; empty for CPU) and the CPU memory that
+    may hold what the GPUs cannot (`cpu` bytes; without it accelerate would send the rest to disk)."""
+    if not free:
+        return Placement({"": "cpu"}, None, "no GPU: on the CPU")
+    best = max(free, key=lambda index: free[index])
+    need = weights + working
+    if need <= free[best] or len(free) == 1:
+        fits = "" if need <= free[best] else (
+            "; that is more than it has: lower IDEFICS_MAX_BATCH (fewer cache slots) or quantize "
+            "(IDEFICS_QUANTIZATION)")
+        return Placement({"": best}, None, f"on GPU {best} ({free[best] / GiB:.1f} GiB free) alone: "
+                         f"{weights / GiB:.1f} GiB of weights + {working / GiB:.1f} GiB of caches and "
+                         f"activations{fits}")
+    # Spread: accelerate balances the layers under these limits, leaving each GPU room for its activations and
+    # key/value cache (model.generate's, which grows with the request instead of being preallocated).
+    max_memory = {index: max(0, room - ACTIVATIONS) for index, room in free.items()}
+    over = "" if weights <= sum(max_memory.values()) else (
+        "; even all GPUs together are too small, the rest goes to CPU memory (very slow)")
+    max_memory["cpu"] = cpu
+    return Placement("auto", max_memory, f"spread over {len(free)} GPUs: {weights / GiB:.1f} GiB of weights + "
+                     f"{working / GiB:.1f} GiB of caches and activations do not fit the largest free GPU "
+                     f"({free[best] / GiB:.1f} GiB). Cost: the fast engine is off (model.generate, one request "
+                     f"at a time, no batching; slower){over}")
+
+
+def free_memory() -> tuple[dict[int, int], int]:
+    """Free bytes of each visible GPU (empty without CUDA) and of the CPU, as accelerate measures them."""
+    import torch
+    from accelerate.utils import get_max_memory
+
+    if not torch.cuda.is_available():
+        return {}, 0
+    found = get_max_memory()
+    return {index: size for index, size in found.items() if isinstance(index, int)}, found.get("cpu", 0)
+
+
+def place(path: Path, device, quantization: str, working: int) -> Placement:
+    """The placement for checkpoint `path` on `device` (a torch.device): an explicit GPU (`cuda:1`) is taken as
+    given; `cuda` chooses among all GPUs. Logs the decision and what it costs."""
+    if device.type != "cuda":
+        placement = Placement({"": str(device)}, None, f"on {device}")
+    elif device.index is not None:
+        placement = Placement({"": device.index}, None, f"on GPU {device.index}, as IDEFICS_DEVICE asks")
+    else:
+        free, cpu = free_memory()
+        if not free:
+            raise ValueError("IDEFICS_DEVICE=cuda, but no GPU is visible (use auto or cpu)")
+        placement = decide(weight_bytes(*parameter_counts(checkpoint_shapes(path)), quantization), working, free, cpu)
+    (log.warning if placement.spread else log.info)("placement: %s", placement.reason)
+    return placement

@@ -1,0 +1,102 @@
+"""The scheduler's vocabulary: a request (`Job`), how it picks tokens (`Sampling`), and what it did (`Stats`)."""
+
+import contextvars
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from idefics_cog.errors import InputError
+from idefics_cog.inputs.prompt import Encoded
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    """How to pick tokens. `temperature == 0` is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_sequences: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # benchmarks: always decode max_new_tokens tokens
+
+    def __post_init__(self):
+        # JSON clients send `1` for 1.0 and may send `24.0` for 24 (the schema allows both): coerced once, here,
+        # because transformers' logits processors refuse an int and range() refuses a float.
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.repetition_penalty = float(self.repetition_penalty)
+        self.max_new_tokens, self.top_k = whole("max_new_tokens", self.max_new_tokens), whole("top_k", self.top_k)
+        self.seed = None if self.seed is None else whole("seed", self.seed)
+
+
+def whole(name: str, value: int | float) -> int:
+    """`value` as an int; a float with a fraction is refused (the input's schema type is integer)."""
+    if isinstance(value, float) and not value.is_integer():
+        raise InputError(f"{name}: {value} is not a whole number")
+    return int(value)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request for the scheduler."""
+
+    prepare: Encoded | Callable[[], Encoded]  # the encoded prompt, or how to make it (run on the torch thread)
+    sampling: Sampling
+    adapter: Hashable = None  # jobs with different adapters never share a batch
+    select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
+    stats: "Stats" = field(init=False)
+    sink: Callable | None = None  # set by Engine.submit
+    # The submitter's context: the scheduler runs the job's own work in it, so that its log lines stay the
+    # prediction's (coglet attributes logs through it).
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)  # the scheduler is done with it
+
+    def __post_init__(self):
+        seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(2**32)
+        self.stats = Stats(prompt_tokens=0, seed=seed)  # prompt_tokens: set once the scheduler has encoded it
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Stats:
+    """What the last generation did: its token ids and its speed (logged, and read by tests and benchmarks)."""
+
+    prompt_tokens: int
+    seed: int
+    ids: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    ended: float | None = None
+
+    def add(self, ids: list[int]) -> None:
+        self.first_token_at = self.first_token_at or time.perf_counter()
+        self.ids.extend(ids)
+
+    def metrics(self, started: float) -> dict:
+        """The prediction's metrics as Replicate's models report them (replicate/cog-vllm): the prompt's tokens as
+        the model saw them (3 per image), the tokens generated (the end-of-turn token too), and the seconds from
+        `started` (a perf_counter time) to the first of them, when there was one."""
+        metrics = {"input_token_count": self.prompt_tokens, "output_token_count": len(self.ids)}
+        if self.first_token_at is not None:
+            metrics["time_to_first_token"] = self.first_token_at - started
+        return metrics
+
+    def finish(self) -> None:
+        self.ended = time.perf_counter()
+        if self.first_token_at is None:
+            log.info("prompt %d tokens, no token generated (seed %d)", self.prompt_tokens, self.seed)
+            return
+        decoded = len(self.ids) - 1
+        rate = decoded / (self.ended - self.first_token_at) if decoded > 0 else float("nan")
+        log.info("prompt %d tokens, time to first token %.0f ms, %d new tokens at %.1f tokens/s (seed %d)",
+                 self.prompt_tokens, 1000 * (self.first_token_at - self.started), len(self.ids), rate, self.seed)

@@ -1,0 +1,336 @@
+"""The scheduler: every request's torch work, on one thread, with concurrent requests decoded as one batch.
+
+Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot as soon as it arrives, then joins
+the running batch; each decode step makes one token for every active request, which samples with its own
+settings and generator and ends on its own (end of turn, max_new_tokens, a stop sequence, cancelation).
+Requests for another adapter wait until the running batch has drained (first come, first served: a waiting
+request also stops later ones for the running adapter from joining), so adapters never mix within a batch.
+`transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time.
+
+Isolation: an error while admitting, encoding, selecting the adapter of, prefilling, sampling or streaming one
+request ends that request alone (an out-of-memory error too, and its slot is freed); the others go on with
+unchanged tokens. An error in the shared decode step ends the rows of that step, never the waiting requests. An
+error that leaves the device unusable (a CUDA device-side assert, an illegal memory access) ends the worker
+process, so that Cog reports it unhealthy instead of failing every later request.
+"""
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.generation.streamers import BaseStreamer
+
+from idefics_cog.serving.decoder import FastDecoder
+from idefics_cog.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+END = object()  # the last item a job's sink receives after a normal end
+DEVICE_LOST_EXIT = 70  # the worker's exit status when the device is unusable
+EXIT_GRACE_S = 1.0  # how long the worker waits for its last log line to be sent before it ends
+
+
+class GenerationError(RuntimeError):
+    """An error of the server while generating one request's answer (its stage in the message)."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
+
+
+def device_lost(exc: BaseException) -> bool:
+    """Whether `exc` leaves the device unusable for every later request (CUDA's sticky errors); an out-of-memory
+    error does not: it concerns the request that asked for the memory."""
+    if out_of_memory(exc):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or isinstance(exc, RuntimeError) and any(
+        marker in str(exc) for marker in ("device-side assert", "illegal memory access", "CUDA error"))
+
+
+def exit_worker(exc: BaseException) -> None:
+    """End this process at once (coglet then reports the server UNHEALTHY and the platform restarts it)."""
+    log.critical("the device is unusable after %s: %s; ending the worker process", type(exc).__name__, exc)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    time.sleep(EXIT_GRACE_S)  # coglet forwards the worker's logs from a thread of this process: let it send this one
+    os._exit(DEVICE_LOST_EXIT)
+
+
+def _explained(exc: Exception) -> bool:
+    """Errors that already tell the client what was wrong with its request (InputError, AdapterError, ...)."""
+    return isinstance(exc, (ValueError, WeightsError)) and not device_lost(exc)
+
+
+def failure(stage: str, exc: Exception) -> Exception:
+    """The error a request ends with when `stage` failed for it: a device-fatal error ends the worker; an
+    out-of-memory error or a bug is reported as the server's, naming the stage."""
+    if device_lost(exc):
+        exit_worker(exc)
+    if out_of_memory(exc):
+        error = GenerationError(f"out of memory while {stage}; the request was stopped and its memory freed "
+                                f"(other requests were not affected): retry, or send a shorter prompt, fewer "
+                                f"images or a lower max_new_tokens")
+    else:
+        error = GenerationError(f"{stage} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class Scheduler:
+    def __init__(self, engine, kind: str, max_batch: int, max_images: int):
+        self.engine = engine
+        self.kind = "fast" if kind in ("auto", "fast") else "transformers"
+        devices = set(getattr(engine.model, "hf_device_map", {}).values())
+        if self.kind == "fast" and len(devices) > 1:
+            log.warning("IDEFICS_ENGINE=%s: the model is spread over %d devices, which the fast path does not "
+                        "support; decoding with model.generate", kind, len(devices))
+            self.kind = "transformers"
+        self.decoder = FastDecoder(engine.model, max_batch, max_images) if self.kind == "fast" else None
+        self.waiting: deque = deque()
+        self.starting: deque = deque()  # admitted, not yet started
+        self.lock = threading.Lock()
+        self.running = False  # a `_serve` loop is on the generation thread
+        self.rows: list[_Row] = []  # the running batch; rows[i] lives in cache slot i
+        self.adapter = None  # the adapter key of the running batch
+        self.fallbacks_logged: set[str] = set()
+        self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
+
+    def submit(self, job) -> None:
+        with self.lock:
+            self.waiting.append(job)
+            if self.running:
+                return
+            self.running = True
+        self.engine.generation_thread.submit(self._serve)
+
+    def _serve(self) -> None:
+        """Run until no request is active or waiting; a new submit starts it again. Each stage handles its own
+        errors; the catch-all below is for a bug in the loop itself: it ends the active requests only."""
+        with torch.inference_mode():
+            while True:
+                try:
+                    with self.lock:
+                        if not self.rows and not self.waiting:
+                            self.running = False
+                            return
+                        self.starting.extend(self._admit())
+                    while self.starting:
+                        self._start(self.starting[0])
+                        self.starting.popleft()
+                    if self.rows:
+                        self._step()
+                except BaseException as exc:
+                    log.exception("decode loop failed")
+                    with self.lock:
+                        if not self.rows and not self.starting and self.waiting:
+                            self.starting.append(self.waiting.popleft())  # so that a repeating error moves on
+                    self._fail_active(failure("decoding", exc) if isinstance(exc, Exception) else exc)
+
+    def _fail_active(self, error: BaseException) -> None:
+        """End the running and starting requests with `error`; the waiting ones are served next."""
+        for job in [row.job for row in self.rows] + list(self.starting):
+            if not job.finished.is_set():
+                _end(job, error)
+        self.rows.clear()
+        self.starting.clear()
+
+    def _admit(self) -> list:
+        """Waiting jobs that may start now, in arrival order: with a running batch, those for its adapter up to
+        the first that needs another; with none, the first job's adapter group."""
+        for job in [job for job in self.waiting if job.cancelled.is_set()]:
+            self.waiting.remove(job)
+            _end(job)
+        admitted = []
+        room = self.decoder.max_batch - len(self.rows) if self.decoder else 1 - len(self.rows)
+        while self.waiting and len(admitted) < room:
+            job = self.waiting[0]
+            try:
+                if not self.rows and not admitted:
+                    self.adapter = job.adapter
+                if not self._joins(job):
+                    break
+            except Exception as exc:  # this request's key cannot be compared: it alone fails
+                self.waiting.popleft()
+                _end(job, failure("admitting the request", exc))
+                continue
+            admitted.append(self.waiting.popleft())
+        return admitted
+
+    def _joins(self, job) -> bool:
+        """Whether `job` may join the running batch (the same adapter)."""
+        return job.adapter == self.adapter
+
+    def _start(self, job) -> None:
+        """Select the job's adapter (at the start of a batch), encode it, and prefill it or run it alone."""
+        if job.cancelled.is_set():
+            return _end(job)
+        engine = self.engine
+        stage = "selecting the adapter"
+        try:
+            if job.select_adapter and not self.rows:
+                job.context.run(job.select_adapter)
+            stage = "encoding the prompt"
+            encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
+            job.stats.prompt_tokens = encoded.num_tokens
+            max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
+        except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only
+            return _end(job, exc if _explained(exc) else failure(stage, exc))
+        if self.decoder is None or not self.decoder.fits(encoded):
+            if self.decoder is not None:
+                job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
+            return self._generate(job, encoded, max_new_tokens)
+        try:
+            row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
+            logits = self.decoder.prefill(engine.model, row.slot, encoded)
+        except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
+            job.context.run(log.exception, "prefill failed")
+            return _end(job, failure("prefilling the prompt", exc))
+        self.rows.append(row)
+        self._emit([row], logits)
+
+    def _step(self) -> None:
+        rows = self.rows
+        self._drop([i for i, row in enumerate(rows) if row.job.cancelled.is_set()])
+        if rows:
+            self.largest_batch = max(self.largest_batch, len(rows))
+            try:
+                logits = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
+                                             [len(row.ids) - 1 for row in rows])
+            except Exception as exc:  # shared by every row: it cannot be pinned on one, so the step's rows end
+                log.exception("decode step failed")
+                return self._fail_active(failure("decoding (a step shared by the requests of one batch)", exc))
+            self._emit(rows, logits)
+
+    def _emit(self, rows: list, logits: torch.Tensor) -> None:
+        """Pick each row's next token, hand it to its job, and drop the rows that are done (or failed)."""
+        logits[:, self.engine.banned_ids] = -float("inf")
+        greedy = logits.argmax(-1).tolist()
+        done, errors = [], {}
+        for index, row in enumerate(rows):
+            try:
+                token = row.pick(logits[index:index + 1]) if row.processors else greedy[index]
+            except Exception as exc:
+                errors[row.slot] = failure("sampling the next token", exc)
+                continue
+            row.ids.append(token)
+            try:
+                row.job.sink([token])
+            except Exception as exc:
+                errors[row.slot] = failure("streaming the answer", exc)
+                continue
+            row.remaining -= 1
+            if row.remaining == 0 or (token in self.engine.eos_token_ids and not row.job.sampling.ignore_eos):
+                done.append(row.slot)
+        self._drop(done + list(errors), errors)
+
+    def _drop(self, slots: list[int], errors: dict | None = None) -> None:
+        """End the rows in `slots` (with their error, if any); the last rows move into the freed slots, so slots
+        0..n-1 stay active."""
+        for slot in sorted(slots, reverse=True):
+            _end(self.rows[slot].job, (errors or {}).get(slot))
+            last = self.rows.pop()
+            if slot < len(self.rows):
+                self.decoder.move(last.slot, slot)
+                last.slot = slot
+                self.rows[slot] = last
+
+    def _generate(self, job, encoded, max_new_tokens: int) -> None:
+        """The plain transformers recipe: `model.generate`, streaming through the job's sink."""
+        engine = self.engine
+        kwargs = engine.generate_kwargs(encoded, job.sampling, max_new_tokens)
+        kwargs.update(streamer=NewTokens(job.sink), stopping_criteria=StoppingCriteriaList([_Cancelled(job)]))
+        try:
+            torch.manual_seed(job.stats.seed)  # sampling draws from the global generator in `generate`
+            engine.model.generate(**kwargs)
+        except Exception as exc:
+            return _end(job, failure("generating", exc))
+        _end(job)
+
+    def _log_fallback(self, reason: str) -> None:
+        if reason not in self.fallbacks_logged:
+            self.fallbacks_logged.add(reason)
+            log.warning("fast path: %s; this request (and any like it) is decoded with model.generate", reason)
+
+
+def _end(job, error: BaseException | None = None) -> None:
+    try:
+        job.sink(error if error is not None else END)
+    except Exception:  # a sink that fails cannot be told; the job is over all the same
+        log.exception("a request's stream failed at its end")
+    finally:
+        job.finished.set()
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request in the running batch: its tokens so far, and how it picks the next one."""
+
+    job: object
+    ids: list[int]  # prompt and generated tokens (the repetition penalty looks at both, as in generate)
+    remaining: int  # tokens still allowed
+    engine: object
+    slot: int
+    processors: LogitsProcessorList = field(init=False)
+    generator: torch.Generator | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        # The same processors, in the same order, as `model.generate` builds for these settings.
+        sampling = self.job.sampling
+        self.processors = LogitsProcessorList()
+        if sampling.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+        if sampling.temperature > 0:
+            self.processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                self.processors.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1.0:
+                self.processors.append(TopPLogitsWarper(sampling.top_p))
+            # Its own generator: a request's samples depend on its seed only, never on its batch.
+            self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        history = torch.tensor([self.ids], device=logits.device)
+        scores = self.processors(history, logits)
+        if self.generator is None:
+            return int(scores.argmax())
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class NewTokens(BaseStreamer):
+    """Hands `generate`'s new tokens (not the prompt it passes first) to `sink`, a list of ids per step."""
+
+    def __init__(self, sink):
+        self.sink, self.prompt_seen = sink, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.sink(value.flatten().tolist())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, job):
+        self.job = job
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        stop = self.job.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,215 @@
+"""Cog's managed weights: use the weight set `cog push` shipped as its own layers, mounted at its `target`, when
+its files match `weights.lock`; otherwise the setting is resolved (downloaded) exactly as without a lock.
+
+`cog weights import` writes weights.lock from cog.yaml's `weights:` entries (format version 1 of replicate/cog's
+`pkg/weights/lockfile/lockfile.go`): for each weight its `name`, `target`, `sources` (`uri` such as
+`hf://owner/name`, `fingerprint` `commit:<sha>` for the hub), `setDigest` and `files` (`path`, `size`, `digest`
+as `sha256:<hex>`). A setting uses an entry when the entry's only source is the same hub repo (`owner/name` in the
+setting, `hf://owner/name` in the lock) and the setting pins no other revision: the lock pins the commit.
+
+Every file is checked against the lock (present, its size, its sha256); weight files in the target that the lock
+does not list are refused too (the loader could pick them). A marker under `<cache>/managed-verified/` remembers
+each file verified, keyed on its size and mtime, so a warm start does not hash 18 GB again (hub.py does the same).
+A target that does not match is never loaded: the log says which file, and the setting is resolved as usual.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from idefics_cog.errors import WeightsError
+from idefics_cog.weights.base import HUB_ID, PICKLE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+LOCK_VERSION = 1  # lockfile.Version in replicate/cog
+HF = "hf://"
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+HASH_THREADS = 4  # shards hash in parallel (hashlib releases the GIL), bounded by the disk anyway
+
+
+@dataclass(frozen=True)
+class LockedFile:
+    path: str
+    size: int
+    digest: str  # "sha256:<hex>"
+
+
+@dataclass(frozen=True)
+class LockedWeight:
+    name: str
+    target: Path
+    uri: str  # the only source's uri: hf://owner/name[@ref], or another scheme
+    fingerprint: str  # "commit:<sha>" for hf://
+    set_digest: str
+    files: tuple[LockedFile, ...]
+
+    @property
+    def repo_and_ref(self) -> tuple[str, str] | None:
+        """("owner/name", ref) of an hf:// source ("main" when the uri names none), else None."""
+        if not self.uri.startswith(HF):
+            return None
+        repo, _, ref = self.uri[len(HF):].partition("@")
+        return repo, ref or "main"
+
+    @property
+    def commit(self) -> str:
+        return self.fingerprint.removeprefix("commit:")
+
+
+def set_digest(files) -> str:
+    """The weight set digest of cog's lock (weightsource.DirHash): sha256 of the sorted "<hex>  <path>" lines."""
+    lines = sorted(f"{file.digest.partition(':')[2]}  {file.path}" for file in files)
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+class Lock:
+    """The weights of a weights.lock (none when the file does not exist), and which setting may use which."""
+
+    def __init__(self, path: Path, weights: list[LockedWeight], cache_dir: Path):
+        self.path, self.weights, self.cache_dir = Path(path), weights, Path(cache_dir)
+        self.refused: dict[str, str] = {}  # setting variable -> why its mounted target was not used
+
+    @classmethod
+    def read(cls, path: Path, cache_dir: Path) -> "Lock":
+        """Raises WeightsError naming the file when it exists but is not a version-1 weights.lock."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            return cls(path, [], cache_dir)
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"{path}: not a readable weights.lock ({exc})") from exc
+        if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
+            found = data.get("version") if isinstance(data, dict) else type(data).__name__
+            raise WeightsError(f"{path}: unsupported weights.lock version {found!r} (this project reads version "
+                               f"{LOCK_VERSION}, as written by `cog weights import`)")
+        try:
+            return cls(path, [_entry(entry) for entry in data.get("weights") or []], cache_dir)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{path}: malformed weights.lock entry ({type(exc).__name__}: {exc})") from exc
+
+    def source_for(self, variable: str, setting: str) -> str:
+        """The mounted target (as a source: a local directory) when it serves `setting` and matches the lock;
+        else `setting` itself, to be resolved as without a lock."""
+        weight = self.find(setting)
+        if weight is None:
+            return setting
+        if not weight.target.is_dir():
+            log.info("%s: %s is in %s, but its target %s is not mounted here; resolving %s=%s as usual",
+                     weight.name, weight.uri, self.path.name, weight.target, variable, setting)
+            return setting
+        problem = verify(weight, self.cache_dir)
+        if problem:
+            self.refused[variable] = f"the mounted {weight.target} does not match {self.path.name}: {problem}"
+            log.warning("%s=%s: %s; not loading it, resolving the setting as without a lock", variable, setting,
+                        self.refused[variable])
+            return setting
+        log.info("%s=%s: using the managed weights %r mounted at %s (commit %s, matching %s)", variable, setting,
+                 weight.name, weight.target, weight.commit, self.path.name)
+        return str(weight.target)
+
+    def find(self, setting: str) -> LockedWeight | None:
+        """The entry serving a hub id `owner/name[@revision]`: same repo, and the revision (if any) is the lock's
+        commit or the ref its uri names. A pinned other revision is logged and gets None (it is downloaded)."""
+        if not HUB_ID.match(setting) or Path(setting).expanduser().exists():
+            return None  # a local directory or a URL: used as it is
+        repo, _, revision = setting.partition("@")
+        for weight in self.weights:
+            locked = weight.repo_and_ref
+            if locked is None or locked[0] != repo:
+                continue
+            if revision and revision not in (weight.commit, locked[1]):
+                log.info("%s pins revision %s; %s has %s at commit %s: not using its target", setting, revision,
+                         self.path.name, weight.uri, weight.commit)
+                return None
+            return weight
+        return None
+
+
+def _entry(entry: dict) -> LockedWeight:
+    sources = entry["sources"]
+    files = tuple(LockedFile(str(f["path"]), int(f["size"]), str(f["digest"])) for f in entry["files"])
+    for file in files:
+        parts = PurePosixPath(file.path).parts
+        if PurePosixPath(file.path).is_absolute() or ".." in parts or not parts:
+            raise ValueError(f"weight {entry['name']!r}: file path {file.path!r} leaves its target")
+        if not file.digest.startswith("sha256:"):
+            raise ValueError(f"weight {entry['name']!r}: {file.path} has digest {file.digest!r}, not sha256:<hex>")
+    only = sources[0] if len(sources) == 1 else {}  # a multi-source weight never stands for one hub repo
+    return LockedWeight(name=str(entry["name"]), target=Path(entry["target"]), uri=str(only.get("uri", "")),
+                        fingerprint=str(only.get("fingerprint", "")), set_digest=str(entry.get("setDigest", "")),
+                        files=files)
+
+
+def verify(weight: LockedWeight, cache_dir: Path) -> str | None:
+    """None when every file of `weight` in its target matches the lock, else the first problem found.
+    Presence and sizes first (cheap), then sha256 of the files the marker does not vouch for."""
+    if weight.set_digest != set_digest(weight.files):
+        return f"its setDigest {weight.set_digest} is not that of the files it lists ({set_digest(weight.files)})"
+    listed = {file.path for file in weight.files}
+    for path in sorted(weight.target.rglob("*")):
+        rel = path.relative_to(weight.target).as_posix()
+        if path.is_file() and rel not in listed and rel.endswith(WEIGHT_SUFFIXES):
+            return f"{rel} is a weight file the lock does not list"
+    states = {}
+    for file in weight.files:
+        try:
+            states[file.path] = os.stat(weight.target / file.path)
+        except OSError:
+            return f"{file.path} is missing"
+        if states[file.path].st_size != file.size:
+            return f"{file.path} is {states[file.path].st_size} bytes, the lock says {file.size}"
+    marker = cache_dir / "managed-verified" / f"{weight.name}.json"
+    known = _read_marker(marker, weight)
+    todo = [file for file in weight.files if known.get(file.path) != _stamp(file, states[file.path])]
+    started, hashed = time.monotonic(), sum(file.size for file in todo)
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        digests = list(pool.map(lambda file: _sha256(weight.target / file.path), todo))
+    problem = None
+    for file, digest in zip(todo, digests):
+        if digest == file.digest:
+            known[file.path] = _stamp(file, states[file.path])
+        elif problem is None:
+            problem = f"{file.path} has sha256 {digest}, the lock says {file.digest}"
+    if todo:
+        log.info("%s: hashed %d files (%d bytes) in %.1f s", weight.name, len(todo), hashed,
+                 time.monotonic() - started)
+    _write_marker(marker, weight, known)
+    return problem
+
+
+def _stamp(file: LockedFile, state: os.stat_result) -> dict:
+    return {"digest": file.digest, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _read_marker(marker: Path, weight: LockedWeight) -> dict:
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    same = isinstance(data, dict) and data.get("setDigest") == weight.set_digest
+    return data.get("files", {}) if same and data.get("target") == str(weight.target) else {}
+
+
+def _write_marker(marker: Path, weight: LockedWeight, files: dict) -> None:
+    """Best effort: without it (a read-only cache) the next start only hashes again."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        temporary = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"setDigest": weight.set_digest, "target": str(weight.target),
+                                         "files": files}))
+        os.replace(temporary, marker)
+    except OSError as exc:
+        log.warning("%s: could not record the verification in %s (%s)", weight.name, marker, exc)

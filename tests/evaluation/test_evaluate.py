@@ -1,0 +1,272 @@
+"""Evaluation: the medical VQA metrics against hand-computed values, and whole runs on the tiny model."""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from idefics_cog.evaluation import metrics as vqa, run as ev
+from idefics_cog.weights.adapters import Adapters
+from idefics_cog.training.data import load_dataset
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Sampling
+from idefics_cog.config import ROOT
+from tests.support.fileserver import FileServer
+from tests.support.helpers import noise_image, tar_bytes
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_normalize_lowercases_strips_punctuation_and_collapses_spaces():
+    assert vqa.normalize("  No. ") == "no"
+    assert vqa.normalize("The X-ray,\tshows  the patient's LEFT lung!") == "the x ray shows the patients left lung"
+    assert vqa.normalize("?!...") == ""
+
+
+@pytest.mark.parametrize("reference, expected", [("no", "no"), ("No.", "no"), (" YES! ", "yes"), ("no fracture", None),
+                                                 ("Normal", None), ("", None)])
+def test_a_question_is_closed_when_its_reference_is_yes_or_no(reference, expected):
+    assert vqa.closed_answer(reference) == expected
+
+
+@pytest.mark.parametrize("prediction, reference, correct", [
+    ("No.", "no", True), ("NO", "No", True), ("no, it is intact", "no", True), ("Yes!", "YES.", True),
+    ("The lung looks normal.", "no", False),  # "no" inside "normal" is not the word no
+    ("It is not broken.", "no", False),  # ... nor inside "not"
+    ("I don't know.", "no", False),  # ... nor inside "know" (and "don't" becomes "dont")
+    ("nothing there", "no", False), ("yesterday", "yes", False),
+    ("Yes, there is no fracture.", "yes", True),  # both words: the first one is the verdict
+    ("Yes, there is no fracture.", "no", False),
+    ("yes or no", "no", False),  # a hedge is no better than always answering yes
+    ("", "yes", False), ("", "no", False),  # an empty answer is wrong
+    ("It is a fracture.", "yes", False),  # no verdict at all
+])
+def test_closed_accuracy_matches_whole_words_and_the_first_verdict(prediction, reference, correct):
+    scores = vqa.score(prediction, reference)
+    assert scores["closed"] and scores["correct"] is correct
+
+
+def test_recall_f1_and_exact_match_by_hand():
+    # reference [left, lower, lobe] (3 tokens), prediction [the, lower, left, lung] (4): overlap {left, lower} = 2
+    # recall 2/3, precision 2/4, F1 = 2 * (2/3 * 1/2) / (2/3 + 1/2) = (2/3) / (7/6) = 4/7
+    assert vqa.recall("The lower left lung.", "Left lower lobe") == pytest.approx(2 / 3)
+    assert vqa.f1("The lower left lung.", "Left lower lobe") == pytest.approx(4 / 7)
+    assert vqa.exact_match("The lower left lung.", "Left lower lobe") == 0.0
+    assert vqa.exact_match("  LEFT lower-lobe!", "left lower lobe") == 1.0  # "-" is a space, case and "!" ignored
+    # Tokens are a multiset: the reference [left, left, lung] has "left" twice; the prediction [left, lung] once.
+    # recall 2/3 (left once, lung), precision 2/2, F1 = 2 * (2/3 * 1) / (2/3 + 1) = (4/3) / (5/3) = 4/5
+    assert vqa.recall("left lung", "left, left lung") == pytest.approx(2 / 3)
+    assert vqa.f1("left lung", "left, left lung") == pytest.approx(4 / 5)
+
+
+def test_bleu_by_hand():
+    # prediction [the, left, lung] (3 tokens), reference [the, left, lung, is, clear] (5):
+    # p1 = 3/3; p2 = (2 + 1) / (2 + 1); p3 = (1 + 1) / (1 + 1); p4 = (0 + 1) / (0 + 1)  (add-one for n >= 2)
+    # brevity penalty exp(1 - 5/3) = exp(-2/3), so BLEU = exp(-2/3) = 0.5134
+    assert vqa.bleu("The left lung.", "The left lung is clear") == pytest.approx(math.exp(-2 / 3))
+    # prediction [right, lung, clear], reference [left, lung]: p1 = 1/3 (lung); p2 = (0 + 1) / (2 + 1) = 1/3;
+    # p3 = (0 + 1) / (1 + 1) = 1/2; p4 = (0 + 1) / (0 + 1) = 1; no brevity penalty (3 >= 2)
+    # BLEU = (1/3 * 1/3 * 1/2 * 1) ** (1/4) = (1/18) ** (1/4) = 0.4855
+    assert vqa.bleu("right lung clear", "left lung") == pytest.approx((1 / 18) ** 0.25)
+    assert vqa.bleu("Fracture.", "fracture") == 1.0  # a one-word match scores 1, not 0 for lack of 4-grams
+    assert vqa.bleu("lung", "fracture") == 0.0  # no unigram in common
+
+
+def test_an_empty_prediction_scores_zero_and_an_empty_reference_only_matches_an_empty_prediction():
+    assert vqa.score("", "left lung") == {"closed": False, "correct": None, "recall": 0.0, "f1": 0.0,
+                                         "exact_match": 0.0, "bleu": 0.0}
+    assert vqa.score("...", "") == {"closed": False, "correct": None, "recall": 1.0, "f1": 1.0, "exact_match": 1.0,
+                                   "bleu": 1.0}
+    assert vqa.score("lung", "")["recall"] == vqa.score("lung", "")["f1"] == vqa.score("lung", "")["bleu"] == 0.0
+
+
+def test_aggregate_splits_closed_and_open_questions():
+    pairs = [("No.", "no"), ("normal", "no"), ("Yes", "yes"),  # closed: 2 of 3 right
+             ("left lung", "the left lung"), ("", "right lobe")]  # open: recall 2/3 and 0
+    metrics = vqa.aggregate([vqa.score(p, r) for p, r in pairs])
+    assert metrics["questions"] == 5 and metrics["closed"] == 3 and metrics["open"] == 2
+    assert metrics["closed_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["open_recall"] == pytest.approx((2 / 3 + 0) / 2)
+    # exact match: "No." = "no" and "Yes" = "yes": 2 of 5. F1: 1, 0, 1, 2*(1 * 2/3)/(1 + 2/3) = 4/5, 0
+    assert metrics["exact_match"] == pytest.approx(2 / 5)
+    assert metrics["f1"] == pytest.approx((1 + 0 + 1 + 4 / 5 + 0) / 5)
+    assert metrics["errors"] == 0
+    only_open = vqa.aggregate([vqa.score("x", "left lung")])
+    assert only_open["closed_accuracy"] is None and only_open["closed"] == 0
+
+
+def test_markdown_table_has_a_column_per_configuration_and_the_difference():
+    first = {"label": "none", "metrics": vqa.aggregate([vqa.score("no", "no"), vqa.score("x", "left lung")])}
+    second = {"label": "trained.tar",
+              "metrics": vqa.aggregate([vqa.score("yes", "no"), vqa.score("left", "left lung")])}
+    table = ev.markdown_table([first, second]).splitlines()
+    assert table[0] == "| metric (%) | none | trained.tar | difference |"
+    assert "| closed accuracy (yes/no) | 100.0 | 0.0 | -100.0 |" in table
+    assert "| open recall | 0.0 | 50.0 | +50.0 |" in table
+    assert "| questions | 2 (1 closed, 1 open) | 2 (1 closed, 1 open) |  |" in table
+    alone = ev.markdown_table([{"label": "medical", "metrics": vqa.aggregate([vqa.score("x", "left lung")])}])
+    assert alone.splitlines()[0] == "| metric (%) | medical |"
+    assert "| closed accuracy (yes/no) | n/a |" in alone
+
+
+def test_the_command_line_builds_one_or_two_configurations(tmp_path):
+    data = tmp_path / "d.zip"
+    data.write_bytes(b"")
+    one = ev.parse_args([str(data)]).configurations
+    assert one == [ev.Configuration("medical", "", 1.0)]
+    url = "https://x/trained.tar#sha256=ab"
+    two = ev.parse_args([str(data), "--adapter", "none", "--compare-lora-weights", url])
+    assert two.configurations == [ev.Configuration("none"), ev.Configuration("medical", url)]
+    assert [c.label for c in two.configurations] == ["none", "trained.tar"]
+    scaled = ev.parse_args([str(data), "--compare-lora-scale", "0.5"]).configurations
+    assert [c.label for c in scaled] == ["medical", "medical x0.5"]
+    with pytest.raises(SystemExit):
+        ev.parse_args([str(data), "--adapter", "none", "--compare-adapter", "none"])  # the same twice
+    with pytest.raises(SystemExit):
+        ev.parse_args([str(tmp_path / "missing.zip")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Whole runs on the tiny model
+
+MAX_NEW_TOKENS = 8
+LINES = [
+    {"images": ["img/a.png"], "question": "Is there a fracture?", "answer": "No."},
+    {"images": ["img/b.png"], "question": "Is the lung clear?", "answer": "yes"},
+    {"images": ["img/a.png"], "question": "Which organ is shown?", "answer": "The left lung"},
+    {"images": ["img/a.png", "img/b.png"],
+     "conversation": [{"user": "Compare <image> and <image>.", "assistant": "The second is brighter."},
+                      {"user": "Where is the lesion?", "assistant": "In the right upper lobe."}]},
+    {"images": ["img/a.png"], "question": "Describe: " + "lung " * 600, "answer": "x"},  # over the tiny context
+]
+
+
+def png_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    noise_image(seed).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """The same small dataset as a zip and as a tar.gz: two closed questions, an open one, a two-turn chat, and
+    a question too long for the tiny model's context of 512 tokens."""
+    folder = tmp_path_factory.mktemp("dataset")
+    (folder / "img").mkdir()
+    (folder / "img" / "a.png").write_bytes(png_bytes(1))
+    (folder / "img" / "b.png").write_bytes(png_bytes(2))
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(line) for line in LINES) + "\n")
+    with zipfile.ZipFile(folder / "data.zip", "w") as archive:
+        for name in ["data.jsonl", "img/a.png", "img/b.png"]:
+            archive.write(folder / name, name)
+    (folder / "data.tar.gz").write_bytes(tar_bytes(folder, top="mydata"))  # all of it, the zip included
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_dir, dataset, tmp_path_factory):
+    """Predictions by configuration through `evaluate` on one engine: the base alone, the tiny adapter as
+    `medical`, and the same adapter named as a local directory in lora_weights."""
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    adapters = Adapters(engine, tmp_path_factory.mktemp("cache"))
+    adapters.load_default(str(tiny_dir / "adapter"))
+    examples = load_dataset(dataset / "data.zip", tmp_path_factory.mktemp("extracted"))
+    configs = [ev.Configuration("none"), ev.Configuration("medical"),
+               ev.Configuration(lora_weights=str(tiny_dir / "adapter"))]
+    results = ev.evaluate(engine, adapters, examples, configs, MAX_NEW_TOKENS)
+    return {r["label"]: [p["prediction"] for p in r["predictions"]] for r in results}, results
+
+
+def test_an_adapter_gives_the_same_predictions_however_it_is_named(expected):
+    predictions, results = expected
+    assert [r["active"] for r in results][:2] == ["none", "medical"] and results[2]["active"].startswith("custom_")
+    assert predictions["adapter"] == predictions["medical"] != predictions["none"]
+    assert all(predictions["none"][:4]), "the tiny model answers something"
+    assert [r["predictions"][4]["prediction"] for r in results] == ["", "", ""]
+    assert all("do not fit the model's context of 512 tokens" in r["predictions"][4]["error"] for r in results)
+    assert [r["metrics"]["errors"] for r in results] == [1, 1, 1]
+
+
+def test_the_base_column_is_a_plain_greedy_prediction(expected, engine, dataset, tmp_path):
+    """The same code path as a prediction: the transcript up to `Assistant:`, encode, greedy stream."""
+    for example, prediction in zip(load_dataset(dataset / "data.zip", tmp_path)[:4], expected[0]["none"]):
+        segments, _ = example.transcript(answer_last=False)
+        answer = "".join(engine.stream(engine.encode(segments, example.load_images()), Sampling(MAX_NEW_TOKENS)))
+        assert answer.strip() == prediction
+
+
+def test_cli_compares_the_base_with_an_adapter_from_a_url(tiny_dir, dataset, expected, tmp_path, monkeypatch,
+                                                          capsys):
+    monkeypatch.setenv("IDEFICS_CACHE_DIR", str(tmp_path / "cache"))
+    with FileServer() as server:
+        url = server.add("/trained.tgz", tar_bytes(tiny_dir / "adapter"))
+        code = ev.main([str(dataset / "data.zip"), "--base", str(tiny_dir / "base"), "--adapter", "none",
+                        "--compare-lora-weights", url, "--max-new-tokens", str(MAX_NEW_TOKENS),
+                        "--json", str(tmp_path / "out.json"), "--markdown", str(tmp_path / "out.md")])
+    assert code == 0
+    table = (tmp_path / "out.md").read_text()
+    assert capsys.readouterr().out == table  # stdout is the table alone
+    lines = table.splitlines()
+    assert lines[0] == "| metric (%) | none | trained.tgz | difference |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| closed accuracy (yes/no)", "| open recall", "| token F1", "| exact match", "| BLEU-4", "| questions",
+        "| errors (scored as empty)"]
+    assert lines[-2:] == ["| questions | 5 (2 closed, 3 open) | 5 (2 closed, 3 open) |  |",
+                          "| errors (scored as empty) | 1 | 1 |  |"]
+
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["max_new_tokens"] == MAX_NEW_TOKENS and report["base"] == str(tiny_dir / "base")
+    assert report["medical"] is None  # neither configuration used the `medical` adapter, so none was loaded
+    none, trained = report["configurations"]
+    assert (none["label"], none["active"]) == ("none", "none")
+    assert trained["lora_weights"] == url and trained["active"].startswith("custom_")
+    # Each column has the predictions of that configuration (the URL's adapter is the tiny adapter).
+    assert [p["prediction"] for p in none["predictions"]] == expected[0]["none"]
+    assert [p["prediction"] for p in trained["predictions"]] == expected[0]["medical"]
+    chat = none["predictions"][3]
+    assert (chat["line"], chat["question"]) == (4, "Where is the lesion?")
+    assert chat["reference"] == "In the right upper lobe."  # the last answer of the conversation
+    assert [p["closed"] for p in none["predictions"]] == [True, True, False, False, False]
+
+    for config in report["configurations"]:
+        records = config["predictions"]
+        for record in records:  # every record's scores are those of its prediction
+            assert {k: record[k] for k in vqa.score("", "x")} == vqa.score(record["prediction"], record["reference"])
+        assert vqa.aggregate(records) == config["metrics"]
+        # closed accuracy again, from the raw texts: the first whole yes/no word against the reference
+        verdicts = [vqa.verdict(r["prediction"]) == vqa.normalize(r["reference"]) for r in records[:2]]
+        assert config["metrics"]["closed_accuracy"] == pytest.approx(sum(verdicts) / 2)
+        row = next(line for line in lines if line.startswith("| token F1 |")).split(" | ")
+        column = 1 if config is none else 2
+        assert row[column] == f"{100 * config['metrics']['f1']:.1f}"
+
+
+def test_python_m_idefics_cog_evaluate_runs_as_a_command(tiny_dir, dataset, expected, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "IDEFICS_CACHE_DIR": str(tmp_path / "cache"),
+           "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base")}
+    run = subprocess.run(
+        [sys.executable, "-m", "idefics_cog.evaluation.run", str(dataset / "data.tar.gz"), "--adapter", "none",
+         "--adapter-weights", str(tiny_dir / "adapter"), "--compare-adapter", "medical", "--limit", "2",
+         "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", str(tmp_path / "out.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == "| metric (%) | none | medical | difference |"
+    assert "| questions | 2 (2 closed, 0 open) | 2 (2 closed, 0 open) |  |" in run.stdout
+    assert "| open recall | n/a | n/a | n/a |" in run.stdout
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["medical"] == str(tiny_dir / "adapter")
+    for config, label in zip(report["configurations"], ["none", "medical"]):
+        assert [p["prediction"] for p in config["predictions"]] == expected[0][label][:2]
+
+
+def test_a_bad_adapter_source_fails_with_a_message(tiny_dir, dataset, capsys):
+    code = ev.main([str(dataset / "data.zip"), "--base", str(tiny_dir / "base"), "--lora-weights", "/no/such/dir"])
+    assert code == 1
+    assert "evaluate: lora_weights: weight source '/no/such/dir' is not a directory" in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""Every numeric input through the real Cog server, as each JSON type the schema allows: its bounds (and a value
+between them) as JSON integers and as JSON floats (`1` and `1.0`), sent together with other requests, which must
+get the answers they get alone. Most clients send `temperature: 1`; coglet passes it on as a Python int (and
+`max_new_tokens: 24.0` as a float), so the service must take both."""
+
+import pytest
+import requests
+
+from idefics_dev.schema import build_schema
+from tests.support.helpers import answer, data_uri, noise_image
+from tests.support.server import send, succeeded, together
+
+INPUTS = build_schema()["components"]["schemas"]["Input"]["properties"]  # what the server serves (checked below)
+NUMERIC = sorted(name for name, prop in INPUTS.items() if prop.get("type") in ("integer", "number"))
+IMAGE = data_uri(noise_image(21))
+BASE = {"prompt": "Describe <image>.", "image": IMAGE, "max_new_tokens": 12, "seed": 5}  # sampled answers repeat
+SAMPLED = {"temperature": 0.8}  # so that top_p, top_k and the seed are used
+NEIGHBOURS = [{"prompt": "What does this X-ray show?", "image": data_uri(noise_image(22)), "max_new_tokens": 30},
+              {"prompt": "Tell me about lungs.", "max_new_tokens": 30, "adapter": "none"}]
+
+
+def json_values(prop: dict) -> list[int | float]:
+    """Valid values of each JSON type for a numeric input: its bounds and their midpoint, each as a JSON integer
+    (when whole) and as a JSON float; for a `number`, a value with a fraction too."""
+    low, high = prop["minimum"], prop["maximum"]
+    values = []
+    for value in (low, (low + high) // 2, high):
+        values += [int(value), float(value)]
+    if prop["type"] == "number":
+        values.append(low + (high - low) / 3)
+    return values
+
+
+def test_the_inputs_checked_here_are_those_the_server_serves(server):
+    served = requests.get(f"{server.url}/openapi.json", timeout=30).json()
+    assert served["components"]["schemas"]["Input"]["properties"] == INPUTS
+    assert NUMERIC == ["lora_scale", "max_new_tokens", "repetition_penalty", "seed", "temperature", "top_k",
+                       "top_p"]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_each_numeric_input_takes_integer_and_float_json_beside_other_requests(server, name):
+    values = json_values(INPUTS[name])
+    base = {**BASE, **(SAMPLED if name in ("top_p", "top_k", "seed") else {})}
+    alone = [answer(server, inputs) for inputs in NEIGHBOURS]
+    calls = [({**base, name: value}, True) for value in values] + [(inputs, True) for inputs in NEIGHBOURS]
+    results = together(server, calls)
+    answers = [succeeded(result) for result in results]  # every one succeeds (and streams what it returns)
+    assert answers[len(values):] == alone  # the neighbours' answers are unchanged
+    by_value: dict = {}
+    for value, text in zip(values, answers):
+        by_value.setdefault(value, set()).add(text)  # 1 == 1.0: the same key
+    assert all(len(texts) == 1 for texts in by_value.values()), by_value  # `1` answers as `1.0` does
+
+
+def test_an_integer_input_with_a_fraction_is_refused_naming_it(server):
+    result = send(server, {**BASE, "max_new_tokens": 4.5})
+    assert result["code"] == 422 and "max_new_tokens" in result["result"]["error"]
+
+
+@pytest.mark.parametrize("name", sorted(name for name, prop in INPUTS.items() if prop.get("nullable")))
+def test_null_for_a_nullable_input_is_refused_by_coglet(server, name):
+    """The schema marks Optional inputs `nullable` (as `cog build` does), but coglet 0.23.1 validates with JSON
+    Schema, which ignores `nullable`, and answers 422: leave the input out instead (README, "Inputs"). If this
+    starts to pass with another coglet, null becomes a valid value to test above."""
+    result = send(server, {**BASE, name: None})
+    assert result["code"] == 422 and name in result["result"]["error"]

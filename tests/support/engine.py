@@ -1,0 +1,49 @@
+"""Answers of the tiny engine: through the project (`run`), by the plain model-card recipe (`recipe`), by plain
+`model.generate` (`generate`), on shared cases."""
+
+import torch
+
+from idefics_cog.inputs.prompt import build_segments
+from idefics_cog.serving.jobs import Sampling
+from idefics_dev.recipe import model_card_generate
+from tests.support.helpers import noise_image
+
+GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+def run(engine, text, images=(), template="instruct", **sampling):
+    segments = build_segments(text, len(images), template)
+    return "".join(engine.stream(engine.encode(segments, list(images)), Sampling(**sampling)))
+
+
+def recipe(engine, text, images=(), template="instruct", max_new_tokens=24, **sampling):
+    segments = build_segments(text, len(images), template)
+    items = [images[s] if isinstance(s, int) else s for s in segments]
+    return model_card_generate(engine.model, engine.processor, items, max_new_tokens, **(sampling or GREEDY))
+
+
+CASES = {
+    "one image": ("What does this X-ray show?", [noise_image(1)]),
+    "two images with placeholders": ("Compare <image> and <image>.", [noise_image(2), noise_image(3)]),
+    "text only": ("Tell me about lungs.", []),
+}
+
+
+def encoded(engine, text, images=()):
+    return engine.encode(build_segments(text, len(images)), list(images))
+
+
+def generate(engine, enc, sampling: Sampling) -> list[int]:
+    """The plain transformers recipe's tokens for this request (seeded like the engine)."""
+    kwargs = engine.generate_kwargs(enc, sampling, sampling.max_new_tokens)
+    with torch.inference_mode():
+        torch.manual_seed(sampling.seed or 0)
+        out = engine.model.generate(**kwargs)
+    return out[0, enc.num_tokens:].tolist()
+
+
+TEXT, IMAGES = CASES["one image"]
+
+
+def answer(engine, **sampling):
+    return run(engine, TEXT, IMAGES, max_new_tokens=16, **sampling)
