@@ -9,6 +9,23 @@ DEFAULT_BASE_WEIGHTS = "HuggingFaceM4/idefics-9b-instruct"
 DEFAULT_ADAPTER_WEIGHTS = "WinterSchool/Midefics-lora-v3"
 QUANTIZATIONS = ("none", "8bit", "4bit")
 ENGINES = ("auto", "fast", "transformers")
+MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
+MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
+MAX_ASPECT_RATIO = 20.0  # IDEFICS_MAX_ASPECT_RATIO: long side / short side
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+
+    @classmethod
+    def from_env(cls, env=None) -> "ImageLimits":
+        env = os.environ if env is None else env
+        return cls(_positive(env, "IDEFICS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, int),
+                   _positive(env, "IDEFICS_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES, int),
+                   _positive(env, "IDEFICS_MAX_ASPECT_RATIO", MAX_ASPECT_RATIO, float))
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class Settings:
     engine: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
     max_batch: int  # concurrent requests decoded together by the fast engine
     weights_lock: Path = ROOT / "weights.lock"  # Cog's managed weights (`cog weights import`); see managed.py
+    image_limits: ImageLimits = ImageLimits()  # bytes, pixels and aspect ratio of each image
 
     @classmethod
     def from_env(cls, env=os.environ, trained_weights: str | None = None) -> "Settings":
@@ -47,6 +65,7 @@ class Settings:
             engine=_choice(env, "IDEFICS_ENGINE", ENGINES),
             max_batch=_positive_int(env, "IDEFICS_MAX_BATCH", 16),
             weights_lock=Path(env.get("IDEFICS_WEIGHTS_LOCK", ROOT / "weights.lock")),
+            image_limits=ImageLimits.from_env(env),
         )
 
 
@@ -55,6 +74,20 @@ def _positive_int(env, name: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{name} must be a positive integer, got {raw!r}")
     return int(raw)
+
+
+def _positive(env, name: str, default, kind):
+    """A positive number of `kind` (int or float); unset or empty: `default`."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
 
 
 def _choice(env, name: str, choices: tuple[str, ...]) -> str:

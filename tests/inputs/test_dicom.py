@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 
 from idefics_cog.errors import InputError
-from idefics_cog.inputs.images import Limits
+from idefics_cog.config import ImageLimits
 from tests.support.images import COLORS, dicom_bytes, load_bytes, palette_dicom, ramp, row
 
 
@@ -67,7 +67,7 @@ def test_dicom_rgb(tmp_path):
 
 def test_dicom_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     with pytest.raises(InputError, match=r"image: the file is 64x8 = 512 pixels; the limit is 100 pixels"):
-        load_bytes(tmp_path, dicom_bytes(ramp()), "big.dcm", limits=Limits(max_pixels=100))
+        load_bytes(tmp_path, dicom_bytes(ramp()), "big.dcm", limits=ImageLimits(max_pixels=100))
 
 
 def test_broken_dicom_names_the_input(tmp_path):

@@ -188,6 +188,7 @@ def test_pillow_guard_also_fires(tmp_path):
 
 
 def test_limits_come_from_the_environment_at_call_time(tmp_path, monkeypatch):
+    """Without `limits` (the tools, training data); the server passes the ones its Settings read at setup."""
     path = tmp_path / "a.png"
     Image.new("RGB", (300, 100)).save(path)
     assert load_image("image", path).size == (300, 100)
@@ -209,9 +210,11 @@ def test_limits_come_from_the_environment_at_call_time(tmp_path, monkeypatch):
 
 
 def test_default_byte_limit_is_50_mb(tmp_path):
-    from idefics_cog.inputs.images import Limits
+    from idefics_cog.config import ImageLimits, Settings
 
-    assert Limits.from_env({}) == Limits(40_000_000, 50_000_000, 20.0)
+    assert ImageLimits.from_env({}) == ImageLimits(40_000_000, 50_000_000, 20.0) == Settings.from_env({}).image_limits
+    with pytest.raises(ValueError, match=r"IDEFICS_MAX_ASPECT_RATIO='-1' must be positive"):
+        Settings.from_env({"IDEFICS_MAX_ASPECT_RATIO": "-1"})  # the server's setup stops, naming the variable
     path = tmp_path / "huge.png"
     with open(path, "wb") as file:  # sparse: 50 MB + 1 of zeros, never read
         file.truncate(50_000_001)
@@ -280,11 +283,12 @@ def test_no_reduction_for_a_processor_that_does_not_resize_to_a_fixed_size(image
 def test_the_service_reduces_images_as_its_processor_would(engine, tmp_path):
     """What a request's job holds until the scheduler encodes it: image_size x image_size pictures whose pixel
     values are the ones the processor makes of the full-size file."""
+    from idefics_cog.config import Settings
     from idefics_cog.serving.service import Service
 
     path = tmp_path / "big.png"
     noise_image(8, (1200, 900)).save(path)
-    service = Service(engine, adapters=None, settings=None)
+    service = Service(engine, adapters=None, settings=Settings.from_env({}))
     [held] = service.read_images([("image", path)])
     processor = engine.processor.image_processor
     assert held.size == (processor.image_size, processor.image_size)

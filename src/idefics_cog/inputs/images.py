@@ -8,7 +8,6 @@ the queue holds a few hundred kilobytes per image rather than a full-resolution 
 """
 
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -18,48 +17,16 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from idefics_cog.inputs.dicom import load_dicom
+from idefics_cog.config import MAX_IMAGE_PIXELS, ImageLimits
 from idefics_cog.errors import InputError, reason as _reason
 
 log = logging.getLogger(__name__)
-
-# Defaults of the image limits. They are read from the environment at each call (not through settings.py, so
-# that a changed variable applies without a new Settings; see `Limits.from_env`).
-MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
-MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
-MAX_ASPECT_RATIO = 20.0  # IDEFICS_MAX_ASPECT_RATIO: long side / short side
 
 # Pillow's own guard (DecompressionBombError at twice this many pixels, raised by Image.open itself) as a second
 # line of defence behind the explicit check in `load_image`; it follows the limit in use at each call.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 PILLOW_FORMATS = None  # every format Pillow can open, EPS excluded; filled on first use
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_pixels: int = MAX_IMAGE_PIXELS
-    max_bytes: int = MAX_IMAGE_BYTES
-    max_aspect_ratio: float = MAX_ASPECT_RATIO
-
-    @classmethod
-    def from_env(cls, environ=None) -> "Limits":
-        environ = os.environ if environ is None else environ
-
-        def read(variable: str, default, kind):
-            raw = environ.get(variable, "").strip()
-            if not raw:
-                return default
-            try:
-                value = kind(raw)
-            except ValueError:
-                raise ValueError(f"{variable}={raw!r} is not a number") from None
-            if value <= 0:
-                raise ValueError(f"{variable}={raw!r} must be positive")
-            return value
-
-        return cls(read("IDEFICS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, int),
-                   read("IDEFICS_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES, int),
-                   read("IDEFICS_MAX_ASPECT_RATIO", MAX_ASPECT_RATIO, float))
 
 
 @dataclass(frozen=True)
@@ -104,15 +71,17 @@ NOT_IMAGES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive", b"PK\x0
               b"\x1f\x8b": "a gzip file", b"ustar": "a tar archive"}
 
 
-def load_image(name: str, path: Path, limits: Limits | None = None, reduce: Reduction | None = None) -> Image.Image:
+def load_image(name: str, path: Path, limits: ImageLimits | None = None,
+               reduce: Reduction | None = None) -> Image.Image:
     """Check the file against the limits, decode it fully (so a truncated file fails here, not in the model),
     convert it to RGB and, given `reduce`, resize it at once as the processor would. Every refusal is an
-    InputError that names the input (`name`)."""
-    picture = decode_image(name, path, limits or Limits.from_env())
+    InputError that names the input (`name`). `limits`: the server's (Settings.image_limits, read at setup); by
+    default read from the environment now (the command-line tools, training data)."""
+    picture = decode_image(name, path, limits or ImageLimits.from_env())
     return reduce.apply(picture) if reduce else picture
 
 
-def decode_image(name: str, path: Path, limits: Limits) -> Image.Image:
+def decode_image(name: str, path: Path, limits: ImageLimits) -> Image.Image:
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -130,7 +99,7 @@ def decode_image(name: str, path: Path, limits: Limits) -> Image.Image:
     return load_pillow(name, path, limits)
 
 
-def check_dimensions(name: str, width: int, height: int, limits: Limits) -> None:
+def check_dimensions(name: str, width: int, height: int, limits: ImageLimits) -> None:
     if width < 1 or height < 1:
         raise InputError(f"{name}: the file has no pixels ({width}x{height})")
     if width * height > limits.max_pixels:
@@ -150,7 +119,7 @@ def pillow_formats() -> list[str]:
     return PILLOW_FORMATS
 
 
-def load_pillow(name: str, path: Path, limits: Limits) -> Image.Image:
+def load_pillow(name: str, path: Path, limits: ImageLimits) -> Image.Image:
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
         with warnings.catch_warnings():  # Pillow warns between 1x and 2x its limit; check_dimensions refuses

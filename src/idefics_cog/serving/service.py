@@ -112,7 +112,8 @@ class Service:
         """Decode each (name, path) and resize it at once to the vision tower's size, exactly as the processor
         would later: the queue holds small pictures, not 40-megapixel ones."""
         reduce = image_files.Reduction.of(self.engine.processor.image_processor)
-        return [image_files.load_image(name, path, reduce=reduce) for name, path in files]
+        limits = self.settings.image_limits
+        return [image_files.load_image(name, path, limits, reduce) for name, path in files]
 
     def job(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
             template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
