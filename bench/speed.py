@@ -434,7 +434,7 @@ def main() -> None:
     if model.device.type == "cuda":
         # The check's compiled graphs captured the float32 weights' addresses: replaying them after the weights
         # move to bf16 reads freed memory (an illegal address on an H200). Serving never changes the dtype.
-        torch._dynamo.reset()
+        torch.compiler.reset()
         model.to(torch.bfloat16)
         free_memory(model.device)
     device = model.device

@@ -39,7 +39,8 @@ def test_requirements_are_all_pinned():
         lines = [l for l in (ROOT / name).read_text().splitlines() if l.strip() and not l.startswith("#")]
         assert lines and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.+-]+", l) for l in lines), name
     pins = (ROOT / "requirements.txt").read_text()
-    for package in ("torch==2.13.0", "transformers==", "peft==", "bitsandbytes==", "accelerate==", "pillow==", "cog=="):
+    for package in ("torch==2.13.0", "transformers==", "peft==", "bitsandbytes==", "accelerate==", "pillow==", "cog==",
+                    "coglet==", "urllib3=="):
         assert package in pins
     assert "torchvision" not in pins
 

@@ -130,7 +130,7 @@ def test_make_install_installs_the_project_editable(tmp_path):
     installed and fetches only the build backend): the project (idefics_cog and idefics_dev) then imports from src/
     with no PYTHONPATH, and `idefics-cog` is installed."""
     venv = tmp_path / "venv"
-    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

@@ -28,10 +28,13 @@ log = logging.getLogger(__name__)
 def cuda_graphs_on_this_thread() -> None:
     """Let CUDA graph trees (torch.compile's reduce-overhead mode) run on the engine's own thread. They keep their
     state per thread and set it up only in the thread that imported them (and in autograd's); on any other thread
-    their first replay fails an assertion (seen on an H200, torch 2.11). This gives this thread that state."""
-    from torch._inductor import cudagraph_trees
-
-    local = cudagraph_trees.local
+    their first replay fails an assertion (seen on an H200, torch 2.11). This gives this thread that state. The
+    pinned torch 2.13 sets it up itself on any thread (cudagraph_trees.get_obj), so there this does nothing; it stays
+    for the GPU machines' own older torch that bench/gpu.sh runs on (private torch names: skipped when absent)."""
+    try:
+        from torch._inductor.cudagraph_trees import local
+    except (ImportError, AttributeError):
+        return
     if not hasattr(local, "tree_manager_containers"):
         local.tree_manager_containers = {}
         local.tree_manager_locks = defaultdict(threading.Lock)
@@ -100,7 +103,7 @@ class FastDecoder:
                           self.image_gate):
                 torch._dynamo.mark_static_address(cache)
             # Batch and length buckets, and adapter states (PEFT's Python-side state is guarded on), compile once each.
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, 64)
             self.compiled = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
 
     def fits(self, encoded: Encoded) -> bool:

@@ -15,11 +15,6 @@ from pathlib import Path
 from idefics_cog.weights.base import ADAPTER_PICKLE, PICKLE_SUFFIXES, WeightsError
 from idefics_cog.weights.hub_client import Hub
 
-try:  # the tree listing snapshot_download caches per commit (`trees/<commit>.json`), with each file's lfs sha256
-    from huggingface_hub._tree_cache import read_tree_cache
-except ImportError:  # a later huggingface_hub: fall back on blob names, which are the sha256 of LFS files
-    read_tree_cache = None
-
 log = logging.getLogger("idefics_cog.weights.hub")
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -49,13 +44,8 @@ def require_safetensors(hub: Hub, snapshot: Path, commit: str) -> None:
 
 
 def _tree(hub: Hub, commit: str) -> dict | None:
-    """The repo's file listing at `commit`, as snapshot_download cached it (None when it did not)."""
-    if read_tree_cache is None:
-        return None
-    try:
-        return read_tree_cache(str(hub.storage), commit)
-    except Exception:  # a private helper: never let it break a fetch
-        return None
+    """The repo's file listing at `commit`, as the hub gave it in this fetch (None offline, or for another commit)."""
+    return hub.listing[1] if hub.listing and hub.listing[0] == commit else None
 
 
 def verify(hub: Hub, snapshot: Path, commit: str) -> int:
@@ -136,11 +126,13 @@ def _write_marker(hub: Hub, path: Path, commit: str, verified: dict) -> None:
 def _expected_digest(file: Path, entry) -> tuple[str, str] | None:
     """("sha256", hex) for an LFS file, ("git-sha1", hex) for a file stored in git; None when unknown.
 
-    From the tree listing when cached; else from the blob's name, which is the file's ETag in snapshot_download's
-    layout: the sha256 of an LFS file (`X-Linked-Etag`), the git blob sha1 of any other file.
+    From the hub's listing (`repo_info(files_metadata=True)`) when this fetch has it; else from the blob's name, which
+    is the file's ETag in snapshot_download's layout: the sha256 of an LFS file (`X-Linked-Etag`), the git blob sha1
+    of any other file.
     """
-    if entry is not None and getattr(entry, "lfs_sha256", None):
-        return "sha256", entry.lfs_sha256.lower()
+    lfs = getattr(entry, "lfs", None)
+    if lfs is not None and lfs.sha256:
+        return "sha256", lfs.sha256.lower()
     name = os.path.basename(os.path.realpath(file))
     if SHA256.match(name):
         return "sha256", name

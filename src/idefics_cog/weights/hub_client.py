@@ -53,7 +53,7 @@ class Hub:
         self.repo_id, self.revision = repo_id, revision
         self.with_pickle = False  # also fetch (and verify) an adapter's adapter_model.bin
         self.token = None  # None: HF_TOKEN from the environment; False for a request's repo
-        self.only: list[str] | None = None  # exactly these files (a request's adapter)
+        self.listing: tuple[str, dict] | None = None  # (commit, {path: RepoSibling}): the hub's sizes and checksums
         self.label = f"{repo_id}@{revision or constants.DEFAULT_REVISION}"
         self.cache_dir = cache_dir / "hub"
         self.storage = self.cache_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -73,7 +73,7 @@ class Hub:
                 self.repo_id,
                 revision=revision,
                 cache_dir=self.cache_dir,
-                allow_patterns=self.only or (ADAPTER_ALLOW_PATTERNS if self.with_pickle else ALLOW_PATTERNS),
+                allow_patterns=ADAPTER_ALLOW_PATTERNS if self.with_pickle else ALLOW_PATTERNS,
                 ignore_patterns=ADAPTER_IGNORE_PATTERNS if self.with_pickle else IGNORE_PATTERNS,
                 local_files_only=local_files_only or self.offline,
                 endpoint=self.endpoint,
@@ -100,9 +100,10 @@ class Hub:
             except LocalEntryNotFoundError:
                 pass  # incomplete or gone: fetch what is missing
         try:
-            HfApi(endpoint=self.endpoint, token=self.token).repo_info(
-                self.repo_id, revision=self.revision, timeout=self.timeout
+            info = HfApi(endpoint=self.endpoint, token=self.token).repo_info(
+                self.repo_id, revision=self.revision, timeout=self.timeout, files_metadata=True
             )
+            self.listing = (info.sha, {sibling.rfilename: sibling for sibling in info.siblings or []})
         except RevisionNotFoundError:
             raise  # the hub answered: no such revision
         except (httpx2.TransportError, OfflineModeIsEnabled, HfHubHTTPError) as exc:
