@@ -147,13 +147,24 @@ def test_cog_yaml_installs_pget_pinned(cog_yaml):
     assert "/usr/local/bin/pget" in install and "chmod +x /usr/local/bin/pget" in install
 
 
-def test_cog_yaml_managed_weights_serve_the_default_settings(cog_yaml, tmp_path):
-    """A lock as `cog weights import` would write it from cog.yaml's `weights:` is found for the default
-    IDEFICS_BASE_WEIGHTS and IDEFICS_ADAPTER_WEIGHTS, at the declared targets."""
+def test_cog_managed_yaml_is_cog_yaml_plus_the_managed_weights(cog_yaml):
+    """cog.yaml has no `weights:` (the cog CLI refuses one without weights.lock, so `cog predict` would fail on a
+    fresh clone); cog.managed.yaml is cog.yaml with them, nothing else, and valid against the official schema."""
+    managed = yaml.safe_load((ROOT / "cog.managed.yaml").read_text())
+    jsonschema.validate(managed, COG_SCHEMA)
+    assert "weights" not in cog_yaml
+    assert {key: value for key, value in managed.items() if key != "weights"} == cog_yaml
+    assert [entry["source"]["uri"] for entry in managed["weights"]] == [
+        "hf://HuggingFaceM4/idefics-9b-instruct", "hf://WinterSchool/Midefics-lora-v3"]
+
+
+def test_cog_yaml_managed_weights_serve_the_default_settings(tmp_path):
+    """A lock as `cog weights import -f cog.managed.yaml` would write it from its `weights:` is found for the
+    default IDEFICS_BASE_WEIGHTS and IDEFICS_ADAPTER_WEIGHTS, at the declared targets."""
     from idefics_cog.weights.managed import Lock, set_digest
     from idefics_cog.config import Settings
 
-    declared = cog_yaml["weights"]
+    declared = yaml.safe_load((ROOT / "cog.managed.yaml").read_text())["weights"]
     assert len({entry["target"] for entry in declared}) == len(declared)
     assert all(entry["target"].startswith("/src/weights/managed/") for entry in declared)
     (tmp_path / "weights.lock").write_text(json.dumps({"version": 1, "weights": [
