@@ -1,8 +1,8 @@
 """Cog's managed weights: use the weight set `cog push` shipped as its own layers, mounted at its `target`, when
 its files match `weights.lock`; otherwise the setting is resolved (downloaded) exactly as without a lock.
 
-`cog weights import -f cog.managed.yaml` writes weights.lock from that file's `weights:` entries (format version 1 of replicate/cog's
-`pkg/weights/lockfile/lockfile.go`): for each weight its `name`, `target`, `sources` (`uri` such as
+`cog weights import -f cog.managed.yaml` writes weights.lock from that file's `weights:` entries (format version 1
+of replicate/cog's `pkg/weights/lockfile/lockfile.go`): for each weight its `name`, `target`, `sources` (`uri` such as
 `hf://owner/name`, `fingerprint` `commit:<sha>` for the hub), `setDigest` and `files` (`path`, `size`, `digest`
 as `sha256:<hex>`). A setting uses an entry when the entry's only source is the same hub repo (`owner/name` in the
 setting, `hf://owner/name` in the lock) and the setting pins no other revision: the lock pins the commit.
