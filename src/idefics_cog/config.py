@@ -42,7 +42,9 @@ class Settings:
     adapter_download_seconds: int  # deadline for a custom adapter's whole download
     device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
     engine: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
-    max_batch: int  # concurrent requests decoded together by the fast engine
+    max_batch: int  # concurrent requests decoded together by the fast engine (at most: its cache may hold fewer)
+    cache_memory_fraction: float = 0.9  # of each GPU's memory for weights, cache and activations (model/memory.py)
+    warmup: bool = True  # setup ends with a short prediction (and on CUDA the compiled decode shapes)
     weights_lock: Path = ROOT / "weights.lock"  # Cog's managed weights (`cog weights import`); see managed.py
     image_limits: ImageLimits = ImageLimits()  # bytes, pixels and aspect ratio of each image
 
@@ -64,6 +66,8 @@ class Settings:
             device=env.get("IDEFICS_DEVICE", "auto"),
             engine=_choice(env, "IDEFICS_ENGINE", ENGINES),
             max_batch=_positive_int(env, "IDEFICS_MAX_BATCH", 16),
+            cache_memory_fraction=_fraction(env, "IDEFICS_CACHE_MEMORY_FRACTION", 0.9),
+            warmup=_flag(env, "IDEFICS_WARMUP", True),
             weights_lock=Path(env.get("IDEFICS_WEIGHTS_LOCK", ROOT / "weights.lock")),
             image_limits=ImageLimits.from_env(env),
         )
@@ -88,6 +92,23 @@ def _positive(env, name: str, default, kind):
     if value <= 0:
         raise ValueError(f"{name}={raw!r} must be positive")
     return value
+
+
+def _fraction(env, name: str, default: float) -> float:
+    """A number in (0, 1]; unset or empty: `default`."""
+    value = _positive(env, name, default, float)
+    if value > 1:
+        raise ValueError(f"{name}={value!r} must be at most 1 (a fraction of the GPU's memory)")
+    return value
+
+
+def _flag(env, name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in ("0", "1", "true", "false"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw in ("1", "true")
 
 
 def _choice(env, name: str, choices: tuple[str, ...]) -> str:

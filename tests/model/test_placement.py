@@ -10,6 +10,7 @@ from accelerate import init_empty_weights
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
 from idefics_cog.model.loading import quantization_config
+from idefics_cog.model.memory import minimum_cache_bytes
 from idefics_cog.serving.decoder import FastDecoder, cache_bytes
 from idefics_cog.model.placement import ACTIVATIONS, checkpoint_shapes, decide, parameter_counts, place, weight_bytes
 
@@ -31,7 +32,8 @@ def idefics_config(size: str) -> IdeficsConfig:
 
 @pytest.fixture(scope="module")
 def sizes():
-    """(weights in bf16, weights in 4-bit, fast-engine working bytes at the defaults) of the real architectures,
+    """(weights in bf16, weights in 4-bit, fast-engine working bytes: activations and its smallest cache) of the
+    real architectures,
     counted on models built on the meta device (no memory, no download)."""
     found = {}
     for size in ("9b", "80b"):
@@ -40,7 +42,7 @@ def sizes():
             model = IdeficsForVisionText2Text(config)
         counts = parameter_counts({key: tuple(t.shape) for key, t in model.state_dict().items()})
         found[size] = dict(bf16=weight_bytes(*counts, "none"), nf4=weight_bytes(*counts, "4bit"),
-                           working=ACTIVATIONS + cache_bytes(config, 16, 8, 2), parameters=sum(counts))
+                           working=ACTIVATIONS + minimum_cache_bytes(config, 8, 2), parameters=sum(counts))
     return found
 
 
@@ -90,11 +92,15 @@ def test_9b_on_two_16gb_gpus_is_spread(sizes):
     assert placement.spread and "CPU memory" not in placement.reason
 
 
-def test_4bit_9b_on_one_24gb_gpu_goes_on_it(sizes):
-    placement = decide(sizes["9b"]["nf4"], sizes["9b"]["working"], {0: 24 * GB})
-    assert placement.device_map == {"": 0} and not placement.spread
-    # Its 16 fast-engine slots of the full context do not leave room: the log says what to change.
-    assert "IDEFICS_MAX_BATCH" in placement.reason
+def test_4bit_9b_on_one_16gb_gpu_goes_on_it(sizes):
+    placement = decide(sizes["9b"]["nf4"], sizes["9b"]["working"], {0: 14 * GB})  # 0.9 x 16 GB, less CUDA's
+    assert placement.device_map == {"": 0} and not placement.spread and "more than it has" not in placement.reason
+
+
+def test_a_lone_gpu_too_small_says_what_to_change(sizes):
+    placement = decide(sizes["9b"]["bf16"], sizes["9b"]["working"], {0: 14 * GB})
+    assert placement.device_map == {"": 0}
+    assert "IDEFICS_QUANTIZATION" in placement.reason and "IDEFICS_CACHE_MEMORY_FRACTION" in placement.reason
 
 
 def test_without_a_gpu_it_is_the_cpu(sizes):

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from transformers import BitsAndBytesConfig, IdeficsForVisionText2Text
 
-from idefics_cog.model.placement import ACTIVATIONS, Placement, place
+from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION
+from idefics_cog.model.placement import Placement, place
 from idefics_cog.quiet import no_loading_bars
 
 
@@ -32,11 +33,12 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model(path: Path, device: torch.device, quantization: str, working: int = ACTIVATIONS,
-               placement: Placement | None = None):
+               placement: Placement | None = None, fraction: float = DEFAULT_FRACTION):
     """The checkpoint at `path` on `device`, quantized as asked. On one GPU when it fits there with `working` bytes
-    beside the weights (activations, caches); spread over several only when not; `placement` overrides that."""
+    beside the weights (activations, caches) within `fraction` of its memory; spread over several only when not;
+    `placement` overrides that."""
     dtype = compute_dtype(device)
-    placement = placement or place(path, device, quantization, working)
+    placement = placement or place(path, device, quantization, working, fraction)
     no_loading_bars()
     return IdeficsForVisionText2Text.from_pretrained(
         path, dtype=dtype, quantization_config=quantization_config(quantization, dtype),

@@ -4,7 +4,9 @@ transformers' `device_map="auto"` is balanced: it splits even a model that fits 
 and a spread model cannot use the fast engine (serving/scheduler.py falls back to `model.generate`, one request at a
 time). So the decision is made here, from sizes known before loading: the weights (parameter counts from the
 checkpoint's safetensors headers, at the bytes per parameter the quantization gives) plus what the engine needs
-beside them (the fast engine's preallocated key/value caches, and room for activations).
+beside them (the smallest key/value cache the fast engine starts with, and room for activations), within the
+share of each GPU that IDEFICS_CACHE_MEMORY_FRACTION allows. The fast engine then sizes its cache from what is left
+on that GPU (memory.py), by the same fraction.
 """
 
 import logging
@@ -14,10 +16,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, GiB
+
 log = logging.getLogger(__name__)
 
-GiB = 1 << 30
-ACTIVATIONS = 2 * GiB  # prefill activations and logits of one long prompt, the CUDA allocator's slack
 # bytes per parameter of the layers bitsandbytes quantizes: int8; or 4-bit nf4 plus one 8-bit absmax per block
 # of 64 (double quantization) and its small second-level state.
 QUANTIZED_BYTES = {"none": None, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 0.002}
@@ -74,9 +76,9 @@ def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Pl
     need = weights + working
     if need <= free[best] or len(free) == 1:
         fits = "" if need <= free[best] else (
-            "; that is more than it has: lower IDEFICS_MAX_BATCH (fewer cache slots) or quantize "
-            "(IDEFICS_QUANTIZATION)")
-        return Placement({"": best}, None, f"on GPU {best} ({free[best] / GiB:.1f} GiB free) alone: "
+            "; that is more than it has: quantize (IDEFICS_QUANTIZATION), raise IDEFICS_CACHE_MEMORY_FRACTION "
+            "or use a larger GPU")
+        return Placement({"": best}, None, f"on GPU {best} ({free[best] / GiB:.1f} GiB usable) alone: "
                          f"{weights / GiB:.1f} GiB of weights + {working / GiB:.1f} GiB of caches and "
                          f"activations{fits}")
     # Spread: accelerate balances the layers under these limits, leaving each GPU room for its activations and
@@ -91,18 +93,23 @@ def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Pl
                      f"at a time, no batching; slower){over}")
 
 
-def free_memory() -> tuple[dict[int, int], int]:
-    """Free bytes of each visible GPU (empty without CUDA) and of the CPU, as accelerate measures them."""
+def usable(free: int, total: int, fraction: float) -> int:
+    """What a GPU with `free` of `total` bytes free offers: `fraction` of its total, less what is in use."""
+    return max(0, free - int((1 - fraction) * total))
+
+
+def free_memory(fraction: float = DEFAULT_FRACTION) -> tuple[dict[int, int], int]:
+    """Usable bytes of each visible GPU (empty without CUDA; `usable`), and the CPU's available memory."""
     import torch
     from accelerate.utils import get_max_memory
 
     if not torch.cuda.is_available():
         return {}, 0
-    found = get_max_memory()
-    return {index: size for index, size in found.items() if isinstance(index, int)}, found.get("cpu", 0)
+    gpus = {index: usable(*torch.cuda.mem_get_info(index), fraction) for index in range(torch.cuda.device_count())}
+    return gpus, get_max_memory().get("cpu", 0)
 
 
-def place(path: Path, device, quantization: str, working: int) -> Placement:
+def place(path: Path, device, quantization: str, working: int, fraction: float = DEFAULT_FRACTION) -> Placement:
     """The placement for checkpoint `path` on `device` (a torch.device): an explicit GPU (`cuda:1`) is taken as
     given; `cuda` chooses among all GPUs. Logs the decision and what it costs."""
     if device.type != "cuda":
@@ -110,7 +117,7 @@ def place(path: Path, device, quantization: str, working: int) -> Placement:
     elif device.index is not None:
         placement = Placement({"": device.index}, None, f"on GPU {device.index}, as IDEFICS_DEVICE asks")
     else:
-        free, cpu = free_memory()
+        free, cpu = free_memory(fraction)
         if not free:
             raise ValueError("IDEFICS_DEVICE=cuda, but no GPU is visible (use auto or cpu)")
         placement = decide(weight_bytes(*parameter_counts(checkpoint_shapes(path)), quantization), working, free, cpu)

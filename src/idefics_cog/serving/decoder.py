@@ -3,7 +3,8 @@
 `model.generate` recomputes the image keys/values of every gated cross-attention block at every step, grows a
 dynamic cache, and cannot be compiled. `FastDecoder` keeps the model (so LoRA, quantization and loading stay as
 they are) but runs its layers itself with
-- a preallocated key/value cache with one slot per concurrent request (`max_batch` slots of the full context);
+- a preallocated key/value cache with one slot per concurrent request, sized from the memory left after loading
+  (`FastDecoder.sized`, model/memory.py: up to `max_batch` slots, the full context or a shorter one);
 - the image keys/values of every cross-attention block computed once, at prefill, and kept in the slot;
 - on CUDA, the decode step compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs), on a few static
   shapes.
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from idefics_cog.inputs.prompt import Encoded
+from idefics_cog.model.memory import CachePlan, cache_budget, cache_bytes, image_tokens, plan_cache
+
+__all__ = ["FastDecoder", "cache_bytes", "cache_plan", "unwrap"]
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +65,29 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
-def cache_bytes(config, max_batch: int, max_images: int, dtype_bytes: int) -> int:
-    """The bytes of the caches a FastDecoder preallocates for `config` (placement.py sizes GPUs with it): keys and
-    values of every layer for `max_batch` full contexts, and of every cross-attention block for their images."""
-    per_image = (config.perceiver_config.resampler_n_latents if config.use_resampler else
-                 (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1)
-    cross_layers = config.num_hidden_layers // config.cross_layer_interval
-    slots = config.num_hidden_layers * config.max_position_embeddings + cross_layers * max_images * per_image
-    return 2 * slots * max_batch * config.hidden_size * dtype_bytes
+def cache_plan(model, max_batch: int, max_images: int, fraction: float) -> CachePlan:
+    """The slots and context per slot for `model` on its device: from the GPU memory left after loading (a
+    `fraction` of the total, memory.py), or, on the CPU, `max_batch` slots of the full context."""
+    base = unwrap(model)
+    budget = None
+    if base.device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(base.device)
+        budget = cache_budget(free, total, fraction)
+    return plan_cache(base.config, max_batch, max_images, base.dtype.itemsize, budget)
 
 
 class FastDecoder:
-    def __init__(self, model, max_batch: int, max_images: int, compile: bool | None = None):
+    def __init__(self, model, max_batch: int, max_images: int, compile: bool | None = None,
+                 context: int | None = None):
+        """`max_batch` slots of `context` tokens each (default: the model's full context)."""
         base = unwrap(model)
         config, self.device, self.dtype = base.config, base.device, base.dtype
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
-        self.max_len, self.max_batch = config.max_position_embeddings, max_batch
+        self.max_len, self.max_batch = min(context or config.max_position_embeddings,
+                                           config.max_position_embeddings), max_batch
         self.cross_interval = config.cross_layer_interval
-        per_image = (config.perceiver_config.resampler_n_latents if config.use_resampler else
-                     (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1)
+        per_image = image_tokens(config)
         self.per_image, self.image_capacity = per_image, max_images * per_image  # image tokens per slot
         layers, cross_layers = config.num_hidden_layers, config.num_hidden_layers // self.cross_interval
         shape = (self.max_batch, self.heads, self.max_len, self.head_dim)
@@ -105,6 +112,26 @@ class FastDecoder:
             # Batch and length buckets, and adapter states (PEFT's Python-side state is guarded on), compile once each.
             torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, 64)
             self.compiled = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
+
+    @classmethod
+    def sized(cls, model, max_batch: int, max_images: int, fraction: float) -> "FastDecoder":
+        """A decoder whose cache fits the memory left on the model's device (`cache_plan`); logs what it chose."""
+        plan = cache_plan(model, max_batch, max_images, fraction)
+        log.info("key/value cache: %s", plan)
+        return cls(model, plan.slots, max_images, context=plan.context)
+
+    def warm_up(self, model) -> int:
+        """Compile (CUDA) the decode step for every batch bucket at the two shortest length buckets, the shapes
+        short requests use, so that the first users do not wait for compilation; returns the shapes run. Run it
+        with every slot free: what it writes into them, a slot's prefill rewrites before use."""
+        if self.compiled is None:
+            return 0
+        batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
+        positions = [p for p in (0, 256) if p < self.max_len]  # length buckets 256 and 512
+        for position in positions:
+            for batch in batches:
+                self.decode(model, [0] * batch, [position] * batch)
+        return len(batches) * len(positions)
 
     def fits(self, encoded: Encoded) -> bool:
         """Whether the request's images fit a slot (else it is served by `model.generate`)."""

@@ -18,10 +18,9 @@ from transformers import IdeficsConfig
 
 from idefics_cog.serving.scheduler import END, Scheduler
 from idefics_cog.errors import InputError
-from idefics_cog.serving.decoder import cache_bytes
 from idefics_cog.serving.jobs import Job, Sampling, Stats
 from idefics_cog.model.loading import compute_dtype, load_model, pick_device
-from idefics_cog.model.placement import ACTIVATIONS
+from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, cache_bytes, minimum_cache_bytes
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.serving.textstream import TextStream
 from idefics_cog.model.tokenizer import load_processor
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, model, processor, device: torch.device, engine: str = "auto", max_batch: int = 16,
-                 max_images: int = 8):
+                 max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION):
         self.model, self.processor, self.device = model, processor, device
         self.tokenizer = processor.tokenizer
         self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
@@ -40,27 +39,32 @@ class Engine:
         # time, and torch calls from two threads make two teams that spin against each other on a small CPU
         # (measured on the tiny model on 2 cores: 1.3-1.7x the time of the same prediction on one thread).
         self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-        self.context = model.config.max_position_embeddings
+        self.model_context = model.config.max_position_embeddings
+        self.cache_fraction = cache_fraction  # of the GPU's memory; the fast engine's cache is sized from it
         ids = self.tokenizer.convert_tokens_to_ids
         # Generation ends at the end of the assistant's turn (or at </s> for base models).
         self.eos_token_ids = [ids(END_OF_UTTERANCE), self.tokenizer.eos_token_id]
         self.banned_ids = [ids(IMAGE_TOKEN), ids(FAKE_IMAGE_TOKEN)]  # never generated
         self.scheduler = Scheduler(self, engine, max_batch, max_images)
         self.kind = self.scheduler.kind  # "fast" or "transformers": the decode path in use
+        # Prompt + new tokens of one request: a fast-engine slot may be shorter than the model's context.
+        decoder = self.scheduler.decoder
+        self.context = decoder.max_len if decoder is not None else self.model_context
 
     @classmethod
     def load(cls, path: Path, device: str = "auto", quantization: str = "none", engine: str = "auto",
-             max_batch: int = 16, max_images: int = 8) -> "Engine":
+             max_batch: int = 16, max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION) -> "Engine":
         """Load a checkpoint directory: bf16 on GPU, float32 on CPU, optionally 8-bit or 4-bit (bitsandbytes).
         On one GPU when it fits there with its caches; spread over several only when not (placement.py)."""
         device = pick_device(device)
         dtype = compute_dtype(device)
-        # What the GPU needs beside the weights: the fast engine's caches for max_batch requests, or one
-        # request's cache for model.generate.
-        slots = max_batch if engine in ("auto", "fast") else 1
-        working = ACTIVATIONS + cache_bytes(IdeficsConfig.from_pretrained(path), slots, max_images, dtype.itemsize)
-        model = load_model(path, device, quantization, working).eval()
-        return cls(model, load_processor(path), model.device, engine, max_batch, max_images)
+        # What the GPU needs beside the weights: the fast engine's smallest cache (it then takes what is left,
+        # FastDecoder.sized), or one request's full-context cache for model.generate.
+        config = IdeficsConfig.from_pretrained(path)
+        cache = (minimum_cache_bytes(config, max_images, dtype.itemsize) if engine in ("auto", "fast") else
+                 cache_bytes(config, 1, max_images, dtype.itemsize))
+        model = load_model(path, device, quantization, ACTIVATIONS + cache, fraction=cache_fraction).eval()
+        return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
         return self.generation_thread.submit(encode, segments, images, self.processor).result()
@@ -69,8 +73,10 @@ class Engine:
         """The number of new tokens that fits the context; a prompt that fills it is refused."""
         room = self.context - prompt_tokens
         if room < 1:
+            whose = ("the model's context" if self.context == self.model_context else
+                     "the context per request that this server's GPU memory allows (IDEFICS_CACHE_MEMORY_FRACTION)")
             raise InputError(
-                f"prompt: {prompt_tokens} tokens (text plus 3 per image) do not fit the model's context of "
+                f"prompt: {prompt_tokens} tokens (text plus 3 per image) do not fit {whose} of "
                 f"{self.context} tokens; shorten the prompt or send fewer images"
             )
         if max_new_tokens > room:

@@ -100,7 +100,8 @@ class Scheduler:
             log.warning("IDEFICS_ENGINE=%s: the model is spread over %d devices, which the fast path does not "
                         "support; decoding with model.generate", kind, len(devices))
             self.kind = "transformers"
-        self.decoder = FastDecoder(engine.model, max_batch, max_images) if self.kind == "fast" else None
+        self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.cache_fraction)
+                        if self.kind == "fast" else None)
         self.waiting: deque = deque()
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()

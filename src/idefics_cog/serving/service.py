@@ -2,10 +2,13 @@
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from pathlib import Path
+
+from PIL import Image
 
 from idefics_cog.inputs import images as image_files
 from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters
@@ -19,6 +22,12 @@ from idefics_cog.weights.managed import Lock
 from idefics_cog.weights.resolve import resolve
 
 log = logging.getLogger(__name__)
+
+WARMUP_TOKENS = 4  # the warm-up prediction's new tokens: enough for a prefill and a few decode steps
+
+
+class WarmUpError(RuntimeError):
+    """Setup's warm-up prediction failed: the server would fail its users the same way."""
 
 
 def check_trained_base(trained_on: str | None, base_weights: str) -> None:
@@ -62,7 +71,7 @@ class Service:
                  time.perf_counter() - started)
         started = time.perf_counter()
         engine = Engine.load(path, settings.device, settings.quantization, settings.engine, settings.max_batch,
-                             settings.max_images)
+                             settings.max_images, settings.cache_memory_fraction)
         log.info("model loaded on %s (%s, quantization %s, %s engine) in %.1f s", engine.device, engine.dtype,
                  settings.quantization, engine.kind, time.perf_counter() - started)
         adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
@@ -77,7 +86,31 @@ class Service:
             with other_sources("IDEFICS_ADAPTER_WEIGHTS", settings.adapter_weights, "none, an adapter directory",
                                lock):
                 adapters.load_default(lock.source_for("IDEFICS_ADAPTER_WEIGHTS", settings.adapter_weights))
-        return cls(engine, adapters, settings)
+        service = cls(engine, adapters, settings)
+        if settings.warmup:
+            service.warm_up()
+        return service
+
+    def warm_up(self) -> None:
+        """A short prediction through the whole path (an image, the default adapter, prefill, a few decode steps),
+        then on CUDA the compiled decode step's batch shapes: the first users do not pay for either. Its answer
+        is thrown away and leaves nothing behind (every slot is free again, the adapter is chosen per batch).
+        Raises WarmUpError, so that setup fails, when it fails."""
+        started = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(prefix="idefics-warmup-") as folder:
+                picture = Path(folder) / "warm-up.png"
+                Image.new("RGB", (64, 64), (120, 130, 140)).save(picture)
+                for _ in self.answer(prompt="Describe this image.", image=picture, max_new_tokens=WARMUP_TOKENS):
+                    pass
+            decoder = self.engine.scheduler.decoder
+            shapes = 0 if decoder is None else self.engine.generation_thread.submit(
+                decoder.warm_up, self.engine.model).result()  # torch work stays on the generation thread
+        except Exception as exc:
+            raise WarmUpError(f"setup's warm-up prediction failed (IDEFICS_WARMUP=0 skips it): "
+                              f"{type(exc).__name__}: {exc}") from exc
+        compiled = f", {shapes} compiled decode shapes" if shapes else ""
+        log.info("warm-up: a %d-token prediction%s in %.2f s", WARMUP_TOKENS, compiled, time.perf_counter() - started)
 
     def answer(self, **inputs) -> Iterator[str]:
         """Stream the answer to one request (predict's inputs as keyword arguments). Input errors are raised

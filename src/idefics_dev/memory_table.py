@@ -1,0 +1,64 @@
+"""README's memory table ("Checkpoints, precision and GPU memory"), computed with the serving rule itself
+(idefics_cog.model.memory.plan_cache) for the real idefics-9b and idefics-80b architectures at bf16, 8-bit and
+4-bit on GPUs of 16, 24, 40 and 80 GB. `python -m idefics_dev.memory_table` prints it; a test checks README has it.
+
+Assumptions, stated in README under the table: a GPU of "N GB" has N x 10^9 bytes; before loading, CUDA and
+torch take `CUDA_CONTEXT`; the weights take what placement.weight_bytes estimates; the defaults of the settings
+(IDEFICS_CACHE_MEMORY_FRACTION 0.9, IDEFICS_MAX_BATCH 16, IDEFICS_MAX_IMAGES 8).
+"""
+
+from accelerate import init_empty_weights
+from transformers import IdeficsForVisionText2Text
+
+from idefics_cog.model.memory import DEFAULT_FRACTION, GiB, cache_budget, plan_cache
+from idefics_cog.model.placement import parameter_counts, weight_bytes
+from idefics_dev.tiny import idefics_9b_config
+
+GPUS_GB = (16, 24, 40, 80)
+PRECISIONS = {"bf16": "none", "8-bit": "8bit", "4-bit": "4bit"}
+CUDA_CONTEXT = GiB // 2  # the CUDA context and torch's own buffers, in use before the weights
+MAX_BATCH, MAX_IMAGES = 16, 8
+
+
+def idefics_config(size: str):
+    """idefics-9b, or idefics-80b (the same vision tower and perceiver on Llama-65b; models-and-anchors.md)."""
+    config = idefics_9b_config()
+    if size == "80b":
+        config.hidden_size, config.intermediate_size = 8192, 22016
+        config.num_hidden_layers, config.num_attention_heads = 80, 64
+    return config
+
+
+def parameters(config) -> tuple[int, int]:
+    """(quantizable, other) parameters, counted on the model built on the meta device (no memory)."""
+    with init_empty_weights():
+        model = IdeficsForVisionText2Text(config)
+    return parameter_counts({key: tuple(t.shape) for key, t in model.state_dict().items()})
+
+
+def cell(config, weights: int, gb: int) -> str:
+    """What the fast engine gets on one GPU of `gb` GB: slots x context, or why it does not fit."""
+    total = gb * 10**9
+    budget = cache_budget(total - CUDA_CONTEXT - weights, total, DEFAULT_FRACTION)
+    try:
+        plan = plan_cache(config, MAX_BATCH, MAX_IMAGES, 2, budget)
+    except ValueError:
+        return "no"
+    return f"{plan.slots} x {plan.context}"
+
+
+def table() -> str:
+    header = ["checkpoint", "precision", "weights"] + [f"{gb} GB GPU" for gb in GPUS_GB]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size in ("9b", "80b"):
+        config = idefics_config(size)
+        counts = parameters(config)
+        for name, quantization in PRECISIONS.items():
+            weights = weight_bytes(*counts, quantization)
+            cells = [cell(config, weights, gb) for gb in GPUS_GB]
+            lines.append(f"| idefics-{size} | {name} | {weights / 10**9:.1f} GB | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table())
