@@ -3,9 +3,10 @@
 Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot as soon as it arrives, then joins
 the running batch; each decode step makes one token for every active request, which samples with its own
 settings and generator and ends on its own (end of turn, max_new_tokens, a stop sequence, cancelation).
-Requests for another adapter wait until the running batch has drained (first come, first served: a waiting
-request also stops later ones for the running adapter from joining), so adapters never mix within a batch.
-`transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time.
+Requests with different adapters and scales share a batch: each is prefilled with its own adapter selected, and its
+slot keeps that adapter for its decode steps (decoder.py, rowlora.py).
+`transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time, each with its
+own adapter selected.
 
 Isolation: an error while admitting, encoding, selecting the adapter of, prefilling, sampling or streaming one
 request ends that request alone (an out-of-memory error too, and its slot is freed); the others go on with
@@ -106,7 +107,6 @@ class Scheduler:
         self.lock = threading.Lock()
         self.running = False  # a `_serve` loop is on the generation thread
         self.rows: list[_Row] = []  # the running batch; rows[i] lives in cache slot i
-        self.adapter = None  # the adapter key of the running batch
         self.fallbacks_logged: set[str] = set()
         self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
 
@@ -150,8 +150,7 @@ class Scheduler:
         self.starting.clear()
 
     def _admit(self) -> list:
-        """Waiting jobs that may start now, in arrival order: with a running batch, those for its adapter up to
-        the first that needs another; with none, the first job's adapter group."""
+        """Waiting jobs that may start now, in arrival order, as many as there are free slots."""
         for job in [job for job in self.waiting if job.cancelled.is_set()]:
             self.waiting.remove(job)
             _end(job)
@@ -160,8 +159,6 @@ class Scheduler:
         while self.waiting and len(admitted) < room:
             job = self.waiting[0]
             try:
-                if not self.rows and not admitted:
-                    self.adapter = job.adapter
                 if not self._joins(job):
                     break
             except Exception as exc:  # this request's key cannot be compared: it alone fails
@@ -172,17 +169,17 @@ class Scheduler:
         return admitted
 
     def _joins(self, job) -> bool:
-        """Whether `job` may join the running batch (the same adapter)."""
-        return job.adapter == self.adapter
+        """Whether `job` may join the running batch: any adapter may (each row decodes with its own)."""
+        return True
 
     def _start(self, job) -> None:
-        """Select the job's adapter (at the start of a batch), encode it, and prefill it or run it alone."""
+        """Select the job's adapter, encode it, and prefill it (its slot keeps the adapter) or run it alone."""
         if job.cancelled.is_set():
             return _end(job)
         engine = self.engine
         stage = "selecting the adapter"
         try:
-            if job.select_adapter and not self.rows:
+            if job.select_adapter:
                 job.context.run(job.select_adapter)
             stage = "encoding the prompt"
             encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
