@@ -204,6 +204,8 @@ class Scheduler:
         rows = self.rows
         self._drop([i for i, row in enumerate(rows) if row.job.cancelled.is_set()])
         if rows:
+            if len(rows) > self.largest_batch:
+                self._log_batch(rows)
             self.largest_batch = max(self.largest_batch, len(rows))
             try:
                 logits = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
@@ -212,6 +214,13 @@ class Scheduler:
                 log.exception("decode step failed")
                 return self._fail_active(failure("decoding (a step shared by the requests of one batch)", exc))
             self._emit(rows, logits)
+
+    def _log_batch(self, rows: list) -> None:
+        """A new largest batch: how many requests, and how many different adapters and scales they decode with
+        (logged as the newest request's, so that it reaches the server's log)."""
+        settings = len({row.job.adapter for row in rows})
+        rows[-1].job.context.run(log.info, "decoding %d requests together (the most so far), with %d different "
+                                 "adapter settings", len(rows), settings)
 
     def _emit(self, rows: list, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to its job, and drop the rows that are done (or failed)."""
