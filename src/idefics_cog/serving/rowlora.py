@@ -101,8 +101,9 @@ class RowLora:
                 return slot
         free = [s for s in range(1, self.slots) if s not in in_use]
         slot = min(free, key=lambda s: self.owners[s] is not None)  # an empty slot first, else one no row uses
-        self.owners[slot] = (name, identity)  # the weight itself: its id cannot be reused while it is kept here
+        self.owners[slot] = None  # until it is filled: a fill that fails leaves no half adapter for the next one
         self._fill(slot, name, list(self.layers))
+        self.owners[slot] = (name, identity)  # the weight itself: its id cannot be reused while it is kept here
         return slot
 
     def _fill(self, slot: int, name: str, paths: list[str]) -> None:
