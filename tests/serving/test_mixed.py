@@ -156,3 +156,21 @@ def test_switching_adapters_and_scales_never_recompiles_the_decode_step(served):
         assert tokens == expected, choice
         frames.append(counter.frame_count)
     assert frames == [1] * len(frames)
+
+
+def test_a_row_keeps_its_adapter_after_the_model_unloads_it(served, tiny_dir, tmp_path):
+    """With room for one custom adapter, the second one's load unloads the first while a request still decodes
+    with it: that request keeps its adapter's copy and its tokens."""
+    _, _, customs = served
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    adapters = Adapters(engine, tmp_path / "cache", max_loaded=1)
+    adapters.load_default(str(tiny_dir / "adapter"))
+    rows = [("", customs[0], 1.0), ("medical", "", 1.0), ("", customs[1], 1.0)]
+    encs = prompts(engine, len(rows))
+    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    got = [tokens_of(items) for items in submit_together(engine, jobs)]
+    assert got == expected
+    assert list(adapters.custom) == [customs[1]]  # the first custom adapter was unloaded during the batch
