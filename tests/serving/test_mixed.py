@@ -12,6 +12,7 @@ from transformers import IdeficsForVisionText2Text
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
+from idefics_cog.serving.rowlora import RowLora
 from idefics_cog.weights.adapters import Adapters
 from tests.support.engine import encoded, generate
 from tests.support.helpers import negated_adapter, noise_image
@@ -160,11 +161,14 @@ def test_switching_adapters_and_scales_never_recompiles_the_decode_step(served):
     assert frames == [1] * len(frames)
 
 
-def test_a_row_keeps_its_adapter_after_the_model_unloads_it(served, tiny_dir, tmp_path):
+def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_the_banks_grow(served, tiny_dir, tmp_path):
     """With room for one custom adapter, the second one's load unloads the first while a request still decodes
-    with it: that request keeps its adapter's copy and its tokens."""
+    with it: that request keeps its adapter's copy and its tokens. The banks start with room for one adapter and
+    grow twice as the three adapters join the batch."""
     _, _, customs = served
     engine = Engine.load(tiny_dir / "base", "cpu")
+    decoder = engine.scheduler.decoder
+    decoder.lora = RowLora(decoder.max_batch, engine.device, adapters=1)
     adapters = Adapters(engine, tmp_path / "cache", max_loaded=1)
     adapters.load_default(str(tiny_dir / "adapter"))
     rows = [("", customs[0], 1.0), ("medical", "", 1.0), ("", customs[1], 1.0)]
@@ -176,3 +180,4 @@ def test_a_row_keeps_its_adapter_after_the_model_unloads_it(served, tiny_dir, tm
     got = [tokens_of(items) for items in submit_together(engine, jobs)]
     assert got == expected
     assert list(adapters.custom) == [customs[1]]  # the first custom adapter was unloaded during the batch
+    assert decoder.lora.slots == 5  # 1 + 1, then 1 + 2, then 1 + 4

@@ -8,7 +8,8 @@ values that a compiled decode step reads, never the step itself.
 
 A row takes the adapter the model has selected when it is prefilled (`capture`): its matrices are copied into a bank
 slot (or found there), and each layer's scaling (lora_alpha / r times lora_scale, as PEFT computed it) is kept for the
-row. An adapter unloaded from the model later stays in its bank slot until no row uses it.
+row. An adapter unloaded from the model later stays in its bank slot until no row uses it. The banks have room for
+ADAPTERS_AT_FIRST adapters and double when more decode at once (then a compiled step compiles once more).
 """
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from peft.tuners.lora import LoraLayer
 # Modules of the decode path only: a cross-attention block's keys and values come from the images, at prefill.
 DECODE_PARTS = ("layers.", "gated_cross_attn_layers.")
 PREFILL_ONLY = ("cross_attn.k_proj", "cross_attn.v_proj")
+ADAPTERS_AT_FIRST = 4  # bank room at first; more adapters decoding at once grow it (one more compile on CUDA)
 
 
 @dataclass
@@ -31,9 +33,10 @@ class Bank:
 
 
 class RowLora:
-    def __init__(self, max_batch: int, device: torch.device, static: bool = False):
+    def __init__(self, max_batch: int, device: torch.device, static: bool = False,
+                 adapters: int = ADAPTERS_AT_FIRST):
         self.max_batch, self.device, self.static = max_batch, device, static
-        self.slots = max_batch + 1  # slot 0, and one per row at most: a free slot always exists for a new row
+        self.slots = min(adapters, max_batch) + 1  # slot 0 and room for `adapters`; at most one per row
         self.banks: dict[str, Bank] = {}  # module path under the IdeficsModel -> its bank
         self.layers: dict[str, LoraLayer] = {}
         self.adapters_seen: tuple = ()
@@ -100,6 +103,9 @@ class RowLora:
             if owner is not None and owner[0] == name and owner[1] is identity:
                 return slot
         free = [s for s in range(1, self.slots) if s not in in_use]
+        if not free:  # every slot holds an adapter a running row uses: room for twice as many
+            self._grow_slots(min(2 * (self.slots - 1), self.max_batch) + 1)
+            free = [s for s in range(1, self.slots) if s not in in_use]
         slot = min(free, key=lambda s: self.owners[s] is not None)  # an empty slot first, else one no row uses
         self.owners[slot] = None  # until it is filled: a fill that fails leaves no half adapter for the next one
         self._fill(slot, name, list(self.layers))
@@ -121,9 +127,15 @@ class RowLora:
 
     def _grown(self, bank: Bank, rank: int) -> Bank:
         grown = self._bank(bank.a.shape[2], bank.b.shape[1], rank, bank.index)
-        grown.a[:, :bank.a.shape[1]] = bank.a
-        grown.b[:, :, :bank.a.shape[1]] = bank.b
+        grown.a[:bank.a.shape[0], :bank.a.shape[1]] = bank.a
+        grown.b[:bank.a.shape[0], :, :bank.a.shape[1]] = bank.b
         return grown
+
+    def _grow_slots(self, slots: int) -> None:
+        self.owners += [None] * (slots - self.slots)
+        self.slots = slots
+        for path, bank in self.banks.items():
+            self.banks[path] = self._grown(bank, bank.a.shape[1])
 
     # ---- inside the decode step (compiled on CUDA): tensors only ----
 
