@@ -181,3 +181,21 @@ def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_the_banks_grow(s
     assert got == expected
     assert list(adapters.custom) == [customs[1]]  # the first custom adapter was unloaded during the batch
     assert decoder.lora.slots == 5  # 1 + 1, then 1 + 2, then 1 + 4
+
+
+def test_an_adapter_on_more_layers_loaded_after_the_first_batch_gets_its_own_banks(served, tiny_dir, tmp_path):
+    """The banks are made for medical's layers (q/k/v) by a first request; then an adapter that also targets o_proj
+    and down_proj (layers in between) is loaded: a batch of both still gives each request its tokens alone."""
+    _, _, customs = served
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    adapters = Adapters(engine, tmp_path / "cache")
+    adapters.load_default(str(tiny_dir / "adapter"))
+    rows = [("medical", "", 1.0), ("", customs[1], 1.0), ("medical", "", 0.5), ("", customs[1], 0.5)]
+    encs = prompts(engine, len(rows))
+    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
+    first = Job(encs[0], sampling, select_adapter=selecting(adapters, *rows[0]))
+    assert tokens_of(submit_together(engine, [first])[0]) == alone(engine, adapters, encs[0], sampling, rows[0])
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    assert [tokens_of(items) for items in submit_together(engine, jobs)] == expected

@@ -85,11 +85,13 @@ class RowLora:
         self.refresh(base)
         name = active_adapter(self.layers.values())
         slot = 0 if name is None else self._slot(name, set(self.row_slots[:row]))
-        scales = [module.scaling[name] if name is not None and name in module.lora_A else 0.0
-                  for module in self.layers.values()]
+        scales = torch.zeros(len(self.banks), dtype=self.scales.dtype)  # in the banks' order, not the model's
+        for path, module in self.layers.items():
+            if name is not None and name in module.lora_A:
+                scales[self.banks[path].index] = module.scaling[name]
         self.row_slots[row] = slot
         self.row_slot[row] = slot
-        self.scales[:, row] = torch.tensor(scales, dtype=self.scales.dtype)
+        self.scales[:, row] = scales
 
     def move(self, source: int, target: int) -> None:
         self.row_slots[target] = self.row_slots[source]
