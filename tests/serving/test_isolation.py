@@ -60,25 +60,8 @@ def jobs_for(encs, sampling, **per_job) -> list[Job]:
     return [Job(enc, s, **{k: v[i] for k, v in per_job.items()}) for i, (enc, s) in enumerate(zip(encs, sampling))]
 
 
-class Incomparable:
-    """An adapter key whose comparison fails (a fault at admission)."""
-
-    def __eq__(self, other):
-        raise TypeError("cannot compare this adapter key (simulated)")
-
-    __hash__ = object.__hash__
-
-
-def test_a_fault_while_admitting_fails_that_request_alone(requests_):
-    engine, encs, sampling, expected = requests_
-    keys = [None] * COUNT
-    keys[FAULTY] = Incomparable()
-    results = outcomes(engine, jobs_for(encs, sampling, adapter=keys))
-    check_only_the_faulty_one_failed(results, expected, "admitting the request failed: TypeError: cannot compare")
-
-
 def test_a_fault_while_selecting_the_adapter_fails_that_request_alone(requests_):
-    """The first request of a batch selects the adapter: it fails there, the next one selects it again."""
+    """Every request selects its adapter before its prefill: the first fails there, the others select theirs."""
     engine, encs, sampling, expected = requests_
     selected = []
 
@@ -89,7 +72,7 @@ def test_a_fault_while_selecting_the_adapter_fails_that_request_alone(requests_)
     selectors[0] = broken
     results = outcomes(engine, jobs_for(encs, sampling, select_adapter=selectors))
     check_only_the_faulty_one_failed(results, expected, "selecting the adapter failed: KeyError", faulty=0)
-    assert selected  # the batch after the failure selected its adapter itself
+    assert len(selected) == COUNT - 1  # every other request selected its own
 
 
 @pytest.mark.parametrize("error, message, kind", [

@@ -12,6 +12,9 @@ they are) but runs its layers itself with
 Active requests occupy slots 0..n-1 (a finished request's slot is refilled by moving the last one), and each
 slot holds its own tokens from column 0: no padding token is ever computed, and a request sees exactly the
 positions and keys it would see alone; other slots only ever meet it as masked-out columns.
+
+LoRA: a prefill runs with the adapter the model has selected (PEFT); the slot then keeps that adapter and scale for
+its decode steps (rowlora.py), so one decode step serves rows with different adapters and scales.
 """
 
 import logging
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 from idefics_cog.inputs.prompt import Encoded
 from idefics_cog.model.memory import CachePlan, cache_budget, cache_bytes, image_tokens, plan_cache
+from idefics_cog.serving.rowlora import RowLora
 
 __all__ = ["FastDecoder", "cache_bytes", "cache_plan", "unwrap"]
 
@@ -104,12 +108,14 @@ class FastDecoder:
         self.image_gate = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
         self.image_lengths = [0] * self.max_batch
         self.compiled = None
-        if compile if compile is not None else self.device.type == "cuda":
+        compile = compile if compile is not None else self.device.type == "cuda"
+        self.lora = RowLora(max_batch, self.device, static=compile)  # each slot's adapter and scale
+        if compile:
             # The caches are updated in place inside the graph, so their addresses must never change.
             for cache in (self.keys, self.values, self.image_keys, self.image_values, self.image_mask,
                           self.image_gate):
                 torch._dynamo.mark_static_address(cache)
-            # Batch and length buckets, and adapter states (PEFT's Python-side state is guarded on), compile once each.
+            # Batch and length buckets compile once each (adapters are tensors the graph reads: switching is free).
             torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, 64)
             self.compiled = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
 
@@ -176,6 +182,7 @@ class FastDecoder:
                 self.image_values[block, slot, :, :images] = values[0]
             self.image_mask[slot, 0, 0, :images] = mask[0, 0, -1]
         self.image_gate[slot] = bool(gate[0, -1])
+        self.lora.capture(base, slot)
         return logits.float()
 
     def _image_keys_values(self, base, pixel_values: torch.Tensor, per_token: torch.Tensor) -> list:
@@ -205,6 +212,7 @@ class FastDecoder:
     def decode(self, model, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Logits (n, vocab) for the next token of slots 0..n-1, given their last token and its position."""
         count = len(tokens)
+        self.lora.refresh(unwrap(model))  # layers PEFT wrapped since the last prefill get their banks first
         if self.compiled is not None:
             try:
                 return self._decode_compiled(unwrap(model), tokens, positions)
@@ -249,7 +257,8 @@ class FastDecoder:
             return (self.image_keys[block, :batch, :, :images], self.image_values[block, :batch, :, :images],
                     self.image_mask[:batch, :, :, :images], self.image_gate[:batch, None])
 
-        return self._forward(base, ids, positions[:, None], attend, cross_inputs, causal=False)[:, -1]
+        return self._forward(base, ids, positions[:, None], attend, cross_inputs, causal=False,
+                             linear=self.lora.apply)[:, -1]
 
     def move(self, source: int, target: int) -> None:
         """Slot `source`'s request continues in slot `target` (after `target`'s request finished)."""
@@ -257,13 +266,16 @@ class FastDecoder:
             cache[:, target] = cache[:, source]
         self.image_mask[target], self.image_gate[target] = self.image_mask[source], self.image_gate[source]
         self.image_lengths[target] = self.image_lengths[source]
+        self.lora.move(source, target)
 
     # ---- the model, layer by layer, as IdeficsModel.forward computes it ----
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def _forward(self, base, ids, positions, attend, cross_inputs, causal: bool) -> torch.Tensor:
+    def _forward(self, base, ids, positions, attend, cross_inputs, causal: bool, linear=None) -> torch.Tensor:
+        """`linear(path, module, x)` applies the Linear layer at `path` (decode: with each row's adapter)."""
+        linear = linear or (lambda path, module, x: module(x))
         inner = base.model
         x = inner.embed_tokens(ids)
         # Every layer's rotary embedding is the same function of the positions: computed once, not per layer.
@@ -271,27 +283,36 @@ class FastDecoder:
         for index, layer in enumerate(inner.layers):
             if index % self.cross_interval == 0:
                 block = index // self.cross_interval
-                x = self._cross_block(inner.gated_cross_attn_layers[block], x, *cross_inputs(block))
-            attn = layer.self_attn
+                x = self._cross_block(inner.gated_cross_attn_layers[block], f"gated_cross_attn_layers.{block}.", x,
+                                      *cross_inputs(block), linear)
+            attn, at = layer.self_attn, f"layers.{index}."
             h = rms_norm(layer.input_layernorm, x)
-            q, k, v = self._heads(attn.q_proj(h)), self._heads(attn.k_proj(h)), self._heads(attn.v_proj(h))
+            q, k, v = (self._heads(linear(f"{at}self_attn.{name}", getattr(attn, name), h))
+                       for name in ("q_proj", "k_proj", "v_proj"))
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             keys, values, mask = attend(index, k, v)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and mask is None,
                                                  scale=attn.scaling)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
-            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+            x = x + linear(f"{at}self_attn.o_proj", attn.o_proj, out.transpose(1, 2).reshape(*x.shape[:2], -1))
+            x = x + mlp(layer.mlp, f"{at}mlp.", rms_norm(layer.post_attention_layernorm, x), linear)
         return base.lm_head(rms_norm(inner.norm, x))
 
-    def _cross_block(self, block, x, keys, values, mask, gate) -> torch.Tensor:
+    def _cross_block(self, block, at, x, keys, values, mask, gate, linear) -> torch.Tensor:
         """IdeficsGatedCrossAttentionLayer with the image keys/values given (None: no token sees an image)."""
         if keys is not None:
             attn = block.cross_attn
-            q = self._heads(attn.q_proj(rms_norm(block.input_layernorm, x)))
+            q = self._heads(linear(f"{at}cross_attn.q_proj", attn.q_proj, rms_norm(block.input_layernorm, x)))
             if attn.qk_layer_norms:
                 q = rms_norm(attn.q_layer_norm, q)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-            out = attn.o_proj(out.transpose(1, 2).reshape(*x.shape[:2], -1))
+            out = linear(f"{at}cross_attn.o_proj", attn.o_proj, out.transpose(1, 2).reshape(*x.shape[:2], -1))
             # Tokens that attend to no image get no cross-attention output, as in the model.
             x = x + block.act_cross_attn(block.alpha_cross_attn) * out.masked_fill(~gate[..., None], 0.0)
-        return x + block.act_dense(block.alpha_dense) * block.mlp(rms_norm(block.post_attention_layernorm, x))
+        dense = mlp(block.mlp, f"{at}mlp.", rms_norm(block.post_attention_layernorm, x), linear)
+        return x + block.act_dense(block.alpha_dense) * dense
+
+
+def mlp(module, at: str, x: torch.Tensor, linear) -> torch.Tensor:
+    """IdeficsMLP, with each projection applied by `linear`."""
+    gate, up = linear(f"{at}gate_proj", module.gate_proj, x), linear(f"{at}up_proj", module.up_proj, x)
+    return linear(f"{at}down_proj", module.down_proj, module.act_fn(gate) * up)

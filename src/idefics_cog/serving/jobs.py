@@ -49,7 +49,7 @@ class Job:
 
     prepare: Encoded | Callable[[], Encoded]  # the encoded prompt, or how to make it (run on the torch thread)
     sampling: Sampling
-    adapter: Hashable = None  # jobs with different adapters never share a batch
+    adapter: Hashable = None  # which adapter and scale it asks for (a label: any adapters share a batch)
     select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
     stats: "Stats" = field(init=False)
     sink: Callable | None = None  # set by Engine.submit

@@ -3,9 +3,10 @@
 Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot as soon as it arrives, then joins
 the running batch; each decode step makes one token for every active request, which samples with its own
 settings and generator and ends on its own (end of turn, max_new_tokens, a stop sequence, cancelation).
-Requests for another adapter wait until the running batch has drained (first come, first served: a waiting
-request also stops later ones for the running adapter from joining), so adapters never mix within a batch.
-`transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time.
+Requests with different adapters and scales share a batch: each is prefilled with its own adapter selected, and its
+slot keeps that adapter for its decode steps (decoder.py, rowlora.py).
+`transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time, each with its
+own adapter selected.
 
 Isolation: an error while admitting, encoding, selecting the adapter of, prefilling, sampling or streaming one
 request ends that request alone (an out-of-memory error too, and its slot is freed); the others go on with
@@ -107,7 +108,6 @@ class Scheduler:
         self.lock = threading.Lock()
         self.running = False  # a `_serve` loop is on the generation thread
         self.rows: list[_Row] = []  # the running batch; rows[i] lives in cache slot i
-        self.adapter = None  # the adapter key of the running batch
         self.fallbacks_logged: set[str] = set()
         self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
 
@@ -151,8 +151,7 @@ class Scheduler:
         self.starting.clear()
 
     def _admit(self) -> list:
-        """Waiting jobs that may start now, in arrival order: with a running batch, those for its adapter up to
-        the first that needs another; with none, the first job's adapter group."""
+        """Waiting jobs that may start now, in arrival order, as many as there are free slots."""
         for job in [job for job in self.waiting if job.cancelled.is_set()]:
             self.waiting.remove(job)
             _end(job)
@@ -161,8 +160,6 @@ class Scheduler:
         while self.waiting and len(admitted) < room:
             job = self.waiting[0]
             try:
-                if not self.rows and not admitted:
-                    self.adapter = job.adapter
                 if not self._joins(job):
                     break
             except Exception as exc:  # this request's key cannot be compared: it alone fails
@@ -173,17 +170,17 @@ class Scheduler:
         return admitted
 
     def _joins(self, job) -> bool:
-        """Whether `job` may join the running batch (the same adapter)."""
-        return job.adapter == self.adapter
+        """Whether `job` may join the running batch: any adapter may (each row decodes with its own)."""
+        return True
 
     def _start(self, job) -> None:
-        """Select the job's adapter (at the start of a batch), encode it, and prefill it or run it alone."""
+        """Select the job's adapter, encode it, and prefill it (its slot keeps the adapter) or run it alone."""
         if job.cancelled.is_set():
             return _end(job)
         engine = self.engine
         stage = "selecting the adapter"
         try:
-            if job.select_adapter and not self.rows:
+            if job.select_adapter:
                 job.context.run(job.select_adapter)
             stage = "encoding the prompt"
             encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
@@ -208,6 +205,8 @@ class Scheduler:
         rows = self.rows
         self._drop([i for i, row in enumerate(rows) if row.job.cancelled.is_set()])
         if rows:
+            if len(rows) > self.largest_batch:
+                self._log_batch(rows)
             self.largest_batch = max(self.largest_batch, len(rows))
             try:
                 logits = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
@@ -216,6 +215,13 @@ class Scheduler:
                 log.exception("decode step failed")
                 return self._fail_active(failure("decoding (a step shared by the requests of one batch)", exc))
             self._emit(rows, logits)
+
+    def _log_batch(self, rows: list) -> None:
+        """A new largest batch: how many requests, and how many different adapters and scales they decode with
+        (logged as the newest request's, so that it reaches the server's log)."""
+        settings = len({row.job.adapter for row in rows})
+        rows[-1].job.context.run(log.info, "decoding %d requests together (the most so far), with %d different "
+                                 "adapter settings", len(rows), settings)
 
     def _emit(self, rows: list, logits: torch.Tensor) -> None:
         """Pick each row's next token, hand it to its job, and drop the rows that are done (or failed)."""

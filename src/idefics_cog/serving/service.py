@@ -172,7 +172,7 @@ class Service:
             name = self.adapters.select(adapter, lora_weights, lora_scale, fetched=fetched)
             log.info("adapter: %s (scale %g)", name, lora_scale)
 
-        # Requests with the same key may share a batch: lora_weights wins over adapter; `none` ignores the scale.
+        # The request's adapter as a label: lora_weights wins over adapter; `none` ignores the scale.
         key = (lora_weights, lora_scale) if lora_weights else (NONE,) if adapter == NONE else (adapter, lora_scale)
         return Job(prepare=lambda: encode(segments, pictures, self.engine.processor), sampling=sampling,
                    adapter=key, select_adapter=select_adapter)

@@ -1,0 +1,201 @@
+"""Requests with different adapters and scales decoded in one batch: each row with its own adapter and scale, the
+same tokens as the request alone on the plain path; and switching adapters never recompiles the decode step."""
+
+import json
+import threading
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import IdeficsForVisionText2Text
+
+from idefics_cog.serving.decoder import FastDecoder
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Job, Sampling
+from idefics_cog.serving.rowlora import RowLora
+from idefics_cog.weights.adapters import Adapters
+from tests.support.engine import encoded, generate
+from tests.support.helpers import negated_adapter, noise_image
+
+
+def other_adapter(base, folder, seed: int):
+    """A LoRA unlike the medical one: another rank and more target layers (o_proj and down_proj too)."""
+    model = IdeficsForVisionText2Text.from_pretrained(base)
+    config = LoraConfig(r=8, lora_alpha=24, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    config_path = folder / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": "tiny"}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dir, tmp_path_factory):
+    """A fast engine with the medical adapter, and two custom adapters (local directories, as the tools load)."""
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    adapters = Adapters(engine, tmp_path_factory.mktemp("cache"))
+    adapters.load_default(str(tiny_dir / "adapter"))
+    folder = tmp_path_factory.mktemp("custom")
+    customs = [str(negated_adapter(tiny_dir / "adapter", folder / "negated")),
+               str(other_adapter(tiny_dir / "base", folder / "other", seed=5))]
+    return engine, adapters, customs
+
+
+def choices(customs):
+    """(adapter, lora_weights, lora_scale) of every row of the mixed batch: two scales of one adapter among them."""
+    return [("medical", "", 1.0), ("none", "", 1.0), ("", customs[0], 1.0), ("", customs[1], 1.0),
+            ("medical", "", 0.5), ("", customs[1], 1.7), ("none", "", 1.0), ("medical", "", 1.0)]
+
+
+def selecting(adapters, adapter, lora_weights, lora_scale):
+    return lambda: adapters.select(adapter, lora_weights, lora_scale, allow_local=True)
+
+
+def alone(engine, adapters, enc, sampling, choice) -> list[int]:
+    """The request alone on the plain transformers path (`model.generate`) with its adapter selected."""
+    selecting(adapters, *choice)()
+    return generate(engine, enc, sampling)
+
+
+def prompts(engine, count):
+    texts = ["What does this X-ray show?", "Tell me about lungs.", "Compare <image> and <image>.", "Describe it."]
+    images = [[noise_image(1)], [], [noise_image(2), noise_image(3)], [noise_image(4)]]
+    return [encoded(engine, texts[i % 4], images[i % 4]) for i in range(count)]
+
+
+def submit_together(engine, jobs, sinks=None) -> list[list]:
+    """Submit all jobs while the scheduler's thread is held, so that they arrive together; what each one's sink
+    received. `sinks[i](items)`, when given, makes job i's sink from its list."""
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    received = [[] for _ in jobs]
+    for index, (job, items) in enumerate(zip(jobs, received)):
+        engine.submit(job, (sinks or {}).get(index, lambda items: items.append)(items))
+    gate.set()
+    for job in jobs:
+        assert job.finished.wait(120)
+    return received
+
+
+def tokens_of(items) -> list[int]:
+    """The tokens a sink received (the error that ended it is raised)."""
+    errors = [item for item in items if isinstance(item, BaseException)]
+    if errors:
+        raise errors[0]
+    return [token for item in items if isinstance(item, list) for token in item]
+
+
+def test_a_batch_mixing_adapters_and_scales_gives_each_request_its_tokens_alone(served):
+    engine, adapters, customs = served
+    rows = choices(customs)
+    encs = prompts(engine, len(rows))
+    sampling = Sampling(max_new_tokens=24, ignore_eos=True)
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    assert len({tuple(tokens) for tokens in expected[:4]}) == 4  # the adapters really answer differently
+    assert expected[4] != expected[0] and expected[5] != expected[3]  # and so do the scales
+    engine.scheduler.largest_batch = 0
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    got = [tokens_of(items) for items in submit_together(engine, jobs)]
+    assert got == expected
+    assert engine.scheduler.largest_batch == len(rows)  # all in one batch
+
+
+def test_cancelling_one_row_of_a_mixed_batch_leaves_the_others_unchanged(served):
+    engine, adapters, customs = served
+    rows = choices(customs)[:5]
+    encs = prompts(engine, len(rows))
+    sampling = Sampling(max_new_tokens=30, ignore_eos=True)
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    cancelled = jobs[2]  # a custom adapter's row, in the middle of the batch's slots
+
+    def cancel_after_ten(items):
+        def sink(item):
+            items.append(item)
+            if sum(len(item) for item in items if isinstance(item, list)) == 10:
+                cancelled.cancel()
+        return sink
+
+    got = [tokens_of(items) for items in submit_together(engine, jobs, {2: cancel_after_ten})]
+    assert got[2] == expected[2][:len(got[2])] and 10 <= len(got[2]) < 30
+    assert got[:2] + got[3:] == expected[:2] + expected[3:]
+
+
+def test_switching_adapters_and_scales_never_recompiles_the_decode_step(served):
+    """The decode step compiled with fullgraph=True (on CPU, standing in for CUDA): after the first compile of a
+    shape, switching between medical, none, a custom adapter and another scale compiles nothing more, and the
+    compiled step reads each row's adapter (its tokens equal the request alone). Whether a call recompiles is
+    decided by dynamo's guards, before any backend: aot_eager keeps this test at seconds (inductor's C++ kernels
+    took a minute on the 2-core VM) and counts the same compilations."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    engine, adapters, customs = served
+    for custom in customs:  # loaded before the first compile: each adapter's layers have their banks
+        selecting(adapters, "", custom, 1.0)()
+    decoder = FastDecoder(engine.model, max_batch=4, max_images=2, compile=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    decoder.compiled = torch.compile(decoder._decode, backend=counter, fullgraph=True, dynamic=False)
+    enc = encoded(engine, "What does this X-ray show?", [noise_image(1)])
+    sampling = Sampling(max_new_tokens=4, ignore_eos=True)
+    frames = []
+    for choice in [("medical", "", 1.0), ("none", "", 1.0), ("", customs[1], 1.0), ("medical", "", 0.5),
+                   ("", customs[0], 2.0)]:
+        expected = alone(engine, adapters, enc, sampling, choice)
+        selecting(adapters, *choice)()
+        with torch.inference_mode():
+            logits = decoder.prefill(engine.model, 0, enc)
+            tokens = [int(logits.argmax())]
+            for step in range(3):
+                tokens.append(int(decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step]).argmax()))
+        assert decoder.compiled is not None  # no fallback to eager decoding
+        assert tokens == expected, choice
+        frames.append(counter.frame_count)
+    assert frames == [1] * len(frames)
+
+
+def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_the_banks_grow(served, tiny_dir, tmp_path):
+    """With room for one custom adapter, the second one's load unloads the first while a request still decodes
+    with it: that request keeps its adapter's copy and its tokens. The banks start with room for one adapter and
+    grow twice as the three adapters join the batch."""
+    _, _, customs = served
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    decoder = engine.scheduler.decoder
+    decoder.lora = RowLora(decoder.max_batch, engine.device, adapters=1)
+    adapters = Adapters(engine, tmp_path / "cache", max_loaded=1)
+    adapters.load_default(str(tiny_dir / "adapter"))
+    rows = [("", customs[0], 1.0), ("medical", "", 1.0), ("", customs[1], 1.0)]
+    encs = prompts(engine, len(rows))
+    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    got = [tokens_of(items) for items in submit_together(engine, jobs)]
+    assert got == expected
+    assert list(adapters.custom) == [customs[1]]  # the first custom adapter was unloaded during the batch
+    assert decoder.lora.slots == 5  # 1 + 1, then 1 + 2, then 1 + 4
+
+
+def test_an_adapter_on_more_layers_loaded_after_the_first_batch_gets_its_own_banks(served, tiny_dir, tmp_path):
+    """The banks are made for medical's layers (q/k/v) by a first request; then an adapter that also targets o_proj
+    and down_proj (layers in between) is loaded: a batch of both still gives each request its tokens alone."""
+    _, _, customs = served
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    adapters = Adapters(engine, tmp_path / "cache")
+    adapters.load_default(str(tiny_dir / "adapter"))
+    rows = [("medical", "", 1.0), ("", customs[1], 1.0), ("medical", "", 0.5), ("", customs[1], 0.5)]
+    encs = prompts(engine, len(rows))
+    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
+    first = Job(encs[0], sampling, select_adapter=selecting(adapters, *rows[0]))
+    assert tokens_of(submit_together(engine, [first])[0]) == alone(engine, adapters, encs[0], sampling, rows[0])
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    assert [tokens_of(items) for items in submit_together(engine, jobs)] == expected
