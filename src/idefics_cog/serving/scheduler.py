@@ -23,18 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from idefics_cog.serving.decoder import FastDecoder
+from idefics_cog.serving.sampler import BatchSampler
 from idefics_cog.errors import WeightsError
 
 log = logging.getLogger(__name__)
@@ -101,6 +94,7 @@ class Scheduler:
                         "support; decoding with model.generate", kind, len(devices))
             self.kind = "transformers"
         self.decoder = FastDecoder(engine.model, max_batch, max_images) if self.kind == "fast" else None
+        self.sampler = BatchSampler(max_batch, engine.banned_ids, engine.device) if self.decoder else None
         self.waiting: deque = deque()
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()
@@ -125,13 +119,12 @@ class Scheduler:
             while True:
                 try:
                     with self.lock:
-                        if not self.rows and not self.waiting:
+                        if not self.rows and not self.waiting and not self.starting:
                             self.running = False
                             return
-                        self.starting.extend(self._admit())
-                    while self.starting:
-                        self._start(self.starting[0])
-                        self.starting.popleft()
+                        if not self.starting:  # _admit counts the free slots as if nothing were starting
+                            self.starting.extend(self._admit())
+                    self._start_next()
                     if self.rows:
                         self._step()
                 except BaseException as exc:
@@ -140,6 +133,18 @@ class Scheduler:
                         if not self.rows and not self.starting and self.waiting:
                             self.starting.append(self.waiting.popleft())  # so that a repeating error moves on
                     self._fail_active(failure("decoding", exc) if isinstance(exc, Exception) else exc)
+
+    def _start_next(self) -> None:
+        """Start admitted jobs up to and including the first one that runs its prompt (a prefill, or
+        model.generate): at most one prefill between two decode steps, so that a burst of new requests delays the
+        running streams by one prefill per token instead of all of them at once. Jobs that end before (cancelled,
+        refused at encoding) cost nothing and do not count."""
+        while self.starting:
+            job = self.starting[0]
+            self._start(job)
+            self.starting.popleft()
+            if job.stats.prompt_tokens:  # it got past its encoding: its prompt ran (or failed) on the model
+                return
 
     def _fail_active(self, error: BaseException) -> None:
         """End the running and starting requests with `error`; the waiting ones are served next."""
@@ -217,15 +222,18 @@ class Scheduler:
             self._emit(rows, logits)
 
     def _emit(self, rows: list, logits: torch.Tensor) -> None:
-        """Pick each row's next token, hand it to its job, and drop the rows that are done (or failed)."""
-        logits[:, self.engine.banned_ids] = -float("inf")
-        greedy = logits.argmax(-1).tolist()
-        done, errors = [], {}
-        for index, row in enumerate(rows):
-            try:
-                token = row.pick(logits[index:index + 1]) if row.processors else greedy[index]
-            except Exception as exc:
-                errors[row.slot] = failure("sampling the next token", exc)
+        """Pick every row's next token (on the device, for the whole batch at once), hand each to its job, and drop
+        the rows that are done (or failed)."""
+        try:
+            tokens, failed = self.sampler.pick(rows, logits)
+        except Exception as exc:  # the batch's shared sampling: it cannot be pinned on one row, so its rows end
+            log.exception("sampling a step failed")
+            error = failure("sampling the next token", exc)
+            return self._drop([row.slot for row in rows], {row.slot: error for row in rows})
+        errors = {slot: failure("sampling the next token", exc) for slot, exc in failed.items()}
+        done = []
+        for row, token in zip(rows, tokens):
+            if token is None:
                 continue
             row.ids.append(token)
             try:
@@ -246,6 +254,7 @@ class Scheduler:
             last = self.rows.pop()
             if slot < len(self.rows):
                 self.decoder.move(last.slot, slot)
+                self.sampler.move(last.slot, slot)
                 last.slot = slot
                 self.rows[slot] = last
 
@@ -278,38 +287,28 @@ def _end(job, error: BaseException | None = None) -> None:
 
 @dataclass(eq=False)
 class _Row:
-    """A request in the running batch: its tokens so far, and how it picks the next one."""
+    """A request in the running batch: its tokens so far, and its own generator when it samples."""
 
     job: object
-    ids: list[int]  # prompt and generated tokens (the repetition penalty looks at both, as in generate)
+    ids: list[int]  # prompt and generated tokens
     remaining: int  # tokens still allowed
     engine: object
     slot: int
-    processors: LogitsProcessorList = field(init=False)
+    started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
     generator: torch.Generator | None = field(init=False, default=None)
 
     def __post_init__(self):
-        # The same processors, in the same order, as `model.generate` builds for these settings.
-        sampling = self.job.sampling
-        self.processors = LogitsProcessorList()
-        if sampling.repetition_penalty != 1.0:
-            self.processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-        if sampling.temperature > 0:
-            self.processors.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_k:
-                self.processors.append(TopKLogitsWarper(sampling.top_k))
-            if sampling.top_p < 1.0:
-                self.processors.append(TopPLogitsWarper(sampling.top_p))
+        if self.sampling.temperature > 0:
             # Its own generator: a request's samples depend on its seed only, never on its batch.
             self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
 
-    def pick(self, logits: torch.Tensor) -> int:
-        history = torch.tensor([self.ids], device=logits.device)
-        scores = self.processors(history, logits)
-        if self.generator is None:
-            return int(scores.argmax())
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    @property
+    def sampling(self):
+        return self.job.sampling
+
+    def pick(self, probs: torch.Tensor) -> torch.Tensor:
+        """Draw the next token from `probs` (1, vocab): the draw `model.generate` makes, with this row's generator."""
+        return torch.multinomial(probs, 1, generator=self.generator)[0, 0]
 
 
 class NewTokens(BaseStreamer):
