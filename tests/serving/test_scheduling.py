@@ -3,6 +3,8 @@ arrives while others decode starts within a bounded number of steps; every reque
 
 import threading
 
+import pytest
+
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from tests.support.engine import encoded, generate
@@ -11,14 +13,29 @@ from tests.support.helpers import noise_image
 ARRIVALS = 4
 
 
-def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("chunk", [128, 8], ids=["whole prompts", "prompts in pieces of 8 tokens"])
+def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk):
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
-    decoder, events = engine.scheduler.decoder, []
+    engine.scheduler.prefill_chunk = chunk
+    decoder, events, running_at = engine.scheduler.decoder, [], {}  # running_at: rows running at each prefill
     prefill, decode = decoder.prefill, decoder.decode
+    images, piece = decoder.prefill_images, decoder.prefill_chunk
+
+    def record_prefill(enc):
+        running_at[len(events)] = len(engine.scheduler.rows)
+        events.append(("prefill", enc))
 
     def recorded_prefill(model, slot, enc):
-        events.append(("prefill", enc))
+        record_prefill(enc)
         return prefill(model, slot, enc)
+
+    def recorded_images(model, slot, enc):
+        record_prefill(enc)
+        return images(model, slot, enc)
+
+    def recorded_piece(model, slot, enc, start, end):
+        record_prefill(enc)
+        return piece(model, slot, enc, start, end)
 
     def recorded_decode(model, tokens, positions):
         events.append(("decode", len(tokens)))
@@ -26,6 +43,8 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch):
 
     monkeypatch.setattr(decoder, "prefill", recorded_prefill)
     monkeypatch.setattr(decoder, "decode", recorded_decode)
+    monkeypatch.setattr(decoder, "prefill_images", recorded_images)
+    monkeypatch.setattr(decoder, "prefill_chunk", recorded_piece)
     running = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(2)]
     arriving = [encoded(engine, "Compare <image> and <image>. " + "Describe both in detail. " * 4,
                         [noise_image(10 + i), noise_image(20 + i)]) for i in range(ARRIVALS)]
@@ -55,11 +74,41 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch):
     tokens = [[t for item in received[job] if isinstance(item, list) for t in item] for job in jobs + arrival_jobs]
     assert tokens == [generate(engine, enc, s) for enc, s in
                       [(e, long) for e in running] + [(e, short) for e in arriving]]
-    kinds = [kind for kind, _ in events]
-    assert "prefill prefill" not in " ".join(kinds)  # a decode step between any two prefills
-    # Each arrival is prefilled within as many decode steps as there are arrivals before it (plus the next one).
+    # While rows run, a decode step between any two prefills (pieces).
+    assert all(running_at[i] == 0 for i in range(1, len(events)) if events[i - 1][0] == events[i][0] == "prefill")
+    # Each arrival starts within as many decode steps as the prefill pieces of the arrivals before it (plus one).
+    pieces = 1 if chunk >= arriving[0].num_tokens else 1 + -(-arriving[0].num_tokens // chunk)
+    assert all(enc.num_tokens == arriving[0].num_tokens for enc in arriving)
     after = events[submitted_at[0]:]
     for index, enc in enumerate(arriving):
         at = next(i for i, (kind, what) in enumerate(after) if kind == "prefill" and what is enc)
-        assert [kind for kind, _ in after[:at]].count("decode") <= index + 1
-    assert max(n for kind, n in events if kind == "decode") == 2 + ARRIVALS  # they all joined the batch
+        assert [kind for kind, _ in after[:at]].count("decode") <= index * pieces + 1
+    assert sum(kind == "prefill" for kind, _ in after) == ARRIVALS * pieces
+    if pieces == 1:  # one step each: they all joined the batch before the first of them ended
+        assert max(n for kind, n in events if kind == "decode") == 2 + ARRIVALS
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, chunk):
+    """Greedy and seeded sampling, one image, two images and text only, decoded together: each request's tokens
+    equal model.generate's for it alone, whatever the size of the prefill's pieces."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=4)
+    engine.scheduler.prefill_chunk = chunk
+    requests = [
+        (encoded(engine, "What does this X-ray show?", [noise_image(1)]), Sampling(max_new_tokens=20)),
+        (encoded(engine, "Compare <image> and <image>.", [noise_image(2), noise_image(3)]),
+         Sampling(max_new_tokens=20, temperature=0.9, top_k=30, repetition_penalty=1.2, seed=5)),
+        (encoded(engine, "Tell me about lungs.", []), Sampling(max_new_tokens=20, ignore_eos=True)),
+    ]
+    assert all(enc.num_tokens > chunk for enc, _ in requests)
+    jobs = [Job(enc, s) for enc, s in requests]
+    received = {job: [] for job in jobs}
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    for job in jobs:
+        engine.submit(job, received[job].append)
+    gate.set()
+    for job in jobs:
+        assert job.finished.wait(120)
+    tokens = [[t for item in received[job] if isinstance(item, list) for t in item] for job in jobs]
+    assert tokens == [generate(engine, enc, s) for enc, s in requests]

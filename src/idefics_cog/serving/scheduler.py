@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 END = object()  # the last item a job's sink receives after a normal end
 DEVICE_LOST_EXIT = 70  # the worker's exit status when the device is unusable
 EXIT_GRACE_S = 1.0  # how long the worker waits for its last log line to be sent before it ends
+PREFILL_CHUNK = 128  # prompt tokens prefilled between two decode steps; a longer prompt runs in pieces
 
 
 class GenerationError(RuntimeError):
@@ -101,6 +102,8 @@ class Scheduler:
         self.running = False  # a `_serve` loop is on the generation thread
         self.rows: list[_Row] = []  # the running batch; rows[i] lives in cache slot i
         self.adapter = None  # the adapter key of the running batch
+        self.prefill_chunk = PREFILL_CHUNK
+        self.prefilling: _Prefill | None = None  # a long prompt being prefilled piece by piece (starting[0]'s)
         self.fallbacks_logged: set[str] = set()
         self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
 
@@ -135,16 +138,55 @@ class Scheduler:
                     self._fail_active(failure("decoding", exc) if isinstance(exc, Exception) else exc)
 
     def _start_next(self) -> None:
-        """Start admitted jobs up to and including the first one that runs its prompt (a prefill, or
-        model.generate): at most one prefill between two decode steps, so that a burst of new requests delays the
-        running streams by one prefill per token instead of all of them at once. Jobs that end before (cancelled,
-        refused at encoding) cost nothing and do not count."""
+        """One piece of prefill work between two decode steps, so that a burst of new requests delays the running
+        streams by a bounded amount per token instead of all their prompts at once: start admitted jobs up to and
+        including the first that runs its prompt (a prefill of up to `prefill_chunk` tokens, or model.generate), or
+        the next piece of a longer prompt's prefill. Jobs that end before (cancelled, refused at encoding) cost
+        nothing and do not count."""
+        if self.prefilling is not None:
+            return self._prefill_next()
         while self.starting:
             job = self.starting[0]
             self._start(job)
+            if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last piece
+                return self._prefill_next()
             self.starting.popleft()
             if job.stats.prompt_tokens:  # it got past its encoding: its prompt ran (or failed) on the model
                 return
+
+    def _prefill_next(self) -> None:
+        """The next piece of the chunked prefill in progress: the images first, then `prefill_chunk` prompt tokens
+        at a time; after the last one the request joins the batch with its first token."""
+        work = self.prefilling
+        row, model = work.row, self.engine.model
+        if row.job.cancelled.is_set():
+            return self._prefilled(None)
+        try:
+            if work.done < 0:
+                self.decoder.prefill_images(model, row.slot, work.encoded)
+                work.done = 0
+                return
+            end = min(work.done + self.prefill_chunk, work.encoded.num_tokens)
+            logits = self.decoder.prefill_chunk(model, row.slot, work.encoded, work.done, end)
+            work.done = end
+        except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
+            row.job.context.run(log.exception, "prefill failed")
+            return self._prefilled(failure("prefilling the prompt", exc))
+        if logits is not None:
+            if row.slot != len(self.rows):  # rows ended meanwhile: take the first free slot
+                self.decoder.move(row.slot, len(self.rows))
+                row.slot = len(self.rows)
+            self._prefilled()
+            self.rows.append(row)
+            self._emit([row], logits)
+
+    def _prefilled(self, error: BaseException | None = None) -> None:
+        """The chunked prefill in progress is over: its job leaves `starting` (ended, unless it joins the batch)."""
+        job = self.prefilling.row.job
+        self.prefilling = None
+        self.starting.popleft()
+        if error is not None or job.cancelled.is_set():
+            _end(job, error)
 
     def _fail_active(self, error: BaseException) -> None:
         """End the running and starting requests with `error`; the waiting ones are served next."""
@@ -153,6 +195,7 @@ class Scheduler:
                 _end(job, error)
         self.rows.clear()
         self.starting.clear()
+        self.prefilling = None
 
     def _admit(self) -> list:
         """Waiting jobs that may start now, in arrival order: with a running batch, those for its adapter up to
@@ -201,6 +244,9 @@ class Scheduler:
             return self._generate(job, encoded, max_new_tokens)
         try:
             row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
+            if encoded.num_tokens > self.prefill_chunk:  # continued by _prefill_next, a piece per decode step
+                self.prefilling = _Prefill(row, encoded)
+                return
             logits = self.decoder.prefill(engine.model, row.slot, encoded)
         except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
             job.context.run(log.exception, "prefill failed")
@@ -309,6 +355,15 @@ class _Row:
     def pick(self, probs: torch.Tensor) -> torch.Tensor:
         """Draw the next token from `probs` (1, vocab): the draw `model.generate` makes, with this row's generator."""
         return torch.multinomial(probs, 1, generator=self.generator)[0, 0]
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A long prompt's prefill in progress."""
+
+    row: _Row
+    encoded: object
+    done: int = -1  # prompt tokens prefilled so far; -1: the images are still to be encoded
 
 
 class NewTokens(BaseStreamer):
