@@ -135,12 +135,32 @@ def arrivals_run(engine: Engine, running: list, arriving: list) -> dict:
     return dict(gaps=gaps, ttft=ttft)
 
 
+def timed(obj, name: str, into: dict) -> None:
+    """Record the wall time (ms) of every call of obj.name in into[name] (when obj has it)."""
+    function = getattr(obj, name, None)
+    if function is None:
+        return
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            into.setdefault(name, []).append(1000 * (time.perf_counter() - start))
+
+    setattr(obj, name, wrapper)
+
+
 def arrivals() -> dict:
     engine = load(ARGS.preset)
+    calls = {}  # how long the decoder's prefills (whole, images, pieces) and decode steps took
+    for name in ("prefill", "prefill_images", "prefill_chunk", "decode"):
+        timed(engine.scheduler.decoder, name, calls)
     running = [prompt(engine, i, 1, 60) for i in range(4)]
     arriving = [prompt(engine, 10 + i, 2, ARGS.long_tokens) for i in range(8)]
     progress(f"arrivals: prompts of {[e.num_tokens for e in running]} and {[e.num_tokens for e in arriving]} tokens")
     arrivals_run(engine, running[:1], arriving[:1])  # warm-up
+    calls.clear()
     gaps, ttft = [], []
     for _ in range(ARGS.repeats):
         result = arrivals_run(engine, running, arriving)
@@ -150,6 +170,7 @@ def arrivals() -> dict:
     median = statistics.median(gaps)
     return dict(gaps=gaps, ttft=ttft, median=median, p99=percentile(gaps, 99), largest=max(gaps),
                 ratio=percentile(gaps, 99) / median, ttft_median=statistics.median(ttft), ttft_max=max(ttft),
+                calls={name: statistics.median(ms) for name, ms in calls.items()},
                 running_prompt=running[0].num_tokens, arriving_prompt=min(e.num_tokens for e in arriving))
 
 
@@ -229,7 +250,9 @@ def report(info: dict, arrive: dict | None, steps: dict | None) -> str:
                   "arrivals' first token median ms | max ms |", "|---|---:|---:|---:|---:|---:|---:|",
                   f"| {len(arrive['gaps'])} gaps | {arrive['median']:.1f} | {arrive['p99']:.1f} | "
                   f"{arrive['largest']:.1f} | {arrive['ratio']:.2f}x | {arrive['ttft_median']:.1f} | "
-                  f"{arrive['ttft_max']:.1f} |\n"]
+                  f"{arrive['ttft_max']:.1f} |\n",
+                  "Median ms per call of the decoder: " + ", ".join(f"{name} {ms:.1f}" for name, ms in
+                                                                    arrive["calls"].items()) + ".\n"]
     if steps:
         lines += [f"Host time per decode step ({ARGS.host_preset}, {ARGS.host_tokens} new tokens per request): "
                   f"the step's wall time minus the model's forward.\n",

@@ -112,3 +112,33 @@ def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, chu
         assert job.finished.wait(120)
     tokens = [[t for item in received[job] if isinstance(item, list) for t in item] for job in jobs]
     assert tokens == [generate(engine, enc, s) for enc, s in requests]
+
+
+def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monkeypatch):
+    """A long prompt's prefill fails in its second piece while others run and wait: it alone ends, with the
+    stage named; the others keep their tokens, and the next request takes its slot."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    engine.scheduler.prefill_chunk = 8
+    encs = [encoded(engine, f"Question {i}? Describe it in detail.", [noise_image(i)]) for i in range(4)]
+    sampling = Sampling(max_new_tokens=10, ignore_eos=True)
+    expected = [generate(engine, enc, sampling) for enc in encs]
+    piece = engine.scheduler.decoder.prefill_chunk
+
+    def broken(model, slot, enc, start, end):
+        if enc is encs[1] and start > 0:
+            raise RuntimeError("shape mismatch (simulated)")
+        return piece(model, slot, enc, start, end)
+
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", broken)
+    jobs = [Job(enc, sampling) for enc in encs]
+    received = {job: [] for job in jobs}
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    for job in jobs:
+        engine.submit(job, received[job].append)
+    gate.set()
+    assert all(job.finished.wait(60) for job in jobs)
+    assert received[jobs[1]] and "prefilling the prompt failed: RuntimeError: shape" in str(received[jobs[1]][-1])
+    for index in (0, 2, 3):
+        assert [t for item in received[jobs[index]] if isinstance(item, list) for t in item] == expected[index]
+    assert engine.scheduler.rows == [] and engine.scheduler.prefilling is None

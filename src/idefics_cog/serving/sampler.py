@@ -29,20 +29,23 @@ class BatchSampler:
         `generator` and `pick(probs)` (the per-row draw)."""
         scores = logits.float()  # the decoder's float32 logits, processed in place
         scores[:, self.banned] = -float("inf")
-        self._start(rows, scores.shape[-1])
-        slots = torch.tensor([row.slot for row in rows], device=self.device)
-        scores = self._penalize(rows, slots, scores)
+        penalized = [i for i, row in enumerate(rows) if row.sampling.repetition_penalty != 1.0]
+        if penalized:
+            slots = torch.tensor([rows[i].slot for i in penalized], device=self.device)
+            self._start([rows[i] for i in penalized], scores.shape[-1])
+            scores = self._apply(scores, penalized, lambda sub: self._penalize(rows, penalized, slots, sub))
         sampled = [i for i, row in enumerate(rows) if row.sampling.temperature > 0]
         tokens = scores.argmax(-1)
         errors = {}
         if sampled:
-            probs = torch.softmax(self._warp([rows[i] for i in sampled], scores[sampled]), dim=-1)
+            probs = torch.softmax(self._warp([rows[i] for i in sampled], _rows(scores, sampled)), dim=-1)
             for index, row_probs in zip(sampled, probs):
                 try:
                     tokens[index] = rows[index].pick(row_probs[None])
                 except Exception as exc:  # this request's draw alone (e.g. nan probabilities)
                     errors[rows[index].slot] = exc
-        self.seen[slots, tokens] = True
+        if penalized:
+            self.seen[slots, tokens[penalized] if len(penalized) < len(rows) else tokens] = True
         picked = tokens.tolist()  # the step's one copy to the host
         return [None if row.slot in errors else token for row, token in zip(rows, picked)], errors
 
@@ -56,16 +59,10 @@ class BatchSampler:
                 self.seen[row.slot, torch.tensor(row.ids, device=self.device)] = True
                 row.started = True
 
-    def _penalize(self, rows: list, slots: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _penalize(self, rows: list, penalized: list[int], slots: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
         """RepetitionPenaltyLogitsProcessor: seen tokens' scores times the penalty if negative, else divided."""
-        penalized = [i for i, row in enumerate(rows) if row.sampling.repetition_penalty != 1.0]
-        if not penalized:
-            return scores
         penalty = self._column([rows[i].sampling.repetition_penalty for i in penalized])
-        sub = scores[penalized]
-        changed = torch.where(sub < 0, sub * penalty, sub / penalty)
-        scores[penalized] = torch.where(self.seen[slots[penalized]], changed, sub)
-        return scores
+        return torch.where(self.seen[slots], torch.where(sub < 0, sub * penalty, sub / penalty), sub)
 
     def _warp(self, rows: list, scores: torch.Tensor) -> torch.Tensor:
         """Temperature, then top-k and top-p where a row asks for them (TemperatureLogitsWarper,
@@ -73,19 +70,41 @@ class BatchSampler:
         scores = scores / self._column([row.sampling.temperature for row in rows])
         top_k = [i for i, row in enumerate(rows) if row.sampling.top_k]
         if top_k:
-            k = torch.tensor([min(rows[i].sampling.top_k, scores.shape[-1]) for i in top_k], device=self.device)
-            sub = scores[top_k]
-            kth = torch.topk(sub, int(k.max())).values.gather(1, (k - 1)[:, None])
-            scores[top_k] = sub.masked_fill(sub < kth, -float("inf"))
+            k = [min(rows[i].sampling.top_k, scores.shape[-1]) for i in top_k]
+            scores = self._apply(scores, top_k, lambda sub: _top_k(sub, k))
         top_p = [i for i, row in enumerate(rows) if row.sampling.top_p < 1.0]
         if top_p:
-            sub = scores[top_p]
-            ordered, order = torch.sort(sub, descending=False)
-            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= self._column([1 - rows[i].sampling.top_p for i in top_p])
-            remove[..., -1:] = False  # keep at least one token
-            scores[top_p] = sub.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+            keep = self._column([1 - rows[i].sampling.top_p for i in top_p])
+            scores = self._apply(scores, top_p, lambda sub: _top_p(sub, keep))
+        return scores
+
+    @staticmethod
+    def _apply(scores: torch.Tensor, indices: list[int], operation) -> torch.Tensor:
+        """`operation` on the rows `indices` of `scores` (on all of it when that is every row: no copies)."""
+        if len(indices) == len(scores):
+            return operation(scores)
+        scores[indices] = operation(scores[indices])
         return scores
 
     def _column(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+
+
+def _rows(scores: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    return scores if len(indices) == len(scores) else scores[indices]
+
+
+def _top_k(scores: torch.Tensor, k: list[int]) -> torch.Tensor:
+    """TopKLogitsWarper with each row's own k: below its k-th largest score, a row's scores are removed."""
+    values = torch.topk(scores, max(k)).values
+    kth = values[:, -1:] if min(k) == max(k) else values.gather(1, torch.tensor(k, device=scores.device)[:, None] - 1)
+    return scores.masked_fill(scores < kth, -float("inf"))
+
+
+def _top_p(scores: torch.Tensor, remove_at: torch.Tensor) -> torch.Tensor:
+    """TopPLogitsWarper with each row's own 1 - top_p (`remove_at`, a column): the least likely tokens whose
+    probabilities add up to at most that are removed, the most likely one always kept."""
+    ordered, order = torch.sort(scores, descending=False)
+    remove = ordered.softmax(dim=-1).cumsum(dim=-1) <= remove_at
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))

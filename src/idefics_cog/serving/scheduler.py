@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 END = object()  # the last item a job's sink receives after a normal end
 DEVICE_LOST_EXIT = 70  # the worker's exit status when the device is unusable
 EXIT_GRACE_S = 1.0  # how long the worker waits for its last log line to be sent before it ends
-PREFILL_CHUNK = 128  # prompt tokens prefilled between two decode steps; a longer prompt runs in pieces
+# Prompt tokens prefilled between two decode steps (a longer prompt runs in pieces): about one decode step's time.
+# A GPU prefills hundreds of tokens in the time of one memory-bound decode step; a CPU far fewer (BENCHMARKS.md).
+PREFILL_CHUNK = {"cuda": 256}
+PREFILL_CHUNK_OTHER = 32
 
 
 class GenerationError(RuntimeError):
@@ -102,7 +105,7 @@ class Scheduler:
         self.running = False  # a `_serve` loop is on the generation thread
         self.rows: list[_Row] = []  # the running batch; rows[i] lives in cache slot i
         self.adapter = None  # the adapter key of the running batch
-        self.prefill_chunk = PREFILL_CHUNK
+        self.prefill_chunk = PREFILL_CHUNK.get(engine.device.type, PREFILL_CHUNK_OTHER)
         self.prefilling: _Prefill | None = None  # a long prompt being prefilled piece by piece (starting[0]'s)
         self.fallbacks_logged: set[str] = set()
         self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
