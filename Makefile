@@ -46,6 +46,7 @@ bench: install tiny
 	$(PY) bench/training.py
 	$(PY) bench/speed.py
 	$(PY) bench/textstream.py
+	$(PY) bench/stalls.py
 
 # 16 concurrent requests of 8 large images (peak memory), then 300 mixed predictions through the real server:
 # memory, temp files, cache (see BENCHMARKS.md).

@@ -41,7 +41,10 @@ def parse_args():
     parser.add_argument("--stream-tokens", type=int, default=128)
     parser.add_argument("--long-tokens", type=int, default=300, help="prompt tokens of each arriving request")
     parser.add_argument("--arrival-tokens", type=int, default=16)
-    parser.add_argument("--host-tokens", type=int, default=48)
+    parser.add_argument("--host-tokens", type=int, default=96,
+                        help="new tokens per request of `host` (enough for all 16 to be decoding together)")
+    parser.add_argument("--prefill-chunk", type=int, help="the scheduler's prefill piece, in prompt tokens "
+                        "(default: the engine's own; ignored by code without chunked prefill)")
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the source tree to import idefics_cog from")
     parser.add_argument("--label", default="", help="a name for this run in the report (e.g. the commit)")
     parser.add_argument("--json", type=Path, help="also write the raw numbers here")
@@ -70,7 +73,10 @@ SAMPLED = dict(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1)
 def load(preset: str) -> Engine:
     base = tiny.build(ROOT / "weights" / preset, preset) / "base"
     model = IdeficsForVisionText2Text.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"}).eval()
-    return Engine(model, load_processor(base), model.device, engine="fast", max_batch=16)
+    engine = Engine(model, load_processor(base), model.device, engine="fast", max_batch=16)
+    if ARGS.prefill_chunk and hasattr(engine.scheduler, "prefill_chunk"):
+        engine.scheduler.prefill_chunk = ARGS.prefill_chunk
+    return engine
 
 
 def prompt(engine: Engine, index: int, images: int, tokens: int):
@@ -241,7 +247,8 @@ def report(info: dict, arrive: dict | None, steps: dict | None) -> str:
     lines = [f"# Decode-loop stalls and host work{' (' + ARGS.label + ')' if ARGS.label else ''}\n",
              f"{info['cpu']}, {info['cpus']} CPUs, {info['torch_threads']} torch threads; torch {info['torch']}, "
              f"transformers {info['transformers']}; float32 on CPU; idefics_cog from {ARGS.src}; "
-             f"{ARGS.repeats} runs after a warm-up.\n"]
+             f"{ARGS.repeats} runs after a warm-up; prefill pieces of "
+             f"{ARGS.prefill_chunk or 'the default'} tokens.\n"]
     if arrive:
         lines += [f"Arrivals ({ARGS.preset}): 4 running streams ({arrive['running_prompt']} prompt tokens, "
                   f"{ARGS.stream_tokens} new tokens) while 8 two-image requests (>= {arrive['arriving_prompt']} "

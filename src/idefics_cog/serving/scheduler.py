@@ -1,8 +1,10 @@
 """The scheduler: every request's torch work, on one thread, with concurrent requests decoded as one batch.
 
-Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot as soon as it arrives, then joins
-the running batch; each decode step makes one token for every active request, which samples with its own
-settings and generator and ends on its own (end of turn, max_new_tokens, a stop sequence, cancelation).
+Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot, at most one piece of prefill work
+between two decode steps (a short prompt, or the images or `prefill_chunk` tokens of a longer one), so that new
+requests never freeze running streams; then it joins the running batch. Each decode step makes one token for every
+active request; `BatchSampler` picks them for the whole batch at once, each request with its own settings and
+generator, and each ends on its own (end of turn, max_new_tokens, a stop sequence, cancelation).
 Requests for another adapter wait until the running batch has drained (first come, first served: a waiting
 request also stops later ones for the running adapter from joining), so adapters never mix within a batch.
 `transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time.
