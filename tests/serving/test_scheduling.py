@@ -142,3 +142,38 @@ def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monk
     for index in (0, 2, 3):
         assert [t for item in received[jobs[index]] if isinstance(item, list) for t in item] == expected[index]
     assert engine.scheduler.rows == [] and engine.scheduler.prefilling is None
+
+
+def test_a_request_cancelled_during_its_prefill_ends_there(tiny_dir, monkeypatch):
+    """Cancelled after its images' piece: no token, its prefill stops, the running request keeps its tokens."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    engine.scheduler.prefill_chunk = 8
+    encs = [encoded(engine, f"Question {i}? Describe it in detail.", [noise_image(i)]) for i in range(2)]
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    expected = generate(engine, encs[0], sampling)
+    jobs = [Job(enc, sampling) for enc in encs]
+    images, pieces = engine.scheduler.decoder.prefill_images, []
+
+    def cancel_the_second(model, slot, enc):
+        if enc is encs[1]:
+            jobs[1].cancel()
+        return images(model, slot, enc)
+
+    piece = engine.scheduler.decoder.prefill_chunk
+
+    def recorded_piece(model, slot, enc, start, end):
+        pieces.append(enc)
+        return piece(model, slot, enc, start, end)
+
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_images", cancel_the_second)
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", recorded_piece)
+    received = {job: [] for job in jobs}
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    for job in jobs:
+        engine.submit(job, received[job].append)
+    gate.set()
+    assert all(job.finished.wait(60) for job in jobs)
+    assert [t for item in received[jobs[0]] if isinstance(item, list) for t in item] == expected
+    assert len(received[jobs[1]]) == 1 and not isinstance(received[jobs[1]][0], (list, BaseException))  # END only
+    assert all(enc is not encs[1] for enc in pieces) and engine.scheduler.prefilling is None
