@@ -9,8 +9,9 @@ import threading
 import pytest
 import torch
 
-from idefics_cog.serving import scheduler as batching
-from idefics_cog.serving.scheduler import GenerationError, _Row, device_lost
+from idefics_cog.serving import failures
+from idefics_cog.serving.failures import GenerationError, device_lost
+from idefics_cog.serving.scheduler import _Row
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.errors import InputError
@@ -161,9 +162,11 @@ def test_a_failing_decode_step_ends_its_rows_and_the_waiting_requests_go_on(requ
 
     monkeypatch.setattr(decoder, "decode", broken)
     results = outcomes(engine, jobs_for(encs, sampling))
-    for index in (0, 1):  # the first batch: two slots
+    # The first batch (two slots): one prefill between two steps, so request 0 had its prefill's token and two
+    # steps' when the third step failed, request 1 (prefilled after the first step) its prefill's and one step's.
+    for index, tokens in ((0, 3), (1, 2)):
         assert "out of memory while decoding" in str(results[index][1])
-        assert results[index][0] == expected[index][:3]
+        assert results[index][0] == expected[index][:tokens]
     for index in (2, 3):
         assert results[index] == (expected[index], None)
 
@@ -177,7 +180,7 @@ def test_an_error_that_leaves_the_device_unusable_ends_the_worker(requests_, mon
     def broken(*args):
         raise fatal
 
-    monkeypatch.setattr(batching, "exit_worker", exits.append)  # the real one ends this process: tested below
+    monkeypatch.setattr(failures, "exit_worker", exits.append)  # the real one ends this process: tested below
     if stage == "encode":
         prepares = list(encs)
         prepares[FAULTY] = broken
@@ -223,7 +226,7 @@ def test_a_device_side_assert_ends_the_process_with_the_reason_logged(tiny_dir):
     test_server_faults.py::test_a_worker_crash_and_a_setup_failure_show_in_the_health_check)."""
     done = subprocess.run([sys.executable, "-c", WORKER, str(tiny_dir / "base")], capture_output=True, text=True,
                           timeout=120, cwd=str(tiny_dir.parents[1]), env={**os.environ, "PYTHONPATH": "src"})
-    assert done.returncode == batching.DEVICE_LOST_EXIT, done.stderr[-2000:]
+    assert done.returncode == failures.DEVICE_LOST_EXIT, done.stderr[-2000:]
     assert "still serving" not in done.stdout
     assert "the device is unusable after AcceleratorError: CUDA error: device-side assert" in done.stderr
 

@@ -185,6 +185,59 @@ class FastDecoder:
         self.lora.capture(base, slot)
         return logits.float()
 
+    # ---- chunked prefill: a long prompt run in pieces between decode steps (the same cache, the same positions) ----
+
+    @torch.inference_mode()
+    def prefill_images(self, model, slot: int, encoded: Encoded) -> None:
+        """The first piece of a chunked prefill: the images' keys/values of every cross-attention block, into `slot`."""
+        inputs = encoded.to(self.device, self.dtype)
+        cross = self._image_keys_values(unwrap(model), inputs["pixel_values"], inputs["image_attention_mask"].bool())
+        self.image_lengths[slot] = images = cross[0][0].shape[2] if cross else 0
+        for block, (keys, values) in enumerate(cross):
+            self.image_keys[block, slot, :, :images] = keys[0]
+            self.image_values[block, slot, :, :images] = values[0]
+
+    @torch.inference_mode()
+    def prefill_chunk(self, model, slot: int, encoded: Encoded, start: int, end: int) -> torch.Tensor | None:
+        """Prompt tokens start..end into `slot`, after tokens 0..start and `prefill_images`: they attend to the
+        cached keys of the earlier tokens and to themselves causally. The logits for the first new token (1, vocab)
+        once the prompt's last token has run, else None."""
+        base = unwrap(model)
+        inputs = encoded.to(self.device, self.dtype)
+        per_token = inputs["image_attention_mask"].bool()[:, start:end]  # (1, chunk, images)
+        images = self.image_lengths[slot]
+        if images:
+            allowed = per_token.repeat_interleave(self.per_image, dim=2)[:, None]  # (1, 1, chunk, image tokens)
+        else:
+            allowed = torch.zeros(1, 1, end - start, 1, dtype=torch.bool, device=self.device)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, self.masked)
+        gate = allowed.any(-1)[:, 0]  # (1, chunk)
+        positions = torch.arange(start, end, device=self.device)[None]
+        later = torch.arange(end, device=self.device)[None] > positions[0, :, None]  # (chunk, end): not yet seen
+        causal = torch.zeros(1, 1, *later.shape, dtype=self.dtype, device=self.device).masked_fill(later, self.masked)
+
+        def attend(layer, k, v):
+            self.keys[layer, slot, :, start:end] = k[0]
+            self.values[layer, slot, :, start:end] = v[0]
+            return self.keys[layer, slot:slot + 1, :, :end], self.values[layer, slot:slot + 1, :, :end], causal
+
+        def cross_inputs(block):
+            if not images:
+                return None, None, mask, gate
+            return (self.image_keys[block, slot:slot + 1, :, :images], self.image_values[block, slot:slot + 1, :, :images],
+                    mask, gate)
+
+        ids = inputs["input_ids"][:, start:end]
+        logits = self._forward(base, ids, positions, attend, cross_inputs, causal=False)[:, -1]
+        if end < inputs["input_ids"].shape[1]:
+            return None
+        self.image_mask[slot] = self.masked  # a decoded token attends to the images of the prompt's last token
+        if images:
+            self.image_mask[slot, 0, 0, :images] = mask[0, 0, -1]
+        self.image_gate[slot] = bool(gate[0, -1])
+        self.lora.capture(base, slot)  # the adapter selected for this request's pieces (scheduler._prefill_next)
+        return logits.float()
+
     def _image_keys_values(self, base, pixel_values: torch.Tensor, per_token: torch.Tensor) -> list:
         """Per cross-attention block, the image keys and values (1, heads, image tokens, head_dim); none when no
         token attends to an image (text only: the output of those blocks is zeroed anyway)."""
@@ -227,13 +280,14 @@ class FastDecoder:
     def _decode_compiled(self, base, tokens: list[int], positions: list[int]) -> torch.Tensor:
         count = len(tokens)
         # Few shapes, so few graphs are ever captured: the batch padded to a power of two (padding rows sit in free
-        # slots, whose column 0 they overwrite; a slot's prefill rewrites it before use), and the attended cache
+        # slots, whose last column they overwrite; a slot's own decode rewrites it before use), and the attended cache
         # length rounded up to a power of two from 256 (reading all 2048 columns would cost a 9b 6% more per token).
         bucket = min(self.max_batch, 1 << (count - 1).bit_length())
         length = min(self.max_len, max(256, 1 << max(positions).bit_length()))
         ids = torch.zeros(bucket, 1, dtype=torch.long)
         ids[:count, 0] = torch.tensor(tokens)
-        where = torch.zeros(bucket, dtype=torch.long)
+        # Padding rows write the last cache column of a free slot: never a prompt's (one may be half prefilled).
+        where = torch.full((bucket,), self.max_len - 1, dtype=torch.long)
         where[:count] = torch.tensor(positions)
         ids, where = ids.to(self.device, non_blocking=True), where.to(self.device, non_blocking=True)
         cuda_graphs_on_this_thread()

@@ -1,10 +1,12 @@
 """The scheduler: every request's torch work, on one thread, with concurrent requests decoded as one batch.
 
-Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot as soon as it arrives, then joins
-the running batch; each decode step makes one token for every active request, which samples with its own
-settings and generator and ends on its own (end of turn, max_new_tokens, a stop sequence, cancelation).
-Requests with different adapters and scales share a batch: each is prefilled with its own adapter selected, and its
-slot keeps that adapter for its decode steps (decoder.py, rowlora.py).
+Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot, at most one piece of prefill work
+between two decode steps (a short prompt, or the images or `prefill_chunk` tokens of a longer one), each piece with
+the request's own adapter selected, so that new requests never freeze running streams; then it joins the running
+batch. Requests with different adapters and scales share a batch: a slot keeps its request's adapter for its decode
+steps (decoder.py, rowlora.py). Each decode step makes one token for every active request; `BatchSampler` picks
+them for the whole batch at once, each request with its own settings and generator, and each ends on its own (end
+of turn, max_new_tokens, a stop sequence, cancelation).
 `transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time, each with its
 own adapter selected.
 
@@ -16,80 +18,25 @@ process, so that Cog reports it unhealthy instead of failing every later request
 """
 
 import logging
-import os
-import sys
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from idefics_cog.serving.decoder import FastDecoder
-from idefics_cog.errors import WeightsError
+from idefics_cog.serving.failures import explained, failure
+from idefics_cog.serving.sampler import BatchSampler
 
 log = logging.getLogger(__name__)
 
 END = object()  # the last item a job's sink receives after a normal end
-DEVICE_LOST_EXIT = 70  # the worker's exit status when the device is unusable
-EXIT_GRACE_S = 1.0  # how long the worker waits for its last log line to be sent before it ends
-
-
-class GenerationError(RuntimeError):
-    """An error of the server while generating one request's answer (its stage in the message)."""
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc)
-
-
-def device_lost(exc: BaseException) -> bool:
-    """Whether `exc` leaves the device unusable for every later request (CUDA's sticky errors); an out-of-memory
-    error does not: it concerns the request that asked for the memory."""
-    if out_of_memory(exc):
-        return False
-    return isinstance(exc, torch.AcceleratorError) or isinstance(exc, RuntimeError) and any(
-        marker in str(exc) for marker in ("device-side assert", "illegal memory access", "CUDA error"))
-
-
-def exit_worker(exc: BaseException) -> None:
-    """End this process at once (coglet then reports the server UNHEALTHY and the platform restarts it)."""
-    log.critical("the device is unusable after %s: %s; ending the worker process", type(exc).__name__, exc)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stderr.flush()
-    time.sleep(EXIT_GRACE_S)  # coglet forwards the worker's logs from a thread of this process: let it send this one
-    os._exit(DEVICE_LOST_EXIT)
-
-
-def _explained(exc: Exception) -> bool:
-    """Errors that already tell the client what was wrong with its request (InputError, AdapterError, ...)."""
-    return isinstance(exc, (ValueError, WeightsError)) and not device_lost(exc)
-
-
-def failure(stage: str, exc: Exception) -> Exception:
-    """The error a request ends with when `stage` failed for it: a device-fatal error ends the worker; an
-    out-of-memory error or a bug is reported as the server's, naming the stage."""
-    if device_lost(exc):
-        exit_worker(exc)
-    if out_of_memory(exc):
-        error = GenerationError(f"out of memory while {stage}; the request was stopped and its memory freed "
-                                f"(other requests were not affected): retry, or send a shorter prompt, fewer "
-                                f"images or a lower max_new_tokens")
-    else:
-        error = GenerationError(f"{stage} failed: {type(exc).__name__}: {exc}")
-    error.__cause__ = exc
-    return error
+# Prompt tokens prefilled between two decode steps (a longer prompt runs in pieces): about one decode step's time.
+# A GPU prefills hundreds of tokens in the time of one memory-bound decode step; a CPU far fewer (BENCHMARKS.md).
+PREFILL_CHUNK = {"cuda": 256}
+PREFILL_CHUNK_OTHER = 32
 
 
 class Scheduler:
@@ -103,11 +50,15 @@ class Scheduler:
             self.kind = "transformers"
         self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.cache_fraction)
                         if self.kind == "fast" else None)
+        self.sampler = (BatchSampler(self.decoder.max_batch, engine.banned_ids, engine.device) if self.decoder
+                        else None)
         self.waiting: deque = deque()
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()
         self.running = False  # a `_serve` loop is on the generation thread
         self.rows: list[_Row] = []  # the running batch; rows[i] lives in cache slot i
+        self.prefill_chunk = PREFILL_CHUNK.get(engine.device.type, PREFILL_CHUNK_OTHER)
+        self.prefilling: _Prefill | None = None  # a long prompt being prefilled piece by piece (starting[0]'s)
         self.fallbacks_logged: set[str] = set()
         self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
 
@@ -126,13 +77,12 @@ class Scheduler:
             while True:
                 try:
                     with self.lock:
-                        if not self.rows and not self.waiting:
+                        if not self.rows and not self.waiting and not self.starting:
                             self.running = False
                             return
-                        self.starting.extend(self._admit())
-                    while self.starting:
-                        self._start(self.starting[0])
-                        self.starting.popleft()
+                        if not self.starting:  # _admit counts the free slots as if nothing were starting
+                            self.starting.extend(self._admit())
+                    self._start_next()
                     if self.rows:
                         self._step()
                 except BaseException as exc:
@@ -142,6 +92,59 @@ class Scheduler:
                             self.starting.append(self.waiting.popleft())  # so that a repeating error moves on
                     self._fail_active(failure("decoding", exc) if isinstance(exc, Exception) else exc)
 
+    def _start_next(self) -> None:
+        """One piece of prefill work between two decode steps, so that a burst of new requests delays the running
+        streams by a bounded amount per token instead of all their prompts at once: start admitted jobs up to and
+        including the first that runs its prompt (a prefill of up to `prefill_chunk` tokens, or model.generate), or
+        the next piece of a longer prompt's prefill. Jobs that end before (cancelled, refused at encoding) cost
+        nothing and do not count."""
+        if self.prefilling is not None:
+            return self._prefill_next()
+        while self.starting:
+            job = self.starting[0]
+            self._start(job)
+            if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last piece
+                return self._prefill_next()
+            self.starting.popleft()
+            if job.stats.prompt_tokens:  # it got past its encoding: its prompt ran (or failed) on the model
+                return
+
+    def _prefill_next(self) -> None:
+        """The next piece of the chunked prefill in progress: the images first, then `prefill_chunk` prompt tokens
+        at a time; after the last one the request joins the batch with its first token."""
+        work = self.prefilling
+        row, model = work.row, self.engine.model
+        if row.job.cancelled.is_set():
+            return self._prefilled(None)
+        try:
+            if row.job.select_adapter:  # another request's prefill may have selected its own since the last piece
+                row.job.context.run(row.job.select_adapter)
+            if work.done < 0:
+                self.decoder.prefill_images(model, row.slot, work.encoded)
+                work.done = 0
+                return
+            end = min(work.done + self.prefill_chunk, work.encoded.num_tokens)
+            logits = self.decoder.prefill_chunk(model, row.slot, work.encoded, work.done, end)
+            work.done = end
+        except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
+            row.job.context.run(log.exception, "prefill failed")
+            return self._prefilled(failure("prefilling the prompt", exc))
+        if logits is not None:
+            if row.slot != len(self.rows):  # rows ended meanwhile: take the first free slot
+                self.decoder.move(row.slot, len(self.rows))
+                row.slot = len(self.rows)
+            self._prefilled()
+            self.rows.append(row)
+            self._emit([row], logits)
+
+    def _prefilled(self, error: BaseException | None = None) -> None:
+        """The chunked prefill in progress is over: its job leaves `starting` (ended, unless it joins the batch)."""
+        job = self.prefilling.row.job
+        self.prefilling = None
+        self.starting.popleft()
+        if error is not None or job.cancelled.is_set():
+            _end(job, error)
+
     def _fail_active(self, error: BaseException) -> None:
         """End the running and starting requests with `error`; the waiting ones are served next."""
         for job in [row.job for row in self.rows] + list(self.starting):
@@ -149,29 +152,16 @@ class Scheduler:
                 _end(job, error)
         self.rows.clear()
         self.starting.clear()
+        self.prefilling = None
 
     def _admit(self) -> list:
         """Waiting jobs that may start now, in arrival order, as many as there are free slots."""
         for job in [job for job in self.waiting if job.cancelled.is_set()]:
             self.waiting.remove(job)
             _end(job)
-        admitted = []
         room = self.decoder.max_batch - len(self.rows) if self.decoder else 1 - len(self.rows)
-        while self.waiting and len(admitted) < room:
-            job = self.waiting[0]
-            try:
-                if not self._joins(job):
-                    break
-            except Exception as exc:  # this request's key cannot be compared: it alone fails
-                self.waiting.popleft()
-                _end(job, failure("admitting the request", exc))
-                continue
-            admitted.append(self.waiting.popleft())
-        return admitted
-
-    def _joins(self, job) -> bool:
-        """Whether `job` may join the running batch: any adapter may (each row decodes with its own)."""
-        return True
+        # Any adapter joins the running batch: each row decodes with its own.
+        return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
     def _start(self, job) -> None:
         """Select the job's adapter, encode it, and prefill it (its slot keeps the adapter) or run it alone."""
@@ -187,13 +177,16 @@ class Scheduler:
             job.stats.prompt_tokens = encoded.num_tokens
             max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
         except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only
-            return _end(job, exc if _explained(exc) else failure(stage, exc))
+            return _end(job, exc if explained(exc) else failure(stage, exc))
         if self.decoder is None or not self.decoder.fits(encoded):
             if self.decoder is not None:
                 job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
             return self._generate(job, encoded, max_new_tokens)
         try:
             row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
+            if encoded.num_tokens > self.prefill_chunk:  # continued by _prefill_next, a piece per decode step
+                self.prefilling = _Prefill(row, encoded)
+                return
             logits = self.decoder.prefill(engine.model, row.slot, encoded)
         except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
             job.context.run(log.exception, "prefill failed")
@@ -224,15 +217,18 @@ class Scheduler:
                                  "adapter settings", len(rows), settings)
 
     def _emit(self, rows: list, logits: torch.Tensor) -> None:
-        """Pick each row's next token, hand it to its job, and drop the rows that are done (or failed)."""
-        logits[:, self.engine.banned_ids] = -float("inf")
-        greedy = logits.argmax(-1).tolist()
-        done, errors = [], {}
-        for index, row in enumerate(rows):
-            try:
-                token = row.pick(logits[index:index + 1]) if row.processors else greedy[index]
-            except Exception as exc:
-                errors[row.slot] = failure("sampling the next token", exc)
+        """Pick every row's next token (on the device, for the whole batch at once), hand each to its job, and drop
+        the rows that are done (or failed)."""
+        try:
+            tokens, failed = self.sampler.pick(rows, logits)
+        except Exception as exc:  # the batch's shared sampling: it cannot be pinned on one row, so its rows end
+            log.exception("sampling a step failed")
+            error = failure("sampling the next token", exc)
+            return self._drop([row.slot for row in rows], {row.slot: error for row in rows})
+        errors = {slot: failure("sampling the next token", exc) for slot, exc in failed.items()}
+        done = []
+        for row, token in zip(rows, tokens):
+            if token is None:
                 continue
             row.ids.append(token)
             try:
@@ -253,6 +249,7 @@ class Scheduler:
             last = self.rows.pop()
             if slot < len(self.rows):
                 self.decoder.move(last.slot, slot)
+                self.sampler.move(last.slot, slot)
                 last.slot = slot
                 self.rows[slot] = last
 
@@ -285,38 +282,37 @@ def _end(job, error: BaseException | None = None) -> None:
 
 @dataclass(eq=False)
 class _Row:
-    """A request in the running batch: its tokens so far, and how it picks the next one."""
+    """A request in the running batch: its tokens so far, and its own generator when it samples."""
 
     job: object
-    ids: list[int]  # prompt and generated tokens (the repetition penalty looks at both, as in generate)
+    ids: list[int]  # prompt and generated tokens
     remaining: int  # tokens still allowed
     engine: object
     slot: int
-    processors: LogitsProcessorList = field(init=False)
+    started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
     generator: torch.Generator | None = field(init=False, default=None)
 
     def __post_init__(self):
-        # The same processors, in the same order, as `model.generate` builds for these settings.
-        sampling = self.job.sampling
-        self.processors = LogitsProcessorList()
-        if sampling.repetition_penalty != 1.0:
-            self.processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-        if sampling.temperature > 0:
-            self.processors.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_k:
-                self.processors.append(TopKLogitsWarper(sampling.top_k))
-            if sampling.top_p < 1.0:
-                self.processors.append(TopPLogitsWarper(sampling.top_p))
+        if self.sampling.temperature > 0:
             # Its own generator: a request's samples depend on its seed only, never on its batch.
             self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
 
-    def pick(self, logits: torch.Tensor) -> int:
-        history = torch.tensor([self.ids], device=logits.device)
-        scores = self.processors(history, logits)
-        if self.generator is None:
-            return int(scores.argmax())
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+    @property
+    def sampling(self):
+        return self.job.sampling
+
+    def pick(self, probs: torch.Tensor) -> torch.Tensor:
+        """Draw the next token from `probs` (1, vocab): the draw `model.generate` makes, with this row's generator."""
+        return torch.multinomial(probs, 1, generator=self.generator)[0, 0]
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A long prompt's prefill in progress."""
+
+    row: _Row
+    encoded: object
+    done: int = -1  # prompt tokens prefilled so far; -1: the images are still to be encoded
 
 
 class NewTokens(BaseStreamer):

@@ -1,0 +1,110 @@
+"""The next token of every row of a decode step, picked at once on the device and copied to the host once.
+
+`model.generate` applies, in this order, the repetition penalty, the temperature, top-k and top-p to the logits,
+then takes the argmax (greedy) or draws from the softmax with `torch.multinomial`. `BatchSampler` does the same
+arithmetic for all rows of a step together, each row with its own settings (rows without a setting are left out
+of that operation), so that a row's processed scores are bit-identical to what transformers' processors give for
+it alone (tests/serving/test_sampler.py checks that on random logits). The draw stays one `torch.multinomial` per
+sampled row with that request's own generator: a request's samples depend on its seed only, never on its batch.
+The repetition penalty reads a per-slot mask of the tokens seen so far (prompt and answer) instead of the ids.
+"""
+
+import torch
+
+
+class BatchSampler:
+    def __init__(self, max_batch: int, banned_ids: list[int], device: torch.device):
+        self.max_batch, self.device = max_batch, device
+        self.banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
+        self.seen: torch.Tensor | None = None  # (slots, vocab) bool; sized at the first step (the logits' width)
+
+    def move(self, source: int, target: int) -> None:
+        """Slot `source`'s request continues in slot `target` (as FastDecoder.move)."""
+        if self.seen is not None:
+            self.seen[target] = self.seen[source]
+
+    def pick(self, rows: list, logits: torch.Tensor) -> tuple[list[int | None], dict]:
+        """The next token of each row (its slot's logits are `logits[i]`), and {slot: exception} for the rows whose
+        own draw failed (their token is None). Rows need `slot`, `ids`, `sampling`, `started` and, sampled ones,
+        `generator` and `pick(probs)` (the per-row draw)."""
+        scores = logits.float()  # the decoder's float32 logits, processed in place
+        scores[:, self.banned] = -float("inf")
+        penalized = [i for i, row in enumerate(rows) if row.sampling.repetition_penalty != 1.0]
+        if penalized:
+            slots = torch.tensor([rows[i].slot for i in penalized], device=self.device)
+            self._start([rows[i] for i in penalized], scores.shape[-1])
+            scores = self._apply(scores, penalized, lambda sub: self._penalize(rows, penalized, slots, sub))
+        sampled = [i for i, row in enumerate(rows) if row.sampling.temperature > 0]
+        tokens = scores.argmax(-1)
+        errors = {}
+        if sampled:
+            probs = torch.softmax(self._warp([rows[i] for i in sampled], _rows(scores, sampled)), dim=-1)
+            for index, row_probs in zip(sampled, probs):
+                try:
+                    tokens[index] = rows[index].pick(row_probs[None])
+                except Exception as exc:  # this request's draw alone (e.g. nan probabilities)
+                    errors[rows[index].slot] = exc
+        if penalized:
+            self.seen[slots, tokens[penalized] if len(penalized) < len(rows) else tokens] = True
+        picked = tokens.tolist()  # the step's one copy to the host
+        return [None if row.slot in errors else token for row, token in zip(rows, picked)], errors
+
+    def _start(self, rows: list, width: int) -> None:
+        """Mark the prompt tokens of rows at their first token."""
+        if self.seen is None:
+            self.seen = torch.zeros(self.max_batch, width, dtype=torch.bool, device=self.device)
+        for row in rows:
+            if not row.started:
+                self.seen[row.slot] = False
+                self.seen[row.slot, torch.tensor(row.ids, device=self.device)] = True
+                row.started = True
+
+    def _penalize(self, rows: list, penalized: list[int], slots: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+        """RepetitionPenaltyLogitsProcessor: seen tokens' scores times the penalty if negative, else divided."""
+        penalty = self._column([rows[i].sampling.repetition_penalty for i in penalized])
+        return torch.where(self.seen[slots], torch.where(sub < 0, sub * penalty, sub / penalty), sub)
+
+    def _warp(self, rows: list, scores: torch.Tensor) -> torch.Tensor:
+        """Temperature, then top-k and top-p where a row asks for them (TemperatureLogitsWarper,
+        TopKLogitsWarper, TopPLogitsWarper)."""
+        scores = scores / self._column([row.sampling.temperature for row in rows])
+        top_k = [i for i, row in enumerate(rows) if row.sampling.top_k]
+        if top_k:
+            k = [min(rows[i].sampling.top_k, scores.shape[-1]) for i in top_k]
+            scores = self._apply(scores, top_k, lambda sub: _top_k(sub, k))
+        top_p = [i for i, row in enumerate(rows) if row.sampling.top_p < 1.0]
+        if top_p:
+            keep = self._column([1 - rows[i].sampling.top_p for i in top_p])
+            scores = self._apply(scores, top_p, lambda sub: _top_p(sub, keep))
+        return scores
+
+    @staticmethod
+    def _apply(scores: torch.Tensor, indices: list[int], operation) -> torch.Tensor:
+        """`operation` on the rows `indices` of `scores` (on all of it when that is every row: no copies)."""
+        if len(indices) == len(scores):
+            return operation(scores)
+        scores[indices] = operation(scores[indices])
+        return scores
+
+    def _column(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+
+
+def _rows(scores: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    return scores if len(indices) == len(scores) else scores[indices]
+
+
+def _top_k(scores: torch.Tensor, k: list[int]) -> torch.Tensor:
+    """TopKLogitsWarper with each row's own k: below its k-th largest score, a row's scores are removed."""
+    values = torch.topk(scores, max(k)).values
+    kth = values[:, -1:] if min(k) == max(k) else values.gather(1, torch.tensor(k, device=scores.device)[:, None] - 1)
+    return scores.masked_fill(scores < kth, -float("inf"))
+
+
+def _top_p(scores: torch.Tensor, remove_at: torch.Tensor) -> torch.Tensor:
+    """TopPLogitsWarper with each row's own 1 - top_p (`remove_at`, a column): the least likely tokens whose
+    probabilities add up to at most that are removed, the most likely one always kept."""
+    ordered, order = torch.sort(scores, descending=False)
+    remove = ordered.softmax(dim=-1).cumsum(dim=-1) <= remove_at
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))

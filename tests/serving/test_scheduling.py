@@ -1,0 +1,179 @@
+"""New requests do not freeze running streams: at most one prefill between two decode steps, and a request that
+arrives while others decode starts within a bounded number of steps; every request keeps its own tokens."""
+
+import threading
+
+import pytest
+
+from idefics_cog.serving.engine import Engine
+from idefics_cog.serving.jobs import Job, Sampling
+from tests.support.engine import encoded, generate
+from tests.support.helpers import noise_image
+
+ARRIVALS = 4
+
+
+@pytest.mark.parametrize("chunk", [128, 8], ids=["whole prompts", "prompts in pieces of 8 tokens"])
+def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk):
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
+    engine.scheduler.prefill_chunk = chunk
+    decoder, events, running_at = engine.scheduler.decoder, [], {}  # running_at: rows running at each prefill
+    prefill, decode = decoder.prefill, decoder.decode
+    images, piece = decoder.prefill_images, decoder.prefill_chunk
+
+    def record_prefill(enc):
+        running_at[len(events)] = len(engine.scheduler.rows)
+        events.append(("prefill", enc))
+
+    def recorded_prefill(model, slot, enc):
+        record_prefill(enc)
+        return prefill(model, slot, enc)
+
+    def recorded_images(model, slot, enc):
+        record_prefill(enc)
+        return images(model, slot, enc)
+
+    def recorded_piece(model, slot, enc, start, end):
+        record_prefill(enc)
+        return piece(model, slot, enc, start, end)
+
+    def recorded_decode(model, tokens, positions):
+        events.append(("decode", len(tokens)))
+        return decode(model, tokens, positions)
+
+    monkeypatch.setattr(decoder, "prefill", recorded_prefill)
+    monkeypatch.setattr(decoder, "decode", recorded_decode)
+    monkeypatch.setattr(decoder, "prefill_images", recorded_images)
+    monkeypatch.setattr(decoder, "prefill_chunk", recorded_piece)
+    running = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(2)]
+    arriving = [encoded(engine, "Compare <image> and <image>. " + "Describe both in detail. " * 4,
+                        [noise_image(10 + i), noise_image(20 + i)]) for i in range(ARRIVALS)]
+    long, short = Sampling(max_new_tokens=30, ignore_eos=True), Sampling(max_new_tokens=6, ignore_eos=True)
+    arrival_jobs = [Job(enc, short) for enc in arriving]
+    submitted_at = []  # the index in `events` when the arrivals were submitted
+
+    def first_sink(item):
+        if isinstance(item, list):
+            first_tokens.append(item)
+            if len(first_tokens) == 5:  # submitted together, from the scheduler's thread, between two steps
+                submitted_at.append(len(events))
+                for job in arrival_jobs:
+                    engine.submit(job, received[job].append)
+
+    first_tokens = []
+    jobs = [Job(enc, long) for enc in running]
+    received = {job: [] for job in jobs + arrival_jobs}
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    engine.submit(jobs[0], lambda item: (received[jobs[0]].append(item), first_sink(item)))
+    engine.submit(jobs[1], received[jobs[1]].append)
+    gate.set()
+    for job in jobs + arrival_jobs:
+        assert job.finished.wait(120)
+
+    tokens = [[t for item in received[job] if isinstance(item, list) for t in item] for job in jobs + arrival_jobs]
+    assert tokens == [generate(engine, enc, s) for enc, s in
+                      [(e, long) for e in running] + [(e, short) for e in arriving]]
+    # While rows run, a decode step between any two prefills (pieces).
+    assert all(running_at[i] == 0 for i in range(1, len(events)) if events[i - 1][0] == events[i][0] == "prefill")
+    # Each arrival starts within as many decode steps as the prefill pieces of the arrivals before it (plus one).
+    pieces = 1 if chunk >= arriving[0].num_tokens else 1 + -(-arriving[0].num_tokens // chunk)
+    assert all(enc.num_tokens == arriving[0].num_tokens for enc in arriving)
+    after = events[submitted_at[0]:]
+    for index, enc in enumerate(arriving):
+        at = next(i for i, (kind, what) in enumerate(after) if kind == "prefill" and what is enc)
+        assert [kind for kind, _ in after[:at]].count("decode") <= index * pieces + 1
+    assert sum(kind == "prefill" for kind, _ in after) == ARRIVALS * pieces
+    if pieces == 1:  # one step each: they all joined the batch before the first of them ended
+        assert max(n for kind, n in events if kind == "decode") == 2 + ARRIVALS
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, chunk):
+    """Greedy and seeded sampling, one image, two images and text only, decoded together: each request's tokens
+    equal model.generate's for it alone, whatever the size of the prefill's pieces."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=4)
+    engine.scheduler.prefill_chunk = chunk
+    requests = [
+        (encoded(engine, "What does this X-ray show?", [noise_image(1)]), Sampling(max_new_tokens=20)),
+        (encoded(engine, "Compare <image> and <image>.", [noise_image(2), noise_image(3)]),
+         Sampling(max_new_tokens=20, temperature=0.9, top_k=30, repetition_penalty=1.2, seed=5)),
+        (encoded(engine, "Tell me about lungs.", []), Sampling(max_new_tokens=20, ignore_eos=True)),
+    ]
+    assert all(enc.num_tokens > chunk for enc, _ in requests)
+    jobs = [Job(enc, s) for enc, s in requests]
+    received = {job: [] for job in jobs}
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    for job in jobs:
+        engine.submit(job, received[job].append)
+    gate.set()
+    for job in jobs:
+        assert job.finished.wait(120)
+    tokens = [[t for item in received[job] if isinstance(item, list) for t in item] for job in jobs]
+    assert tokens == [generate(engine, enc, s) for enc, s in requests]
+
+
+def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monkeypatch):
+    """A long prompt's prefill fails in its second piece while others run and wait: it alone ends, with the
+    stage named; the others keep their tokens, and the next request takes its slot."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    engine.scheduler.prefill_chunk = 8
+    encs = [encoded(engine, f"Question {i}? Describe it in detail.", [noise_image(i)]) for i in range(4)]
+    sampling = Sampling(max_new_tokens=10, ignore_eos=True)
+    expected = [generate(engine, enc, sampling) for enc in encs]
+    piece = engine.scheduler.decoder.prefill_chunk
+
+    def broken(model, slot, enc, start, end):
+        if enc is encs[1] and start > 0:
+            raise RuntimeError("shape mismatch (simulated)")
+        return piece(model, slot, enc, start, end)
+
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", broken)
+    jobs = [Job(enc, sampling) for enc in encs]
+    received = {job: [] for job in jobs}
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    for job in jobs:
+        engine.submit(job, received[job].append)
+    gate.set()
+    assert all(job.finished.wait(60) for job in jobs)
+    assert received[jobs[1]] and "prefilling the prompt failed: RuntimeError: shape" in str(received[jobs[1]][-1])
+    for index in (0, 2, 3):
+        assert [t for item in received[jobs[index]] if isinstance(item, list) for t in item] == expected[index]
+    assert engine.scheduler.rows == [] and engine.scheduler.prefilling is None
+
+
+def test_a_request_cancelled_during_its_prefill_ends_there(tiny_dir, monkeypatch):
+    """Cancelled after its images' piece: no token, its prefill stops, the running request keeps its tokens."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    engine.scheduler.prefill_chunk = 8
+    encs = [encoded(engine, f"Question {i}? Describe it in detail.", [noise_image(i)]) for i in range(2)]
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    expected = generate(engine, encs[0], sampling)
+    jobs = [Job(enc, sampling) for enc in encs]
+    images, pieces = engine.scheduler.decoder.prefill_images, []
+
+    def cancel_the_second(model, slot, enc):
+        if enc is encs[1]:
+            jobs[1].cancel()
+        return images(model, slot, enc)
+
+    piece = engine.scheduler.decoder.prefill_chunk
+
+    def recorded_piece(model, slot, enc, start, end):
+        pieces.append(enc)
+        return piece(model, slot, enc, start, end)
+
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_images", cancel_the_second)
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", recorded_piece)
+    received = {job: [] for job in jobs}
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    for job in jobs:
+        engine.submit(job, received[job].append)
+    gate.set()
+    assert all(job.finished.wait(60) for job in jobs)
+    assert [t for item in received[jobs[0]] if isinstance(item, list) for t in item] == expected
+    assert len(received[jobs[1]]) == 1 and not isinstance(received[jobs[1]][0], (list, BaseException))  # END only
+    assert all(enc is not encs[1] for enc in pieces) and engine.scheduler.prefilling is None
