@@ -106,6 +106,21 @@ def test_a_batch_mixing_adapters_and_scales_gives_each_request_its_tokens_alone(
     assert engine.scheduler.largest_batch == len(rows)  # all in one batch
 
 
+def test_prompts_prefilled_in_pieces_between_other_adapters_keep_their_own_adapter(served, monkeypatch):
+    """Chunked prefill in a mixed batch: each prompt's pieces run between decode steps of rows with other adapters
+    and scales (which read their adapters from their slots), and each request still gets its tokens alone."""
+    engine, adapters, customs = served
+    monkeypatch.setattr(engine.scheduler, "prefill_chunk", 5)
+    rows = choices(customs)
+    encs = prompts(engine, len(rows))
+    assert all(enc.num_tokens > 5 for enc in encs)  # every prompt runs in several pieces
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    assert [tokens_of(items) for items in submit_together(engine, jobs)] == expected
+
+
 def test_cancelling_one_row_of_a_mixed_batch_leaves_the_others_unchanged(served):
     engine, adapters, customs = served
     rows = choices(customs)[:5]

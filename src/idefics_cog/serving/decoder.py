@@ -235,7 +235,7 @@ class FastDecoder:
         if images:
             self.image_mask[slot, 0, 0, :images] = mask[0, 0, -1]
         self.image_gate[slot] = bool(gate[0, -1])
-        self.lora.capture(base, slot)  # the adapter selected for this request's pieces (scheduler._prefill_next)
+        self.lora.capture(base, slot)  # the adapter selected before the first piece (Scheduler._start)
         return logits.float()
 
     def _image_keys_values(self, base, pixel_values: torch.Tensor, per_token: torch.Tensor) -> list:

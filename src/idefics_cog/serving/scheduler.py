@@ -1,12 +1,13 @@
 """The scheduler: every request's torch work, on one thread, with concurrent requests decoded as one batch.
 
 Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot, at most one piece of prefill work
-between two decode steps (a short prompt, or the images or `prefill_chunk` tokens of a longer one), each piece with
-the request's own adapter selected, so that new requests never freeze running streams; then it joins the running
-batch. Requests with different adapters and scales share a batch: a slot keeps its request's adapter for its decode
-steps (decoder.py, rowlora.py). Each decode step makes one token for every active request; `BatchSampler` picks
-them for the whole batch at once, each request with its own settings and generator, and each ends on its own (end
-of turn, max_new_tokens, a stop sequence, cancelation).
+between two decode steps (a short prompt, or the images or `prefill_chunk` tokens of a longer one), so that new
+requests never freeze running streams; then it joins the running batch. Requests with different adapters and
+scales share a batch: a request's adapter is selected before its prefill, and its slot keeps that adapter for its
+decode steps (decoder.py, rowlora.py); only decode steps, which read each row's adapter from its slot, run between
+the pieces of one prompt. Each decode step makes one token for every active request; `BatchSampler` picks them for
+the whole batch at once, each request with its own settings and generator, and each ends on its own (end of turn,
+max_new_tokens, a stop sequence, cancelation).
 `transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time, each with its
 own adapter selected.
 
@@ -117,8 +118,6 @@ class Scheduler:
         if row.job.cancelled.is_set():
             return self._prefilled(None)
         try:
-            if row.job.select_adapter:  # another request's prefill may have selected its own since the last piece
-                row.job.context.run(row.job.select_adapter)
             if work.done < 0:
                 self.decoder.prefill_images(model, row.slot, work.encoded)
                 work.done = 0
