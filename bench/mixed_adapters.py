@@ -31,29 +31,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from bench.speed import make_request, preset_model  # noqa: E402
 from bench.stats import machine, rate_table  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
 from idefics_cog.weights.adapters import Adapters  # noqa: E402
+from idefics_dev.tiny import random_lora  # noqa: E402
 
 REQUESTS = 16
-
-
-def random_adapter(model, folder: Path, seed: int) -> str:
-    """A LoRA like MedIDEFICS (r=16, alpha=32, q/k/v) with random non-zero B matrices, saved to `folder`."""
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj"])
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    peft_model.unload()  # the base model's layers back as they were
-    return str(folder)
 
 
 def mixes(customs: list[str]) -> dict[str, list[tuple[str, str, float]]]:
@@ -95,7 +81,7 @@ def main() -> None:
     model, processor, what = preset_model(args.preset)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folders = [random_adapter(model, tmp / f"adapter{seed}", seed) for seed in range(5)]
+        folders = [str(random_lora(model, tmp / f"adapter{seed}", seed, std=0.02)) for seed in range(5)]
         engine = Engine(model, processor, model.device, engine="fast", max_batch=REQUESTS)
         adapters = Adapters(engine, tmp / "cache", max_loaded=4)
         adapters.load_default(folders[0])

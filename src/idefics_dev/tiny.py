@@ -274,25 +274,34 @@ def random_model(config, device: str, dtype, seed: int = 0):
 
 def build_adapter(base: Path, out: Path) -> None:
     """A LoRA like MedIDEFICS (r=16, alpha=32, q/k/v) whose B matrices are non-zero, so it changes the output."""
-    import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import IdeficsForVisionText2Text
 
-    model = IdeficsForVisionText2Text.from_pretrained(base)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
-                        target_modules=["q_proj", "k_proj", "v_proj"])
+    random_lora(IdeficsForVisionText2Text.from_pretrained(base), out, seed=SEED + 1, dropout=0.05)
+
+
+def random_lora(model, out: Path, seed: int, r: int = 16, alpha: int = 32,
+                targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj"), std: float = 0.2,
+                dropout: float = 0.0) -> Path:
+    """A LoRA of `model` with random B matrices (normal, `std`, from `seed`), saved in PEFT's layout to `out`;
+    `model`'s own layers are left as they were. Used for the tiny adapter, tests and benchmarks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=list(targets))
     peft_model = get_peft_model(model, config)
-    torch.manual_seed(SEED + 1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, 0.2)
+                param.normal_(0.0, std)
     peft_model.save_pretrained(out, safe_serialization=True)
+    peft_model.unload()  # the base model's layers back as they were
     # PEFT records the absolute path of the base; keep the adapter relocatable.
-    config_path = out / "adapter_config.json"
+    config_path = Path(out) / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
     adapter_config["base_model_name_or_path"] = "idefics-cog/tiny-idefics"
     config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    return Path(out)
 
 
 def build(out: Path, preset: str = "tiny") -> Path:

@@ -10,22 +10,8 @@ from idefics_cog.weights.adapters import Adapters
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.decoder import FastDecoder
-from tests.support.engine import CASES, encoded, generate
+from tests.support.engine import CASES, encoded, generate, submit_together
 from tests.support.helpers import noise_image
-
-
-def submit_together(engine, jobs: list[Job]) -> list[list]:
-    """Submit all jobs while the scheduler's thread is held, so that they arrive together; what each one's sink
-    received (lists of token ids, then END or the exception that ended it)."""
-    gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
-    received = [[] for _ in jobs]
-    for job, items in zip(jobs, received):
-        engine.submit(job, items.append)
-    gate.set()
-    for job in jobs:
-        assert job.finished.wait(120)
-    return received
 
 
 def run_together(engine, jobs: list[Job]) -> list[list[int]]:

@@ -1,12 +1,9 @@
 """Requests with different adapters and scales decoded in one batch: each row with its own adapter and scale, the
 same tokens as the request alone on the plain path; and switching adapters never recompiles the decode step."""
 
-import json
-import threading
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.serving.decoder import FastDecoder
@@ -14,24 +11,15 @@ from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.rowlora import RowLora
 from idefics_cog.weights.adapters import Adapters
-from tests.support.engine import encoded, generate
+from idefics_dev.tiny import random_lora
+from tests.support.engine import encoded, generate, submit_together, tokens_of
 from tests.support.helpers import negated_adapter, noise_image
 
 
 def other_adapter(base, folder, seed: int):
     """A LoRA unlike the medical one: another rank and more target layers (o_proj and down_proj too)."""
-    model = IdeficsForVisionText2Text.from_pretrained(base)
-    config = LoraConfig(r=8, lora_alpha=24, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.2)
-    peft_model.save_pretrained(folder, safe_serialization=True)
-    config_path = folder / "adapter_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": "tiny"}))
-    return folder
+    return random_lora(IdeficsForVisionText2Text.from_pretrained(base), folder, seed, r=8, alpha=24,
+                       targets=("q_proj", "v_proj", "o_proj", "down_proj"))
 
 
 @pytest.fixture(scope="module")
@@ -66,28 +54,6 @@ def prompts(engine, count):
     texts = ["What does this X-ray show?", "Tell me about lungs.", "Compare <image> and <image>.", "Describe it."]
     images = [[noise_image(1)], [], [noise_image(2), noise_image(3)], [noise_image(4)]]
     return [encoded(engine, texts[i % 4], images[i % 4]) for i in range(count)]
-
-
-def submit_together(engine, jobs, sinks=None) -> list[list]:
-    """Submit all jobs while the scheduler's thread is held, so that they arrive together; what each one's sink
-    received. `sinks[i](items)`, when given, makes job i's sink from its list."""
-    gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
-    received = [[] for _ in jobs]
-    for index, (job, items) in enumerate(zip(jobs, received)):
-        engine.submit(job, (sinks or {}).get(index, lambda items: items.append)(items))
-    gate.set()
-    for job in jobs:
-        assert job.finished.wait(120)
-    return received
-
-
-def tokens_of(items) -> list[int]:
-    """The tokens a sink received (the error that ended it is raised)."""
-    errors = [item for item in items if isinstance(item, BaseException)]
-    if errors:
-        raise errors[0]
-    return [token for item in items if isinstance(item, list) for token in item]
 
 
 def test_a_batch_mixing_adapters_and_scales_gives_each_request_its_tokens_alone(served):

@@ -7,7 +7,7 @@ import pytest
 
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
-from tests.support.engine import encoded, generate
+from tests.support.engine import encoded, generate, submit_together, tokens_of
 from tests.support.helpers import noise_image
 
 ARRIVALS = 4
@@ -101,17 +101,8 @@ def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, chu
         (encoded(engine, "Tell me about lungs.", []), Sampling(max_new_tokens=20, ignore_eos=True)),
     ]
     assert all(enc.num_tokens > chunk for enc, _ in requests)
-    jobs = [Job(enc, s) for enc, s in requests]
-    received = {job: [] for job in jobs}
-    gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
-    for job in jobs:
-        engine.submit(job, received[job].append)
-    gate.set()
-    for job in jobs:
-        assert job.finished.wait(120)
-    tokens = [[t for item in received[job] if isinstance(item, list) for t in item] for job in jobs]
-    assert tokens == [generate(engine, enc, s) for enc, s in requests]
+    received = submit_together(engine, [Job(enc, s) for enc, s in requests])
+    assert [tokens_of(items) for items in received] == [generate(engine, enc, s) for enc, s in requests]
 
 
 def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monkeypatch):
@@ -130,17 +121,10 @@ def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monk
         return piece(model, slot, enc, start, end)
 
     monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", broken)
-    jobs = [Job(enc, sampling) for enc in encs]
-    received = {job: [] for job in jobs}
-    gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
-    for job in jobs:
-        engine.submit(job, received[job].append)
-    gate.set()
-    assert all(job.finished.wait(60) for job in jobs)
-    assert received[jobs[1]] and "prefilling the prompt failed: RuntimeError: shape" in str(received[jobs[1]][-1])
+    received = submit_together(engine, [Job(enc, sampling) for enc in encs], timeout=60)
+    assert received[1] and "prefilling the prompt failed: RuntimeError: shape" in str(received[1][-1])
     for index in (0, 2, 3):
-        assert [t for item in received[jobs[index]] if isinstance(item, list) for t in item] == expected[index]
+        assert tokens_of(received[index]) == expected[index]
     assert engine.scheduler.rows == [] and engine.scheduler.prefilling is None
 
 
@@ -167,13 +151,7 @@ def test_a_request_cancelled_during_its_prefill_ends_there(tiny_dir, monkeypatch
 
     monkeypatch.setattr(engine.scheduler.decoder, "prefill_images", cancel_the_second)
     monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", recorded_piece)
-    received = {job: [] for job in jobs}
-    gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
-    for job in jobs:
-        engine.submit(job, received[job].append)
-    gate.set()
-    assert all(job.finished.wait(60) for job in jobs)
-    assert [t for item in received[jobs[0]] if isinstance(item, list) for t in item] == expected
-    assert len(received[jobs[1]]) == 1 and not isinstance(received[jobs[1]][0], (list, BaseException))  # END only
+    received = submit_together(engine, jobs, timeout=60)
+    assert tokens_of(received[0]) == expected
+    assert len(received[1]) == 1 and not isinstance(received[1][0], (list, BaseException))  # END only
     assert all(enc is not encs[1] for enc in pieces) and engine.scheduler.prefilling is None

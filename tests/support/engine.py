@@ -1,6 +1,8 @@
 """Answers of the tiny engine: through the project (`run`), by the plain model-card recipe (`recipe`), by plain
 `model.generate` (`generate`), on shared cases."""
 
+import threading
+
 import torch
 
 from idefics_cog.inputs.prompt import build_segments
@@ -47,3 +49,27 @@ TEXT, IMAGES = CASES["one image"]
 
 def answer(engine, **sampling):
     return run(engine, TEXT, IMAGES, max_new_tokens=16, **sampling)
+
+
+def submit_together(engine, jobs, sinks=None, timeout: float = 120) -> list[list]:
+    """Submit all jobs while the scheduler's thread is held, so that they arrive together; what each one's sink
+    received (lists of token ids, then END or the exception that ended it). `sinks[i](items)`, when given, makes
+    job i's sink from its list."""
+    gate = threading.Event()
+    engine.generation_thread.submit(gate.wait)
+    received = [[] for _ in jobs]
+    for index, (job, items) in enumerate(zip(jobs, received)):
+        engine.submit(job, (sinks or {}).get(index, lambda items: items.append)(items))
+    gate.set()
+    for job in jobs:
+        assert job.finished.wait(timeout), "a request never ended"
+    return received
+
+
+def tokens_of(items) -> list[int]:
+    """The tokens a sink received (the error that ended it is raised)."""
+    errors = [item for item in items if isinstance(item, BaseException)]
+    if errors:
+        raise errors[0]
+    return [token for item in items if isinstance(item, list) for token in item]
+
