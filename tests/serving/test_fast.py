@@ -10,7 +10,7 @@ from idefics_cog.weights.adapters import Adapters
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.decoder import FastDecoder
-from tests.support.engine import CASES, encoded, generate, submit_together
+from tests.support.engine import CASES, decoded_alone, encoded, generate, submit_together
 from tests.support.helpers import noise_image
 
 
@@ -199,14 +199,7 @@ def test_compiled_decode_gives_the_same_tokens(engine):
     decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=True)
     enc = encoded(engine, *CASES["one image"])
     expected = generate(engine, enc, Sampling(max_new_tokens=12, ignore_eos=True))
-    with torch.inference_mode():
-        logits = decoder.prefill(engine.model, 0, enc)
-        tokens = []
-        for step in range(12):
-            logits[:, engine.banned_ids] = -float("inf")
-            tokens.append(int(logits.argmax()))
-            logits = decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step])
-    assert tokens == expected
+    assert decoded_alone(decoder, engine, enc, 12) == expected
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])

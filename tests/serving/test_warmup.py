@@ -62,21 +62,15 @@ def test_the_compiled_warm_up_covers_the_batch_buckets_and_leaves_the_tokens_unc
 
     from idefics_cog.serving.decoder import FastDecoder
     from idefics_cog.serving.jobs import Sampling
-    from tests.support.engine import CASES, encoded, generate
+    from tests.support.engine import CASES, decoded_alone, encoded, generate
 
     decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=True, context=256)
     assert decoder.warm_up(engine.model) == 2  # batches 1 and 2 at the 256-token length bucket
     compiled = counters["stats"]["unique_graphs"]
     enc = encoded(engine, *CASES["one image"])
     expected = generate(engine, enc, Sampling(max_new_tokens=8, ignore_eos=True))
+    assert decoded_alone(decoder, engine, enc, 8) == expected
     with torch.inference_mode():
-        logits = decoder.prefill(engine.model, 0, enc)
-        tokens = []
-        for step in range(8):
-            logits[:, engine.banned_ids] = -float("inf")
-            tokens.append(int(logits.argmax()))
-            logits = decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step])
         decoder.decode(engine.model, [1, 1], [enc.num_tokens + 8, 0])  # batch 2 (its tokens are not used)
-    assert tokens == expected
     assert counters["stats"]["unique_graphs"] == compiled, "a warmed shape was compiled again"
     assert decoder.compiled is not None

@@ -73,3 +73,15 @@ def tokens_of(items) -> list[int]:
         raise errors[0]
     return [token for item in items if isinstance(item, list) for token in item]
 
+
+def decoded_alone(decoder, engine, enc, steps: int) -> list[int]:
+    """`steps` greedy tokens of `enc` prefilled into slot 0 of `decoder` and decoded there alone."""
+    with torch.inference_mode():
+        logits = decoder.prefill(engine.model, 0, enc)
+        tokens = []
+        for step in range(steps):
+            logits[:, engine.banned_ids] = -float("inf")
+            tokens.append(int(logits.argmax()))
+            logits = decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step])
+    return tokens
+
