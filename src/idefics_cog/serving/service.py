@@ -94,7 +94,7 @@ class Service:
     def warm_up(self) -> None:
         """A short prediction through the whole path (an image, the default adapter, prefill, a few decode steps),
         then on CUDA the compiled decode step's batch shapes: the first users do not pay for either. Its answer
-        is thrown away and leaves nothing behind (every slot is free again, the adapter is chosen per batch).
+        is thrown away and leaves nothing behind (every slot is free again, each request selects its own adapter).
         Raises WarmUpError, so that setup fails, when it fails."""
         started = time.perf_counter()
         try:
