@@ -238,3 +238,17 @@ def test_an_out_of_memory_prefill_fails_that_request_alone(tiny_dir, monkeypatch
     for index in (0, 2, 3):
         assert [t for item in received[index] if isinstance(item, list) for t in item] == expected[index]
     assert engine.scheduler.rows == [] and engine.scheduler.largest_batch == 2
+
+
+def test_an_out_of_memory_compiled_step_keeps_the_compiled_path(engine, monkeypatch):
+    """Out of memory in the compiled decode step is the scheduler's to handle (it ends that step's rows): the
+    decoder must not fall back to eager decoding for good, as it does for a graph that cannot be captured."""
+    decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=True)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(decoder, "_decode_compiled", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        decoder.decode(engine.model, [1], [3])
+    assert decoder.compiled is not None

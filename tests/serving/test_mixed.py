@@ -180,3 +180,38 @@ def test_an_adapter_on_more_layers_loaded_after_the_first_batch_gets_its_own_ban
     jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
             for enc, choice in zip(encs, rows)]
     assert [tokens_of(items) for items in submit_together(engine, jobs)] == expected
+
+
+def test_banks_that_cannot_be_made_fail_that_request_alone_and_are_made_by_the_next(served, tiny_dir, tmp_path,
+                                                                                      monkeypatch):
+    """Out of memory while the banks for an adapter's new layers are made (RowLora.refresh): that request fails,
+    the banks stay as they were, and the next request with that adapter gets them and its tokens alone."""
+    _, _, customs = served
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    adapters = Adapters(engine, tmp_path / "cache")
+    adapters.load_default(str(tiny_dir / "adapter"))
+    rows = [("medical", "", 1.0), ("", customs[1], 1.0)]
+    encs = prompts(engine, 2)
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    first = Job(encs[0], sampling, select_adapter=selecting(adapters, *rows[0]))
+    medical = tokens_of(submit_together(engine, [first])[0])  # banks for medical's layers only
+    lora, make = engine.scheduler.decoder.lora, RowLora._bank
+    failing = iter([True])
+
+    def out_of_memory_once(self, *args):
+        if next(failing, False):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return make(self, *args)
+
+    monkeypatch.setattr(RowLora, "_bank", out_of_memory_once)
+    banks = dict(lora.banks)
+    job = Job(encs[1], sampling, select_adapter=selecting(adapters, *rows[1]))
+    with pytest.raises(Exception, match="out of memory"):
+        tokens_of(submit_together(engine, [job])[0])
+    assert lora.banks == banks  # nothing half made
+    with torch.inference_mode():  # the custom adapter was loaded on the generation thread, in inference mode
+        expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    assert expected[0] == medical
+    jobs = [Job(enc, sampling, select_adapter=selecting(adapters, *choice)) for enc, choice in zip(encs, rows)]
+    assert [tokens_of(items) for items in submit_together(engine, jobs)] == expected
+    assert len(lora.banks) > len(banks)

@@ -155,3 +155,22 @@ def test_a_request_cancelled_during_its_prefill_ends_there(tiny_dir, monkeypatch
     assert tokens_of(received[0]) == expected
     assert len(received[1]) == 1 and not isinstance(received[1][0], (list, BaseException))  # END only
     assert all(enc is not encs[1] for enc in pieces) and engine.scheduler.prefilling is None
+
+
+def test_a_request_cancelled_during_its_last_piece_ends_once_without_a_token(tiny_dir, monkeypatch):
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    engine.scheduler.prefill_chunk = 8
+    enc = encoded(engine, "Question? Describe it in detail, please.", [noise_image(3)])
+    job = Job(enc, Sampling(max_new_tokens=12, ignore_eos=True))
+    piece = engine.scheduler.decoder.prefill_chunk
+
+    def cancelled_while_running(model, slot, encoded_, start, end):
+        logits = piece(model, slot, encoded_, start, end)
+        if end == encoded_.num_tokens:
+            job.cancel()  # the client went away while the last piece ran
+        return logits
+
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", cancelled_while_running)
+    [received] = submit_together(engine, [job], timeout=60)
+    assert len(received) == 1 and not isinstance(received[0], (list, BaseException))  # END once, no token
+    assert engine.scheduler.rows == [] and engine.scheduler.prefilling is None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from idefics_cog.inputs.prompt import Encoded
 from idefics_cog.model.memory import CachePlan, cache_budget, cache_bytes, image_tokens, plan_cache
+from idefics_cog.serving.failures import device_lost, out_of_memory
 from idefics_cog.serving.rowlora import RowLora
 
 __all__ = ["FastDecoder", "cache_bytes", "cache_plan", "unwrap"]
@@ -269,7 +270,9 @@ class FastDecoder:
         if self.compiled is not None:
             try:
                 return self._decode_compiled(unwrap(model), tokens, positions)
-            except Exception:  # e.g. a quantized layer that cannot be captured: decode eagerly from now on
+            except Exception as exc:  # e.g. a quantized layer that cannot be captured: decode eagerly from now on
+                if out_of_memory(exc) or device_lost(exc):  # not the graph's fault: the scheduler handles these
+                    raise
                 log.exception("compiled decode failed; decoding without torch.compile from now on")
                 self.compiled = None
         ids = torch.tensor(tokens, device=self.device)[:, None]

@@ -53,27 +53,32 @@ class RowLora:
     # ---- outside the decode step ----
 
     def refresh(self, base) -> None:
-        """Give every LoRA layer of the decode path a bank (PEFT wraps more layers when an adapter targets them)."""
+        """Give every LoRA layer of the decode path a bank (PEFT wraps more layers when an adapter targets them).
+        All or nothing: a failure (out of memory) leaves the banks as they were, and the next call tries again."""
         names = tuple(getattr(base, "peft_config", {}))
         if names == self.adapters_seen:
             return
-        self.adapters_seen = names
-        self.layers = {path: module for path, module in base.model.named_modules()
-                       if isinstance(module, LoraLayer) and path.startswith(DECODE_PARTS)
-                       and not path.endswith(PREFILL_ONLY)}
-        new = [path for path in self.layers if path not in self.banks]
-        if not new:
-            return
-        scales = torch.zeros(len(self.banks) + len(new), self.max_batch, device=self.device)
-        scales[:len(self.banks)] = self.scales
-        self.scales = self._static(scales)
-        for path in new:  # as wide as the largest rank loaded for the layer: a later adapter rarely grows it
-            module = self.layers[path]
-            base_layer, rank = module.get_base_layer(), max(module.r.values(), default=1)
-            self.banks[path] = self._bank(base_layer.in_features, base_layer.out_features, rank, len(self.banks))
-        for slot, owner in enumerate(self.owners):  # adapters already in the banks: their matrices for new layers
-            if owner is not None:
-                self._fill(slot, owner[0], new)
+        layers = {path: module for path, module in base.model.named_modules()
+                  if isinstance(module, LoraLayer) and path.startswith(DECODE_PARTS)
+                  and not path.endswith(PREFILL_ONLY)}
+        new = [path for path in layers if path not in self.banks]
+        if new:
+            before = self.banks, self.scales, self.layers
+            banks = dict(self.banks)
+            for path in new:  # as wide as the largest rank loaded for the layer: a later adapter rarely grows it
+                base_layer, rank = layers[path].get_base_layer(), max(layers[path].r.values(), default=1)
+                banks[path] = self._bank(base_layer.in_features, base_layer.out_features, rank, len(banks))
+            scales = torch.zeros(len(banks), self.max_batch, device=self.device)
+            scales[:len(self.banks)] = self.scales
+            self.banks, self.scales, self.layers = banks, self._static(scales), layers
+            try:
+                for slot, owner in enumerate(self.owners):  # adapters already in the banks: their new layers
+                    if owner is not None:
+                        self._fill(slot, owner[0], new)
+            except BaseException:
+                self.banks, self.scales, self.layers = before
+                raise
+        self.layers, self.adapters_seen = layers, names
 
     def _bank(self, in_features: int, out_features: int, rank: int, index: int) -> Bank:
         a = torch.zeros(self.slots, rank, in_features, device=self.device)
@@ -134,10 +139,15 @@ class RowLora:
         return grown
 
     def _grow_slots(self, slots: int) -> None:
-        self.owners += [None] * (slots - self.slots)
-        self.slots = slots
-        for path, bank in self.banks.items():
-            self.banks[path] = self._grown(bank, bank.a.shape[1])
+        """Room for more adapters: every bank regrown first, then swapped in (a failure changes nothing)."""
+        before, self.slots = self.slots, slots  # _bank allocates `self.slots`
+        try:
+            banks = {path: self._grown(bank, bank.a.shape[1]) for path, bank in self.banks.items()}
+        except BaseException:
+            self.slots = before
+            raise
+        self.banks = banks
+        self.owners += [None] * (slots - before)
 
     # ---- inside the decode step (compiled on CUDA): tensors only ----
 

@@ -129,20 +129,24 @@ class Scheduler:
             row.job.context.run(log.exception, "prefill failed")
             return self._prefilled(failure("prefilling the prompt", exc))
         if logits is not None:
+            if self._prefilled():  # cancelled while its last piece ran: it ends without a token
+                return
             if row.slot != len(self.rows):  # rows ended meanwhile: take the first free slot
                 self.decoder.move(row.slot, len(self.rows))
                 row.slot = len(self.rows)
-            self._prefilled()
             self.rows.append(row)
             self._emit([row], logits)
 
-    def _prefilled(self, error: BaseException | None = None) -> None:
-        """The chunked prefill in progress is over: its job leaves `starting` (ended, unless it joins the batch)."""
+    def _prefilled(self, error: BaseException | None = None) -> bool:
+        """The chunked prefill in progress is over: its job leaves `starting`, and ends (True) on an error or a
+        cancel; else it joins the batch."""
         job = self.prefilling.row.job
         self.prefilling = None
         self.starting.popleft()
         if error is not None or job.cancelled.is_set():
             _end(job, error)
+            return True
+        return False
 
     def _fail_active(self, error: BaseException) -> None:
         """End the running and starting requests with `error`; the waiting ones are served next."""
