@@ -155,13 +155,8 @@ class FastDecoder:
         length = ids.shape[1]
         per_token = inputs["image_attention_mask"].bool()  # (1, tokens, images)
         cross = self._image_keys_values(base, inputs["pixel_values"], per_token)
-        images = cross[0][0].shape[2] if cross else 0
-        if cross:
-            allowed = per_token.repeat_interleave(self.per_image, dim=2)[:, None]  # (1, 1, tokens, image tokens)
-        else:
-            allowed = torch.zeros(1, 1, length, max(images, 1), dtype=torch.bool, device=self.device)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, self.masked)
-        gate = allowed.any(-1)[:, 0]  # (1, tokens)
+        images = self._store_images(slot, cross)
+        mask, gate = self._image_attention(per_token, images)
 
         def attend(layer, k, v):
             self.keys[layer, slot, :, :length] = k[0]
@@ -174,16 +169,7 @@ class FastDecoder:
 
         positions = torch.arange(length, device=self.device)[None]
         logits = self._forward(base, ids, positions, attend, cross_inputs, causal=True)[:, -1]
-        # A decoded token attends to the images of the prompt's last token.
-        self.image_mask[slot] = self.masked
-        self.image_lengths[slot] = images
-        if cross:
-            for block, (keys, values) in enumerate(cross):
-                self.image_keys[block, slot, :, :images] = keys[0]
-                self.image_values[block, slot, :, :images] = values[0]
-            self.image_mask[slot, 0, 0, :images] = mask[0, 0, -1]
-        self.image_gate[slot] = bool(gate[0, -1])
-        self.lora.capture(base, slot)
+        self._ready(base, slot, mask, gate, images)
         return logits.float()
 
     # ---- chunked prefill: a long prompt run in pieces between decode steps (the same cache, the same positions) ----
@@ -192,11 +178,8 @@ class FastDecoder:
     def prefill_images(self, model, slot: int, encoded: Encoded) -> None:
         """The first piece of a chunked prefill: the images' keys/values of every cross-attention block, into `slot`."""
         inputs = encoded.to(self.device, self.dtype)
-        cross = self._image_keys_values(unwrap(model), inputs["pixel_values"], inputs["image_attention_mask"].bool())
-        self.image_lengths[slot] = images = cross[0][0].shape[2] if cross else 0
-        for block, (keys, values) in enumerate(cross):
-            self.image_keys[block, slot, :, :images] = keys[0]
-            self.image_values[block, slot, :, :images] = values[0]
+        per_token = inputs["image_attention_mask"].bool()
+        self._store_images(slot, self._image_keys_values(unwrap(model), inputs["pixel_values"], per_token))
 
     @torch.inference_mode()
     def prefill_chunk(self, model, slot: int, encoded: Encoded, start: int, end: int) -> torch.Tensor | None:
@@ -205,14 +188,8 @@ class FastDecoder:
         once the prompt's last token has run, else None."""
         base = unwrap(model)
         inputs = encoded.to(self.device, self.dtype)
-        per_token = inputs["image_attention_mask"].bool()[:, start:end]  # (1, chunk, images)
         images = self.image_lengths[slot]
-        if images:
-            allowed = per_token.repeat_interleave(self.per_image, dim=2)[:, None]  # (1, 1, chunk, image tokens)
-        else:
-            allowed = torch.zeros(1, 1, end - start, 1, dtype=torch.bool, device=self.device)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, self.masked)
-        gate = allowed.any(-1)[:, 0]  # (1, chunk)
+        mask, gate = self._image_attention(inputs["image_attention_mask"].bool()[:, start:end], images)
         positions = torch.arange(start, end, device=self.device)[None]
         later = torch.arange(end, device=self.device)[None] > positions[0, :, None]  # (chunk, end): not yet seen
         causal = torch.zeros(1, 1, *later.shape, dtype=self.dtype, device=self.device).masked_fill(later, self.masked)
@@ -232,12 +209,36 @@ class FastDecoder:
         logits = self._forward(base, ids, positions, attend, cross_inputs, causal=False)[:, -1]
         if end < inputs["input_ids"].shape[1]:
             return None
-        self.image_mask[slot] = self.masked  # a decoded token attends to the images of the prompt's last token
+        self._ready(base, slot, mask, gate, images)
+        return logits.float()
+
+    def _store_images(self, slot: int, cross: list) -> int:
+        """Each cross-attention block's image keys/values into `slot`; returns their length (0: no image)."""
+        images = cross[0][0].shape[2] if cross else 0
+        self.image_lengths[slot] = images
+        for block, (keys, values) in enumerate(cross):
+            self.image_keys[block, slot, :, :images] = keys[0]
+            self.image_values[block, slot, :, :images] = values[0]
+        return images
+
+    def _image_attention(self, per_token: torch.Tensor, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For prompt tokens whose `per_token` (1, tokens, images) says which images each sees: the additive mask
+        (1, 1, tokens, image tokens) of their cross-attention, and whether each sees any image (1, tokens)."""
+        if images:
+            allowed = per_token.repeat_interleave(self.per_image, dim=2)[:, None]
+        else:
+            allowed = torch.zeros(1, 1, per_token.shape[1], 1, dtype=torch.bool, device=self.device)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, self.masked)
+        return mask, allowed.any(-1)[:, 0]
+
+    def _ready(self, base, slot: int, mask: torch.Tensor, gate: torch.Tensor, images: int) -> None:
+        """After a prompt's last token: a decoded token attends to the images that token attends to, and the slot
+        keeps the adapter the model has selected (the request's, selected before its prefill: Scheduler._start)."""
+        self.image_mask[slot] = self.masked
         if images:
             self.image_mask[slot, 0, 0, :images] = mask[0, 0, -1]
         self.image_gate[slot] = bool(gate[0, -1])
-        self.lora.capture(base, slot)  # the adapter selected before the first piece (Scheduler._start)
-        return logits.float()
+        self.lora.capture(base, slot)
 
     def _image_keys_values(self, base, pixel_values: torch.Tensor, per_token: torch.Tensor) -> list:
         """Per cross-attention block, the image keys and values (1, heads, image tokens, head_dim); none when no
