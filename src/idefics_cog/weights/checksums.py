@@ -65,7 +65,7 @@ def verify(hub: Hub, snapshot: Path, commit: str) -> int:
         bad = []
         for rel in paths:
             file = snapshot / rel
-            expected = _expected_digest(file, (tree or {}).get(rel))
+            expected = expected_digest(file, (tree or {}).get(rel))
             if expected is None:
                 log.warning("%s: no checksum known for %s; not verified", hub.label, rel)
                 continue
@@ -114,16 +114,20 @@ def verify(hub: Hub, snapshot: Path, commit: str) -> int:
 
 
 def _write_marker(hub: Hub, path: Path, commit: str, verified: dict) -> None:
-    """Best effort: without it (a read-only cache), the next setup only hashes the files again."""
+    write_marker(path, {"format": MARKER_FORMAT, "repo": hub.repo_id, "commit": commit, "files": verified}, hub.label)
+
+
+def write_marker(path: Path, data: dict, label: str) -> None:
+    """A record of what was verified, written whole or not at all. Best effort: without it (a read-only cache), the
+    next setup only hashes the files again."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps({"format": MARKER_FORMAT, "repo": hub.repo_id, "commit": commit,
-                                            "files": verified}))
+        write_atomically(path, json.dumps(data))
     except OSError as exc:
-        log.warning("%s: could not record the verification in %s (%s)", hub.label, path, exc)
+        log.warning("%s: could not record the verification in %s (%s)", label, path, exc)
 
 
-def _expected_digest(file: Path, entry) -> tuple[str, str] | None:
+def expected_digest(file: Path, entry) -> tuple[str, str] | None:
     """("sha256", hex) for an LFS file, ("git-sha1", hex) for a file stored in git; None when unknown.
 
     From the hub's listing (`repo_info(files_metadata=True)`) when this fetch has it; else from the blob's name, which

@@ -124,8 +124,7 @@ def fetch_request_adapter(repo_id: str, revision: str | None, folder: Path, max_
             for name in wanted:
                 url = hf_hub_url(repo_id, name, revision=info.sha, endpoint=hub.endpoint)
                 with hub.errors():
-                    fetch_file(url, staging / name, max_bytes=max_bytes - received,
-                               deadline=deadline if deadline is not None else float("inf"))
+                    fetch_file(url, staging / name, max_bytes=max_bytes - received, deadline=deadline)
                 received += (staging / name).stat().st_size
                 _check_request_file(hub, staging / name, files[name])
             staging.rename(snapshot)
@@ -137,8 +136,9 @@ def fetch_request_adapter(repo_id: str, revision: str | None, folder: Path, max_
 
 
 def _check_request_file(hub: "Hub", file: Path, sibling) -> None:
-    lfs = getattr(sibling, "lfs", None)
-    expected = ("sha256", lfs.sha256.lower()) if lfs else ("git-sha1", (sibling.blob_id or "").lower())
+    expected = checksums.expected_digest(file, sibling)
+    if expected is None:
+        raise WeightsError(f"Hugging Face repo {hub.label}: the hub gives no checksum for {file.name}; not used")
     actual = checksums.digest(file, expected[0])
     if actual != expected[1]:
         raise WeightsError(f"Hugging Face repo {hub.label}: {file.name} does not match the hub's checksum "
@@ -154,8 +154,6 @@ def _cached_request_adapter(hub: "Hub", folder: Path) -> Path:
         raise UnreachableError(f"Hugging Face repo {hub.label} is not in the cache ({folder}) and cannot be "
                                f"downloaded: HF_HUB_OFFLINE is set")
     return snapshot
-
-
 
 
 def _blob_states(storage: Path) -> dict[str, tuple[int, int]]:

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from idefics_cog.errors import WeightsError
 from idefics_cog.weights.base import HUB_ID, PICKLE_SUFFIXES
+from idefics_cog.weights.checksums import digest, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -171,27 +172,23 @@ def verify(weight: LockedWeight, cache_dir: Path) -> str | None:
     todo = [file for file in weight.files if known.get(file.path) != _stamp(file, states[file.path])]
     started, hashed = time.monotonic(), sum(file.size for file in todo)
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        digests = list(pool.map(lambda file: _sha256(weight.target / file.path), todo))
+        digests = list(pool.map(lambda file: "sha256:" + digest(weight.target / file.path, "sha256"), todo))
     problem = None
-    for file, digest in zip(todo, digests):
-        if digest == file.digest:
+    for file, actual in zip(todo, digests):
+        if actual == file.digest:
             known[file.path] = _stamp(file, states[file.path])
         elif problem is None:
-            problem = f"{file.path} has sha256 {digest}, the lock says {file.digest}"
+            problem = f"{file.path} has sha256 {actual}, the lock says {file.digest}"
     if todo:
         log.info("%s: hashed %d files (%d bytes) in %.1f s", weight.name, len(todo), hashed,
                  time.monotonic() - started)
-    _write_marker(marker, weight, known)
+    write_marker(marker, {"setDigest": weight.set_digest, "target": str(weight.target), "files": known},
+                 weight.name)
     return problem
 
 
 def _stamp(file: LockedFile, state: os.stat_result) -> dict:
     return {"digest": file.digest, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as stream:
-        return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def _read_marker(marker: Path, weight: LockedWeight) -> dict:
@@ -201,15 +198,3 @@ def _read_marker(marker: Path, weight: LockedWeight) -> dict:
         return {}
     same = isinstance(data, dict) and data.get("setDigest") == weight.set_digest
     return data.get("files", {}) if same and data.get("target") == str(weight.target) else {}
-
-
-def _write_marker(marker: Path, weight: LockedWeight, files: dict) -> None:
-    """Best effort: without it (a read-only cache) the next start only hashes again."""
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        temporary = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"setDigest": weight.set_digest, "target": str(weight.target),
-                                         "files": files}))
-        os.replace(temporary, marker)
-    except OSError as exc:
-        log.warning("%s: could not record the verification in %s (%s)", weight.name, marker, exc)

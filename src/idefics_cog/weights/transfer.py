@@ -301,7 +301,7 @@ def _download_stream(entry: Entry, remote: Remote, options: Options) -> None:
     _stream(entry.url, entry.part, remote.size, options)
 
 
-def fetch_file(url: str, target: Path, *, max_bytes: int, deadline: float) -> None:
+def fetch_file(url: str, target: Path, *, max_bytes: int, deadline: Optional[float]) -> None:
     """`url` into `target` by one streamed GET (a request's hub adapter file: small, from the operator's hub), with
     the byte cap and the deadline checked on the bytes as they arrive; `target` appears only when whole, and a
     failed transfer leaves nothing behind."""
