@@ -80,7 +80,7 @@ def test_placement_keeps_a_model_on_one_gpu_exactly_when_the_cache_rule_finds_a_
     config, counts = sizes
     weights = memory_table.weight_bytes(*counts, precision)
     total = gb * 10**9
-    usable = int(0.9 * total) - memory_table.CUDA_CONTEXT  # placement.usable before loading
+    usable = int(0.9 * total) - memory_table.CUDA_CONTEXT  # memory.usable_memory before loading
     placement = decide(weights, ACTIVATIONS + minimum_cache_bytes(config, 8, BF16), {0: usable, 1: usable})
     budget = cache_budget(total - memory_table.CUDA_CONTEXT - weights, total)
     try:

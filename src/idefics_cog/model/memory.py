@@ -45,10 +45,16 @@ def minimum_cache_bytes(config, max_images: int, dtype_bytes: int) -> int:
     return cache_bytes(config, 1, max_images, dtype_bytes, min(MIN_CONTEXT, config.max_position_embeddings))
 
 
+def usable_memory(free: int, total: int, fraction: float = DEFAULT_FRACTION) -> int:
+    """What a GPU with `free` of `total` bytes free offers this server: `fraction` of its total, less what is in use
+    (negative when more is in use than the fraction allows). Placement decides with it before loading."""
+    return int(fraction * total) - (total - free)
+
+
 def cache_budget(free: int, total: int, fraction: float = DEFAULT_FRACTION, reserve: int = ACTIVATIONS) -> int:
-    """Bytes the cache may take on a GPU with `free` of `total` bytes free after loading: `fraction` of the total,
-    less what is in use, less `reserve` for activations."""
-    return int(fraction * total) - (total - free) - reserve
+    """Bytes the cache may take on a GPU with `free` of `total` bytes free after loading: what it offers
+    (`usable_memory`), less `reserve` for activations."""
+    return usable_memory(free, total, fraction) - reserve
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, GiB
+from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, GiB, usable_memory
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +93,15 @@ def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Pl
                      f"at a time, no batching; slower){over}")
 
 
-def usable(free: int, total: int, fraction: float) -> int:
-    """What a GPU with `free` of `total` bytes free offers: `fraction` of its total, less what is in use."""
-    return max(0, free - int((1 - fraction) * total))
-
-
 def free_memory(fraction: float = DEFAULT_FRACTION) -> tuple[dict[int, int], int]:
-    """Usable bytes of each visible GPU (empty without CUDA; `usable`), and the CPU's available memory."""
+    """Usable bytes of each visible GPU (empty without CUDA; memory.usable_memory), and the CPU's available memory."""
     import torch
     from accelerate.utils import get_max_memory
 
     if not torch.cuda.is_available():
         return {}, 0
-    gpus = {index: usable(*torch.cuda.mem_get_info(index), fraction) for index in range(torch.cuda.device_count())}
+    gpus = {index: max(0, usable_memory(*torch.cuda.mem_get_info(index), fraction))
+            for index in range(torch.cuda.device_count())}
     return gpus, get_max_memory().get("cpu", 0)
 
 
