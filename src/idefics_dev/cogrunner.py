@@ -26,8 +26,8 @@ from pathlib import Path
 
 import requests
 
-from idefics_dev.schema import write_schema
 from idefics_cog.config import DEFAULT_BASE_WEIGHTS, ROOT
+from idefics_dev.schema import write_schema
 
 STUBS = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"), "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from idefics_cog.inputs.dicom import load_dicom
 from idefics_cog.config import MAX_IMAGE_PIXELS, ImageLimits
 from idefics_cog.errors import InputError, reason as _reason
+from idefics_cog.inputs.dicom import load_dicom
 
 log = logging.getLogger(__name__)
 

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from transformers import IdeficsConfig
 
-from idefics_cog.serving.scheduler import END, Scheduler
 from idefics_cog.errors import InputError
-from idefics_cog.serving.jobs import Job, Sampling, Stats
+from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.model.loading import compute_dtype, load_model, pick_device
 from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, cache_bytes, minimum_cache_bytes
-from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
-from idefics_cog.serving.textstream import TextStream
 from idefics_cog.model.tokenizer import load_processor
+from idefics_cog.serving.jobs import Job, Sampling, Stats
+from idefics_cog.serving.scheduler import END, Scheduler
+from idefics_cog.serving.textstream import TextStream
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from PIL import Image
 
+from idefics_cog.config import Settings
+from idefics_cog.errors import UnreachableError, WeightsError
 from idefics_cog.inputs import images as image_files
-from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters
+from idefics_cog.inputs.prompt import build_segments, encode
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
-from idefics_cog.inputs.prompt import build_segments, encode
-from idefics_cog.config import Settings
 from idefics_cog.serving.textstream import parse_stop_sequences
-from idefics_cog.errors import UnreachableError, WeightsError
+from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.weights.managed import Lock
 from idefics_cog.weights.resolve import resolve
 

@@ -29,13 +29,13 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from idefics_cog.weights.archive import fetch_archive
 from idefics_cog.errors import AdapterError, InputError
-from idefics_cog.weights.hub import fetch_request_adapter
-from idefics_cog.weights.sources import check_request_source, guarded_session
+from idefics_cog.weights.archive import fetch_archive
 from idefics_cog.weights.base import WeightsError
+from idefics_cog.weights.hub import fetch_request_adapter
 from idefics_cog.weights.lora import CONFIG_FILE, WEIGHTS_FILE, check_adapter, linear_shapes, lora_key, with_safetensors
 from idefics_cog.weights.resolve import resolve
+from idefics_cog.weights.sources import check_request_source, guarded_session
 
 log = logging.getLogger(__name__)
 
