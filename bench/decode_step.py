@@ -14,9 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
-from transformers import IdeficsForVisionText2Text  # noqa: E402
 
-from idefics_cog.inputs.prompt import build_segments  # noqa: E402
+from idefics_cog.inputs.prompt import build_segments, encode  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from tests.support.helpers import noise_image  # noqa: E402
@@ -30,13 +29,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     base = tiny.build(ROOT / "weights" / "bench-small", "bench-small") / "base"
-    model = IdeficsForVisionText2Text.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"}).eval()
-    engine = Engine(model, tiny.build_processor(model.config.vision_config.image_size), model.device,
-                    engine="fast", max_batch=max(BATCHES))
-    decoder = engine.scheduler.decoder
-    enc = engine.encode(build_segments("Describe the picture in detail please " * 6, 1), [noise_image(1)])
+    engine = Engine.load(base, "cpu", engine="fast", max_batch=max(BATCHES))
+    engine.run(measure, engine, args)  # on the engine's thread, as a server decodes (engine.torch_thread)
+
+
+def measure(engine: Engine, args) -> None:
+    torch.set_num_threads(args.threads)
+    model, decoder = engine.model, engine.scheduler.decoder
+    enc = encode(build_segments("Describe the picture in detail please " * 6, 1),
+                 [noise_image(1)], engine.processor)
     with torch.inference_mode():
         for slot in range(max(BATCHES)):
             decoder.prefill(model, slot, enc)

@@ -2,7 +2,7 @@
 
 On the `bench-small` random IDEFICS (float32, CPU), with a random LoRA as `medical` (r=16 on q/k/v, like
 MedIDEFICS) and four random custom adapters (local directories, loaded as `lora_weights` are). 16 requests (the
-speed bench's prompts: one 224 px image, about 60 prompt tokens) go to engine='fast' at once, one thread each,
+speed bench's prompts: one 224 px image, about 60 prompt tokens) go to engine='fast' at once, read by one event loop,
 --new-tokens new tokens each (ignore_eos), in these mixes:
 
   all medical        the baseline
@@ -22,8 +22,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.speed import make_request, preset_model  # noqa: E402
+from bench.speed import TORCH, make_request, new_engine, preset_model, stream_together  # noqa: E402
 from bench.stats import machine, rate_table  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
@@ -62,10 +60,7 @@ def run_mix(engine: Engine, adapters: Adapters, prompts: list, mix: list, new_to
 
     jobs = [job(prompt, choice) for prompt, choice in zip(prompts, mix)]
     engine.scheduler.largest_batch = 0
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        start = time.perf_counter()
-        list(pool.map(lambda j: "".join(engine.stream(j)), jobs))
-        wall = time.perf_counter() - start
+    wall = stream_together(engine, jobs)
     return sum(len(j.stats.ids) for j in jobs) / wall, [j.stats.ids for j in jobs], engine.scheduler.largest_batch
 
 
@@ -78,11 +73,12 @@ def main() -> None:
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
 
-    model, processor, what = preset_model(args.preset)
+    model, processor, what = TORCH.submit(preset_model, args.preset).result()  # torch work on one thread
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folders = [str(random_lora(model, tmp / f"adapter{seed}", seed, std=0.02)) for seed in range(5)]
-        engine = Engine(model, processor, model.device, engine="fast", max_batch=REQUESTS)
+        folders = [str(TORCH.submit(random_lora, model, tmp / f"adapter{seed}", seed, std=0.02).result())
+                   for seed in range(5)]
+        engine = new_engine(model, processor, engine="fast", max_batch=REQUESTS)
         adapters = Adapters(engine, tmp / "cache", max_loaded=4)
         adapters.load_default(folders[0])
         prompts = [engine.encode(r.segments, r.images)

@@ -19,8 +19,9 @@ script exits 1. Then, after a warm-up run of each path, the paths run round-robi
   decode tokens/s      batch 1, --new-tokens new tokens with ignore_eos: (tokens - 1) / (last - first token time)
   peak memory          growth during a request: CUDA max_memory_allocated; CPU peak resident set (VmHWM, reset
                        through /proc/self/clear_refs)
-  aggregate tokens/s   1, 4 and 16 concurrent requests (threads, different prompts and images), --concurrent-tokens
-                       new tokens each: all new tokens / wall time (runs: half of --repeats, rounded up)
+  aggregate tokens/s   1, 4 and 16 concurrent requests (read by one event loop, as Cog's async predictor reads
+                       them; different prompts and images), --concurrent-tokens new tokens each: all new tokens /
+                       wall time (rounds: half of --repeats, rounded up; each round runs 1, 4 and 16 in turn)
 
     .venv/bin/python bench/speed.py [--preset bench-small|tiny] [--repeats 5] [--json PATH]
     python bench/speed.py --real-size --repeats 3   # a random idefics-9b in bf16; needs CUDA
@@ -35,13 +36,13 @@ cannot take less than reading, once, the weights it needs. Progress goes to stde
 """
 
 import argparse
+import asyncio
 import gc
 import json
 import random
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ import transformers  # noqa: E402
 from bench.stats import machine, median_table, rate_table  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from idefics_cog.serving.scheduler import NewTokens  # noqa: E402
-from idefics_cog.serving.engine import Engine  # noqa: E402
+from idefics_cog.serving.engine import Engine, torch_thread  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments  # noqa: E402
 from idefics_dev.recipe import model_card_generate  # noqa: E402
@@ -67,6 +68,13 @@ GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 # Datasheet memory bandwidth, bytes/s, by GPU name (H100: the SXM/HBM3 part).
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.04e12}
 MiB = 2**20
+# All torch work of the benchmark on one thread, as in the server (engine.torch_thread: a second thread's OpenMP
+# team slows every operation of the first on a small CPU); the engines share it and run one at a time.
+TORCH = torch_thread()
+
+
+def new_engine(model, processor, **options) -> Engine:
+    return Engine(model, processor, model.device, generation_thread=TORCH, **options)
 
 
 # --- the requests ---------------------------------------------------------------------------------------------------
@@ -168,13 +176,26 @@ def engine_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bo
                peak.bytes, stats.ids)
 
 
-def concurrent_run(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, int, list[list[int]]]:
-    """Every prompt at once, one thread each: aggregate new tokens/s, peak memory growth, each request's tokens."""
-    jobs = [Job(prepare=p, sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
-    with PeakMemory(engine.device) as peak, ThreadPoolExecutor(len(jobs)) as pool:
+def stream_together(engine: Engine, jobs: list[Job]) -> float:
+    """Stream every job at once, as the server does (Cog's async predictor: one event loop reads every stream,
+    `Engine.astream`); returns the wall time from the first submit to the last token."""
+    async def read(job: Job) -> None:
+        async for _ in engine.astream(job):
+            pass
+
+    async def read_all() -> float:
         start = time.perf_counter()
-        list(pool.map(lambda job: "".join(engine.stream(job)), jobs))
-        wall = time.perf_counter() - start
+        await asyncio.gather(*(read(job) for job in jobs))
+        return time.perf_counter() - start
+
+    return asyncio.run(read_all())
+
+
+def concurrent_run(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, int, list[list[int]]]:
+    """Every prompt at once: aggregate new tokens/s, peak memory growth, each request's tokens."""
+    jobs = [Job(prepare=p, sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
+    with PeakMemory(engine.device) as peak:
+        wall = stream_together(engine, jobs)
     return sum(len(job.stats.ids) for job in jobs) / wall, peak.bytes, [job.stats.ids for job in jobs]
 
 
@@ -204,8 +225,8 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 def check_greedy(model, processor, new_tokens: int) -> int:
     """Exit 1 unless the fast path decodes model.generate's greedy tokens. Returns how many were compared."""
-    baseline = Engine(model, processor, model.device, engine="transformers")
-    fast = Engine(model, processor, model.device, engine="fast", max_batch=1)
+    baseline = new_engine(model, processor, engine="transformers")
+    fast = new_engine(model, processor, engine="fast", max_batch=1)
     if fast.kind != "fast":
         sys.exit(f"engine='fast' gave kind {fast.kind!r}: nothing to benchmark")
     request = make_request(baseline, 0)
@@ -220,9 +241,7 @@ def check_greedy(model, processor, new_tokens: int) -> int:
             sys.exit(f"greedy check failed: the fast path differs from {reference} at new token {at} of "
                      f"{len(expected)}:\n  fast     {got[at:at + 8]}\n  expected {expected[at:at + 8]}")
         compared += len(got)
-    for engine in (baseline, fast):  # free the check's caches before the timed engines are made
-        engine.generation_thread.shutdown()
-    del baseline, fast
+    del baseline, fast  # free the check's caches before the timed engines are made
     free_memory(model.device)
     return compared
 
@@ -290,14 +309,17 @@ def single_stream(paths: dict, request: Request, new_tokens: int, repeats: int) 
 
 
 def concurrency(engines: dict, prompts: list, new_tokens: int, repeats: int, strict: bool) -> dict:
-    """Aggregate tokens/s and peak memory growth per (engine, concurrent requests). The first round also checks
-    that both engines decode each request to the same tokens: required in float32, reported in bf16."""
+    """Aggregate tokens/s and peak memory growth per (engine, concurrent requests), each round running every
+    engine at every count in turn (so that a slow minute of the machine hits them all, and the ratios compare runs
+    made close together). The first round also checks that both engines decode each request to the same tokens:
+    required in float32, reported in bf16."""
     rates = {(name, n): [] for name in engines for n in CONCURRENCY}
     peaks = {(name, n): [] for name in engines for n in CONCURRENCY}
     agree = {}
     for n in CONCURRENCY:
         concurrent_run(engines["fast"], prompts[:n], new_tokens)  # warm-up (on CUDA: compiles the batch sizes)
-        for round_ in range(repeats):
+    for round_ in range(repeats):
+        for n in CONCURRENCY:
             tokens = {}
             for name, engine in engines.items():
                 rate, peak, tokens[name] = concurrent_run(engine, prompts[:n], new_tokens)
@@ -427,7 +449,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
-    model, processor, what = real_size_model(args.smoke) if args.real_size else preset_model(args.preset)
+    model, processor, what = TORCH.submit(
+        lambda: real_size_model(args.smoke) if args.real_size else preset_model(args.preset)).result()
     progress(f"{what} ready")
     compared = check_greedy(model, processor, args.new_tokens)  # in float32, before anything is timed
     progress(f"greedy check passed ({compared} tokens)")
@@ -435,13 +458,13 @@ def main() -> None:
         # The check's compiled graphs captured the float32 weights' addresses: replaying them after the weights
         # move to bf16 reads freed memory (an illegal address on an H200). Serving never changes the dtype.
         torch.compiler.reset()
-        model.to(torch.bfloat16)
+        TORCH.submit(model.to, torch.bfloat16).result()
         free_memory(model.device)
     device = model.device
     engines, engine_memory = {}, {}
     for kind in ("transformers", "fast"):
         with PeakMemory(device) as peak:
-            engines[kind] = Engine(model, processor, device, engine=kind, max_batch=max(CONCURRENCY))
+            engines[kind] = new_engine(model, processor, engine=kind, max_batch=max(CONCURRENCY))
         engine_memory[kind] = peak.bytes
     baseline, fast = engines["transformers"], engines["fast"]
 

@@ -54,13 +54,10 @@ def parse_args():
 ARGS = parse_args()
 sys.path[:0] = [str(ARGS.src), str(ROOT), str(ROOT / "src")]
 
-import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import IdeficsForVisionText2Text  # noqa: E402
 
 from bench.stats import machine  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments  # noqa: E402
-from idefics_cog.model.tokenizer import load_processor  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
@@ -72,8 +69,7 @@ SAMPLED = dict(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1)
 
 def load(preset: str) -> Engine:
     base = tiny.build(ROOT / "weights" / preset, preset) / "base"
-    model = IdeficsForVisionText2Text.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"}).eval()
-    engine = Engine(model, load_processor(base), model.device, engine="fast", max_batch=16)
+    engine = Engine.load(base, "cpu", engine="fast", max_batch=16)  # as the server: all torch work on its thread
     if ARGS.prefill_chunk and hasattr(engine.scheduler, "prefill_chunk"):
         engine.scheduler.prefill_chunk = ARGS.prefill_chunk
     return engine

@@ -115,14 +115,14 @@ def test_a_fault_in_a_prefill_fails_that_request_alone(requests_, monkeypatch):
 def test_a_fault_while_sampling_one_row_fails_that_request_alone(requests_, monkeypatch, after):
     """At its first token (picked from the prefill) or in the middle of the batch's decoding."""
     engine, encs, sampling, expected = requests_
-    pick, jobs = _Row.pick, jobs_for(encs, sampling)
+    draw, jobs = _Row.draw, jobs_for(encs, sampling)
 
-    def broken(row, logits):
+    def broken(row, noise):
         if row.job is jobs[FAULTY] and len(row.ids) - encs[FAULTY].num_tokens >= after:
             raise RuntimeError("probability tensor contains inf or nan (simulated)")
-        return pick(row, logits)
+        return draw(row, noise)
 
-    monkeypatch.setattr(_Row, "pick", broken)
+    monkeypatch.setattr(_Row, "draw", broken)
     results = outcomes(engine, jobs)
     check_only_the_faulty_one_failed(results, expected, "sampling the next token failed: RuntimeError: probability")
     assert results[FAULTY][0] == expected[FAULTY][:after]  # what it streamed before the fault was right
@@ -162,9 +162,9 @@ def test_a_failing_decode_step_ends_its_rows_and_the_waiting_requests_go_on(requ
 
     monkeypatch.setattr(decoder, "decode", broken)
     results = outcomes(engine, jobs_for(encs, sampling))
-    # The first batch (two slots): one prefill between two steps, so request 0 had its prefill's token and two
-    # steps' when the third step failed, request 1 (prefilled after the first step) its prefill's and one step's.
-    for index, tokens in ((0, 3), (1, 2)):
+    # The first batch (two slots) arrived together at an idle server, so both were prefilled before the first step
+    # (Scheduler._start_next): each had its prefill's token and two steps' when the third step failed.
+    for index, tokens in ((0, 3), (1, 3)):
         assert "out of memory while decoding" in str(results[index][1])
         assert results[index][0] == expected[index][:tokens]
     for index in (2, 3):

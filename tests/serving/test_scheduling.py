@@ -1,5 +1,6 @@
 """New requests do not freeze running streams: at most one prefill between two decode steps, and a request that
-arrives while others decode starts within a bounded number of steps; every request keeps its own tokens."""
+arrives while others decode starts within a bounded number of steps (a burst that outnumbers the running streams has
+its first half prefilled first); every request keeps its own tokens."""
 
 import threading
 
@@ -45,17 +46,18 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk
     monkeypatch.setattr(decoder, "decode", recorded_decode)
     monkeypatch.setattr(decoder, "prefill_images", recorded_images)
     monkeypatch.setattr(decoder, "prefill_chunk", recorded_piece)
-    running = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(2)]
+    running = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(ARRIVALS)]
     arriving = [encoded(engine, "Compare <image> and <image>. " + "Describe both in detail. " * 4,
                         [noise_image(10 + i), noise_image(20 + i)]) for i in range(ARRIVALS)]
-    long, short = Sampling(max_new_tokens=30, ignore_eos=True), Sampling(max_new_tokens=6, ignore_eos=True)
+    long, short = Sampling(max_new_tokens=80, ignore_eos=True), Sampling(max_new_tokens=6, ignore_eos=True)
     arrival_jobs = [Job(enc, short) for enc in arriving]
     submitted_at = []  # the index in `events` when the arrivals were submitted
 
     def first_sink(item):
         if isinstance(item, list):
             first_tokens.append(item)
-            if len(first_tokens) == 5:  # submitted together, from the scheduler's thread, between two steps
+            if len(first_tokens) == 15:  # submitted together (from the scheduler's thread, between two steps)
+                # once all the running streams decode
                 submitted_at.append(len(events))
                 for job in arrival_jobs:
                     engine.submit(job, received[job].append)
@@ -66,7 +68,8 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk
     gate = threading.Event()
     engine.generation_thread.submit(gate.wait)
     engine.submit(jobs[0], lambda item: (received[jobs[0]].append(item), first_sink(item)))
-    engine.submit(jobs[1], received[jobs[1]].append)
+    for job in jobs[1:]:
+        engine.submit(job, received[job].append)
     gate.set()
     for job in jobs + arrival_jobs:
         assert job.finished.wait(120)
@@ -74,18 +77,39 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk
     tokens = [[t for item in received[job] if isinstance(item, list) for t in item] for job in jobs + arrival_jobs]
     assert tokens == [generate(engine, enc, s) for enc, s in
                       [(e, long) for e in running] + [(e, short) for e in arriving]]
-    # While rows run, a decode step between any two prefills (pieces).
-    assert all(running_at[i] == 0 for i in range(1, len(events)) if events[i - 1][0] == events[i][0] == "prefill")
+    # As many arrive as run: a decode step between any two of their prefills (pieces).
+    after = events[submitted_at[0]:]
+    assert all(not (a[0] == b[0] == "prefill") for a, b in zip(after, after[1:]))
     # Each arrival starts within as many decode steps as the prefill pieces of the arrivals before it (plus one).
     pieces = 1 if chunk >= arriving[0].num_tokens else 1 + -(-arriving[0].num_tokens // chunk)
     assert all(enc.num_tokens == arriving[0].num_tokens for enc in arriving)
-    after = events[submitted_at[0]:]
     for index, enc in enumerate(arriving):
         at = next(i for i, (kind, what) in enumerate(after) if kind == "prefill" and what is enc)
         assert [kind for kind, _ in after[:at]].count("decode") <= index * pieces + 1
     assert sum(kind == "prefill" for kind, _ in after) == ARRIVALS * pieces
     if pieces == 1:  # one step each: they all joined the batch before the first of them ended
-        assert max(n for kind, n in events if kind == "decode") == 2 + ARRIVALS
+        assert max(n for kind, n in events if kind == "decode") == 2 * ARRIVALS
+
+
+def test_a_burst_that_outnumbers_the_running_streams_has_its_first_half_prefilled_first(tiny_dir, monkeypatch):
+    """Six requests reach an idle server together: while fewer decode than wait, prompts run whole, back to back
+    (three of them); the others, one piece per decode step. Every request keeps the tokens of model.generate."""
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
+    engine.scheduler.prefill_chunk = 8
+    decoder, events = engine.scheduler.decoder, []
+    for name in ("prefill", "prefill_images", "prefill_chunk", "decode"):
+        original = getattr(decoder, name)
+        monkeypatch.setattr(decoder, name, lambda *args, _name=name, _original=original: (
+            events.append(_name), _original(*args))[1])
+    encs = [encoded(engine, f"Question {i}? Describe it in detail.", [noise_image(i)]) for i in range(6)]
+    assert all(enc.num_tokens > 8 for enc in encs)
+    sampling = Sampling(max_new_tokens=8, ignore_eos=True)
+    received = submit_together(engine, [Job(enc, sampling) for enc in encs], timeout=60)
+    assert [tokens_of(items) for items in received] == [generate(engine, enc, sampling) for enc in encs]
+    assert events[:4] == ["prefill"] * 3 + ["prefill_images"]  # three whole; the fourth starts in pieces
+    later = events[3:]
+    assert all(not (a != "decode" and b != "decode") for a, b in zip(later, later[1:]))
+    assert events.count("prefill") == 3 and events.count("prefill_images") == 3
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16])
@@ -161,7 +185,8 @@ def test_a_request_cancelled_during_its_last_piece_ends_once_without_a_token(tin
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
     engine.scheduler.prefill_chunk = 8
     enc = encoded(engine, "Question? Describe it in detail, please.", [noise_image(3)])
-    job = Job(enc, Sampling(max_new_tokens=12, ignore_eos=True))
+    # Behind another request, so that it runs in pieces (the first of a burst of two runs whole).
+    other, job = (Job(e, Sampling(max_new_tokens=12, ignore_eos=True)) for e in (encoded(engine, "Hi?"), enc))
     piece = engine.scheduler.decoder.prefill_chunk
 
     def cancelled_while_running(model, slot, encoded_, start, end):
@@ -171,6 +196,6 @@ def test_a_request_cancelled_during_its_last_piece_ends_once_without_a_token(tin
         return logits
 
     monkeypatch.setattr(engine.scheduler.decoder, "prefill_chunk", cancelled_while_running)
-    [received] = submit_together(engine, [job], timeout=60)
+    received = submit_together(engine, [other, job], timeout=60)[1]
     assert len(received) == 1 and not isinstance(received[0], (list, BaseException))  # END once, no token
     assert engine.scheduler.rows == [] and engine.scheduler.prefilling is None

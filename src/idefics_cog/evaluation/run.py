@@ -58,8 +58,7 @@ def _short(source: str) -> str:
 def select(adapters, config: Configuration) -> str:
     """Point the model at `config`'s adapter, on the generation thread as a prediction does. Unlike a request,
     the operator may name a local directory as `lora_weights` (a training run's output)."""
-    thread = adapters.engine.generation_thread
-    return thread.submit(adapters.select, config.adapter, config.lora_weights, config.lora_scale, True).result()
+    return adapters.engine.run(adapters.select, config.adapter, config.lora_weights, config.lora_scale, True)
 
 
 def predict(engine, example, max_new_tokens: int) -> str:

@@ -30,22 +30,21 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, model, processor, device: torch.device, engine: str = "auto", max_batch: int = 16,
-                 max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION):
+                 max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION,
+                 generation_thread: ThreadPoolExecutor | None = None):
+        """`generation_thread`: the thread that loaded `model` (`torch_thread()`), if it was loaded on one."""
         self.model, self.processor, self.device = model, processor, device
         self.tokenizer = processor.tokenizer
         self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
         self.last_stats: Stats | None = None
-        # All torch work runs on one long-lived thread. A new thread per request builds a new OpenMP team each
-        # time, and torch calls from two threads make two teams that spin against each other on a small CPU
-        # (measured on the tiny model on 2 cores: 1.3-1.7x the time of the same prediction on one thread).
-        self.generation_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self.generation_thread = generation_thread or torch_thread()
         self.model_context = model.config.max_position_embeddings
         self.cache_fraction = cache_fraction  # of the GPU's memory; the fast engine's cache is sized from it
         ids = self.tokenizer.convert_tokens_to_ids
         # Generation ends at the end of the assistant's turn (or at </s> for base models).
         self.eos_token_ids = [ids(END_OF_UTTERANCE), self.tokenizer.eos_token_id]
         self.banned_ids = [ids(IMAGE_TOKEN), ids(FAKE_IMAGE_TOKEN)]  # never generated
-        self.scheduler = Scheduler(self, engine, max_batch, max_images)
+        self.scheduler = self.run(Scheduler, self, engine, max_batch, max_images)  # allocates the caches
         self.kind = self.scheduler.kind  # "fast" or "transformers": the decode path in use
         # Prompt + new tokens of one request: a fast-engine slot may be shorter than the model's context.
         decoder = self.scheduler.decoder
@@ -63,11 +62,17 @@ class Engine:
         config = IdeficsConfig.from_pretrained(path)
         cache = (minimum_cache_bytes(config, max_images, dtype.itemsize) if engine in ("auto", "fast") else
                  cache_bytes(config, 1, max_images, dtype.itemsize))
-        model = load_model(path, device, quantization, ACTIVATIONS + cache, fraction=cache_fraction).eval()
-        return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction)
+        thread = torch_thread()
+        model = thread.submit(load_model, path, device, quantization, ACTIVATIONS + cache,
+                              fraction=cache_fraction).result().eval()
+        return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction, thread)
+
+    def run(self, work: Callable, *args, **kwargs):
+        """Run torch work (loading an adapter, encoding) on the generation thread and return its result."""
+        return self.generation_thread.submit(work, *args, **kwargs).result()
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
-        return self.generation_thread.submit(encode, segments, images, self.processor).result()
+        return self.run(encode, segments, images, self.processor)
 
     def fit_to_context(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """The number of new tokens that fits the context; a prompt that fills it is refused."""
@@ -149,6 +154,15 @@ class Engine:
         finally:
             job.cancel()
             job.stats.finish()
+
+
+def torch_thread() -> ThreadPoolExecutor:
+    """The one thread on which a server does all its torch work: loading, adapters, encoding, decoding.
+    Each thread that runs torch operations gets its own OpenMP team; once a process has two, OpenMP counts more
+    threads than CPUs and makes its workers sleep between operations instead of spinning, and waking them costs
+    every operation of a decode step (on 2 cores, a batch-16 step of bench-small took 1.3-1.6x as long with the
+    model loaded on another thread: BENCHMARKS.md, issue 13). A new thread per request would build a team each time."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
 
 class _Reader:

@@ -4,8 +4,9 @@
 then takes the argmax (greedy) or draws from the softmax with `torch.multinomial`. `BatchSampler` does the same
 arithmetic for all rows of a step together, each row with its own settings (rows without a setting are left out
 of that operation), so that a row's processed scores are bit-identical to what transformers' processors give for
-it alone (tests/serving/test_sampler.py checks that on random logits). The draw stays one `torch.multinomial` per
-sampled row with that request's own generator: a request's samples depend on its seed only, never on its batch.
+it alone (tests/serving/test_sampler.py checks that on random logits). The draw is `torch.multinomial`'s, with the
+noise drawn per sampled row from that request's own generator: a request's samples depend on its seed only, never
+on its batch.
 The repetition penalty reads a per-slot mask of the tokens seen so far (prompt and answer) instead of the ids.
 """
 
@@ -26,9 +27,9 @@ class BatchSampler:
     def pick(self, rows: list, logits: torch.Tensor) -> tuple[list[int | None], dict]:
         """The next token of each row (its slot's logits are `logits[i]`), and {slot: exception} for the rows whose
         own draw failed (their token is None). Rows need `slot`, `ids`, `sampling`, `started` and, sampled ones,
-        `generator` and `pick(probs)` (the per-row draw)."""
+        `draw(noise)` (fills a row of noise from the row's own generator)."""
         scores = logits.float()  # the decoder's float32 logits, processed in place
-        scores[:, self.banned] = -float("inf")
+        scores.index_fill_(1, self.banned, -float("inf"))
         penalized = [i for i, row in enumerate(rows) if row.sampling.repetition_penalty != 1.0]
         if penalized:
             slots = torch.tensor([rows[i].slot for i in penalized], device=self.device)
@@ -39,14 +40,25 @@ class BatchSampler:
         errors = {}
         if sampled:
             probs = torch.softmax(self._warp([rows[i] for i in sampled], _rows(scores, sampled)), dim=-1)
-            for index, row_probs in zip(sampled, probs):
+            # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) drawn from its generator (ATen's
+            # algorithm for one sample): each row draws its own q, then one division and argmax for the batch.
+            # Its checks become one: a row with nan probabilities gets -1 and fails alone.
+            noise = torch.empty_like(probs)
+            for index, row_noise in zip(sampled, noise):
                 try:
-                    tokens[index] = rows[index].pick(row_probs[None])
-                except Exception as exc:  # this request's draw alone (e.g. nan probabilities)
+                    rows[index].draw(row_noise)
+                except Exception as exc:  # this request's draw alone
                     errors[rows[index].slot] = exc
+            drawn = torch.argmax(probs / noise, dim=-1)
+            tokens[sampled] = torch.where(probs.isnan().any(dim=-1), -1, drawn)
         if penalized:
-            self.seen[slots, tokens[penalized] if len(penalized) < len(rows) else tokens] = True
+            marked = tokens.clamp(min=0)  # a failed row's -1 marks nothing of use
+            self.seen[slots, marked[penalized] if len(penalized) < len(rows) else marked] = True
         picked = tokens.tolist()  # the step's one copy to the host
+        for row, token in zip(rows, picked):
+            if token < 0 and row.slot not in errors:
+                errors[row.slot] = RuntimeError("probability tensor contains nan (the model's scores for this "
+                                                "request's next token)")
         return [None if row.slot in errors else token for row, token in zip(rows, picked)], errors
 
     def _start(self, rows: list, width: int) -> None:

@@ -2,7 +2,8 @@
 
 Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot, at most one piece of prefill work
 between two decode steps (a short prompt, or the images or `prefill_chunk` tokens of a longer one), so that new
-requests never freeze running streams; then it joins the running batch. Requests with different adapters and
+requests never freeze running streams (except for a burst that outnumbers them: its first half is prefilled whole
+first); then it joins the running batch. Requests with different adapters and
 scales share a batch: a request's adapter is selected before its prefill, and its slot keeps that adapter for its
 decode steps (decoder.py, rowlora.py); only decode steps, which read each row's adapter from its slot, run between
 the pieces of one prompt. Each decode step makes one token for every active request; `BatchSampler` picks them for
@@ -34,10 +35,11 @@ from idefics_cog.serving.sampler import BatchSampler
 log = logging.getLogger(__name__)
 
 END = object()  # the last item a job's sink receives after a normal end
-# Prompt tokens prefilled between two decode steps (a longer prompt runs in pieces): about one decode step's time.
-# A GPU prefills hundreds of tokens in the time of one memory-bound decode step; a CPU far fewer (BENCHMARKS.md).
+# Prompt tokens prefilled between two decode steps (a longer prompt runs in pieces): a piece costs one to two decode
+# steps. A GPU prefills hundreds of tokens in the time of one memory-bound decode step; a CPU far fewer: 64 tokens
+# cost about 1.7 batch-4 steps of bench-small, and a prompt of up to 64 tokens then runs in one piece (BENCHMARKS.md).
 PREFILL_CHUNK = {"cuda": 256}
-PREFILL_CHUNK_OTHER = 32
+PREFILL_CHUNK_OTHER = 64
 
 
 class Scheduler:
@@ -98,16 +100,21 @@ class Scheduler:
         streams by a bounded amount per token instead of all their prompts at once: start admitted jobs up to and
         including the first that runs its prompt (a prefill of up to `prefill_chunk` tokens, or model.generate), or
         the next piece of a longer prompt's prefill. Jobs that end before (cancelled, refused at encoding) cost
-        nothing and do not count."""
+        nothing and do not count.
+        While fewer requests are decoding than are admitted and waiting for their first token (a burst, above all
+        one reaching an idle server), the waiting go first, each prompt whole in one forward (cheaper than pieces on
+        a CPU, and their first tokens come sooner), until as many decode as wait: fewer users wait in all, the
+        way vLLM's prefill-first scheduler serves a burst, and a running stream waits for half a burst at most."""
         if self.prefilling is not None:
             return self._prefill_next()
         while self.starting:
             job = self.starting[0]
-            self._start(job)
+            whole = len(self.rows) < len(self.starting)
+            self._start(job, whole)
             if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last piece
                 return self._prefill_next()
             self.starting.popleft()
-            if job.stats.prompt_tokens:  # it got past its encoding: its prompt ran (or failed) on the model
+            if job.stats.prompt_tokens and not whole:  # it got past its encoding: its prompt ran (or failed)
                 return
 
     def _prefill_next(self) -> None:
@@ -166,8 +173,9 @@ class Scheduler:
         # Any adapter joins the running batch: each row decodes with its own.
         return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
-    def _start(self, job) -> None:
-        """Select the job's adapter, encode it, and prefill it (its slot keeps the adapter) or run it alone."""
+    def _start(self, job, whole: bool = False) -> None:
+        """Select the job's adapter, encode it, and prefill it (its slot keeps the adapter; in pieces when longer
+        than `prefill_chunk`, unless `whole`) or run it alone."""
         if job.cancelled.is_set():
             return _end(job)
         engine = self.engine
@@ -187,7 +195,7 @@ class Scheduler:
             return self._generate(job, encoded, max_new_tokens)
         try:
             row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
-            if encoded.num_tokens > self.prefill_chunk:  # continued by _prefill_next, a piece per decode step
+            if encoded.num_tokens > self.prefill_chunk and not whole:  # continued by _prefill_next, per step
                 self.prefilling = _Prefill(row, encoded)
                 return
             logits = self.decoder.prefill(engine.model, row.slot, encoded)
@@ -304,9 +312,10 @@ class _Row:
     def sampling(self):
         return self.job.sampling
 
-    def pick(self, probs: torch.Tensor) -> torch.Tensor:
-        """Draw the next token from `probs` (1, vocab): the draw `model.generate` makes, with this row's generator."""
-        return torch.multinomial(probs, 1, generator=self.generator)[0, 0]
+    def draw(self, noise: torch.Tensor) -> None:
+        """Fill `noise` (vocab,) with the Exp(1) draws `torch.multinomial` makes for one sample (`model.generate`'s
+        draw), from this row's generator (BatchSampler.pick)."""
+        noise.exponential_(generator=self.generator)
 
 
 @dataclass(eq=False)

@@ -104,8 +104,7 @@ class Service:
                 for _ in self.answer(prompt="Describe this image.", image=picture, max_new_tokens=WARMUP_TOKENS):
                     pass
             decoder = self.engine.scheduler.decoder
-            shapes = 0 if decoder is None else self.engine.generation_thread.submit(
-                decoder.warm_up, self.engine.model).result()  # torch work stays on the generation thread
+            shapes = 0 if decoder is None else self.engine.run(decoder.warm_up, self.engine.model)
         except Exception as exc:
             raise WarmUpError(f"setup's warm-up prediction failed (IDEFICS_WARMUP=0 skips it): "
                               f"{type(exc).__name__}: {exc}") from exc

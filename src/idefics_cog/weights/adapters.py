@@ -78,7 +78,8 @@ class Adapters:
         adapter says it was trained on (its `base_model_name_or_path`)."""
         started = time.perf_counter()
         try:
-            self._load(resolve(source, self.cache_dir.parent, adapter=True), MEDICAL)
+            path = resolve(source, self.cache_dir.parent, adapter=True)
+            self.engine.run(self._load, path, MEDICAL)  # torch work stays on the generation thread
         except (AdapterError, WeightsError) as exc:
             # The same class (UnreachableError stays one, so setup can say what else works), its message prefixed.
             kind = type(exc) if isinstance(exc, WeightsError) else WeightsError
