@@ -10,7 +10,29 @@ on its batch.
 The repetition penalty reads a per-slot mask of the tokens seen so far (prompt and answer) instead of the ids.
 """
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class _Plan:
+    """What the settings of a batch's rows ask for: which rows each operation takes (indices into the batch, or into
+    its sampled rows for the warpers) and their settings as columns. Made once per batch composition."""
+
+    rows: list  # the rows it was made for (kept, so that a new batch is never mistaken for them)
+    penalized: list[int]
+    slots: torch.Tensor  # the penalized rows' cache slots
+    penalty: torch.Tensor
+    sampled: list[int]
+    temperature: torch.Tensor
+    top_k: list[int]  # of the sampled rows
+    k: list[int]
+    top_p: list[int]  # of the sampled rows
+    remove_at: torch.Tensor  # 1 - top_p
+
+    def fits(self, rows: list) -> bool:
+        return len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
 
 
 class BatchSampler:
@@ -18,6 +40,7 @@ class BatchSampler:
         self.max_batch, self.device = max_batch, device
         self.banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
         self.seen: torch.Tensor | None = None  # (slots, vocab) bool; sized at the first step (the logits' width)
+        self.plan: _Plan | None = None
 
     def move(self, source: int, target: int) -> None:
         """Slot `source`'s request continues in slot `target` (as FastDecoder.move)."""
@@ -28,38 +51,53 @@ class BatchSampler:
         """The next token of each row (its slot's logits are `logits[i]`), and {slot: exception} for the rows whose
         own draw failed (their token is None). Rows need `slot`, `ids`, `sampling`, `started` and, sampled ones,
         `draw(noise)` (fills a row of noise from the row's own generator)."""
+        plan = self.plan = self.plan if self.plan and self.plan.fits(rows) else self._plan(rows)
         scores = logits.float()  # the decoder's float32 logits, processed in place
         scores.index_fill_(1, self.banned, -float("inf"))
-        penalized = [i for i, row in enumerate(rows) if row.sampling.repetition_penalty != 1.0]
-        if penalized:
-            slots = torch.tensor([rows[i].slot for i in penalized], device=self.device)
-            self._start([rows[i] for i in penalized], scores.shape[-1])
-            scores = self._apply(scores, penalized, lambda sub: self._penalize(rows, penalized, slots, sub))
-        sampled = [i for i, row in enumerate(rows) if row.sampling.temperature > 0]
+        if plan.penalized:
+            self._start([rows[i] for i in plan.penalized], scores.shape[-1])
+            scores = _apply(scores, plan.penalized, lambda sub: self._penalize(plan, sub))
         tokens = scores.argmax(-1)
         errors = {}
-        if sampled:
-            probs = torch.softmax(self._warp([rows[i] for i in sampled], _rows(scores, sampled)), dim=-1)
+        if plan.sampled:
+            probs = torch.softmax(self._warp(plan, _rows(scores, plan.sampled)), dim=-1)
             # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) drawn from its generator (ATen's
             # algorithm for one sample): each row draws its own q, then one division and argmax for the batch.
             # Its checks become one: a row with nan probabilities gets -1 and fails alone.
             noise = torch.empty_like(probs)
-            for index, row_noise in zip(sampled, noise):
+            for index, row_noise in zip(plan.sampled, noise):
                 try:
                     rows[index].draw(row_noise)
                 except Exception as exc:  # this request's draw alone
                     errors[rows[index].slot] = exc
-            drawn = torch.argmax(probs / noise, dim=-1)
-            tokens[sampled] = torch.where(probs.isnan().any(dim=-1), -1, drawn)
-        if penalized:
+            drawn = torch.where(probs.isnan().any(dim=-1), -1, torch.argmax(probs / noise, dim=-1))
+            if len(plan.sampled) == len(rows):
+                tokens = drawn
+            else:
+                tokens[plan.sampled] = drawn
+        if plan.penalized:
             marked = tokens.clamp(min=0)  # a failed row's -1 marks nothing of use
-            self.seen[slots, marked[penalized] if len(penalized) < len(rows) else marked] = True
+            self.seen[plan.slots, _rows(marked, plan.penalized)] = True
         picked = tokens.tolist()  # the step's one copy to the host
         for row, token in zip(rows, picked):
             if token < 0 and row.slot not in errors:
                 errors[row.slot] = RuntimeError("probability tensor contains nan (the model's scores for this "
                                                 "request's next token)")
         return [None if row.slot in errors else token for row, token in zip(rows, picked)], errors
+
+    def _plan(self, rows: list) -> _Plan:
+        penalized = [i for i, row in enumerate(rows) if row.sampling.repetition_penalty != 1.0]
+        sampled = [rows[i].sampling for i in range(len(rows)) if rows[i].sampling.temperature > 0]
+        top_k = [i for i, s in enumerate(sampled) if s.top_k]
+        top_p = [i for i, s in enumerate(sampled) if s.top_p < 1.0]
+        return _Plan(
+            rows=list(rows), penalized=penalized,
+            slots=torch.tensor([rows[i].slot for i in penalized], device=self.device),
+            penalty=self._column([rows[i].sampling.repetition_penalty for i in penalized]),
+            sampled=[i for i, row in enumerate(rows) if row.sampling.temperature > 0],
+            temperature=self._column([s.temperature for s in sampled]),
+            top_k=top_k, k=[sampled[i].top_k for i in top_k],
+            top_p=top_p, remove_at=self._column([1 - sampled[i].top_p for i in top_p]))
 
     def _start(self, rows: list, width: int) -> None:
         """Mark the prompt tokens of rows at their first token."""
@@ -71,35 +109,32 @@ class BatchSampler:
                 self.seen[row.slot, torch.tensor(row.ids, device=self.device)] = True
                 row.started = True
 
-    def _penalize(self, rows: list, penalized: list[int], slots: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+    def _penalize(self, plan: _Plan, sub: torch.Tensor) -> torch.Tensor:
         """RepetitionPenaltyLogitsProcessor: seen tokens' scores times the penalty if negative, else divided."""
-        penalty = self._column([rows[i].sampling.repetition_penalty for i in penalized])
-        return torch.where(self.seen[slots], torch.where(sub < 0, sub * penalty, sub / penalty), sub)
+        penalty = plan.penalty
+        return torch.where(self.seen[plan.slots], torch.where(sub < 0, sub * penalty, sub / penalty), sub)
 
-    def _warp(self, rows: list, scores: torch.Tensor) -> torch.Tensor:
+    def _warp(self, plan: _Plan, scores: torch.Tensor) -> torch.Tensor:
         """Temperature, then top-k and top-p where a row asks for them (TemperatureLogitsWarper,
         TopKLogitsWarper, TopPLogitsWarper)."""
-        scores = scores / self._column([row.sampling.temperature for row in rows])
-        top_k = [i for i, row in enumerate(rows) if row.sampling.top_k]
-        if top_k:
-            k = [min(rows[i].sampling.top_k, scores.shape[-1]) for i in top_k]
-            scores = self._apply(scores, top_k, lambda sub: _top_k(sub, k))
-        top_p = [i for i, row in enumerate(rows) if row.sampling.top_p < 1.0]
-        if top_p:
-            keep = self._column([1 - rows[i].sampling.top_p for i in top_p])
-            scores = self._apply(scores, top_p, lambda sub: _top_p(sub, keep))
-        return scores
-
-    @staticmethod
-    def _apply(scores: torch.Tensor, indices: list[int], operation) -> torch.Tensor:
-        """`operation` on the rows `indices` of `scores` (on all of it when that is every row: no copies)."""
-        if len(indices) == len(scores):
-            return operation(scores)
-        scores[indices] = operation(scores[indices])
+        scores = scores / plan.temperature
+        if plan.top_k:
+            k = [min(k, scores.shape[-1]) for k in plan.k]
+            scores = _apply(scores, plan.top_k, lambda sub: _top_k(sub, k))
+        if plan.top_p:
+            scores = _apply(scores, plan.top_p, lambda sub: _top_p(sub, plan.remove_at))
         return scores
 
     def _column(self, values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+
+
+def _apply(scores: torch.Tensor, indices: list[int], operation) -> torch.Tensor:
+    """`operation` on the rows `indices` of `scores` (on all of it when that is every row: no copies)."""
+    if len(indices) == len(scores):
+        return operation(scores)
+    scores[indices] = operation(scores[indices])
+    return scores
 
 
 def _rows(scores: torch.Tensor, indices: list[int]) -> torch.Tensor:
