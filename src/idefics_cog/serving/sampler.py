@@ -57,7 +57,7 @@ class BatchSampler:
         if plan.penalized:
             self._start([rows[i] for i in plan.penalized], scores.shape[-1])
             scores = _apply(scores, plan.penalized, lambda sub: self._penalize(plan, sub))
-        tokens = scores.argmax(-1)
+        tokens = scores.argmax(-1) if len(plan.sampled) < len(rows) else None  # the greedy rows'
         errors = {}
         if plan.sampled:
             probs = torch.softmax(self._warp(plan, _rows(scores, plan.sampled)), dim=-1)
@@ -71,7 +71,7 @@ class BatchSampler:
                 except Exception as exc:  # this request's draw alone
                     errors[rows[index].slot] = exc
             drawn = torch.where(probs.isnan().any(dim=-1), -1, torch.argmax(probs / noise, dim=-1))
-            if len(plan.sampled) == len(rows):
+            if tokens is None:
                 tokens = drawn
             else:
                 tokens[plan.sampled] = drawn
@@ -145,7 +145,7 @@ def _top_k(scores: torch.Tensor, k: list[int]) -> torch.Tensor:
     """TopKLogitsWarper with each row's own k: below its k-th largest score, a row's scores are removed."""
     values = torch.topk(scores, max(k)).values
     kth = values[:, -1:] if min(k) == max(k) else values.gather(1, torch.tensor(k, device=scores.device)[:, None] - 1)
-    return scores.masked_fill(scores < kth, -float("inf"))
+    return scores.masked_fill_(scores < kth, -float("inf"))  # the warped scores are the sampler's own
 
 
 def _top_p(scores: torch.Tensor, remove_at: torch.Tensor) -> torch.Tensor:
@@ -154,4 +154,4 @@ def _top_p(scores: torch.Tensor, remove_at: torch.Tensor) -> torch.Tensor:
     ordered, order = torch.sort(scores, descending=False)
     remove = ordered.softmax(dim=-1).cumsum(dim=-1) <= remove_at
     remove[..., -1:] = False
-    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    return scores.masked_fill_(remove.scatter(1, order, remove), -float("inf"))
