@@ -66,6 +66,23 @@ def submit_together(engine, jobs, sinks=None, timeout: float = 120) -> list[list
     return received
 
 
+def submit_behind_a_stream(engine, jobs, timeout: float = 120) -> list[list]:
+    """Submit jobs[0], and the others together once it streams past its first token (so that their prompts run in
+    pieces between its decode steps, not whole as a burst reaching an idle server); what each one's sink received."""
+    received = [[] for _ in jobs]
+
+    def first_sink(item):
+        received[0].append(item)
+        if sum(isinstance(entry, list) for entry in received[0]) == 2:
+            for job, items in zip(jobs[1:], received[1:]):
+                engine.submit(job, items.append)
+
+    engine.submit(jobs[0], first_sink)
+    for job in jobs:
+        assert job.finished.wait(timeout), "a request never ended"
+    return received
+
+
 def tokens_of(items) -> list[int]:
     """The tokens a sink received (the error that ended it is raised)."""
     errors = [item for item in items if isinstance(item, BaseException)]

@@ -2,8 +2,8 @@
 
 Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot, at most one piece of prefill work
 between two decode steps (a short prompt, or the images or `prefill_chunk` tokens of a longer one), so that new
-requests never freeze running streams (except for a burst that outnumbers them: its first half is prefilled whole
-first); then it joins the running batch. Requests with different adapters and
+requests never freeze running streams (a burst reaching an idle server is prefilled whole first: no stream runs
+yet); then it joins the running batch. Requests with different adapters and
 scales share a batch: a request's adapter is selected before its prefill, and its slot keeps that adapter for its
 decode steps (decoder.py, rowlora.py); only decode steps, which read each row's adapter from its slot, run between
 the pieces of one prompt. Each decode step makes one token for every active request; `BatchSampler` picks them for
@@ -35,11 +35,11 @@ from idefics_cog.serving.sampler import BatchSampler
 log = logging.getLogger(__name__)
 
 END = object()  # the last item a job's sink receives after a normal end
-# Prompt tokens prefilled between two decode steps (a longer prompt runs in pieces): a piece costs one to two decode
-# steps. A GPU prefills hundreds of tokens in the time of one memory-bound decode step; a CPU far fewer: 64 tokens
-# cost about 1.7 batch-4 steps of bench-small, and a prompt of up to 64 tokens then runs in one piece (BENCHMARKS.md).
+# Prompt tokens prefilled between two decode steps (a longer prompt runs in pieces): about one decode step's time.
+# A GPU prefills hundreds of tokens in the time of one memory-bound decode step; a CPU far fewer (BENCHMARKS.md:
+# on bench-small, pieces of 64 tokens already let the running streams' 99th percentile gap reach 3x their median).
 PREFILL_CHUNK = {"cuda": 256}
-PREFILL_CHUNK_OTHER = 64
+PREFILL_CHUNK_OTHER = 32
 
 
 class Scheduler:
@@ -101,15 +101,15 @@ class Scheduler:
         including the first that runs its prompt (a prefill of up to `prefill_chunk` tokens, or model.generate), or
         the next piece of a longer prompt's prefill. Jobs that end before (cancelled, refused at encoding) cost
         nothing and do not count.
-        While fewer requests are decoding than are admitted and waiting for their first token (a burst, above all
-        one reaching an idle server), the waiting go first, each prompt whole in one forward (cheaper than pieces on
-        a CPU, and their first tokens come sooner), until as many decode as wait: fewer users wait in all, the
-        way vLLM's prefill-first scheduler serves a burst, and a running stream waits for half a burst at most."""
+        While no request has streamed past its first token (a burst reaching an idle server), there is no stream to
+        protect yet: every admitted prompt runs whole, back to back (one forward is cheaper than pieces on a CPU,
+        and the last first token comes sooner), as vLLM's prefill-first scheduler serves a burst; the first ones'
+        second token waits for the burst's prefills."""
         if self.prefilling is not None:
             return self._prefill_next()
         while self.starting:
             job = self.starting[0]
-            whole = len(self.rows) < len(self.starting)
+            whole = not any(row.streaming for row in self.rows)
             self._start(job, whole)
             if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last piece
                 return self._prefill_next()
@@ -302,8 +302,10 @@ class _Row:
     slot: int
     started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
     generator: torch.Generator | None = field(init=False, default=None)
+    prompt: int = field(init=False)  # prompt tokens
 
     def __post_init__(self):
+        self.prompt = len(self.ids)
         if self.sampling.temperature > 0:
             # Its own generator: a request's samples depend on its seed only, never on its batch.
             self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
@@ -311,6 +313,11 @@ class _Row:
     @property
     def sampling(self):
         return self.job.sampling
+
+    @property
+    def streaming(self) -> bool:
+        """Past its first token (which its prefill gave): a decode step has served it."""
+        return len(self.ids) > self.prompt + 1
 
     def draw(self, noise: torch.Tensor) -> None:
         """Fill `noise` (vocab,) with the Exp(1) draws `torch.multinomial` makes for one sample (`model.generate`'s
