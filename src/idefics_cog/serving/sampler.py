@@ -87,17 +87,17 @@ class BatchSampler:
 
     def _plan(self, rows: list) -> _Plan:
         penalized = [i for i, row in enumerate(rows) if row.sampling.repetition_penalty != 1.0]
-        sampled = [rows[i].sampling for i in range(len(rows)) if rows[i].sampling.temperature > 0]
-        top_k = [i for i, s in enumerate(sampled) if s.top_k]
-        top_p = [i for i, s in enumerate(sampled) if s.top_p < 1.0]
+        sampled = [i for i, row in enumerate(rows) if row.sampling.temperature > 0]
+        warped = [rows[i].sampling for i in sampled]
+        top_k = [i for i, s in enumerate(warped) if s.top_k]
+        top_p = [i for i, s in enumerate(warped) if s.top_p < 1.0]
         return _Plan(
             rows=list(rows), penalized=penalized,
             slots=torch.tensor([rows[i].slot for i in penalized], device=self.device),
             penalty=self._column([rows[i].sampling.repetition_penalty for i in penalized]),
-            sampled=[i for i, row in enumerate(rows) if row.sampling.temperature > 0],
-            temperature=self._column([s.temperature for s in sampled]),
-            top_k=top_k, k=[sampled[i].top_k for i in top_k],
-            top_p=top_p, remove_at=self._column([1 - sampled[i].top_p for i in top_p]))
+            sampled=sampled, temperature=self._column([s.temperature for s in warped]),
+            top_k=top_k, k=[warped[i].top_k for i in top_k],
+            top_p=top_p, remove_at=self._column([1 - warped[i].top_p for i in top_p]))
 
     def _start(self, rows: list, width: int) -> None:
         """Mark the prompt tokens of rows at their first token."""
