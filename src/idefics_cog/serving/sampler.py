@@ -79,6 +79,8 @@ class BatchSampler:
             marked = tokens.clamp(min=0)  # a failed row's -1 marks nothing of use
             self.seen[plan.slots, _rows(marked, plan.penalized)] = True
         picked = tokens.tolist()  # the step's one copy to the host
+        if not plan.sampled:  # greedy rows cannot fail here
+            return picked, errors
         for row, token in zip(rows, picked):
             if token < 0 and row.slot not in errors:
                 errors[row.slot] = RuntimeError("probability tensor contains nan (the model's scores for this "

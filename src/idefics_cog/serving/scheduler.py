@@ -207,7 +207,9 @@ class Scheduler:
 
     def _step(self) -> None:
         rows = self.rows
-        self._drop([i for i, row in enumerate(rows) if row.job.cancelled.is_set()])
+        cancelled = [i for i, row in enumerate(rows) if row.job.cancelled.is_set()]
+        if cancelled:
+            self._drop(cancelled)
         if rows:
             if len(rows) > self.largest_batch:
                 self._log_batch(rows)
@@ -237,7 +239,7 @@ class Scheduler:
             error = failure("sampling the next token", exc)
             return self._drop([row.slot for row in rows], {row.slot: error for row in rows})
         errors = {slot: failure("sampling the next token", exc) for slot, exc in failed.items()}
-        done = []
+        done, eos = [], self.engine.eos_token_ids
         for row, token in zip(rows, tokens):
             if token is None:
                 continue
@@ -248,9 +250,10 @@ class Scheduler:
                 errors[row.slot] = failure("streaming the answer", exc)
                 continue
             row.remaining -= 1
-            if row.remaining == 0 or (token in self.engine.eos_token_ids and not row.job.sampling.ignore_eos):
+            if row.remaining == 0 or (token in eos and not row.job.sampling.ignore_eos):
                 done.append(row.slot)
-        self._drop(done + list(errors), errors)
+        if done or errors:
+            self._drop(done + list(errors), errors)
 
     def _drop(self, slots: list[int], errors: dict | None = None) -> None:
         """End the rows in `slots` (with their error, if any); the last rows move into the freed slots, so slots
