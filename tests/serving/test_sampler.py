@@ -93,3 +93,34 @@ def test_a_failing_draw_fails_that_row_alone():
     logits[3] = float("nan")  # a sampled row whose probabilities are nan
     tokens, errors = BatchSampler(4, BANNED, torch.device("cpu")).pick(rows, logits)
     assert list(errors) == [3] and tokens[3] is None and None not in tokens[:3]
+
+
+def test_a_row_moved_into_a_freed_slot_keeps_its_repetition_penalty_history():
+    """The scheduler moves a row into a freed slot (BatchSampler.move, the row's new slot): its next picks read and
+    mark its own history there, also when it was picked alone just before (a batch of the same rows)."""
+    vocab = 451
+    torch.manual_seed(3)
+    penalized = Sampling(repetition_penalty=1.5)
+    sampler = BatchSampler(3, BANNED, torch.device("cpu"))
+    moved = _Row(Job(None, penalized), [1, 2, 3], 99, ENGINE, 1)
+    expected_ids = list(moved.ids)
+
+    def step(rows):
+        logits = torch.randn(len(rows), vocab) * 2
+        logits[:, expected_ids] += 3  # its own tokens lead, so the penalty decides the pick
+        expected = reference_pick(penalized, expected_ids, logits[rows.index(moved):rows.index(moved) + 1], None)
+        tokens, _ = sampler.pick(rows, logits)
+        for row, token in zip(rows, tokens):
+            row.ids.append(token)
+        expected_ids.append(expected)
+        assert moved.ids == expected_ids
+
+    for _ in range(3):
+        step([moved])  # alone, in slot 1
+    sampler.move(1, 0)  # the row in slot 0 ended: this one moves there
+    moved.slot = 0
+    for _ in range(3):
+        step([moved])
+    newcomer = _Row(Job(None, penalized), [7, 8], 99, ENGINE, 1)  # a new request takes slot 1
+    for _ in range(6):
+        step([moved, newcomer])

@@ -1,6 +1,6 @@
 """New requests do not freeze running streams: at most one prefill between two decode steps, and a request that
-arrives while others decode starts within a bounded number of steps (a burst that outnumbers the running streams has
-is prefilled whole first: no stream runs yet); every request keeps its own tokens."""
+arrives while others decode starts within a bounded number of steps (a burst reaching an idle server, where no
+request is past its first token, is prefilled whole first); every request keeps its own tokens."""
 
 import threading
 
@@ -18,12 +18,11 @@ ARRIVALS = 4
 def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk):
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
     engine.scheduler.prefill_chunk = chunk
-    decoder, events, running_at = engine.scheduler.decoder, [], {}  # running_at: rows running at each prefill
+    decoder, events = engine.scheduler.decoder, []
     prefill, decode = decoder.prefill, decoder.decode
     images, piece = decoder.prefill_images, decoder.prefill_chunk
 
     def record_prefill(enc):
-        running_at[len(events)] = len(engine.scheduler.rows)
         events.append(("prefill", enc))
 
     def recorded_prefill(model, slot, enc):
@@ -110,20 +109,26 @@ def test_a_burst_reaching_an_idle_server_is_prefilled_whole_first(tiny_dir, monk
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16])
-def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, chunk):
-    """Greedy and seeded sampling, one image, two images and text only, decoded together: each request's tokens
-    equal model.generate's for it alone, whatever the size of the prefill's pieces."""
+def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, monkeypatch, chunk):
+    """Greedy and seeded sampling, one image, two images and text only, arriving while a request streams and
+    decoded together: each request's tokens equal model.generate's for it alone, whatever the size of the
+    prefill's pieces."""
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=4)
     engine.scheduler.prefill_chunk = chunk
+    decoder, pieces = engine.scheduler.decoder, []
+    piece = decoder.prefill_chunk
+    monkeypatch.setattr(decoder, "prefill_chunk", lambda *args: (pieces.append(args[2]), piece(*args))[1])
     requests = [
+        (encoded(engine, "Hi?"), Sampling(max_new_tokens=40, ignore_eos=True)),  # streams while the others arrive
         (encoded(engine, "What does this X-ray show?", [noise_image(1)]), Sampling(max_new_tokens=20)),
         (encoded(engine, "Compare <image> and <image>.", [noise_image(2), noise_image(3)]),
          Sampling(max_new_tokens=20, temperature=0.9, top_k=30, repetition_penalty=1.2, seed=5)),
         (encoded(engine, "Tell me about lungs.", []), Sampling(max_new_tokens=20, ignore_eos=True)),
     ]
-    assert all(enc.num_tokens > chunk for enc, _ in requests)
-    received = submit_together(engine, [Job(enc, s) for enc, s in requests])
+    assert all(enc.num_tokens > chunk for enc, _ in requests[1:])
+    received = submit_behind_a_stream(engine, [Job(enc, s) for enc, s in requests])
     assert [tokens_of(items) for items in received] == [generate(engine, enc, s) for enc, s in requests]
+    assert all(any(enc is seen for seen in pieces) for enc, _ in requests[1:])  # each ran in pieces
 
 
 def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monkeypatch):

@@ -69,6 +69,8 @@ def submit_together(engine, jobs, sinks=None, timeout: float = 120) -> list[list
 def submit_behind_a_stream(engine, jobs, timeout: float = 120) -> list[list]:
     """Submit jobs[0], and the others together once it streams past its first token (so that their prompts run in
     pieces between its decode steps, not whole as a burst reaching an idle server); what each one's sink received."""
+    first = jobs[0].sampling
+    assert first.ignore_eos and first.max_new_tokens > 2, "the first request must stream past its second token"
     received = [[] for _ in jobs]
 
     def first_sink(item):

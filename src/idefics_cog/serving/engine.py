@@ -8,6 +8,7 @@ token ids into text as they arrive.
 import asyncio
 import logging
 import queue
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,7 @@ class Engine:
         self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
         self.last_stats: Stats | None = None
         self.generation_thread = generation_thread or torch_thread()
+        self.generation_thread_id = self.generation_thread.submit(threading.get_ident).result()
         self.model_context = model.config.max_position_embeddings
         self.cache_fraction = cache_fraction  # of the GPU's memory; the fast engine's cache is sized from it
         ids = self.tokenizer.convert_tokens_to_ids
@@ -68,7 +70,10 @@ class Engine:
         return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction, thread)
 
     def run(self, work: Callable, *args, **kwargs):
-        """Run torch work (loading an adapter, encoding) on the generation thread and return its result."""
+        """Run torch work (loading an adapter, encoding) on the generation thread and return its result (at once
+        when called there: waiting for itself would never end)."""
+        if threading.get_ident() == self.generation_thread_id:
+            return work(*args, **kwargs)
         return self.generation_thread.submit(work, *args, **kwargs).result()
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:

@@ -21,6 +21,7 @@ class _Plan:
     its sampled rows for the warpers) and their settings as columns. Made once per batch composition."""
 
     rows: list  # the rows it was made for (kept, so that a new batch is never mistaken for them)
+    where: list[int]  # and their slots then (a row moved to a freed slot reads its history there)
     penalized: list[int]
     slots: torch.Tensor  # the penalized rows' cache slots
     penalty: torch.Tensor
@@ -32,7 +33,8 @@ class _Plan:
     remove_at: torch.Tensor  # 1 - top_p
 
     def fits(self, rows: list) -> bool:
-        return len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
+        return (len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
+                and [row.slot for row in rows] == self.where)
 
 
 class BatchSampler:
@@ -46,6 +48,10 @@ class BatchSampler:
         """Slot `source`'s request continues in slot `target` (as FastDecoder.move)."""
         if self.seen is not None:
             self.seen[target] = self.seen[source]
+
+    def release(self) -> None:
+        """Forget the last batch (its rows hold their requests) once no request is decoding."""
+        self.plan = None
 
     def pick(self, rows: list, logits: torch.Tensor) -> tuple[list[int | None], dict]:
         """The next token of each row (its slot's logits are `logits[i]`), and {slot: exception} for the rows whose
@@ -94,7 +100,7 @@ class BatchSampler:
         top_k = [i for i, s in enumerate(warped) if s.top_k]
         top_p = [i for i, s in enumerate(warped) if s.top_p < 1.0]
         return _Plan(
-            rows=list(rows), penalized=penalized,
+            rows=list(rows), where=[row.slot for row in rows], penalized=penalized,
             slots=torch.tensor([rows[i].slot for i in penalized], device=self.device),
             penalty=self._column([rows[i].sampling.repetition_penalty for i in penalized]),
             sampled=sampled, temperature=self._column([s.temperature for s in warped]),

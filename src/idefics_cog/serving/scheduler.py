@@ -82,6 +82,8 @@ class Scheduler:
                     with self.lock:
                         if not self.rows and not self.waiting and not self.starting:
                             self.running = False
+                            if self.sampler:
+                                self.sampler.release()
                             return
                         if not self.starting:  # _admit counts the free slots as if nothing were starting
                             self.starting.extend(self._admit())
