@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     base = tiny.build(ROOT / "weights" / "bench-small", "bench-small") / "base"
     engine = Engine.load(base, "cpu", engine="fast", max_batch=max(BATCHES))
-    engine.run(measure, engine, args)  # on the engine's thread, as a server decodes (engine.torch_thread)
+    engine.run(measure, engine, args)  # on the engine's thread, as a server decodes (engine.TorchThread)
 
 
 def measure(engine: Engine, args) -> None:

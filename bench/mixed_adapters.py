@@ -73,10 +73,10 @@ def main() -> None:
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
 
-    model, processor, what = TORCH.submit(preset_model, args.preset).result()  # torch work on one thread
+    model, processor, what = TORCH.run(preset_model, args.preset)  # torch work on one thread
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        folders = [str(TORCH.submit(random_lora, model, tmp / f"adapter{seed}", seed, std=0.02).result())
+        folders = [str(TORCH.run(random_lora, model, tmp / f"adapter{seed}", seed, std=0.02))
                    for seed in range(5)]
         engine = new_engine(model, processor, engine="fast", max_batch=REQUESTS)
         adapters = Adapters(engine, tmp / "cache", max_loaded=4)

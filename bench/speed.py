@@ -55,7 +55,7 @@ import transformers  # noqa: E402
 from bench.stats import machine, median_table, rate_table  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from idefics_cog.serving.scheduler import NewTokens  # noqa: E402
-from idefics_cog.serving.engine import Engine, torch_thread  # noqa: E402
+from idefics_cog.serving.engine import Engine, TorchThread  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments  # noqa: E402
 from idefics_dev.recipe import model_card_generate  # noqa: E402
@@ -68,9 +68,9 @@ GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 # Datasheet memory bandwidth, bytes/s, by GPU name (H100: the SXM/HBM3 part).
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.04e12}
 MiB = 2**20
-# All torch work of the benchmark on one thread, as in the server (engine.torch_thread: a second thread's OpenMP
+# All torch work of the benchmark on one thread, as in the server (engine.TorchThread: a second thread's OpenMP
 # team slows every operation of the first on a small CPU); the engines share it and run one at a time.
-TORCH = torch_thread()
+TORCH = TorchThread()
 
 
 def new_engine(model, processor, **options) -> Engine:
@@ -449,8 +449,8 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
-    model, processor, what = TORCH.submit(
-        lambda: real_size_model(args.smoke) if args.real_size else preset_model(args.preset)).result()
+    model, processor, what = TORCH.run(
+        lambda: real_size_model(args.smoke) if args.real_size else preset_model(args.preset))
     progress(f"{what} ready")
     compared = check_greedy(model, processor, args.new_tokens)  # in float32, before anything is timed
     progress(f"greedy check passed ({compared} tokens)")
@@ -458,7 +458,7 @@ def main() -> None:
         # The check's compiled graphs captured the float32 weights' addresses: replaying them after the weights
         # move to bf16 reads freed memory (an illegal address on an H200). Serving never changes the dtype.
         torch.compiler.reset()
-        TORCH.submit(model.to, torch.bfloat16).result()
+        TORCH.run(model.to, torch.bfloat16)
         free_memory(model.device)
     device = model.device
     engines, engine_memory = {}, {}

@@ -1,4 +1,4 @@
-"""A server runs all its torch work on one thread (engine.torch_thread): a second thread's OpenMP team would make
+"""A server runs all its torch work on one thread (engine.TorchThread): a second thread's OpenMP team would make
 every operation of the first wait for sleeping workers (BENCHMARKS.md, issue 13)."""
 
 import threading
@@ -6,6 +6,7 @@ import threading
 from idefics_cog.config import Settings
 from idefics_cog.serving import engine as engine_module
 from idefics_cog.serving.decoder import FastDecoder
+from idefics_cog.serving.engine import TorchThread
 from idefics_cog.serving.service import Service
 from idefics_cog.weights.adapters import Adapters
 from tests.conftest import tiny_env
@@ -42,3 +43,9 @@ def test_loading_the_adapter_the_warm_up_and_predictions_share_the_generation_th
     assert seen == {name: {generation_thread} for name in
                     ("load_model", "Scheduler", "_load", "select", "prefill", "decode")}
     assert generation_thread != threading.get_ident()
+
+
+def test_work_sent_to_the_torch_thread_from_itself_runs_there_at_once():
+    thread = TorchThread()  # waiting on itself would never end
+    assert thread.run(lambda: thread.run(threading.get_ident)) == thread.ident != threading.get_ident()
+    thread.shutdown()

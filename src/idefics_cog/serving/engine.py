@@ -32,14 +32,13 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, model, processor, device: torch.device, engine: str = "auto", max_batch: int = 16,
                  max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION,
-                 generation_thread: ThreadPoolExecutor | None = None):
-        """`generation_thread`: the thread that loaded `model` (`torch_thread()`), if it was loaded on one."""
+                 generation_thread: "TorchThread | None" = None):
+        """`generation_thread`: the thread that loaded `model`, if it was loaded on one."""
         self.model, self.processor, self.device = model, processor, device
         self.tokenizer = processor.tokenizer
         self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
         self.last_stats: Stats | None = None
-        self.generation_thread = generation_thread or torch_thread()
-        self.generation_thread_id = self.generation_thread.submit(threading.get_ident).result()
+        self.generation_thread = generation_thread or TorchThread()
         self.model_context = model.config.max_position_embeddings
         self.cache_fraction = cache_fraction  # of the GPU's memory; the fast engine's cache is sized from it
         ids = self.tokenizer.convert_tokens_to_ids
@@ -64,17 +63,14 @@ class Engine:
         config = IdeficsConfig.from_pretrained(path)
         cache = (minimum_cache_bytes(config, max_images, dtype.itemsize) if engine in ("auto", "fast") else
                  cache_bytes(config, 1, max_images, dtype.itemsize))
-        thread = torch_thread()
+        thread = TorchThread()
         model = thread.submit(load_model, path, device, quantization, ACTIVATIONS + cache,
                               fraction=cache_fraction).result().eval()
         return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction, thread)
 
     def run(self, work: Callable, *args, **kwargs):
-        """Run torch work (loading an adapter, encoding) on the generation thread and return its result (at once
-        when called there: waiting for itself would never end)."""
-        if threading.get_ident() == self.generation_thread_id:
-            return work(*args, **kwargs)
-        return self.generation_thread.submit(work, *args, **kwargs).result()
+        """Run torch work (loading an adapter, encoding) on the generation thread and return its result."""
+        return self.generation_thread.run(work, *args, **kwargs)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
         return self.run(encode, segments, images, self.processor)
@@ -161,13 +157,23 @@ class Engine:
             job.stats.finish()
 
 
-def torch_thread() -> ThreadPoolExecutor:
+class TorchThread(ThreadPoolExecutor):
     """The one thread on which a server does all its torch work: loading, adapters, encoding, decoding.
     Each thread that runs torch operations gets its own OpenMP team; once a process has two, OpenMP counts more
     threads than CPUs and makes its workers sleep between operations instead of spinning, and waking them costs
     every operation of a decode step (on 2 cores, a batch-16 step of bench-small took 1.3-1.6x as long with the
     model loaded on another thread: BENCHMARKS.md, issue 13). A new thread per request would build a team each time."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    def __init__(self):
+        super().__init__(max_workers=1, thread_name_prefix="generate")
+        self.ident = self.submit(threading.get_ident).result()
+
+    def run(self, work: Callable, *args, **kwargs):
+        """`work(*args, **kwargs)` on this thread, its result (at once when called here: waiting for itself would
+        never end)."""
+        if threading.get_ident() == self.ident:
+            return work(*args, **kwargs)
+        return self.submit(work, *args, **kwargs).result()
 
 
 class _Reader:
