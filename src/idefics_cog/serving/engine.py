@@ -64,8 +64,7 @@ class Engine:
         cache = (minimum_cache_bytes(config, max_images, dtype.itemsize) if engine in ("auto", "fast") else
                  cache_bytes(config, 1, max_images, dtype.itemsize))
         thread = TorchThread()
-        model = thread.submit(load_model, path, device, quantization, ACTIVATIONS + cache,
-                              fraction=cache_fraction).result().eval()
+        model = thread.run(load_model, path, device, quantization, ACTIVATIONS + cache, fraction=cache_fraction).eval()
         return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction, thread)
 
     def run(self, work: Callable, *args, **kwargs):

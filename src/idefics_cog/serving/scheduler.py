@@ -307,10 +307,8 @@ class _Row:
     slot: int
     started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
     generator: torch.Generator | None = field(init=False, default=None)
-    prompt: int = field(init=False)  # prompt tokens
 
     def __post_init__(self):
-        self.prompt = len(self.ids)
         if self.sampling.temperature > 0:
             # Its own generator: a request's samples depend on its seed only, never on its batch.
             self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
@@ -322,7 +320,7 @@ class _Row:
     @property
     def streaming(self) -> bool:
         """Past its first token (which its prefill gave): a decode step has served it."""
-        return len(self.ids) > self.prompt + 1
+        return len(self.ids) > self.job.stats.prompt_tokens + 1
 
     def draw(self, noise: torch.Tensor) -> None:
         """Fill `noise` (vocab,) with the Exp(1) draws `torch.multinomial` makes for one sample (`model.generate`'s
