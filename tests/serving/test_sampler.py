@@ -67,6 +67,24 @@ def test_batched_picks_equal_each_row_alone(vocab):
             row.ids.append(token)
 
 
+def test_greedy_rows_never_pick_a_banned_id():
+    """A greedy batch bans the ids only when an argmax lands on one: then the rows take the reference's next best
+    (also when the banned id's score is the largest, tied, or nan, and under a repetition penalty)."""
+    vocab = 451
+    torch.manual_seed(2)
+    rows = [_Row(Job(None, s), [1, 2, 3], 99, ENGINE, slot) for slot, s in enumerate(SETTINGS[:2] * 2)]
+    sampler = BatchSampler(len(rows), BANNED, torch.device("cpu"))
+    for step in range(8):
+        logits = torch.randn(len(rows), vocab)
+        leader = BANNED[step % 2]
+        logits[step % len(rows), leader] = [50.0, logits[step % len(rows)].max(), float("nan"), 50.0][step % 4]
+        expected = [reference_pick(row.sampling, row.ids, logits[i:i + 1], None) for i, row in enumerate(rows)]
+        tokens, errors = sampler.pick(rows, logits.clone())
+        assert errors == {} and tokens == expected and not set(tokens) & set(BANNED), f"step {step}"
+        for row, token in zip(rows, tokens):
+            row.ids.append(token)
+
+
 def test_a_rows_samples_do_not_depend_on_its_batch():
     """The same sampled request, alone and beside others in other slots: the same tokens."""
     vocab, steps = 451, 30

@@ -215,7 +215,7 @@ class Scheduler:
         if rows:
             if len(rows) > self.largest_batch:
                 self._log_batch(rows)
-            self.largest_batch = max(self.largest_batch, len(rows))
+                self.largest_batch = len(rows)
             try:
                 logits = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
                                              [len(row.ids) - 1 for row in rows])
