@@ -105,12 +105,18 @@ def test_a_rows_samples_do_not_depend_on_its_batch():
     assert run([2, 5, 0, 7]) == alone == run([5, 3, 4, 6, 1])
 
 
-def test_a_failing_draw_fails_that_row_alone():
-    rows = [_Row(Job(None, s), [1, 2], 9, ENGINE, slot) for slot, s in enumerate(SETTINGS[:4])]
-    logits = torch.randn(4, 50)
-    logits[3] = float("nan")  # a sampled row whose probabilities are nan
-    tokens, errors = BatchSampler(4, BANNED, torch.device("cpu")).pick(rows, logits)
-    assert list(errors) == [3] and tokens[3] is None and None not in tokens[:3]
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_failing_draw_fails_that_row_alone(bad):
+    """A sampled row whose probabilities are nan (its scores hold a nan or +inf, or are all -inf) fails alone;
+    a row that draws id 0 from valid probabilities does not."""
+    rows = [_Row(Job(None, s), [1, 2], 9, ENGINE, slot) for slot, s in enumerate(SETTINGS[:5])]
+    logits = torch.randn(5, 50)
+    logits[3, :] = bad if bad < 0 else logits[3]
+    logits[3, 7] = bad
+    logits[4, 0] = 60.0  # a sampled row whose likeliest id is 0
+    tokens, errors = BatchSampler(5, BANNED, torch.device("cpu")).pick(rows, logits)
+    assert list(errors) == [3] and tokens[3] is None and None not in tokens[:3] and tokens[4] == 0
+    assert "nan" in str(errors[3])
 
 
 def test_a_row_moved_into_a_freed_slot_keeps_its_repetition_penalty_history():

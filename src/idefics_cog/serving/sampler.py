@@ -35,6 +35,8 @@ class _Plan:
     kth: torch.Tensor | None  # each row's k - 1 (a column), when their k differ
     top_p: list[int]  # of the sampled rows
     remove_at: torch.Tensor  # 1 - top_p
+    noise: torch.Tensor  # (sampled rows, vocab): each step's draws
+    noise_rows: tuple  # its rows (views)
 
     def fits(self, rows: list) -> bool:
         return rows == self.rows  # the same rows (compared by identity) in the same order
@@ -78,25 +80,26 @@ class BatchSampler:
         probs = torch.softmax(self._warp(plan, _rows(scores, plan.sampled)), dim=-1)
         # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) drawn from its generator (ATen's
         # algorithm for one sample): each row draws its own q, then one division and argmax for the batch.
-        # Its checks become one: a row with nan probabilities gets -1 and fails alone.
-        noise = torch.empty_like(probs)
-        for index, row_noise in zip(plan.sampled, noise):
+        for index, row_noise in zip(plan.sampled, plan.noise_rows):
             try:
                 rows[index].draw(row_noise)
             except Exception as exc:  # this request's draw alone
                 errors[rows[index].slot] = exc
-        invalid = probs.sum(dim=-1).isnan()  # softmax's probabilities add up to nan only where one is nan
-        drawn = torch.argmax(probs / noise, dim=-1).masked_fill_(invalid, -1)
+        drawn = torch.argmax(probs / plan.noise, dim=-1)
         if tokens is None:
             tokens = drawn
         else:
             tokens[plan.sampled] = drawn
-        self._mark(plan, tokens)  # a failed row's -1 marks the last id: harmless, the slot's next request resets it
+        self._mark(plan, tokens)
         picked = tokens.tolist()  # the step's one copy to the host
-        for row, token in zip(rows, picked):
-            if token < 0 and row.slot not in errors:
-                errors[row.slot] = RuntimeError("probability tensor contains nan (the model's scores for this "
-                                                "request's next token)")
+        # multinomial refuses nan probabilities. A row's are all nan or none (softmax divides the row by one sum),
+        # and argmax takes the first nan: a nan row draws id 0, so only a draw of id 0 needs a look.
+        for position, index in enumerate(plan.sampled) if 0 in picked else ():
+            if picked[index] == 0 and probs[position, 0].isnan() and rows[index].slot not in errors:
+                errors[rows[index].slot] = RuntimeError("probability tensor contains nan (the model's scores for "
+                                                        "this request's next token)")
+        if not errors:
+            return picked, errors
         return [None if row.slot in errors else token for row, token in zip(rows, picked)], errors
 
     def _greedy(self, plan: _Plan, scores: torch.Tensor) -> list[int]:
@@ -125,6 +128,7 @@ class BatchSampler:
         k = [min(warped[i].top_k, width) for i in top_k]
         slots = [rows[i].slot for i in penalized]
         slot_ids = torch.tensor(slots, dtype=torch.long, device=self.device)
+        noise = torch.empty(len(sampled), width, device=self.device)
         return _Plan(
             rows=list(rows), penalized=penalized, unstarted=[rows[i] for i in penalized if not rows[i].started],
             slots=slot_ids, history=slice(slots[0], slots[-1] + 1) if _consecutive(slots) else slot_ids,
@@ -132,7 +136,8 @@ class BatchSampler:
             sampled=sampled, temperature=self._column([s.temperature for s in warped]),
             top_k=top_k, k=max(k, default=0),
             kth=torch.tensor(k, device=self.device)[:, None] - 1 if len(set(k)) > 1 else None,
-            top_p=top_p, remove_at=self._column([1 - warped[i].top_p for i in top_p]))
+            top_p=top_p, remove_at=self._column([1 - warped[i].top_p for i in top_p]),
+            noise=noise, noise_rows=noise.unbind(0))
 
     def _start(self, plan: _Plan, width: int) -> None:
         """Mark the prompt tokens of the plan's penalized rows at their first token."""
