@@ -1,6 +1,8 @@
-"""What only a GPU can show, on the tiny model: where the engine puts the model, and whether bitsandbytes changes
-4-bit weights on CUDA (on CPUs with AVX512-BF16 it repacks them at the first forward and `state_dict()` unpacks
-them lossily: tests/model/test_quantized.py). Run by bench/gpu.sh on a lent CUDA machine; prints Markdown.
+"""What only a GPU can show, on the tiny model: where the engine puts the model, whether bitsandbytes changes 4-bit
+weights on CUDA (on CPUs with AVX512-BF16 it repacks them at the first forward and `state_dict()` unpacks them
+lossily: tests/model/test_quantized.py), and whether the batched sampler picks what transformers' processors and
+`torch.multinomial` pick for each row alone on that device (tests/serving/test_sampler.py). Run by bench/gpu.sh on
+a lent CUDA machine; prints Markdown.
 
     python bench/gpu_facts.py [--device cuda|cpu]   # cpu: the same code path, for a dry run
 """
@@ -18,10 +20,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 import torch  # noqa: E402
 
 from idefics_dev import tiny  # noqa: E402
-from idefics_cog.weights.adapters import Adapters  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
+from idefics_cog.serving.sampler import BatchSampler  # noqa: E402
+from idefics_cog.weights.adapters import Adapters  # noqa: E402
 from tests.support.helpers import negated_adapter  # noqa: E402
 from tests.support.quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
+from tests.support.sampling import batched_against_alone  # noqa: E402
 
 
 def four_bit_facts(base: Path, adapter: Path, device: str, scratch: Path) -> list[str]:
@@ -46,6 +50,21 @@ def four_bit_facts(base: Path, adapter: Path, device: str, scratch: Path) -> lis
     return rows
 
 
+def sampler_facts(device: str) -> list[str]:
+    """The batched sampler against the processors, row by row, and the fact it leans on: a float32 tensor divided by
+    a Python number (the processors' temperature and penalty) is on CUDA the product with the number's float32
+    reciprocal, on CPU a true division (BatchSampler.divide)."""
+    scores = torch.randn(64, 32002, device=device) * 4
+    divisors = torch.full((64, 1), 0.7, device=device)
+    divided = BatchSampler(1, [], torch.device(device)).divide(scores, divisors)
+    rows = [f"scores / 0.7 (the processors' way) equal to the sampler's division: {torch.equal(divided, scores / 0.7)}"
+            f", to a true division: {torch.equal(torch.div(scores, divisors), scores / 0.7)}"]
+    differences = batched_against_alone(device, 32002)
+    rows.append(f"batched sampling against each row alone (8 settings, 40 steps, vocabulary 32002): "
+                f"{len(differences)} steps differ{': ' + differences[0] if differences else ''}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -59,6 +78,7 @@ def main() -> None:
             f"tiny model (float): dtype {engine.dtype}, device map {getattr(engine.model, 'hf_device_map', None)}, "
             f"engine {engine.kind}"]
     del engine
+    rows += sampler_facts(args.device)
     with tempfile.TemporaryDirectory() as scratch:
         try:
             rows += four_bit_facts(built / "base", built / "adapter", args.device, Path(scratch))

@@ -1,70 +1,20 @@
 """Batched sampling: every row's token equals what transformers' own processors and a per-request generator give
 for that row alone, whatever else is in the batch."""
 
-import types
-
 import pytest
 import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.sampler import BatchSampler
 from idefics_cog.serving.scheduler import _Row
-
-BANNED = [5, 9]
-SETTINGS = [
-    Sampling(),  # greedy
-    Sampling(repetition_penalty=1.3),  # greedy with a penalty
-    Sampling(temperature=0.7, seed=1),
-    Sampling(temperature=0.9, top_k=20, seed=2),
-    Sampling(temperature=1.3, top_p=0.8, seed=3),
-    Sampling(temperature=0.6, top_p=0.95, top_k=50, repetition_penalty=1.1, seed=4),
-    Sampling(temperature=0.8, top_p=0.5, top_k=3, repetition_penalty=0.7, seed=5),
-    Sampling(temperature=0.33, top_k=1, seed=6),
-]
-ENGINE = types.SimpleNamespace(device=torch.device("cpu"))
+from tests.support.sampling import BANNED, ENGINE, SETTINGS, batched_against_alone, reference_pick
 
 
-def reference_pick(sampling: Sampling, ids: list[int], logits: torch.Tensor, generator) -> int:
-    """Today's per-row recipe: the processors `model.generate` builds for these settings, on this row alone."""
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if sampling.temperature > 0:
-        processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k:
-            processors.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(sampling.top_p))
-    logits = logits.clone()
-    logits[:, BANNED] = -float("inf")
-    scores = processors(torch.tensor([ids]), logits)
-    if sampling.temperature == 0:
-        return int(scores.argmax())
-    return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
-
-
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("vocab", [451, 32002])
-def test_batched_picks_equal_each_row_alone(vocab):
-    torch.manual_seed(0)
-    rows = [_Row(Job(None, s), list(torch.randint(0, vocab, (12,)).tolist()), 99, ENGINE, slot)
-            for slot, s in enumerate(SETTINGS)]
-    references = [torch.Generator().manual_seed(row.job.stats.seed) for row in rows]
-    sampler = BatchSampler(len(rows), BANNED, torch.device("cpu"))
-    for step in range(40):
-        logits = torch.randn(len(rows), vocab) * 4
-        expected = [reference_pick(row.sampling, row.ids, logits[i:i + 1], references[i])
-                    for i, row in enumerate(rows)]
-        tokens, errors = sampler.pick(rows, logits.clone())
-        assert errors == {} and tokens == expected, f"step {step}"
-        for row, token in zip(rows, tokens):
-            row.ids.append(token)
+def test_batched_picks_equal_each_row_alone(vocab, device):
+    assert batched_against_alone(device, vocab) == []
 
 
 def test_greedy_rows_never_pick_a_banned_id():
@@ -74,10 +24,10 @@ def test_greedy_rows_never_pick_a_banned_id():
     torch.manual_seed(2)
     rows = [_Row(Job(None, s), [1, 2, 3], 99, ENGINE, slot) for slot, s in enumerate(SETTINGS[:2] * 2)]
     sampler = BatchSampler(len(rows), BANNED, torch.device("cpu"))
-    for step in range(8):
+    for step in range(16):
         logits = torch.randn(len(rows), vocab)
-        leader = BANNED[step % 2]
-        logits[step % len(rows), leader] = [50.0, logits[step % len(rows)].max(), float("nan"), 50.0][step % 4]
+        row = step % len(rows)  # each row meets each kind of leading banned score
+        logits[row, BANNED[step % 2]] = [50.0, logits[row].max(), float("nan"), 50.0][step // len(rows)]
         expected = [reference_pick(row.sampling, row.ids, logits[i:i + 1], None) for i, row in enumerate(rows)]
         tokens, errors = sampler.pick(rows, logits.clone())
         assert errors == {} and tokens == expected and not set(tokens) & set(BANNED), f"step {step}"

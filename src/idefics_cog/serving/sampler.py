@@ -4,13 +4,15 @@
 then takes the argmax (greedy) or draws from the softmax with `torch.multinomial`. `BatchSampler` does the same
 arithmetic for all rows of a step together, each row with its own settings (rows without a setting are left out
 of that operation), so that a row's processed scores are bit-identical to what transformers' processors give for
-it alone (tests/serving/test_sampler.py checks that on random logits). The draw is `torch.multinomial`'s, with the
-noise drawn per sampled row from that request's own generator: a request's samples depend on its seed only, never
-on its batch.
+it alone (tests/serving/test_sampler.py checks that on random logits; on CUDA a division by a setting is a product
+with its float32 reciprocal, as ATen divides a tensor by a Python number there). The draw is `torch.multinomial`'s,
+with the noise drawn per sampled row from that request's own generator: a request's samples depend on its seed
+only, never on its batch.
 The repetition penalty reads, per slot, the factor of each token's score: the request's penalty for the tokens seen
 so far (prompt and answer), 1 for the others (x * 1 and x / 1 are x exactly), instead of gathering the ids.
 """
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -19,14 +21,14 @@ import torch
 @dataclass
 class _Plan:
     """What the settings of a batch's rows ask for: which rows each operation takes (indices into the batch, or into
-    its sampled rows for the warpers) and their settings as columns. Made once per batch composition: while the
+    its sampled rows for the warpers) and their settings as tensors. Made once per batch composition: kept while the
     same rows come in the same order, each in the slot it had (a move drops the plan)."""
 
     rows: list  # the rows it was made for (kept, so that a new batch is never mistaken for them)
     penalized: list[int]
     unstarted: list  # penalized rows whose prompt is still to be marked as seen
     slots: torch.Tensor  # the penalized rows' cache slots
-    history: slice | torch.Tensor  # their rows of `factors`: a slice (a view, not a copy) when the slots are consecutive
+    history: slice | torch.Tensor  # their rows of `factors`: a slice (a view, no copy) when the slots are consecutive
     penalty: torch.Tensor  # of the penalized rows
     sampled: list[int]
     temperature: torch.Tensor
@@ -39,14 +41,17 @@ class _Plan:
     noise_rows: tuple  # its rows (views)
 
     def fits(self, rows: list) -> bool:
-        return rows == self.rows  # the same rows (compared by identity) in the same order
+        return len(rows) == len(self.rows) and all(map(operator.is_, rows, self.rows))
 
 
 class BatchSampler:
     def __init__(self, max_batch: int, banned_ids: list[int], device: torch.device):
         self.max_batch, self.device = max_batch, device
         self.banned = torch.tensor(banned_ids, dtype=torch.long, device=device)
-        self.banned_ids = frozenset(banned_ids)
+        self.banned_set = frozenset(banned_ids)  # the same ids, to look up on the host
+        # transformers divides scores by a Python number (temperature, penalty): on CUDA, ATen computes that as a
+        # product with its float32 reciprocal (div_true_kernel_cuda), on CPU as a division. The same here.
+        self.divide = _times_reciprocal if device.type == "cuda" else torch.div
         # (slots, vocab): the factor of each token's score for the repetition penalty (the request's penalty once
         # the token is seen, else 1); sized at the first step (the logits' width)
         self.factors: torch.Tensor | None = None
@@ -54,7 +59,7 @@ class BatchSampler:
 
     def move(self, source: int, target: int) -> None:
         """Slot `source`'s request continues in slot `target` (as FastDecoder.move)."""
-        self.plan = None  # it read the row's history in its old slot
+        self.plan = None  # it names the row's old slot
         if self.factors is not None:
             self.factors[target] = self.factors[source]
 
@@ -69,13 +74,15 @@ class BatchSampler:
         scores = logits
         plan = self.plan = self.plan if self.plan and self.plan.fits(rows) else self._plan(rows, scores.shape[-1])
         if plan.sampled:  # the banned ids' probabilities must be 0
-            scores.index_fill_(1, self.banned, -float("inf"))
+            self._ban(scores)
         if plan.penalized:
             self._start(plan, scores.shape[-1])
             scores = _apply(scores, plan.penalized, lambda sub: self._penalize(plan, sub))
         if not plan.sampled:
             return self._greedy(plan, scores), {}
-        tokens = scores.argmax(-1) if len(plan.sampled) < len(rows) else None  # the greedy rows'
+        # The greedy rows' tokens, before the warpers change the sampled rows' scores in place (when some rows are
+        # greedy, the warpers get a copy of the sampled rows).
+        tokens = scores.argmax(-1) if len(plan.sampled) < len(rows) else None
         errors = {}
         probs = torch.softmax(self._warp(plan, _rows(scores, plan.sampled)), dim=-1)
         # torch.multinomial(probs, 1) is argmax(probs / q) with q ~ Exp(1) drawn from its generator (ATen's
@@ -94,10 +101,11 @@ class BatchSampler:
         picked = tokens.tolist()  # the step's one copy to the host
         # multinomial refuses nan probabilities. A row's are all nan or none (softmax divides the row by one sum),
         # and argmax takes the first nan: a nan row draws id 0, so only a draw of id 0 needs a look.
-        for position, index in enumerate(plan.sampled) if 0 in picked else ():
-            if picked[index] == 0 and probs[position, 0].isnan() and rows[index].slot not in errors:
-                errors[rows[index].slot] = RuntimeError("probability tensor contains nan (the model's scores for "
-                                                        "this request's next token)")
+        if 0 in picked:
+            for position, index in enumerate(plan.sampled):
+                if picked[index] == 0 and probs[position, 0].isnan() and rows[index].slot not in errors:
+                    errors[rows[index].slot] = RuntimeError("probability tensor contains nan (the model's scores "
+                                                            "for this request's next token)")
         if not errors:
             return picked, errors
         return [None if row.slot in errors else token for row, token in zip(rows, picked)], errors
@@ -108,11 +116,14 @@ class BatchSampler:
         picked. Greedy rows cannot fail."""
         tokens = scores.argmax(-1)
         picked = tokens.tolist()  # the step's one copy to the host
-        if not self.banned_ids.isdisjoint(picked):
-            tokens = scores.index_fill_(1, self.banned, -float("inf")).argmax(-1)
+        if not self.banned_set.isdisjoint(picked):
+            tokens = self._ban(scores).argmax(-1)
             picked = tokens.tolist()
         self._mark(plan, tokens)
         return picked
+
+    def _ban(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.index_fill_(1, self.banned, -float("inf"))
 
     def _mark(self, plan: _Plan, tokens: torch.Tensor) -> None:
         """The penalized rows have now seen their new token."""
@@ -153,12 +164,12 @@ class BatchSampler:
     def _penalize(self, plan: _Plan, sub: torch.Tensor) -> torch.Tensor:
         """RepetitionPenaltyLogitsProcessor: seen tokens' scores times the penalty if negative, else divided."""
         factors = self.factors[plan.history]
-        return torch.where(sub < 0, sub * factors, sub / factors)
+        return torch.where(sub < 0, sub * factors, self.divide(sub, factors))
 
     def _warp(self, plan: _Plan, scores: torch.Tensor) -> torch.Tensor:
         """Temperature, then top-k and top-p where a row asks for them (TemperatureLogitsWarper,
         TopKLogitsWarper, TopPLogitsWarper)."""
-        scores = scores.div_(plan.temperature)  # the sampler's own scores (pick), processed in place
+        scores = self.divide(scores, plan.temperature, out=scores)  # in place, as pick may
         if plan.top_k:
             scores = _apply(scores, plan.top_k, lambda sub: _top_k(sub, plan.k, plan.kth))
         if plan.top_p:
@@ -175,6 +186,11 @@ def _apply(scores: torch.Tensor, indices: list[int], operation) -> torch.Tensor:
         return operation(scores)
     scores[indices] = operation(scores[indices])
     return scores
+
+
+def _times_reciprocal(scores: torch.Tensor, divisors: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scores / divisors as CUDA computes a tensor divided by a Python number: times its float32 reciprocal."""
+    return torch.mul(scores, divisors.reciprocal(), out=out)
 
 
 def _consecutive(numbers: list[int]) -> bool:

@@ -240,7 +240,7 @@ class Scheduler:
             log.exception("sampling a step failed")
             error = failure("sampling the next token", exc)
             return self._drop([row.slot for row in rows], {row.slot: error for row in rows})
-        errors = {slot: failure("sampling the next token", exc) for slot, exc in failed.items()} if failed else {}
+        errors = {slot: failure("sampling the next token", exc) for slot, exc in failed.items()}
         done, eos = [], self.engine.eos_token_ids
         for row, token in zip(rows, tokens):
             if token is None:
