@@ -27,7 +27,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from bench.speed import TORCH, make_request, new_engine, preset_model, stream_together  # noqa: E402

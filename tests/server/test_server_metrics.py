@@ -2,14 +2,12 @@
 as the model saw them, the tokens it generated and the time to the first of them (as replicate/cog-vllm reports
 them), its own also when several run at once, and a cancelled one the tokens it had generated."""
 
-import time
-
 import pytest
 import requests
 
 from idefics_cog.model.tokenizer import load_tokenizer
 from tests.support.helpers import data_uri, new_tokens_of, noise_image
-from tests.support.server import send, succeeded, together
+from tests.support.server import succeeded, together
 
 # Raw prompts on which the tiny model (greedy, no adapter) never says <end_of_utterance> early: max_new_tokens
 # tokens are generated. Each with the text its tokenizer sees (an image is <fake><image><fake> there).

@@ -15,7 +15,6 @@ from idefics_cog.weights.sources import ALLOW_PRIVATE
 from tests.conftest import ADAPTER_LIMIT, tiny_env
 from tests.support.fileserver import Fault, FileServer
 from tests.support.helpers import adapter_with_config, bin_adapter, hostile_adapter, negated_adapter, tar_bytes
-from tests.support.engine import run
 from tests.support.server import REQUEST, answer, reference, send
 
 

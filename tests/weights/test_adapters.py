@@ -13,7 +13,7 @@ from idefics_cog.weights.adapters import Adapters
 from idefics_cog.errors import AdapterError
 from idefics_cog.weights.lora import check_adapter, linear_shapes
 from tests.support.helpers import adapter_with_config
-from tests.support.engine import answer, run
+from tests.support.engine import answer
 
 
 @pytest.fixture

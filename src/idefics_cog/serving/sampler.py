@@ -155,10 +155,9 @@ class BatchSampler:
         if self.factors is None:
             self.factors = torch.ones(self.max_batch, width, device=self.device)
         for row in plan.unstarted:
-            if not row.started:
-                self.factors[row.slot] = 1.0
-                self.factors[row.slot, torch.tensor(row.ids, device=self.device)] = row.sampling.repetition_penalty
-                row.started = True
+            self.factors[row.slot] = 1.0
+            self.factors[row.slot, torch.tensor(row.ids, device=self.device)] = row.sampling.repetition_penalty
+            row.started = True
         plan.unstarted = []
 
     def _penalize(self, plan: _Plan, sub: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from idefics_cog.errors import InputError
-from idefics_cog.errors import WeightsError
+from idefics_cog.errors import InputError, WeightsError
 from idefics_cog.inputs.images import load_image
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, Segment, build_segments, render
 from idefics_cog.weights.extract import extract_archive
