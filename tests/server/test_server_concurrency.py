@@ -95,7 +95,7 @@ def test_requests_sent_together_each_equal_their_answer_sent_alone(server, mixed
 
 def test_a_sampled_request_in_a_batch_repeats_with_its_seed(server, mixed):
     sampled = {"prompt": "Tell me about lungs.", "max_new_tokens": 24, "adapter": "none", "temperature": 0.9,
-               "top_p": 0.9, "top_k": 40, "seed": 7}
+               "top_p": 0.9, "top_k": 40, "repetition_penalty": 2, "seed": 7}  # an integer, as JSON clients send
     results = together(server, [(sampled, True)] + [(inputs, False) for inputs, _ in mixed[:5]])
     assert succeeded(results[0]) == answer(server, sampled)
     for (inputs, expected), result in zip(mixed[:5], results[1:]):
