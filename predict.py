@@ -29,6 +29,7 @@ class Predictor(BaseRunner):
         takes it; Replicate sets it to the training's output .tar URL in a version made by `cog train`. Its adapter
         then becomes the default (`adapter=medical`) in place of IDEFICS_ADAPTER_WEIGHTS."""
         self.service = Service.from_env(weights)
+        self.service.receive_cog_files()  # file inputs: only what Cog received for each request (serving/files.py)
         install_cancel_hook()  # a cancel or a client that goes away stops the generation (idefics_cog/serving/live.py)
 
     @cog.streaming

@@ -35,7 +35,8 @@ async def train(
         default=0,
     ),
     learning_rate: float = Input(description="Peak learning rate (linear decay).", ge=1e-7, le=1.0, default=2e-4),
-    lora_rank: int = Input(description="LoRA rank r.", ge=1, le=256, default=16),
+    lora_rank: int = Input(description="LoRA rank r (at most 64: what a server serves by default, "
+                           "IDEFICS_MAX_ADAPTER_RANK).", ge=1, le=64, default=16),
     lora_alpha: int = Input(description="LoRA alpha (the update is scaled by alpha / r).", ge=1, le=1024,
                             default=32),
     lora_dropout: float = Input(description="Dropout on the LoRA input.", ge=0.0, le=0.9, default=0.05),

@@ -77,9 +77,9 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
         return time.perf_counter() - start, text, ids, None
 
     def predictor_path():
+        image = cog.Path.validate(data_uri).convert()  # the file as coglet hands it over (serving/files.py)
         start = time.perf_counter()
-        pieces = asyncio.run_coroutine_threadsafe(
-            predictor.run(image=cog.Path(IMAGE), images=None, **args), loop).result()
+        pieces = asyncio.run_coroutine_threadsafe(predictor.run(image=image, images=None, **args), loop).result()
         text = "".join(pieces)
         return time.perf_counter() - start, text, list(engine.last_stats.ids), None
 

@@ -14,7 +14,6 @@ loopback file server), and reports the worker's peak resident memory (VmHWM) ove
 """
 
 import argparse
-import json
 import io
 import statistics
 import sys
@@ -31,9 +30,11 @@ import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from idefics_cog.weights.adapters import directory_bytes  # noqa: E402
+from bench.stats import report_and_exit  # noqa: E402
 from idefics_dev.cogrunner import CogServer  # noqa: E402
 from tests.support.fileserver import FileServer  # noqa: E402
 from tests.support.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
+from tests.support.hostile import worker_rss  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 RSS_GROWTH_LIMIT = 64 << 20  # bytes the worker may grow after warm-up
@@ -62,10 +63,6 @@ def requests_for(index: int, custom: str) -> tuple[dict, bool]:
     if kind == 7:
         inputs["stop_sequences"] = "e,a"
     return inputs, True
-
-
-def worker_rss(server: CogServer) -> int:
-    return sum(p.memory_info().rss for p in psutil.Process(server.process.pid).children(recursive=True))
 
 
 def worker_peak(server: CogServer) -> int:
@@ -156,13 +153,7 @@ def main() -> None:
     if not (TINY / "COMPLETE").exists():
         sys.exit(f"no tiny model in {TINY}: run `make tiny` first")
     report = soak(args.requests, args.large_requests)
-    print("| soak | value |\n|---|---:|")
-    for key, value in report.items():
-        print(f"| {key} | {value:.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str))
-    sys.exit(0 if report["ok"] else 1)
+    report_and_exit("soak", report, args.json, digits=1)
 
 
 if __name__ == "__main__":

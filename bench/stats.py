@@ -1,9 +1,12 @@
 """The tables every benchmark prints: medians, the best sample, and each median against a baseline from the same run."""
 
+import json
 import os
 import platform
 import statistics
 import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import transformers
@@ -37,3 +40,14 @@ def machine() -> dict:
         model = platform.processor() or "unknown"
     return dict(cpu=model, cpus=len(os.sched_getaffinity(0)), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version())
+
+
+def report_and_exit(title: str, report: dict, json_path: Path | None, digits: int = 1) -> None:
+    """Print a report of one value per line as a table (and write it as JSON); exit 0 if its "ok" is true."""
+    print(f"| {title} | value |\n|---|---:|")
+    for key, value in report.items():
+        print(f"| {key} | {value:.{digits}f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+    sys.exit(0 if report["ok"] else 1)

@@ -30,10 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
+import cog  # noqa: E402
+
 from bench.stats import median_table  # noqa: E402
 from idefics_cog.weights.archive import fetch_archive  # noqa: E402
 from tests.support.fileserver import FileServer  # noqa: E402
-from tests.support.helpers import noise_image, tar_bytes  # noqa: E402
+from tests.support.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"
 
@@ -63,12 +65,12 @@ def setup_times(server: FileServer, repeats: int) -> dict:
 
 
 def switch_times(predictor, server: FileServer, repeats: int) -> dict:
-    image = Path(tempfile.mkdtemp()) / "x.png"
-    noise_image(1).save(image)
     custom = server.url("/other.tgz")
 
     def ask(**adapter) -> float:
-        return timed(lambda: "".join(predictor.service.answer(prompt="Hi", image=image, max_new_tokens=1, **adapter)))
+        received = cog.Path.validate(data_uri(noise_image(1))).convert()  # as coglet hands it over (serving/files.py)
+        return timed(lambda: "".join(predictor.service.answer(prompt="Hi", image=received, max_new_tokens=1,
+                                                              **adapter)))
 
     ask(lora_weights=custom)  # loaded once, then kept in memory
     times = {name: [] for name in ("medical -> medical (no switch)", "medical -> none", "none -> custom (loaded)",

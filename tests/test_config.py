@@ -187,3 +187,10 @@ def test_cache_memory_fraction_and_warmup_are_read_and_checked():
             Settings.from_env({"IDEFICS_CACHE_MEMORY_FRACTION": bad})
     with pytest.raises(ValueError, match="IDEFICS_WARMUP must be 0 or 1, got 'maybe'"):
         Settings.from_env({"IDEFICS_WARMUP": "maybe"})
+
+
+def test_every_setting_is_in_the_readme():
+    """Each IDEFICS_* variable the settings read is documented (README, "Settings" and "Limits")."""
+    variables = set(re.findall(r"IDEFICS_[A-Z_]+", (ROOT / "src/idefics_cog/config.py").read_text()))
+    readme = (ROOT / "README.md").read_text()
+    assert variables and [v for v in sorted(variables) if f"`{v}`" not in readme] == []

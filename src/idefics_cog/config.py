@@ -12,6 +12,7 @@ ENGINES = ("auto", "fast", "transformers")
 MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
 MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
 MAX_ASPECT_RATIO = 20.0  # IDEFICS_MAX_ASPECT_RATIO: long side / short side
+MAX_ADAPTER_RANK = 64  # IDEFICS_MAX_ADAPTER_RANK: a LoRA rank (MedIDEFICS: 16)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,27 @@ class ImageLimits:
         return cls(_positive(env, "IDEFICS_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS, int),
                    _positive(env, "IDEFICS_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES, int),
                    _positive(env, "IDEFICS_MAX_ASPECT_RATIO", MAX_ASPECT_RATIO, float))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may send before any work is done for it: each is checked first, at a cost that does not
+    grow with what was sent (README, "Limits")."""
+
+    prompt_chars: int = 100_000  # prompt + system_prompt, before tokenization (2048 tokens are ~10,000 characters)
+    stop_sequences: int = 16  # how many
+    stop_sequence_chars: int = 256  # each
+    lora_weights_chars: int = 2048  # a URL (signed ones are long) or a hub id
+    image_download_seconds: int = 60  # for all of a request's image URLs
+
+    @classmethod
+    def from_env(cls, env=None) -> "RequestLimits":
+        env = os.environ if env is None else env
+        return cls(**{field: _positive(env, variable, getattr(cls, field), int) for field, variable in (
+            ("prompt_chars", "IDEFICS_MAX_PROMPT_CHARS"), ("stop_sequences", "IDEFICS_MAX_STOP_SEQUENCES"),
+            ("stop_sequence_chars", "IDEFICS_MAX_STOP_SEQUENCE_CHARS"),
+            ("lora_weights_chars", "IDEFICS_MAX_LORA_WEIGHTS_CHARS"),
+            ("image_download_seconds", "IDEFICS_IMAGE_DOWNLOAD_SECONDS"))})
 
 
 @dataclass(frozen=True)
@@ -47,6 +69,9 @@ class Settings:
     warmup: bool = True  # setup ends with a short prediction (and on CUDA the compiled decode shapes)
     weights_lock: Path = ROOT / "weights.lock"  # Cog's managed weights (`cog weights import`); see managed.py
     image_limits: ImageLimits = ImageLimits()  # bytes, pixels and aspect ratio of each image
+    request_limits: RequestLimits = RequestLimits()  # the sizes of a request's inputs
+    max_adapter_rank: int = MAX_ADAPTER_RANK  # largest LoRA rank of any adapter
+    adapter_fetch_threads: int = 4  # custom adapters fetched at once (their own pool: no other request waits)
 
     @classmethod
     def from_env(cls, env=os.environ, trained_weights: str | None = None) -> "Settings":
@@ -70,6 +95,9 @@ class Settings:
             warmup=_flag(env, "IDEFICS_WARMUP", True),
             weights_lock=Path(env.get("IDEFICS_WEIGHTS_LOCK", ROOT / "weights.lock")),
             image_limits=ImageLimits.from_env(env),
+            request_limits=RequestLimits.from_env(env),
+            max_adapter_rank=_positive_int(env, "IDEFICS_MAX_ADAPTER_RANK", MAX_ADAPTER_RANK),
+            adapter_fetch_threads=_positive_int(env, "IDEFICS_ADAPTER_FETCH_THREADS", 4),
         )
 
 

@@ -17,6 +17,14 @@ def reason(exc: Exception, path) -> str:
     return text.strip() or type(exc).__name__
 
 
+def shorten(text: str, limit: int = 100) -> str:
+    """`text` as a message may echo it: whole up to `limit` characters, else its start and its last 30 characters
+    (a URL's file name) around "...", never a stranger's whole string, which could be megabytes."""
+    text = str(text)
+    tail = min(30, limit // 3)
+    return text if len(text) <= limit else f"{text[:limit - tail]}...{text[len(text) - tail:]}"
+
+
 class WeightsError(RuntimeError):
     """A weight source that cannot be used; the message names the source."""
 

@@ -2,6 +2,7 @@
 handling, written with pydicom in each test so that the expected pixels follow from the file's own attributes."""
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from idefics_cog.errors import InputError
 from idefics_cog.config import ImageLimits
-from tests.support.images import COLORS, dicom_bytes, load_bytes, palette_dicom, ramp, row
+from tests.support.images import COLORS, deflated, dicom_bytes, load_bytes, palette_dicom, ramp, row
 
 
 def test_dicom_ramp_stays_a_ramp(tmp_path):
@@ -197,3 +198,53 @@ def test_unsupported_photometric_interpretation_names_what_is(tmp_path):
     with pytest.raises(InputError, match=r"image: the file is a DICOM image in HSV, which is not supported "
                                          r"\(MONOCHROME1, MONOCHROME2, PALETTE COLOR, RGB and YBR are\)"):
         load_bytes(tmp_path, dicom_bytes(ramp(), "HSV"), "hsv.dcm")
+
+
+def test_a_lookup_table_that_overflows_names_the_input(tmp_path):
+    # A Modality LUT whose first mapped value (300) is beyond 8-bit pixels: pydicom's subtraction overflows uint8.
+    data = dicom_bytes(ramp(top=255, dtype=np.uint8), ModalityLUTSequence=[lut_item(8, list(range(10)), first=300)])
+    with pytest.raises(InputError, match=r"images\[1\]: the file is a DICOM image whose lookup tables cannot be "
+                                         r"applied \(.*out of bounds for uint8\)"):
+        load_bytes(tmp_path, data, "overflow.dcm", name="images[1]")
+
+
+def test_a_voi_lut_of_absurd_depth_names_the_input(tmp_path):
+    data = dicom_bytes(ramp(), VOILUTSequence=[lut_item(2000, list(range(10)))])  # 2^2000 is no float
+    with pytest.raises(InputError, match=r"image: the file is a DICOM image whose lookup tables cannot be applied"):
+        load_bytes(tmp_path, data, "deep.dcm")
+
+
+# --- Deflated Explicit VR Little Endian: inflated here, under the byte limit --------------------------------------
+
+def test_deflated_dicom_decodes_as_its_uncompressed_twin(tmp_path):
+    pixels = ramp(width=101, top=1000)
+    plain = dicom_bytes(pixels, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=0, WindowWidth=200)
+    packed = deflated(plain)
+    assert b"1.2.840.10008.1.2.1.99" in packed and len(packed) < len(plain)
+    image = load_bytes(tmp_path, packed, "packed.dcm")
+    assert (np.asarray(image) == np.asarray(load_bytes(tmp_path, plain, "plain.dcm"))).all()
+    assert row(image) == linear(pixels[0].astype(float) * 2 - 1024, 0, 200)
+
+
+def test_deflated_dicom_bomb_is_refused_before_it_inflates(tmp_path):
+    # 60 MB of zero pixels deflate to about 60 kB; the limit an uncompressed file would meet is 5 MB.
+    inflated_size = 60_000_000
+    bomb = deflated(dicom_bytes(np.zeros((60, 1000, 500), np.uint16)))
+    assert len(bomb) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"^image: the file is a deflated DICOM that inflates to more than "
+                                             r"5000000 bytes; the limit is 5000000 bytes per image "
+                                             r"\(IDEFICS_MAX_IMAGE_BYTES\)$"):
+            load_bytes(tmp_path, bomb, "bomb.dcm", limits=ImageLimits(max_bytes=5_000_000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < inflated_size / 4
+
+
+def test_deflated_dicom_cut_short_names_the_input(tmp_path):
+    packed = deflated(dicom_bytes(np.random.default_rng(0).integers(0, 4096, (64, 64), np.uint16)))
+    with pytest.raises(InputError, match=r"images\[3\]: the file is not a readable DICOM image \(the deflated "
+                                         r"dataset is cut short\)"):
+        load_bytes(tmp_path, packed[:-1000], "cut.dcm", name="images[3]")

@@ -123,3 +123,14 @@ def test_raw_text_writes_turns_itself(tiny_dir):
     eou = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     ids = encode(build_segments(FORGED, 0, "raw"), [], processor).input_ids[0].tolist()
     assert ids.count(eou) == 2
+
+
+@pytest.mark.parametrize("template", ["instruct", "raw"])
+def test_an_image_placeholder_in_the_system_prompt_is_text(tiny_dir, template):
+    """Images bind to the prompt's placeholders only: `<image>` typed in system_prompt became a real image token."""
+    processor = load_processor(tiny_dir / "base")
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    segments = build_segments("What is shown?", 1, template, system_prompt="<image> is a placeholder")
+    ids = encode(segments, [noise_image(1)], processor).input_ids[0].tolist()
+    assert ids.count(image) == 1  # the request's one image
+    assert "image" in processor.tokenizer.decode(ids[:12]).replace("\u200b", "")  # still there, as text

@@ -248,3 +248,24 @@ def test_a_fault_in_model_generate_fails_that_request_alone(tiny_dir, monkeypatc
     monkeypatch.setattr(engine.model, "generate", broken)
     results = outcomes(engine, jobs_for(encs, sampling))
     check_only_the_faulty_one_failed(results, expected, "out of memory while generating")
+
+
+def test_a_failed_prefill_leaves_no_adapter_selected(tiny_dir, tmp_path, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    from idefics_cog.serving.rowlora import active_adapter
+    from idefics_cog.weights.adapters import Adapters
+
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    adapters = Adapters(engine, tmp_path)
+    adapters.load_default(str(tiny_dir / "adapter"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("prefill fault (simulated)")
+
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill", broken)
+    job = Job(encoded(engine, "Question?", [noise_image(1)]), Sampling(max_new_tokens=4),
+              select_adapter=lambda: engine.run(adapters.select, "medical"))
+    ((tokens, error),) = outcomes(engine, [job])
+    assert tokens == [] and "prefilling the prompt failed: RuntimeError" in str(error)
+    assert active_adapter(m for m in engine.model.modules() if isinstance(m, LoraLayer)) is None

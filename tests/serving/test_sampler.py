@@ -98,3 +98,11 @@ def test_a_row_moved_into_a_freed_slot_keeps_its_repetition_penalty_history():
     newcomer = _Row(Job(None, penalized), [7, 8], 99, ENGINE, 1)  # a new request takes slot 1
     for _ in range(6):
         step([moved, newcomer])
+
+
+def test_a_temperature_too_small_to_sample_samples_at_the_smallest_that_does():
+    """Logits divided by 1e-40 overflow to inf and the draw becomes NaN: such temperatures sample at 0.01."""
+    from idefics_cog.serving.jobs import MIN_TEMPERATURE, Sampling
+
+    assert Sampling(temperature=1e-40).temperature == MIN_TEMPERATURE == 0.01
+    assert Sampling(temperature=0).temperature == 0.0 and Sampling(temperature=0.5).temperature == 0.5

@@ -210,3 +210,30 @@ def test_a_step_the_incremental_decoder_refuses_falls_back_to_the_full_decode(an
     for rng, ids in random_answers(any_tokenizer, seed=14, count=100):
         pieces, _ = stream_all(any_tokenizer, ids, step=rng.randint(1, 3))
         assert "".join(pieces) == any_tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def test_the_stop_prefix_check_finds_what_the_definition_finds():
+    """The longest tail of the text that is a proper prefix of a stop sequence, found with a few searches per
+    token, on random texts and stops over a small alphabet (many overlaps)."""
+    def longest(stops, text):
+        return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+    stream, rng = TextStream.__new__(TextStream), random.Random(0)
+    for _ in range(20_000):
+        stream.stop_sequences = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 7)))
+                                 for _ in range(rng.randint(1, 3))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 12)))
+        assert stream._stop_prefix_length(text) == longest(stream.stop_sequences, text)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("x" * 5000, r"stop_sequences: 5000 characters; the limit is 16 sequences of at most 256 characters"),
+    (",".join(["ab"] * 17), r"stop_sequences: 17 sequences; the limit is 16 \(IDEFICS_MAX_STOP_SEQUENCES\)"),
+    ("ok," + "y" * 257, r"stop_sequences: 'yyy.*' is 257 characters; the limit is 256"),
+])
+def test_stop_sequences_over_their_limits_are_refused(value, message):
+    from idefics_cog.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        parse_stop_sequences(value)
+    assert parse_stop_sequences(",".join(["z" * 256] * 16)) == ["z" * 256] * 16

@@ -16,15 +16,15 @@ MARKER = "DEVICE_FAULT"
 class Predictor(Served):
     def setup(self, weights=None) -> None:
         super().setup(weights)
-        make_job = self.service.job
+        prepare = self.service.prepare
 
-        def job(**inputs):
-            made = make_job(**inputs)
-            if MARKER in inputs["prompt"]:
+        def job(request, fetched):
+            made = prepare(request, fetched)
+            if any(MARKER in segment for segment in request.segments if isinstance(segment, str)):
                 made.prepare = fault  # run by the scheduler, where the prompt would be encoded
             return made
 
-        self.service.job = job
+        self.service.prepare = job
 
 
 def fault():

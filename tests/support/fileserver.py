@@ -38,6 +38,7 @@ class Fault:
     gather: Optional[int] = None  # hold each request until this many are in flight at once (a parallel client)
     trickle: float = 0.0  # send the body in small pieces spread over this many seconds (a slow server)
     head_size: Optional[int] = None  # a HEAD announces this Content-Length (a server that lies about the size)
+    location: Optional[str] = None  # with a 3xx `status`: where it redirects
     times: Optional[int] = None  # apply to this many GET requests only (None: every one)
     skip: int = 0  # let this many GET requests through untouched first
 
@@ -48,6 +49,7 @@ class FileServer:
         self.faults: dict[str, Fault] = {}
         self.requests: list[tuple[str, str, Optional[str]]] = []  # (method, path, Range header)
         self.served: Counter = Counter()  # body bytes written per path
+        self.abandoned: Counter = Counter()  # bodies whose client went away before their end, per path
         self._seen: Counter = Counter()  # requests each path's fault has considered
         self._barriers: dict[str, threading.Barrier] = {}
         self._lock = threading.Lock()
@@ -157,7 +159,7 @@ def _handler(server: FileServer):
                 return self._send_status(503)  # the client never had `gather` requests open at once
             data = server.files.get(path)
             if fault.status is not None or data is None:
-                return self._send_status(fault.status or 404)
+                return self._send_status(fault.status or 404, fault.location)
             start, end = 0, len(data)  # end exclusive
             match = RANGE.match(range_header or "")
             partial = match is not None and not fault.ignore_range
@@ -193,8 +195,10 @@ def _handler(server: FileServer):
                 self.close_connection = True
             try:
                 self._write(body, fault.trickle)
-            except OSError:
-                return  # the client went away
+            except OSError:  # the client went away
+                with server._lock:
+                    server.abandoned[path] += 1
+                return
             with server._lock:
                 server.served[path] += len(body)
             if dropped:
@@ -213,9 +217,11 @@ def _handler(server: FileServer):
                 self.wfile.write(body[start:start + size])
                 self.wfile.flush()
 
-        def _send_status(self, status: int) -> None:
+        def _send_status(self, status: int, location: Optional[str] = None) -> None:
             body = f"{status}\n".encode()
             self.send_response(status)
+            if location:
+                self.send_header("Location", location)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -93,3 +93,15 @@ def zip_bytes() -> bytes:
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("scan.png", b"x")
     return buffer.getvalue()
+
+
+def deflated(data: bytes) -> bytes:
+    """The same DICOM file with its dataset deflated (transfer syntax 1.2.840.10008.1.2.1.99), written by pydicom."""
+    from pydicom import dcmread
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    dataset = dcmread(io.BytesIO(data))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

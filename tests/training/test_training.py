@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.weights.lora import check_adapter, linear_shapes
+from idefics_cog.weights.lora import check_adapter, layer_shapes
 from idefics_cog.training.data import DatasetError, load_dataset
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Sampling
@@ -179,8 +179,11 @@ def test_the_tar_is_a_standard_peft_adapter_that_plain_peft_loads(trained, tiny_
         assert sorted(tar.getnames()) == sorted(ADAPTER_FILES)
         tar.extractall(tmp_path, filter="data")
     base = IdeficsForVisionText2Text.from_pretrained(tiny_dir / "base")
-    config = check_adapter(tmp_path, linear_shapes(base))
-    assert (config.r, config.lora_alpha, set(config.target_modules)) == (16, 32, {"q_proj", "k_proj", "v_proj"})
+    config = check_adapter(tmp_path, layer_shapes(base))  # its target_modules: the exact layers the file adapts
+    kinds = {name.rpartition(".")[2] for name in config.target_modules}
+    assert (config.r, config.lora_alpha, kinds) == (16, 32, {"q_proj", "k_proj", "v_proj"})
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(raw["target_modules"]) == {"q_proj", "k_proj", "v_proj"}
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tiny_dir / "base")
     loaded = Engine(PeftModel.from_pretrained(base, tmp_path).eval(), trained.processor, torch.device("cpu"))

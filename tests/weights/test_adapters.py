@@ -10,10 +10,11 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from idefics_cog.weights.adapters import Adapters
-from idefics_cog.errors import AdapterError
-from idefics_cog.weights.lora import check_adapter, linear_shapes
+from idefics_cog.errors import AdapterError, InputError
+from idefics_cog.weights.lora import DEFAULTS, check_adapter, check_values, layer_shapes
 from tests.support.helpers import adapter_with_config
 from tests.support.engine import answer
+from tests.support.hostile import adapter_copy, not_finite, settings_beyond_plain_lora, shared_digest, with_layer
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_without_a_default_adapter_medical_serves_the_base(fresh, tmp_path, alon
 
 
 def test_the_standard_layout_passes(tiny_dir, fresh):
-    config = check_adapter(tiny_dir / "adapter", linear_shapes(fresh.model))
+    config = check_adapter(tiny_dir / "adapter", layer_shapes(fresh.model))
     assert config.r == 16
 
 
@@ -62,7 +63,7 @@ def test_pickled_adapter_is_refused(tiny_dir, tmp_path, fresh):
     adapter = copy_adapter(tiny_dir, tmp_path)
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
     with pytest.raises(AdapterError, match=r"pickled weights \(adapter_model.bin\) are refused"):
-        check_adapter(adapter, linear_shapes(fresh.model))
+        check_adapter(adapter, layer_shapes(fresh.model))
 
 
 def test_missing_config_and_other_peft_types_are_refused(tiny_dir, tmp_path, fresh):
@@ -70,10 +71,10 @@ def test_missing_config_and_other_peft_types_are_refused(tiny_dir, tmp_path, fre
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(AdapterError, match="only LoRA adapters"):
-        check_adapter(adapter, linear_shapes(fresh.model))
+        check_adapter(adapter, layer_shapes(fresh.model))
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(AdapterError, match="adapter_config.json is missing"):
-        check_adapter(adapter, linear_shapes(fresh.model))
+        check_adapter(adapter, layer_shapes(fresh.model))
 
 
 def rewrite_tensors(adapter, change):
@@ -86,7 +87,7 @@ def test_adapter_for_other_modules_is_refused(tiny_dir, tmp_path, fresh):
     adapter = copy_adapter(tiny_dir, tmp_path)
     rewrite_tensors(adapter, lambda t: {k.replace("layers.0.", "layers.7."): v for k, v in t.items()})
     with pytest.raises(AdapterError, match=r"targets model\.[\w.]+\.7\.[\w.]+_proj, which the base model does not have"):
-        check_adapter(adapter, linear_shapes(fresh.model))
+        check_adapter(adapter, layer_shapes(fresh.model))
 
 
 def test_adapter_with_other_shapes_is_refused(tiny_dir, tmp_path, fresh):
@@ -94,31 +95,52 @@ def test_adapter_with_other_shapes_is_refused(tiny_dir, tmp_path, fresh):
     rewrite_tensors(adapter, lambda t: {k: torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v
                                         for k, v in t.items()})
     with pytest.raises(AdapterError, match=r"lora_A\.weight has shape \[16, 128\], which does not fit"):
-        check_adapter(adapter, linear_shapes(fresh.model))
+        check_adapter(adapter, layer_shapes(fresh.model))
 
 
 def damaged_adapter(tiny_dir, tmp_path):
-    """Fits the base model, but its config says r=8 while its matrices have rank 16: PEFT fails half-way."""
+    """Fits the base model, but its config says r=8 while its matrices have rank 16."""
     adapter = copy_adapter(tiny_dir, tmp_path, "damaged")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
     return adapter
 
 
-def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path, alone):
+def test_matrices_of_another_rank_than_the_config_are_refused_before_loading(with_medical, tiny_dir, tmp_path):
+    engine, adapters = with_medical
+    with pytest.raises(AdapterError, match=r"LoRA matrices have rank 16 and 16, but adapter_config.json makes it 8"):
+        adapters._load(damaged_adapter(tiny_dir, tmp_path), "broken")
+    assert adapters.names == ["medical"]
+
+
+@pytest.fixture
+def fails_half_way(monkeypatch):
+    """Loading fails once PEFT has made the new layers and the matrices were copied in."""
+    from idefics_cog.weights import adapters as module
+
+    copy = module.load_lora_matrices
+
+    def copy_then_fail(model, path, name):
+        copy(model, path, name)
+        raise RuntimeError("injected after the copy")
+
+    monkeypatch.setattr(module, "load_lora_matrices", copy_then_fail)
+
+
+def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path, alone, fails_half_way):
     engine, adapters = with_medical
     with pytest.raises(AdapterError, match="could not be loaded"):
-        adapters._load(damaged_adapter(tiny_dir, tmp_path), "broken")
+        adapters._load(copy_adapter(tiny_dir, tmp_path), "broken")
     assert adapters.names == ["medical"]
     for choice in ["medical", "none"]:
         adapters.select(choice)
         assert answer(engine) == alone[choice]
 
 
-def test_failed_first_adapter_leaves_the_plain_model(fresh, tiny_dir, tmp_path, alone):
+def test_failed_first_adapter_leaves_the_plain_model(fresh, tiny_dir, tmp_path, alone, fails_half_way):
     adapters = Adapters(fresh, tmp_path)
     with pytest.raises(AdapterError):
-        adapters._load(damaged_adapter(tiny_dir, tmp_path), "broken")
+        adapters._load(copy_adapter(tiny_dir, tmp_path), "broken")
     assert not isinstance(fresh.model, PeftModel)
     assert answer(fresh) == alone["none"]
 
@@ -168,4 +190,113 @@ def test_an_adapters_init_setting_never_touches_the_shared_base(with_medical, ti
 def test_settings_beyond_plain_lora_matrices_are_refused(tiny_dir, tmp_path, fresh, setting, value):
     adapter = adapter_with_config(tiny_dir / "adapter", tmp_path / setting, **{setting: value})
     with pytest.raises(AdapterError, match=f"sets {setting}.* not supported"):
-        check_adapter(adapter, linear_shapes(fresh.model))
+        check_adapter(adapter, layer_shapes(fresh.model))
+
+
+# --- hostile configs and matrices: refused before anything touches the model -------------------------------------
+
+
+@pytest.mark.parametrize("setting, value", sorted(settings_beyond_plain_lora().items()))
+def test_every_setting_beyond_plain_lora_is_refused_by_name(tiny_dir, tmp_path, fresh, setting, value):
+    """Generated from PEFT's own fields: each at a value other than its default (KaSA's `{}` truncated the shared
+    weights by SVD when the adapter was added)."""
+    adapter = adapter_with_config(tiny_dir / "adapter", tmp_path / "a", **{setting: value})
+    with pytest.raises(AdapterError, match=f"adapter_config.json sets {setting}, which is not supported"):
+        check_adapter(adapter, layer_shapes(fresh.model))
+
+
+def test_settings_at_their_defaults_are_accepted(tiny_dir, tmp_path, fresh):
+    """A config written by any PEFT version lists its fields at their defaults: that is leaving them out."""
+    adapter = adapter_with_config(tiny_dir / "adapter", tmp_path / "a", **{key: value for key, value in DEFAULTS.items()
+                                                                           if not isinstance(value, dict) or value})
+    assert check_adapter(adapter, layer_shapes(fresh.model)).r == 16
+
+
+@pytest.mark.parametrize("config, tensors, message", [
+    ({"target_modules": ["q_proj", "lm_head"]}, None, r"target_modules names lm_head, which an adapter may not"),
+    ({"target_modules": ["q_proj", "k_proj", "v_proj", "lm_head"]}, with_layer("lm_head", 64, 448),
+     r"targets lm_head, which an adapter may not adapt here"),
+    ({"target_modules": ["q_proj", "k_proj", "v_proj", "patch_embedding"]}, None,
+     r"names model.vision_model.embeddings.patch_embedding, which an adapter may not"),
+    ({"target_modules": ["q_proj", "k_proj", "v_proj", "embed_tokens"]}, None, r"names model.embed_tokens, which"),
+    ({"target_modules": "model.*q_proj"}, None, r"target_modules as a regular expression is not supported"),
+    ({"r": 4_000_000}, None, r"r=4000000 is over the limit of 64 on a LoRA rank \(IDEFICS_MAX_ADAPTER_RANK\)"),
+    ({"rank_pattern": {"v_proj": 65}}, None, r"rank_pattern\['v_proj'\]=65 is over the limit of 64"),
+    ({"rank_pattern": {"v_proj": 8}}, None, r"v_proj's LoRA matrices have rank 16 and 16, but adapter_config.json "
+                                            r"makes it 8"),
+    ({"alpha_pattern": {"(a|a)*$": 2}}, None, r"alpha_pattern key '\(a\|a\)\*\$' is not a module name"),
+    ({"lora_alpha": float("inf")}, None, r"lora_alpha must be a finite number"),
+    ({"lora_alpha": 10 ** 400}, None, r"lora_alpha must be a finite number from -1e\+06 to 1e\+06"),
+    ({"lora_dropout": 2}, None, r"lora_dropout must be a finite number from 0 to 1"),
+    ({"r": True}, None, r"r must be a positive integer"),
+    ({"target_modules": ["q_proj", "k_proj"]}, None, r"holds [\w.]+v_proj, which is not among the target_modules"),
+    (None, lambda t: {**t, next(iter(t)): t[next(iter(t))].to(torch.int32)}, r"holds I32 values"),
+])
+def test_hostile_configs_and_matrices_are_refused_before_loading(tiny_dir, tmp_path, fresh, config, tensors, message):
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "a", config, tensors)
+    with pytest.raises(AdapterError, match=message):
+        check_adapter(adapter, layer_shapes(fresh.model))
+
+
+def test_config_and_header_sizes_are_capped(tiny_dir, tmp_path, fresh):
+    adapter = copy_adapter(tiny_dir, tmp_path)
+    (adapter / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        check_adapter(adapter, layer_shapes(fresh.model))
+    (adapter / "adapter_config.json").write_text(" " * (2 << 20) + "{}")
+    with pytest.raises(AdapterError, match="over 1048576 bytes"):
+        check_adapter(adapter, layer_shapes(fresh.model))
+    shutil.copy(tiny_dir / "adapter" / "adapter_config.json", adapter)
+    (adapter / "adapter_model.safetensors").write_bytes((64 << 20).to_bytes(8, "little") + b"{")
+    with pytest.raises(AdapterError, match="header is missing or over 8388608 bytes"):
+        check_adapter(adapter, layer_shapes(fresh.model))
+
+
+def test_matrices_that_are_not_finite_are_refused_and_the_model_is_untouched(with_medical, tiny_dir, tmp_path,
+                                                                              alone):
+    engine, adapters = with_medical
+    digest = shared_digest(engine.model)
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "nan", tensors=not_finite)
+    with pytest.raises(InputError, match="holds values that are not finite"):
+        adapters.select(lora_weights=str(adapter), allow_local=True)
+    assert adapters.names == ["medical"] and shared_digest(engine.model) == digest
+    adapters.select("medical")
+    assert answer(engine) == alone["medical"]
+
+
+def test_a_hostile_adapter_never_changes_what_every_request_shares(fresh, tiny_dir, tmp_path, alone):
+    """On a model without a default adapter (the first custom one wraps it), each hostile adapter in turn: refused,
+    the shared tensors bit-identical, the base's answer unchanged, and a good adapter still loads."""
+    adapters = Adapters(fresh, tmp_path / "cache")
+    digest = shared_digest(fresh.model)
+    hostile = [{"kasa_config": {}}, {"use_dora": True}, {"target_modules": ["q_proj", "k_proj", "v_proj", "lm_head"]},
+               {"init_lora_weights": "pissa", "kasa_config": {}}, {"rank_pattern": {"q_proj": 4_000_000}}]
+    for number, config in enumerate(hostile):
+        adapter = adapter_copy(tiny_dir / "adapter", tmp_path / f"h{number}", config)
+        with pytest.raises(InputError):
+            adapters.select(lora_weights=str(adapter), allow_local=True)
+        assert shared_digest(fresh.model) == digest, config
+        adapters.select("none")
+        assert answer(fresh) == alone["none"]
+    adapters.select(lora_weights=str(copy_adapter(tiny_dir, tmp_path, "good")), allow_local=True)
+    assert answer(fresh) == alone["medical"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_values_are_checked_in_every_float_type_without_torch(tiny_dir, tmp_path, dtype, bad):
+    """check_values reads the file's bytes with numpy (bfloat16 by its exponent bits): it runs off the torch thread."""
+    def change(tensors):
+        key = sorted(tensors)[-1]
+        changed = {k: v.to(dtype) for k, v in tensors.items()}
+        if bad is not None:
+            changed[key] = changed[key].clone()
+            changed[key].view(-1)[7] = bad
+        return changed
+
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "a", tensors=change)
+    if bad is None:
+        check_values(adapter)
+    else:
+        with pytest.raises(AdapterError, match=r"lora_B\.weight holds values that are not finite"):
+            check_values(adapter)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from idefics_cog.weights import archive as download, resolve as weights, transfer
+from idefics_cog.weights.cancel import Cancel, Cancelled
 from idefics_cog.weights.archive import MARKER, fetch_archive
 from idefics_cog.config import ROOT
 from idefics_cog.weights.base import WeightsError
@@ -453,3 +454,28 @@ def test_fetch_file_caps_the_bytes_received_and_leaves_nothing_on_failure(server
     transfer.fetch_file(url, tmp_path / "adapter_model.safetensors", max_bytes=5000, deadline=time.monotonic() + 30)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == server.files["/adapter_model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["adapter_model.safetensors"]
+
+
+def test_a_cancel_stops_a_trickling_download_at_once(server, tmp_path):
+    """A request that goes away stops its download within a moment, even while the read waits on a slow server."""
+    import threading
+    import time
+
+    url = server.add("/slow.safetensors", os.urandom(100_000), Fault(trickle=30.0))
+    cancel = Cancel()
+    threading.Timer(0.5, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled, match="the request was cancelled; the download stopped"):
+        transfer.fetch_file(url, tmp_path / "a", max_bytes=1 << 20, deadline=time.monotonic() + 60, cancel=cancel)
+    assert time.monotonic() - started < 3 and list(tmp_path.iterdir()) == []
+    deadline = time.monotonic() + 5
+    while not server.abandoned["/slow.safetensors"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.abandoned["/slow.safetensors"] == 1  # the connection was closed mid-body
+
+
+def test_a_redirect_loop_is_a_weights_error_naming_the_url(server, cache):
+    url = server.url("/loop.tgz")
+    server.add("/loop.tgz", b"", Fault(status=302, location=url))
+    with pytest.raises(WeightsError, match=r"loop.tgz: TooManyRedirects \(Exceeded 30 redirects.\)"):
+        fetch_archive(url, cache, **FAST, max_bytes=1 << 20)

@@ -155,7 +155,7 @@ def test_a_failing_source_is_refused_fast_with_the_same_message(engine, tmp_path
     with pytest.raises(InputError) as again:
         adapters.fetch(url)
     assert str(again.value) == str(first.value) and len(files.requests) == asked
-    monkeypatch.setattr("idefics_cog.weights.adapters.FAILURE_MEMORY_S", 0.0)  # remembered briefly only
+    monkeypatch.setattr(adapters._failures, "seconds", 0.0)  # remembered briefly only (FAILURE_MEMORY_S)
     with pytest.raises(InputError):
         adapters.fetch(url)
     assert len(files.requests) > asked

@@ -5,9 +5,12 @@ Sequence, else RescaleSlope/RescaleIntercept), then `apply_voi_lut` with the fir
 WindowCenter/WindowWidth with its VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID); the result is scaled from the
 VOI's output range to 0-255 (without a VOI, from the image's own minimum to maximum) and MONOCHROME1 is inverted.
 PALETTE COLOR goes through `apply_color_lut`. RGB and YBR (converted to RGB by pydicom) are kept, 8 bits per sample.
+A deflated dataset (Deflated Explicit VR Little Endian) is inflated here, a step at a time, under the byte limit.
 """
 
+import io
 import logging
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,50 +22,112 @@ from idefics_cog.errors import InputError, reason
 log = logging.getLogger(__name__)
 
 SUPPORTED = "MONOCHROME1, MONOCHROME2, PALETTE COLOR, RGB and YBR"
+INFLATE_STEP = 1 << 16  # bytes read, and at most bytes inflated, at a time
 
 
-def load_dicom(name: str, path: Path, check_size: Callable[[int, int], None]) -> Image.Image:
+def load_dicom(name: str, path: Path, check_size: Callable[[int, int], None], max_bytes: int) -> Image.Image:
     """Read the header, let `check_size(width, height)` refuse the image before any pixel is decoded, then decode
-    the first frame to RGB. Every refusal is an InputError that names the input (`name`)."""
-    dataset = read_header(name, path)
+    the first frame to RGB. A deflated file is refused once it inflates past `max_bytes` (the limit the file itself
+    met). Every refusal is an InputError that names the input (`name`)."""
+    source = undeflated(name, path, max_bytes)
+    dataset = read_header(name, source, path)
     check_size(int(dataset.Columns), int(dataset.Rows))
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR") and not photometric.startswith("YBR"):
         raise InputError(f"{name}: the file is a DICOM image in {photometric}, which is not supported "
                          f"({SUPPORTED} are)")
     dataset.PhotometricInterpretation = photometric  # pydicom's windowing reads it; absent means MONOCHROME2
-    pixels = first_frame(name, path, dataset)
+    pixels = first_frame(name, source, path, dataset)
     try:
         if int(dataset.get("SamplesPerPixel", 1)) == 3:  # RGB (pydicom converts YBR to RGB)
             return rgb_image(pixels, int(dataset.get("BitsStored", 8) or 8))
         if photometric == "PALETTE COLOR":
             return palette_image(pixels, dataset)
         return grayscale_image(name, pixels, dataset, invert=photometric == "MONOCHROME1")
-    except (ValueError, AttributeError, KeyError, IndexError, TypeError, NotImplementedError) as exc:
+    except Exception as exc:  # pydicom and numpy raise many kinds (bad tables, OverflowError, MemoryError)
         raise InputError(f"{name}: the file is a DICOM image whose lookup tables cannot be applied "
                          f"({reason(exc, path)})") from None
 
 
-def read_header(name: str, path: Path):
+def undeflated(name: str, path: Path, max_bytes: int) -> Path | io.BytesIO:
+    """The file to read: `path` itself, or for a deflated dataset the same file uncompressed, in memory. pydicom's
+    dcmread inflates a whole dataset at once with no cap (a 600 kB file took 1.5 GB) and its pixel_array does not
+    inflate at all."""
+    try:
+        with open(path, "rb") as file:
+            start = uncompressed_start(file)
+            inflated = None if start is None else inflate(file, start, max_bytes)
+    except Exception as exc:  # pydicom, zlib and the file raise many kinds
+        raise InputError(f"{name}: the file is not a readable DICOM image ({reason(exc, path)})") from None
+    if start is None:
+        return path
+    if inflated is None:
+        raise InputError(f"{name}: the file is a deflated DICOM that inflates to more than {max_bytes} bytes; the "
+                         f"limit is {max_bytes} bytes per image (IDEFICS_MAX_IMAGE_BYTES)")
+    return inflated
+
+
+def uncompressed_start(file) -> bytes | None:
+    """For a deflated dataset, the start of the same file uncompressed: the preamble, the file meta naming Explicit
+    VR Little Endian, any command set; `file` is left at the deflated data. None for any other file. What precedes
+    the dataset is never deflated, and is read here as dcmread reads it."""
+    from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    preamble = read_preamble(file, force=True)
+    meta = _read_file_meta_info(file)
+    meta_end = file.tell()
+    _read_command_set_elements(file)
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    start = io.BytesIO()
+    start.write(b"" if preamble is None else preamble + b"DICM")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    write_file_meta_info(start, meta, enforce_standard=False)
+    command_set_end = file.tell()
+    file.seek(meta_end)
+    start.write(file.read(command_set_end - meta_end))
+    return start.getvalue()
+
+
+def inflate(file, start: bytes, max_bytes: int) -> io.BytesIO | None:
+    """`start` followed by the rest of `file` inflated, or None as soon as that passes `max_bytes`: no step inflates
+    more than INFLATE_STEP bytes, so a bomb costs `max_bytes` at most, not its inflated size."""
+    output = io.BytesIO(start)
+    output.seek(0, io.SEEK_END)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    while not inflater.eof:  # bytes after the end of the stream (pydicom pads to an even length) are ignored
+        data = inflater.unconsumed_tail or file.read(INFLATE_STEP)
+        chunk = inflater.decompress(data, INFLATE_STEP)
+        if not data and not chunk:
+            raise EOFError("the deflated dataset is cut short")
+        if output.tell() + len(chunk) > max_bytes:
+            return None
+        output.write(chunk)
+    output.seek(0)
+    return output
+
+
+def read_header(name: str, source: Path | io.BytesIO, path: Path):
     """Every element before the pixel data: the size, the photometric interpretation and the lookup tables."""
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
-        dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        dataset = pydicom.dcmread(source, stop_before_pixels=True, force=True)
         int(dataset.Rows), int(dataset.Columns)
-    except (InvalidDicomError, AttributeError, ValueError, TypeError, OSError, EOFError) as exc:
+    except Exception as exc:  # pydicom raises many kinds on a damaged or hostile header
         raise InputError(f"{name}: the file is not a readable DICOM image ({reason(exc, path)})") from None
     return dataset
 
 
-def first_frame(name: str, path: Path, dataset) -> np.ndarray:
+def first_frame(name: str, source: Path | io.BytesIO, path: Path, dataset) -> np.ndarray:
     """The stored values of the first frame (the only one shown; a multi-frame file is logged as such)."""
     from pydicom.pixels import pixel_array
 
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
     try:
-        pixels = pixel_array(str(path), index=0 if frames > 1 else None)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        pixels = pixel_array(source, index=0 if frames > 1 else None)
     except Exception as exc:  # pydicom raises many kinds (missing decoder, short pixel data, bad attributes)
         transfer = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         syntax = f" (transfer syntax {transfer.name})" if transfer is not None else ""

@@ -95,7 +95,7 @@ def decode_image(name: str, path: Path, limits: ImageLimits) -> Image.Image:
         if head.startswith(magic) or (magic == b"ustar" and head[257:262] == magic):
             raise InputError(f"{name}: the file is not a readable image (it is {kind})")
     if head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".dicom"):
-        return load_dicom(name, path, lambda width, height: check_dimensions(name, width, height, limits))
+        return load_dicom(name, path, lambda w, h: check_dimensions(name, w, h, limits), limits.max_bytes)
     return load_pillow(name, path, limits)
 
 

@@ -28,10 +28,10 @@ _PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN))
 CONTROL_TOKENS = (END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, "<s>", "</s>", "<unk>")
 
 
-def as_plain_text(text: str) -> str:
+def as_plain_text(text: str, tokens: tuple[str, ...] = CONTROL_TOKENS) -> str:
     """Keep control tokens in user text as visible text that no longer matches the tokenizer's special tokens
     (a zero-width space after the `<`)."""
-    for token in CONTROL_TOKENS:
+    for token in tokens:
         text = text.replace(token, f"<\u200b{token[1:]}")
     return text
 
@@ -48,6 +48,7 @@ def build_segments(text: str, num_images: int, template: str = "instruct", syste
         raise InputError(f"template: must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if template == "instruct":  # `raw` is for writing turns and markers yourself
         text, system_prompt = as_plain_text(text), as_plain_text(system_prompt)
+    system_prompt = as_plain_text(system_prompt, (IMAGE_TOKEN,))  # images bind to the prompt's placeholders only
     pieces = _PLACEHOLDER.split(text)
     placeholders = len(pieces) - 1
     if placeholders and placeholders != num_images:
@@ -122,11 +123,17 @@ def render(segments: list[Segment]) -> str:
     return full_text
 
 
-def encode(segments: list[Segment], images: list[Image.Image], processor) -> Encoded:
+def tokenize(segments: list[Segment], tokenizer) -> list[int]:
+    """The prompt's token ids. The tokenizer releases the GIL: a server runs this in the request's thread, so a
+    long prompt never holds the torch thread or the event loop."""
+    return tokenizer(tokenizer.bos_token + render(segments), add_special_tokens=False)["input_ids"]
+
+
+def encode(segments: list[Segment], images: list[Image.Image], processor, ids: list[int] | None = None) -> Encoded:
+    """Model inputs for the prompt; `ids`: its tokens, when `tokenize` has already made them."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     ordered = [images[s] for s in segments if isinstance(s, int)]
-    input_ids = tokenizer(tokenizer.bos_token + render(segments), add_special_tokens=False,
-                          return_tensors="pt")["input_ids"]
+    input_ids = torch.tensor([tokenize(segments, tokenizer) if ids is None else ids], dtype=torch.long)
     if ordered:
         pixel_values = image_processor(ordered, return_tensors="pt").unsqueeze(0)  # (1, images, C, H, W)
         incremental, _ = image_attention_mask_for_packed_input_ids(input_ids, tokenizer, "pt")

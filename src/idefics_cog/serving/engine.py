@@ -76,6 +76,13 @@ class Engine:
 
     def fit_to_context(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """The number of new tokens that fits the context; a prompt that fills it is refused."""
+        room = self.check_prompt(prompt_tokens)
+        if max_new_tokens > room:
+            log.info("max_new_tokens lowered from %d to %d to fit the context", max_new_tokens, room)
+        return min(max_new_tokens, room)
+
+    def check_prompt(self, prompt_tokens: int) -> int:
+        """The room the prompt leaves for new tokens; a prompt that fills the context is refused."""
         room = self.context - prompt_tokens
         if room < 1:
             whose = ("the model's context" if self.context == self.model_context else
@@ -84,9 +91,7 @@ class Engine:
                 f"prompt: {prompt_tokens} tokens (text plus 3 per image) do not fit {whose} of "
                 f"{self.context} tokens; shorten the prompt or send fewer images"
             )
-        if max_new_tokens > room:
-            log.info("max_new_tokens lowered from %d to %d to fit the context", max_new_tokens, room)
-        return min(max_new_tokens, room)
+        return room
 
     def generate_kwargs(self, encoded: Encoded, sampling: Sampling, max_new_tokens: int) -> dict:
         """`model.generate`'s arguments for this request (the fast path reproduces exactly what they ask for)."""

@@ -13,6 +13,8 @@ from idefics_cog.inputs.prompt import Encoded
 
 log = logging.getLogger(__name__)
 
+MIN_TEMPERATURE = 0.01  # a temperature above 0 and below this samples at this one
+
 
 @dataclass
 class Sampling:
@@ -31,6 +33,11 @@ class Sampling:
         # JSON clients send `1` for 1.0 and may send `24.0` for 24 (the schema allows both): coerced once, here,
         # because transformers' logits processors refuse an int and range() refuses a float.
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # Logits divided by 1e-40 overflow to inf, and the draw becomes NaN; vLLM raises small ones the same way.
+            log.info("temperature %g raised to %g, the smallest that samples without overflow", self.temperature,
+                     MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
         self.repetition_penalty = float(self.repetition_penalty)
         self.max_new_tokens, self.top_k = whole("max_new_tokens", self.max_new_tokens), whole("top_k", self.top_k)
         self.seed = None if self.seed is None else whole("seed", self.seed)

@@ -136,6 +136,7 @@ class Scheduler:
             work.done = end
         except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
             row.job.context.run(log.exception, "prefill failed")
+            self._deselect()
             return self._prefilled(failure("prefilling the prompt", exc))
         if logits is not None:
             if self._prefilled():  # cancelled while its last piece ran: it ends without a token
@@ -203,6 +204,7 @@ class Scheduler:
             logits = self.decoder.prefill(engine.model, row.slot, encoded)
         except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
             job.context.run(log.exception, "prefill failed")
+            self._deselect()
             return _end(job, failure("prefilling the prompt", exc))
         self.rows.append(row)
         self._emit([row], logits)
@@ -278,8 +280,17 @@ class Scheduler:
             torch.manual_seed(job.stats.seed)  # sampling draws from the global generator in `generate`
             engine.model.generate(**kwargs)
         except Exception as exc:
+            self._deselect()
             return _end(job, failure("generating", exc))
         _end(job)
+
+    def _deselect(self) -> None:
+        """After a request's prefill failed, no adapter stays selected: every request selects its own before its
+        prefill, and rows decode with their own (rowlora.py), so nothing reads the selection in between; this keeps
+        a failure's state from outliving it all the same."""
+        base = getattr(self.engine.model, "base_model", None)
+        if hasattr(base, "disable_adapter_layers"):
+            base.disable_adapter_layers()
 
     def _log_fallback(self, reason: str) -> None:
         if reason not in self.fallbacks_logged:

@@ -1,25 +1,30 @@
 """What one prediction does, from the request's inputs to streamed text; predict.py only declares the inputs."""
 
 import asyncio
+import concurrent.futures
 import logging
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from idefics_cog.config import Settings
-from idefics_cog.errors import UnreachableError, WeightsError
+from idefics_cog.errors import InputError, UnreachableError, WeightsError
 from idefics_cog.inputs import images as image_files
-from idefics_cog.inputs.prompt import build_segments, encode
+from idefics_cog.inputs.prompt import Segment, build_segments, encode, tokenize
+from idefics_cog.serving import files
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.textstream import parse_stop_sequences
 from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.weights.managed import Lock
 from idefics_cog.weights.resolve import resolve
+from idefics_cog.weights.cancel import Cancel
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +55,22 @@ def other_sources(variable: str, value: str, local: str, lock: Lock | None = Non
                            f".tar/.zip, or HF_ENDPOINT to a reachable hub mirror") from exc
 
 
+@dataclass
+class Request:
+    """A request's inputs, checked; nothing fetched, decoded or tokenized yet."""
+
+    files: list[tuple[str, Path, str | None]]  # (input name, local file, the URL it is still to be fetched from)
+    segments: list[Segment]
+    sampling: Sampling
+    adapter: str
+    lora_weights: str
+    lora_scale: float
+
+
 class Service:
     def __init__(self, engine: Engine, adapters: Adapters, settings: Settings):
         self.engine, self.adapters, self.settings = engine, adapters, settings
+        self.files: files.Files | None = None  # a Cog server's file inputs (receive_cog_files); else local paths
 
     @classmethod
     def from_env(cls, trained_weights: str | None = None) -> "Service":
@@ -75,7 +93,8 @@ class Service:
         log.info("model loaded on %s (%s, quantization %s, %s engine) in %.1f s", engine.device, engine.dtype,
                  settings.quantization, engine.kind, time.perf_counter() - started)
         adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
-                            settings.max_adapter_bytes, settings.adapter_download_seconds)
+                            settings.max_adapter_bytes, settings.adapter_download_seconds, settings.max_adapter_rank,
+                            settings.adapter_fetch_threads)
         if settings.trained_weights:
             # A version made by `cog train`: the trained adapter is its default, in place of MedIDEFICS.
             log.info("a version made from a training: the default adapter is the trained one (COG_WEIGHTS), "
@@ -111,6 +130,13 @@ class Service:
         compiled = f", {shapes} compiled decode shapes" if shapes else ""
         log.info("warm-up: a %d-token prediction%s in %.2f s", WARMUP_TOKENS, compiled, time.perf_counter() - started)
 
+    def receive_cog_files(self) -> None:
+        """In a Cog server: file inputs are the files Cog received for each request, image URLs fetched here
+        (files.py)."""
+        files.install(self.settings.max_images)
+        limits = self.settings.request_limits
+        self.files = files.Files(self.settings.image_limits, limits.image_download_seconds)
+
     def answer(self, **inputs) -> Iterator[str]:
         """Stream the answer to one request (predict's inputs as keyword arguments). Input errors are raised
         when iteration starts."""
@@ -120,9 +146,17 @@ class Service:
                       **inputs) -> AsyncIterator[str]:
         """`answer` for the concurrent (async) predictor: requests arriving together are decoded as one batch.
         `record_metric(name, value)` receives the request's token metrics when it ends (`Stats.metrics`; timed from
-        here), also when it fails or is cancelled after its inputs were read."""
+        here), also when it fails or is cancelled after its inputs were read.
+        Downloads wait on threads of their own (no other request waits for them) and stop when the request is
+        cancelled; image decoding and tokenization run on the default pool, off the event loop and the torch thread."""
         started = time.perf_counter()
-        job = await asyncio.to_thread(self.job, **inputs)  # image decoding stays off the event loop
+        request, cancel = self.check(**inputs), Cancel()
+        try:
+            fetched = await self.afetch(request, cancel)
+            job = await asyncio.to_thread(self.prepare, request, fetched)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
         try:
             async with aclosing(self.engine.astream(job)) as pieces:  # its end counted before the metrics are read
                 async for piece in pieces:
@@ -147,25 +181,69 @@ class Service:
         limits = self.settings.image_limits
         return [image_files.load_image(name, path, limits, reduce) for name, path in files]
 
-    def job(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
-            template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
-            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-            seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
-            lora_scale: float = 1.0) -> Job:
-        """Check the inputs, read the images and fetch a custom adapter now (blocking: astream runs it in a thread);
-        encoding and loading the adapter are the scheduler's (torch) work."""
-        lora_scale = float(lora_scale)  # JSON `1` arrives as an int; PEFT's scaling and the batch key want a float
-        files = image_files.image_inputs(image, images)
-        image_files.check_count(len(files), self.settings.max_images)
-        segments = build_segments(prompt, len(files), template, system_prompt)
-        pictures = self.read_images(files)
+    def job(self, **inputs) -> Job:
+        """`check`, `fetch` and `prepare` one after the other, blocking (astream does each where it belongs)."""
+        request = self.check(**inputs)
+        return self.prepare(request, self.fetch(request))
+
+    def check(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
+              template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
+              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+              seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
+              lora_scale: float = 1.0) -> Request:
+        """Every input checked against its limits before any work is done for it (README, "Limits"): sizes
+        first, at a cost that does not grow with what was sent."""
+        limits = self.settings.request_limits
+        if len(prompt) + len(system_prompt) > limits.prompt_chars:
+            raise InputError(f"prompt, system_prompt: {len(prompt) + len(system_prompt)} characters; the limit is "
+                             f"{limits.prompt_chars} (IDEFICS_MAX_PROMPT_CHARS)")
+        if len(lora_weights) > limits.lora_weights_chars:
+            raise InputError(f"lora_weights: {len(lora_weights)} characters; the limit is "
+                             f"{limits.lora_weights_chars} (IDEFICS_MAX_LORA_WEIGHTS_CHARS)")
+        named = image_files.image_inputs(image, images)
+        image_files.check_count(len(named), self.settings.max_images)
+        received = (self.files.claim(named) if self.files is not None else
+                    [(name, Path(path), None) for name, path in named])
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed,
-                            stop_sequences=parse_stop_sequences(stop_sequences))
+                            stop_sequences=parse_stop_sequences(stop_sequences, limits))
+        segments = build_segments(prompt, len(named), template, system_prompt)
+        # JSON `1` arrives as an int; PEFT's scaling and the batch key want a float.
+        return Request(received, segments, sampling, adapter, lora_weights, float(lora_scale))
 
-        # A custom adapter is fetched and checked here, in the request's thread: only loading it into the model
-        # (from the local disk) is left to the torch thread, which every request shares.
-        fetched = self.adapters.fetch(lora_weights) if lora_weights else None
+    def fetch(self, request: Request) -> Path | None:
+        """The request's image URLs into their files, and its custom adapter fetched and checked (blocking).
+        Returns the adapter's checked directory, if it asked for one."""
+        self.fetch_images(request)
+        return self.adapters.fetch(request.lora_weights) if request.lora_weights else None
+
+    def fetch_images(self, request: Request, cancel: Cancel | None = None) -> None:
+        remote = [(name, path, url) for name, path, url in request.files if url]
+        deadline = self.files.deadline() if remote else None
+        for name, path, url in remote:
+            self.files.fetch(name, path, url, deadline, cancel)
+
+    async def afetch(self, request: Request, cancel: Cancel) -> Path | None:
+        """`fetch`, awaited: image URLs on a thread of the request's own, the adapter on the adapters' fetch pool
+        (shared by the requests that name it, stopped when none waits), neither on a thread another request needs."""
+        if any(url for _, _, url in request.files):
+            await asyncio.wrap_future(own_thread(self.fetch_images, request, cancel))
+        if not request.lora_weights:
+            return None
+        waiter = self.adapters.start_fetch(request.lora_weights)
+        try:
+            return await asyncio.wrap_future(waiter.future)
+        finally:
+            waiter.leave()
+
+    def prepare(self, request: Request, fetched: Path | None) -> Job:
+        """Decode the images and tokenize the prompt (blocking: astream runs it in a thread; the tokenizer releases
+        the GIL), refusing a prompt that does not fit the context now; tensors and the adapter's loading are the
+        scheduler's (torch) work."""
+        pictures = self.read_images([(name, path) for name, path, _ in request.files])
+        ids = tokenize(request.segments, self.engine.tokenizer)
+        self.engine.check_prompt(len(ids))
+        adapter, lora_weights, lora_scale = request.adapter, request.lora_weights, request.lora_scale
 
         def select_adapter() -> None:
             name = self.adapters.select(adapter, lora_weights, lora_scale, fetched=fetched)
@@ -173,5 +251,20 @@ class Service:
 
         # The request's adapter as a label: lora_weights wins over adapter; `none` ignores the scale.
         key = (lora_weights, lora_scale) if lora_weights else (NONE,) if adapter == NONE else (adapter, lora_scale)
-        return Job(prepare=lambda: encode(segments, pictures, self.engine.processor), sampling=sampling,
-                   adapter=key, select_adapter=select_adapter)
+        return Job(prepare=lambda: encode(request.segments, pictures, self.engine.processor, ids),
+                   sampling=request.sampling, adapter=key, select_adapter=select_adapter)
+
+
+def own_thread(work: Callable, *args) -> concurrent.futures.Future:
+    """`work(*args)` on a new thread: a download that waits on a slow server holds no pool's thread."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(work(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+                future.set_exception(exc)
+
+    threading.Thread(target=run, name="image-download", daemon=True).start()
+    return future

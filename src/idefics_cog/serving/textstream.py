@@ -4,13 +4,29 @@ from collections.abc import Sequence
 
 from tokenizers.decoders import DecodeStream
 
+from idefics_cog.config import RequestLimits
+from idefics_cog.errors import InputError, shorten
+
 # A tokenizer decodes an incomplete multi-byte character to this; wait for the rest before emitting.
 _INCOMPLETE = "\ufffd"
 
 
-def parse_stop_sequences(value: str) -> list[str]:
-    """`stop_sequences` input: comma-separated; empty items are ignored."""
-    return [s for s in value.split(",") if s]
+def parse_stop_sequences(value: str, limits: RequestLimits = RequestLimits()) -> list[str]:
+    """`stop_sequences` input: comma-separated; empty items are ignored. At most `limits.stop_sequences` of at most
+    `limits.stop_sequence_chars` characters each, checked before the text is split: the check of each token's text
+    against them costs at most their total length."""
+    count, longest = limits.stop_sequences, limits.stop_sequence_chars
+    if len(value) > count * (longest + 1):
+        raise InputError(f"stop_sequences: {len(value)} characters; the limit is {count} sequences of at most "
+                         f"{longest} characters (IDEFICS_MAX_STOP_SEQUENCES, IDEFICS_MAX_STOP_SEQUENCE_CHARS)")
+    found = [s for s in value.split(",") if s]
+    if len(found) > count:
+        raise InputError(f"stop_sequences: {len(found)} sequences; the limit is {count} (IDEFICS_MAX_STOP_SEQUENCES)")
+    for stop in found:
+        if len(stop) > longest:
+            raise InputError(f"stop_sequences: {shorten(repr(stop), 40)} is {len(stop)} characters; the limit is "
+                             f"{longest} (IDEFICS_MAX_STOP_SEQUENCE_CHARS)")
+    return found
 
 
 class _Incremental:
@@ -145,5 +161,15 @@ class TextStream:
         return text[:safe]
 
     def _stop_prefix_length(self, text: str) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
-        return max((n for s in self.stop_sequences for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        """Length of the longest tail of `text` that is a proper prefix of a stop sequence. Only a tail shorter than
+        the stop can be one, and only where the stop's first character is: a few C-level searches per token."""
+        longest = 0
+        for stop in self.stop_sequences:
+            tail = text[max(0, len(text) - len(stop) + 1):] if len(stop) > 1 else ""
+            start = tail.find(stop[0])
+            while start >= 0 and len(tail) - start > longest:
+                if stop.startswith(tail[start:]):
+                    longest = len(tail) - start
+                    break
+                start = tail.find(stop[0], start + 1)
+        return longest

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from idefics_cog.errors import InputError
+from idefics_cog.errors import AdapterError, InputError
 from idefics_cog.model.loading import load_model, pick_device
 from idefics_cog.model.placement import Placement
 from idefics_cog.model.tokenizer import load_processor
@@ -35,6 +35,7 @@ from idefics_cog.training.collator import Collator, causal_lm_loss
 from idefics_cog.training.data import load_dataset
 from idefics_cog.training.examples import IGNORE, ExampleDataset, prepare
 from idefics_cog.training.packing import pack, save_adapter
+from idefics_cog.weights.lora import layer_shapes, targeted_layers
 from idefics_cog.weights.resolve import resolve
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,10 @@ def add_lora(model, config: TrainConfig, quantization: str):
 
     if quantization in ("4bit", "8bit"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    try:  # what the server could not serve is refused now, not after the training
+        targeted_layers(config.target_modules, layer_shapes(model))
+    except AdapterError as exc:
+        raise InputError(str(exc)) from None
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       bias="none", target_modules=list(config.target_modules))
     try:

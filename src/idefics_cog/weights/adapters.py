@@ -4,8 +4,12 @@
 - `lora_weights` (an https URL of a tar/zip, or a hub id) loads a custom adapter into the same PEFT model.
   Downloads sit in `weights/adapters/`, least recently used first out past a byte budget; loaded adapters stay
   in memory, least recently used first out past a count. The same source again costs no download, no reload.
-- Only the standard PEFT layout is accepted, and every LoRA matrix is checked against the base model's layers
-  before anything touches the model; a load that still fails is rolled back, so the model stays as it was.
+- Only the standard PEFT layout is accepted, its config by allow-list, and every LoRA matrix is checked against the
+  base model's adaptable layers before anything touches the model (lora.py); matrices that are not finite are
+  refused; a load that still fails is rolled back, so the model stays as it was.
+- Fetches run on their own bounded pool (pool.py): requests naming one source share its fetch, a fetch nobody waits
+  for any more stops, and no other request ever waits for one. What is remembered of sources (fetched, failed)
+  is bounded, and a failed fetch leaves nothing in the cache.
 - Loading an adapter never touches the base weights: the LoRA matrices are copied into the layers PEFT made for
   them, without PEFT's `load_adapter`, which calls `state_dict()` on the whole model. On CPUs with AVX512-BF16,
   bitsandbytes repacks 4-bit weights at the first forward and `state_dict()` unpacks them lossily, so answers
@@ -22,6 +26,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -29,11 +34,15 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
-from idefics_cog.errors import AdapterError, InputError
+from idefics_cog.config import MAX_ADAPTER_RANK
+from idefics_cog.errors import AdapterError, InputError, shorten
 from idefics_cog.weights.archive import fetch_archive
 from idefics_cog.weights.base import WeightsError
 from idefics_cog.weights.hub import fetch_request_adapter
-from idefics_cog.weights.lora import CONFIG_FILE, WEIGHTS_FILE, check_adapter, linear_shapes, lora_key, with_safetensors
+from idefics_cog.weights.cancel import Cancel, Cancelled
+from idefics_cog.weights.lora import (CONFIG_FILE, WEIGHTS_FILE, check_adapter, check_values, layer_shapes, lora_key,
+                                      with_safetensors)
+from idefics_cog.weights.pool import FetchPool, Recent, Waiter
 from idefics_cog.weights.resolve import resolve
 from idefics_cog.weights.sources import check_request_source, guarded_session
 
@@ -42,6 +51,8 @@ log = logging.getLogger(__name__)
 MEDICAL = "medical"
 NONE = "none"
 FAILURE_MEMORY_S = 60.0  # a source that failed is refused with the same message for this long
+REMEMBERED_SOURCES = 256  # sources remembered as fetched, and as failed (each map)
+MAX_MESSAGE_CHARS = 600  # of an error given to the requester
 
 
 def source_key(source: str) -> str:
@@ -52,18 +63,18 @@ class Adapters:
     """The adapters loaded on the engine's model, and which one the next generation uses."""
 
     def __init__(self, engine, cache_dir: Path, max_loaded: int = 4, cache_bytes: int = 4 << 30,
-                 max_adapter_bytes: int = 1 << 30, download_seconds: float = 300.0):
+                 max_adapter_bytes: int = 1 << 30, download_seconds: float = 300.0,
+                 max_rank: int = MAX_ADAPTER_RANK, fetch_threads: int = 4):
         self.engine = engine
-        self.shapes = linear_shapes(engine.model)
+        self.layers = layer_shapes(engine.model)  # of the plain base model: adapters are checked against it
         self.cache_dir = Path(cache_dir) / "adapters"
         self.max_loaded, self.cache_bytes, self.max_adapter_bytes = max_loaded, cache_bytes, max_adapter_bytes
-        self.download_seconds = download_seconds
+        self.download_seconds, self.max_rank = download_seconds, max_rank
         self.custom: OrderedDict[str, str] = OrderedDict()  # source -> adapter name, least recently used first
-        # Fetching happens in request threads: these are shared between them, under _lock.
+        self.fetches = FetchPool(fetch_threads, "adapter-fetch")  # fetch threads of their own, one fetch per source
+        self._fetched = Recent(REMEMBERED_SOURCES)  # source -> checked directory
+        self._failures = Recent(REMEMBERED_SOURCES, FAILURE_MEMORY_S)  # source -> the message it failed with
         self._lock = threading.Lock()
-        self._source_locks: dict[str, threading.Lock] = {}  # one fetch per source at a time
-        self._fetched: dict[str, Path] = {}  # source -> checked directory
-        self._failures: dict[str, tuple[float, str]] = {}  # source -> (when, message)
         self._busy: set[Path] = set()  # cache entries being filled
         self._disk_lock = threading.Lock()
 
@@ -78,7 +89,9 @@ class Adapters:
         adapter says it was trained on (its `base_model_name_or_path`)."""
         started = time.perf_counter()
         try:
-            path = resolve(source, self.cache_dir.parent, adapter=True)
+            path = with_safetensors(resolve(source, self.cache_dir.parent, adapter=True), self.cache_dir.parent)
+            check_adapter(path, self.layers, self.max_rank)
+            check_values(path)
             self.engine.run(self._load, path, MEDICAL)  # torch work stays on the generation thread
         except (AdapterError, WeightsError) as exc:
             # The same class (UnreachableError stays one, so setup can say what else works), its message prefixed.
@@ -118,61 +131,79 @@ class Adapters:
         return name
 
     def fetch(self, source: str, allow_local: bool = False) -> Path:
+        """`start_fetch(...)`, waited for here (for a caller that may block)."""
+        return self.start_fetch(source, allow_local).result()
+
+    def start_fetch(self, source: str, allow_local: bool = False) -> Waiter:
         """Everything a custom adapter needs before the model is touched: download, extraction, conversion of an
-        adapter_model.bin, checks against the base model. Runs in the request's own thread, never on the torch
-        thread, so a slow source delays its own request only. Requests for one source share one fetch; a source
-        that failed is refused with the same message for FAILURE_MEMORY_S seconds. Returns the checked directory."""
-        with self._lock:
-            source_lock = self._source_locks.setdefault(source, threading.Lock())
-        with source_lock:
-            with self._lock:
-                found, failed = self._fetched.get(source), self._failures.get(source)
-            if found is not None and found.is_dir():
-                return found
-            if failed and time.monotonic() - failed[0] < FAILURE_MEMORY_S:
-                raise InputError(failed[1])
-            started = time.perf_counter()
-            try:
-                path = self._fetch(source, allow_local)
-            except (WeightsError, AdapterError) as exc:
-                message = f"lora_weights: {self._hide_paths(str(exc))}"
-                with self._lock:
-                    self._failures[source] = (time.monotonic(), message)
-                raise InputError(message) from None
-            with self._lock:
-                self._fetched[source] = path
-                self._failures.pop(source, None)
-            log.info("adapter %s fetched and checked in %.1f s", source, time.perf_counter() - started)
-            return path
-
-    def _fetch(self, source: str, operator: bool) -> Path:
-        """`operator`: a source from the operator's tools, with the freedom of the settings (local directories,
-        any URL); else a request's, with the rules of sources.py."""
-        if operator and Path(source).expanduser().is_dir():
-            path, cache = Path(source).expanduser(), self.cache_dir.parent
-        else:
-            kind = "operator" if operator else check_request_source(source)
-            cache = self.cache_dir / source_key(source)
-            with self._lock:
-                self._busy.add(cache)  # not trimmed while it is being filled
-            try:
-                path = self._download(source, kind, cache)
-            finally:
-                with self._lock:
-                    self._busy.discard(cache)
-        path = with_safetensors(path, cache)
-        check_adapter(path, self.shapes)
-        return path
-
-    def _download(self, source: str, kind: str, entry: Path) -> Path:
+        adapter_model.bin, checks against the base model, on the fetch pool (never on the torch thread, nor on a
+        thread any other request needs), so a slow source delays its own request only. Requests for one source
+        share one fetch; a source that failed is refused with the same message for FAILURE_MEMORY_S seconds. The
+        waiter's future gives the checked directory; the deadline runs from the first request's arrival."""
+        found, failed = self._fetched.get(source), self._failures.get(source)
+        if failed is not None or (found is not None and found.is_dir()):
+            done: Future = Future()
+            done.set_exception(InputError(failed)) if failed is not None else done.set_result(found)
+            return Waiter(done, lambda: None)
         deadline = time.monotonic() + self.download_seconds
+        return self.fetches.join((source, allow_local),
+                                 lambda cancel: self._fetch_checked(source, allow_local, deadline, cancel))
+
+    def _fetch_checked(self, source: str, allow_local: bool, deadline: float, cancel: Cancel) -> Path:
+        started = time.perf_counter()
+        try:
+            path = self._fetch(source, allow_local, deadline, cancel)
+        except Cancelled:  # not the source's fault: not remembered
+            raise
+        except (WeightsError, AdapterError) as exc:
+            message = self._message(str(exc), source)
+        except Exception:  # a fault met on a stranger's files: the details (server paths) go to the log only
+            log.exception("adapter %s could not be fetched", shorten(source))
+            message = self._message("it could not be used (the server's log says why)", source)
+        else:
+            self._fetched.put(source, path)
+            self._failures.pop(source)
+            log.info("adapter %s fetched and checked in %.1f s", shorten(source), time.perf_counter() - started)
+            return path
+        self._failures.put(source, message)
+        raise InputError(message)
+
+    def _fetch(self, source: str, operator: bool, deadline: float, cancel: Cancel | None = None) -> Path:
+        """`operator`: a source from the operator's tools, with the freedom of the settings (local directories,
+        any URL); else a request's, with the rules of sources.py. A request's cache entry that this fetch made is
+        removed again when it fails."""
+        if operator and Path(source).expanduser().is_dir():
+            path = with_safetensors(Path(source).expanduser(), self.cache_dir.parent)
+            check_adapter(path, self.layers, self.max_rank)
+            check_values(path)
+            return path
+        kind = "operator" if operator else check_request_source(source)
+        cache = self.cache_dir / source_key(source)
+        new = not cache.exists()
+        with self._lock:
+            self._busy.add(cache)  # not trimmed while it is being filled
+        try:
+            path = with_safetensors(self._download(source, kind, cache, deadline, cancel), cache)
+            check_adapter(path, self.layers, self.max_rank)
+            check_values(path)  # here, not on the torch thread: a whole adapter's values are read
+            return path
+        except BaseException:
+            if new:
+                shutil.rmtree(cache, ignore_errors=True)
+            raise
+        finally:
+            with self._lock:
+                self._busy.discard(cache)
+
+    def _download(self, source: str, kind: str, entry: Path, deadline: float, cancel: Cancel | None) -> Path:
         try:
             if kind == "url":
                 path = fetch_archive(source, entry, max_bytes=self.max_adapter_bytes, deadline=deadline,
-                                     session=guarded_session())
+                                     session=guarded_session(), cancel=cancel)
             elif kind == "hub":
                 repo_id, _, revision = source.partition("@")
-                path = fetch_request_adapter(repo_id, revision or None, entry, self.max_adapter_bytes, deadline)
+                path = fetch_request_adapter(repo_id, revision or None, entry, self.max_adapter_bytes, deadline,
+                                             cancel)
             else:
                 path = resolve(source, entry, max_bytes=self.max_adapter_bytes, adapter=True)
             if directory_bytes(entry) > self.max_adapter_bytes:  # a hub repo offline is only measured once here
@@ -185,11 +216,13 @@ class Adapters:
                 self._trim_disk_cache(keep=entry)  # partial downloads left by a failure count too
         return path
 
-    def _hide_paths(self, message: str) -> str:
-        """An error for the requester, without the server's directories in it."""
+    def _message(self, problem: str, source: str) -> str:
+        """An error for the requester: the source shortened, without the server's directories, of bounded length."""
         for folder in {str(self.cache_dir.parent), str(self.cache_dir.parent.resolve())}:
-            message = message.replace(folder, "<cache>")
-        return message
+            problem = problem.replace(folder, "<cache>")
+        for shown in {source, source.partition("#")[0]}:
+            problem = problem.replace(shown, shorten(shown))
+        return shorten(f"lora_weights: {problem}", MAX_MESSAGE_CHARS)
 
     def _custom(self, source: str, path: Path) -> str:
         """Torch-thread part: load the fetched adapter at `path` into the model (once), or reuse it."""
@@ -199,14 +232,16 @@ class Adapters:
         started = time.perf_counter()
         name = f"custom_{source_key(source)}"
         if not path.is_dir():
-            with self._lock:
-                self._fetched.pop(source, None)
+            self._fetched.pop(source)
             raise InputError("lora_weights: the downloaded adapter left the disk cache before it was loaded; "
                              "send the request again")
         try:
             self._load(path, name)
-        except (WeightsError, AdapterError) as exc:
-            raise InputError(f"lora_weights: {self._hide_paths(str(exc))}") from None
+        except (WeightsError, AdapterError) as exc:  # remembered: its next request costs the torch thread nothing
+            message = self._message(str(exc), source)
+            self._fetched.pop(source)
+            self._failures.put(source, message)
+            raise InputError(message) from None
         self.custom[source] = name
         log.info("adapter %s from %s loaded in %.1f s", name, source, time.perf_counter() - started)
         while len(self.custom) > self.max_loaded:
@@ -219,7 +254,7 @@ class Adapters:
         """Add the adapter at `path` as `name` (an adapter_model.bin is converted under `cache`, the weights cache
         by default, first); on any failure the model is left exactly as it was."""
         path = with_safetensors(path, cache or self.cache_dir.parent)
-        config = check_adapter(path, self.shapes)
+        config = check_adapter(path, self.layers, self.max_rank)
         model = self.engine.model
         wrapped_here = not isinstance(model, PeftModel)
         try:
@@ -266,7 +301,7 @@ def load_lora_matrices(model: PeftModel, path: Path, name: str) -> None:
         for key in tensors.keys():
             module, part = lora_key(key)
             if module not in layers:
-                raise AdapterError(f"{key}: {module} is not among the target_modules of {CONFIG_FILE}")
+                raise AdapterError(f"{shorten(key)}: {module} is not among the target_modules of {CONFIG_FILE}")
             weight = getattr(layers[module], f"lora_{part}")[name].weight
             tensor = tensors.get_tensor(key)
             if tensor.shape != weight.shape:

@@ -20,6 +20,7 @@ import requests
 from idefics_cog.weights.base import UnreachableError, WeightsError, env_flag
 from idefics_cog.weights.cache import MARKER, Entry, cache_key, locked
 from idefics_cog.weights.extract import extract_archive, move_into_place, root
+from idefics_cog.weights.cancel import Cancel
 from idefics_cog.weights.transfer import (CHUNK_SIZE, CONNECT_TIMEOUT, READ_TIMEOUT, RETRIES, RETRY_WAIT, THREADS,
                                           Options, download, mb)
 
@@ -41,13 +42,14 @@ def fetch_archive(
     max_bytes: Optional[int] = None,
     deadline: Optional[float] = None,
     session: Optional[requests.Session] = None,
+    cancel: Optional[Cancel] = None,
 ) -> Path:
     """Return the directory holding the extracted archive at `url`, downloading it into `cache_dir` once.
 
     When the archive holds a single top-level directory, that directory is returned. For a request's adapter:
     `max_bytes` caps the bytes announced, received and extracted; `deadline` (a time.monotonic() value) ends the
-    whole transfer; `session` sends the requests (and pget, which would bypass it, is not used). A transfer that
-    fails leaves no partial download behind when `max_bytes` is set.
+    whole transfer; `session` sends the requests (and pget, which would bypass it, is not used); `cancel` stops it.
+    A transfer that fails leaves no partial download behind when `max_bytes` is set.
     """
     entry = Entry.of(url, Path(cache_dir))
     found = entry.lookup()
@@ -57,7 +59,7 @@ def fetch_archive(
     if offline():
         raise UnreachableError(f"{entry.url}: not in the cache at {cache_dir}, and HF_HUB_OFFLINE=1 forbids downloading it")
     options = Options(chunk_size, threads, connect_timeout, read_timeout, retries, retry_wait, max_bytes, deadline,
-                      session)
+                      session, cancel)
     for folder in (entry.final.parent, entry.part.parent, entry.lock.parent):
         folder.mkdir(parents=True, exist_ok=True)
     with locked(entry):

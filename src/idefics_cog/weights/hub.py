@@ -45,6 +45,7 @@ from idefics_cog.weights import checksums
 from idefics_cog.weights.base import ADAPTER_PICKLE, UnreachableError, WeightsError
 from idefics_cog.weights.checksums import require_safetensors, verify, write_atomically
 from idefics_cog.weights.hub_client import COMMIT, Hub
+from idefics_cog.weights.cancel import Cancel
 from idefics_cog.weights.transfer import fetch_file
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ CURRENT = "commit"  # in a request adapter's folder: the commit last fetched, fo
 
 
 def fetch_request_adapter(repo_id: str, revision: str | None, folder: Path, max_bytes: int,
-                          deadline: float | None = None) -> Path:
+                          deadline: float | None = None, cancel: Cancel | None = None) -> Path:
     """A hub adapter a request named, as `folder/<commit>/` holding only its adapter files. Without the operator's
     HF_TOKEN; refused before anything is downloaded when the repo's file metadata says the files add up to more
     than `max_bytes`; each file then fetched by transfer.fetch_file, so the cap and the deadline (a
@@ -124,7 +125,7 @@ def fetch_request_adapter(repo_id: str, revision: str | None, folder: Path, max_
             for name in wanted:
                 url = hf_hub_url(repo_id, name, revision=info.sha, endpoint=hub.endpoint)
                 with hub.errors():
-                    fetch_file(url, staging / name, max_bytes=max_bytes - received, deadline=deadline)
+                    fetch_file(url, staging / name, max_bytes=max_bytes - received, deadline=deadline, cancel=cancel)
                 received += (staging / name).stat().st_size
                 _check_request_file(hub, staging / name, files[name])
             staging.rename(snapshot)

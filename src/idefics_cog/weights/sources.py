@@ -21,6 +21,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
+from idefics_cog.errors import shorten
 from idefics_cog.weights.base import HUB_ID, WeightsError, env_flag, is_url
 
 ALLOW_PRIVATE = "IDEFICS_ALLOW_PRIVATE_URLS"
@@ -48,12 +49,12 @@ def check_url(url: str, allowed: Callable[[str], bool] | None = None, schemes: t
     parts = urlsplit(url)
     if allowed is None and private_allowed():
         if parts.scheme not in ("http", "https"):
-            raise SourceRefused(f"{url}: only http(s) URLs are fetched")
+            raise SourceRefused(f"{shorten(url)}: only http(s) URLs are fetched")
         return
     if parts.scheme not in schemes:
-        raise SourceRefused(f"{url}: only https URLs are fetched (set {ALLOW_PRIVATE}=1 to allow http)")
+        raise SourceRefused(f"{shorten(url)}: only https URLs are fetched (set {ALLOW_PRIVATE}=1 to allow http)")
     if not parts.hostname:
-        raise SourceRefused(f"{url}: the URL has no host")
+        raise SourceRefused(f"{shorten(url)}: the URL has no host")
     checked_addresses(url, parts.hostname, parts.port or 443, allowed)
 
 
@@ -62,11 +63,13 @@ def checked_addresses(what: str, host: str, port: int, allowed: Callable[[str], 
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise SourceRefused(f"{what}: the host {host!r} cannot be resolved ({exc})") from None
+        raise SourceRefused(f"{shorten(what)}: the host {shorten(repr(host))} cannot be resolved "
+                            f"({shorten(exc)})") from None
     addresses = list(dict.fromkeys(info[4][0] for info in found))
     refused = [address for address in addresses if not (allowed or is_public)(address)]
     if refused or not addresses:
-        raise SourceRefused(f"{what}: the host {host!r} resolves to a loopback, private or link-local address "
+        raise SourceRefused(f"{shorten(what)}: the host {shorten(repr(host))} resolves to a loopback, private or "
+                            f"link-local address "
                             f"({', '.join(sorted(refused)) or 'none'}); only public addresses are fetched "
                             f"(set {ALLOW_PRIVATE}=1 for private networks)")
     return addresses
@@ -136,5 +139,5 @@ def check_request_source(source: str) -> str:
         return "url"
     if HUB_ID.match(source) and ".." not in source.split("/"):
         return "hub"
-    raise SourceRefused(f"{source!r} is neither an https URL of a .tar/.zip nor a Hugging Face repo id "
+    raise SourceRefused(f"{shorten(repr(source))} is neither an https URL of a .tar/.zip nor a Hugging Face repo id "
                         f"(owner/name[@revision]); local paths are never read for a request")

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,7 +18,9 @@ from typing import Callable, Optional
 import requests
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
+from idefics_cog.errors import shorten
 from idefics_cog.weights.base import WeightsError
+from idefics_cog.weights.cancel import Cancel
 from idefics_cog.weights.cache import Entry
 
 log = logging.getLogger("idefics_cog.weights.transfer")
@@ -45,6 +48,9 @@ class Options:
     max_bytes: Optional[int] = None  # refuse a larger archive, announced or received or extracted (requests)
     deadline: Optional[float] = None  # time.monotonic() by which the whole transfer must be done (requests)
     session: Optional[requests.Session] = None  # sends every request (sources.guarded_session for requests)
+    cancel: Optional[Cancel] = None  # stops the transfer when its request goes away
+    deadline_setting: str = "IDEFICS_ADAPTER_DOWNLOAD_SECONDS"  # named when the deadline passes
+    bytes_setting: Optional[str] = None  # named when max_bytes is passed
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ def download(entry: Entry, options: Options) -> Optional[int]:
     remote = _retrying(entry.url, options, lambda: _probe(entry.url, options))
     if options.max_bytes is not None and (remote.size is None or remote.size > options.max_bytes):
         size = "an unannounced size" if remote.size is None else f"{remote.size} bytes"
-        raise WeightsError(f"{entry.url}: {size}, over the limit of {options.max_bytes} bytes; not downloaded")
+        raise WeightsError(f"{shorten(entry.url)}: {size}, over the limit of {options.max_bytes} bytes; not downloaded")
     pget = shutil.which("pget") if options.session is None else None  # pget would bypass the session's checks
     if pget:
         _download_with_pget(entry, pget)
@@ -108,27 +114,34 @@ def _request(url: str, options: Options, method: str = "GET", headers: Optional[
     """One streamed request; an HTTP error becomes a WeightsError naming the URL (a _ServerError for 5xx/429)."""
     _check_deadline(url, options)
     remaining = options.deadline - time.monotonic() if options.deadline is not None else float("inf")
-    response = (options.session or requests).request(
-        method,
-        url,
-        headers={**HEADERS, **(headers or {})},
-        stream=True,
-        timeout=(min(options.connect_timeout, remaining), min(options.read_timeout, remaining)),
-        allow_redirects=True,
-    )
+    try:
+        response = (options.session or requests).request(
+            method,
+            url,
+            headers={**HEADERS, **(headers or {})},
+            stream=True,
+            timeout=(min(options.connect_timeout, remaining), min(options.read_timeout, remaining)),
+            allow_redirects=True,
+        )
+    except RETRYABLE:
+        raise
+    except requests.RequestException as exc:  # too many redirects, an invalid URL or scheme: not worth a retry
+        raise WeightsError(f"{shorten(url)}: {type(exc).__name__} ({shorten(_reason(exc), 200)})") from None
     if response.status_code >= 400:
         response.close()
         problem = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
         if response.status_code >= 500 or response.status_code == 429:
             raise _ServerError(problem)
-        raise WeightsError(f"{url}: {problem}")
+        raise WeightsError(f"{shorten(url)}: {problem}")
     return response
 
 
 def _check_deadline(url: str, options: Options) -> None:
+    if options.cancel is not None:
+        options.cancel.check(shorten(url))
     if options.deadline is not None and time.monotonic() > options.deadline:
-        raise WeightsError(f"{url}: the download did not finish within its deadline "
-                           f"(IDEFICS_ADAPTER_DOWNLOAD_SECONDS); stopped")
+        raise WeightsError(f"{shorten(url)}: the download did not finish within its deadline "
+                           f"({options.deadline_setting}); stopped")
 
 
 def _retrying(url: str, options: Options, attempt: Callable):
@@ -139,9 +152,12 @@ def _retrying(url: str, options: Options, attempt: Callable):
         except RETRYABLE as exc:
             problem = _describe(exc, options)
             if number == options.retries:
-                raise WeightsError(f"{url}: {problem} (after {options.retries} retries)") from exc
+                raise WeightsError(f"{shorten(url)}: {problem} (after {options.retries} retries)") from exc
             log.warning("%s: %s; retrying (%d of %d)", url, problem, number + 1, options.retries)
-            time.sleep(number * options.retry_wait)
+            if options.cancel is not None:
+                options.cancel.wait(number * options.retry_wait)
+            else:
+                time.sleep(number * options.retry_wait)
 
 
 def _describe(exc: Exception, options: Options) -> str:
@@ -216,7 +232,7 @@ class _RangeDownload:
             with _request(self.entry.url, self.options, headers=headers) as response:
                 if response.status_code != 206:
                     raise _RangesIgnored
-                for block in _blocks(response):
+                for block in _blocks(response, self.options):
                     if self.stop.is_set():
                         raise _Stopped
                     _check_deadline(self.entry.url, self.options)
@@ -247,17 +263,28 @@ class _RangeDownload:
             temporary.replace(self.entry.state)
 
 
-def _blocks(response: requests.Response):
+def _blocks(response: requests.Response, options: Options):
     """The body as it arrives (read1: a trickling server cannot hold a block back past the deadline checks),
-    with urllib3's errors raised as requests raises them (retryable)."""
-    while True:
-        try:
-            block = response.raw.read1(BLOCK)
-        except (ProtocolError, ReadTimeoutError) as exc:
-            raise requests.ConnectionError(exc) from exc
-        if not block:
-            return
-        yield block
+    with urllib3's errors raised as requests raises them (retryable). A cancel interrupts the read it waits in."""
+    cancel = options.cancel
+    with cancel.interrupting(response.raw.shutdown) if cancel is not None else _nothing():
+        while True:
+            try:
+                block = response.raw.read1(BLOCK)
+            except (ProtocolError, ReadTimeoutError, OSError) as exc:
+                if cancel is not None:
+                    cancel.check(shorten(response.url))
+                raise requests.ConnectionError(exc) from exc
+            if cancel is not None:
+                cancel.check(shorten(response.url))  # an interrupted read ends like the body
+            if not block:
+                return
+            yield block
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def _load_state(entry: Entry, remote: Remote) -> list[list[int]]:
@@ -301,13 +328,17 @@ def _download_stream(entry: Entry, remote: Remote, options: Options) -> None:
     _stream(entry.url, entry.part, remote.size, options)
 
 
-def fetch_file(url: str, target: Path, *, max_bytes: int, deadline: Optional[float]) -> None:
-    """`url` into `target` by one streamed GET (a request's hub adapter file: small, from the operator's hub), with
-    the byte cap and the deadline checked on the bytes as they arrive; `target` appears only when whole, and a
-    failed transfer leaves nothing behind."""
+def fetch_file(url: str, target: Path, *, max_bytes: int, deadline: Optional[float],
+               session: Optional[requests.Session] = None, cancel: Optional[Cancel] = None,
+               settings: tuple[str, Optional[str]] = (Options.deadline_setting, None)) -> None:
+    """`url` into `target` by one streamed GET (a request's hub adapter file, or an image URL), with the byte cap
+    and the deadline checked on the bytes as they arrive; `target` appears only when whole, and a failed transfer
+    leaves nothing behind. `session` sends it (sources.guarded_session for a stranger's URL); `settings` are the
+    variables of the deadline and of the byte cap, named when one is passed."""
     partial = target.with_name(target.name + ".part")
     try:
-        _stream(url, partial, None, Options(max_bytes=max_bytes, deadline=deadline))
+        _stream(url, partial, None, Options(max_bytes=max_bytes, deadline=deadline, session=session, cancel=cancel,
+                                            deadline_setting=settings[0], bytes_setting=settings[1]))
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
@@ -320,11 +351,13 @@ def _stream(url: str, path: Path, size: Optional[int], options: Options) -> None
         progress = _Progress(url, size)
         received = 0
         with _request(url, options) as response, open(path, "wb") as file:
-            for block in _blocks(response):
+            for block in _blocks(response, options):
                 _check_deadline(url, options)
                 received += len(block)
                 if options.max_bytes is not None and received > options.max_bytes:  # whatever HEAD said
-                    raise WeightsError(f"{url}: more than the limit of {options.max_bytes} bytes received; stopped")
+                    setting = f" ({options.bytes_setting})" if options.bytes_setting else ""
+                    raise WeightsError(f"{shorten(url)}: more than the limit of {options.max_bytes} bytes received; "
+                                       f"stopped{setting}")
                 file.write(block)
                 progress.add(len(block))
 

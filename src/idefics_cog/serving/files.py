@@ -1,0 +1,154 @@
+"""A request's file inputs (`image`, `images`): exactly the files Cog received for it, and image URLs fetched under
+the rules a stranger's `lora_weights` meets.
+
+coglet 0.23.1 makes each file input given as a URL (http(s), or a data: URI holding the file) a `cog.types.URLPath`
+and calls its `convert()` before `run` starts; any other string it hands to `run` as a path on the server, which
+would then be opened (`/etc/passwd`, another request's file). It fetches http(s) URLs itself with no address rule
+and no size cap, and a failed fetch leaves its empty temporary file behind. `install` (setup) replaces `convert`:
+- a data: URI is written to a temporary file, as Cog writes it;
+- an http(s) URL is not fetched there: its temporary file is made empty, and `Files.fetch` fills it later from the
+  request, where a cancel reaches it and an error can name the input: https to public addresses only (sources.py;
+  IDEFICS_ALLOW_PRIVATE_URLS=1 lifts both), the image byte limit counted on the bytes as they arrive, the request's
+  download deadline (IDEFICS_IMAGE_DOWNLOAD_SECONDS);
+and remembers each file it returns (a bounded map). `Files.claim` gives a request its own files, each once, and
+refuses any other path with one message, whatever the path. coglet removes the temporary files when the prediction
+ends, failed or not (`URLPath.unlink`, which forgets them here too).
+coglet converts all of a prediction's files on a thread pool of the prediction's own, before `run` can count them:
+a 1 MB request of 100,000 tiny data: URIs would write 100,000 files. So `convert` counts per pool, and past the
+image limit refuses at once, writing nothing.
+"""
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import cog.types
+
+from idefics_cog.config import ImageLimits
+from idefics_cog.errors import InputError, shorten
+from idefics_cog.weights.base import WeightsError
+from idefics_cog.weights.pool import Recent
+from idefics_cog.weights.sources import guarded_session
+from idefics_cog.weights.cancel import Cancel, Cancelled
+from idefics_cog.weights.transfer import fetch_file
+
+REMEMBERED_FILES = 4096  # files converted and not yet claimed nor removed (16 requests of 8 images use 128)
+NOT_RECEIVED = ("must be a file sent with the request (an upload, an http(s) URL or a data: URI); "
+                "paths on the server are not read")
+_received = Recent(REMEMBERED_FILES)  # path of a converted file -> its URL (fetched later), or None (written)
+_HOOKED = "_idefics_received"
+
+
+class Files:
+    """The file inputs of the requests of a server that has `install`ed the hook."""
+
+    def __init__(self, limits: ImageLimits, download_seconds: float):
+        self.limits, self.download_seconds = limits, download_seconds
+
+    def claim(self, named: list[tuple[str, object]]) -> list[tuple[str, Path, str | None]]:
+        """For each (input name, path): (name, path, the URL it is still to be fetched from or None), when Cog
+        converted every path for a request and no request has claimed it yet; else an InputError naming the first
+        input that is a path on the server, and only that."""
+        for name, path in named:  # coglet 0.23.1 leaves a list that mixes URLs and paths unconverted: name the path
+            if not isinstance(path, cog.types.URLPath) and _received.get(str(path), _MISSING) is _MISSING:
+                raise InputError(f"{name}: {NOT_RECEIVED}")
+        claimed = []
+        for name, path in named:
+            url = _received.pop(str(path), _MISSING)
+            if url is _MISSING:  # claimed meanwhile by another request
+                raise InputError(f"{name}: {NOT_RECEIVED}")
+            claimed.append((name, Path(path), url))
+        return claimed
+
+    def fetch(self, name: str, path: Path, url: str, deadline: float, cancel: Cancel | None = None) -> None:
+        """Fill `path` with the image at `url` (a blocking download: run it where it holds no other request)."""
+        try:
+            fetch_file(url, path, max_bytes=self.limits.max_bytes, deadline=deadline, session=guarded_session(),
+                       cancel=cancel, settings=("IDEFICS_IMAGE_DOWNLOAD_SECONDS", "IDEFICS_MAX_IMAGE_BYTES"))
+        except Cancelled:
+            raise
+        except WeightsError as exc:
+            raise InputError(shorten(f"{name}: {exc}", 600)) from None
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.download_seconds
+
+
+_MISSING = object()
+
+
+def install(max_images: int) -> None:
+    """Replace Cog's `URLPath.convert` and `unlink` as the module docstring says. Idempotent."""
+    if getattr(cog.types.URLPath.convert, _HOOKED, False):
+        return
+    original_convert, original_unlink = cog.types.URLPath.convert, cog.types.URLPath.unlink
+
+    def convert(self) -> cog.types.Path:
+        if self._path is None:
+            pool = _Pool.of_this_thread(max_images)
+            if urlsplit(self.source).scheme in ("http", "https"):
+                with tempfile.NamedTemporaryFile(suffix=self.filename, delete=False) as empty:
+                    self._path = cog.types.Path(empty.name)
+                _received.put(str(self._path), self.source)
+            else:
+                _received.put(str(original_convert(self)), None)
+            if pool is not None:
+                pool.written(self._path)
+        return self._path
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        if self._path is not None:
+            _received.pop(str(self._path))
+        original_unlink(self, missing_ok=missing_ok)
+
+    setattr(convert, _HOOKED, True)
+    cog.types.URLPath.convert, cog.types.URLPath.unlink = convert, unlink
+
+
+class _Pool:
+    """The files converted on one of coglet's per-prediction pools (threads `ThreadPoolExecutor-<pool>_<n>` in
+    coglet 0.23.1). Past the image limit (plus one, so that the request itself can say how many it sent) a file is
+    refused unwritten, and those written before are removed: coglet removes none of a prediction whose files fail."""
+
+    _pools = Recent(1024)
+    _lock = threading.Lock()
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.paths, self.refused = limit, 0, [], False
+
+    @classmethod
+    def of_this_thread(cls, max_images: int) -> "_Pool | None":
+        name = threading.current_thread().name
+        if not name.startswith("ThreadPoolExecutor-"):
+            return None
+        key = name.rpartition("_")[0]
+        with cls._lock:
+            pool = cls._pools.get(key) or cls(max_images + 1)
+            cls._pools.put(key, pool)
+            pool.count += 1
+            if pool.count > pool.limit and not pool.refused:
+                pool.refused = True
+                for path in pool.paths:
+                    _discard(path)
+            if pool.refused:
+                raise ValueError(f"image, images: more than {pool.limit} files given; the limit is {max_images} "
+                                 f"per request (IDEFICS_MAX_IMAGES)")
+        return pool
+
+    def written(self, path) -> None:
+        with self._lock:
+            if self.refused:  # refused while this one was written
+                _discard(path)
+            else:
+                self.paths.append(path)
+
+
+def _discard(path) -> None:
+    _received.pop(str(path))
+    Path(path).unlink(missing_ok=True)
+
+
+def installed() -> bool:
+    return getattr(cog.types.URLPath.convert, _HOOKED, False)
