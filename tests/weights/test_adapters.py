@@ -227,7 +227,12 @@ def test_settings_at_their_defaults_are_accepted(tiny_dir, tmp_path, fresh):
     ({"alpha_pattern": {"(a|a)*$": 2}}, None, r"alpha_pattern key '\(a\|a\)\*\$' is not a module name"),
     ({"lora_alpha": float("inf")}, None, r"lora_alpha must be a finite number"),
     ({"lora_alpha": 10 ** 400}, None, r"lora_alpha must be a finite number from -1e\+06 to 1e\+06"),
-    ({"lora_dropout": 2}, None, r"lora_dropout must be a finite number from 0 to 1"),
+    ({"lora_dropout": "high"}, None, r"adapter_config.json: lora_dropout is a str"),
+    ({"base_model_name_or_path": {"a": 1}}, None, r"adapter_config.json: base_model_name_or_path is a dict"),
+    ({"rank_pattern": {f"layers.{i}.q_proj": 16 for i in range(257)}}, None,
+     r"rank_pattern must be an object of at most 256 module names"),
+    (None, lambda t: {**t, **{k.replace(".lora_A.weight", ".lora_A.second.weight"): v.clone() for k, v in t.items()
+                              if ".lora_A." in k}}, r"holds two lora_A matrices of model\."),
     ({"r": True}, None, r"r must be a positive integer"),
     ({"target_modules": ["q_proj", "k_proj"]}, None, r"holds [\w.]+v_proj, which is not among the target_modules"),
     (None, lambda t: {**t, next(iter(t)): t[next(iter(t))].to(torch.int32)}, r"holds I32 values"),
@@ -300,3 +305,44 @@ def test_values_are_checked_in_every_float_type_without_torch(tiny_dir, tmp_path
     else:
         with pytest.raises(AdapterError, match=r"lora_B\.weight holds values that are not finite"):
             check_values(adapter)
+
+
+def test_pattern_keys_are_matched_as_peft_matches_them_and_loaded_at_their_ranks(tiny_dir, tmp_path, fresh, alone):
+    """rank_pattern and alpha_pattern, resolved here per module (PEFT's `(.*\\.)?(key)$`), and handed to PEFT as
+    one pattern of exact names per value: the layers get those ranks and scalings."""
+    def half_rank_on_v(tensors):
+        return {k: (v[:8] if ".lora_A." in k else v[:, :8]).contiguous() if "v_proj" in k else v
+                for k, v in tensors.items()}
+
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "a", {"rank_pattern": {"v_proj": 8},
+                                                                   "alpha_pattern": {"self_attn.q_proj": 64}},
+                           half_rank_on_v)
+    config = check_adapter(adapter, layer_shapes(fresh.model))
+    assert list(config.rank_pattern.values()) == [8] and list(config.alpha_pattern.values()) == [64]
+    adapters = Adapters(fresh, tmp_path / "cache")
+    name = adapters.select(lora_weights=str(adapter), allow_local=True)
+    layers = {path: module for path, module in fresh.model.named_modules() if hasattr(module, "lora_A")}
+    for path, module in layers.items():
+        rank = 8 if path.endswith("v_proj") else 16
+        alpha = 64 if path.endswith("self_attn.q_proj") else 32
+        assert module.r[name] == rank and module.scaling[name] == alpha / rank, path
+
+
+def test_a_pickled_adapter_whose_tensors_are_views_larger_than_its_data_is_refused(tiny_dir, tmp_path, fresh):
+    """A stride-0 view of a one-element storage is a valid tensor of any size: copying it would allocate it all
+    (an 1.8 kB adapter_model.bin grew a server by 1 GB)."""
+    from idefics_cog.weights.lora import load_pickled_lora
+
+    huge = torch.zeros(1).expand(16, 1 << 20)  # 64 MB as a copy, 4 bytes of data
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": huge}, folder / "adapter_model.bin")
+    assert (folder / "adapter_model.bin").stat().st_size < 5000
+    with pytest.raises(AdapterError, match=r"is not a 2-D tensor laid out in its data"):
+        load_pickled_lora(folder / "adapter_model.bin")
+    one = torch.zeros(16, 64)
+    views = {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight": one for i in range(2)}
+    torch.save(views, folder / "adapter_model.bin")  # two tensors of one storage: twice its data as copies
+    with pytest.raises(AdapterError, match=r"its tensors are views larger than the data it holds"):
+        load_pickled_lora(folder / "adapter_model.bin")
+

@@ -66,3 +66,39 @@ def test_recent_holds_at_most_its_capacity_and_forgets_expired_entries():
     assert recent.get("b") is None  # expired
     recent.put("e", "E")  # expired ones go as new ones come
     assert len(recent) == 1 and recent.pop("e") == "E" and recent.pop("e") is None
+
+
+def test_a_key_never_has_two_fetches_at_once():
+    """A fetch waiting for its key's stopping one, cancelled before it starts, leaves the stopping one in place: the
+    next request's fetch still waits for it (both would fill the same cache folder)."""
+    pool, started, release, calls = FetchPool(3), threading.Event(), threading.Event(), []
+    running, lock, most = [0], threading.Lock(), [0]
+
+    def counted(cancel):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.3)  # a download that takes a moment to notice its cancel
+        finally:
+            with lock:
+                running[0] -= 1
+
+    first = pool.join("k", counted)
+    time.sleep(0.05)
+    first.leave()  # stopping, still running
+    second = pool.join("k", counted)  # waits for the first
+    second.leave()  # cancelled before it started
+    third = pool.join("k", counted)
+    third.result()
+    assert most[0] == 1
+
+
+def test_a_cancel_set_before_the_read_starts_interrupts_it():
+    from idefics_cog.weights.cancel import Cancel
+
+    cancel, interrupted = Cancel(), []
+    cancel.set()
+    with cancel.interrupting(lambda: interrupted.append(True)):
+        pass
+    assert interrupted == [True]

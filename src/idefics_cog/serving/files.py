@@ -18,6 +18,7 @@ a 1 MB request of 100,000 tiny data: URIs would write 100,000 files. So `convert
 image limit refuses at once, writing nothing.
 """
 
+import logging
 import tempfile
 import threading
 import time
@@ -33,6 +34,8 @@ from idefics_cog.weights.pool import Recent
 from idefics_cog.weights.sources import guarded_session
 from idefics_cog.weights.cancel import Cancel, Cancelled
 from idefics_cog.weights.transfer import fetch_file
+
+log = logging.getLogger(__name__)
 
 REMEMBERED_FILES = 4096  # files converted and not yet claimed nor removed (16 requests of 8 images use 128)
 NOT_RECEIVED = ("must be a file sent with the request (an upload, an http(s) URL or a data: URI); "
@@ -114,6 +117,7 @@ class _Pool:
 
     _pools = Recent(1024)
     _lock = threading.Lock()
+    _warned = False
 
     def __init__(self, limit: int):
         self.limit, self.count, self.paths, self.refused = limit, 0, [], False
@@ -122,6 +126,10 @@ class _Pool:
     def of_this_thread(cls, max_images: int) -> "_Pool | None":
         name = threading.current_thread().name
         if not name.startswith("ThreadPoolExecutor-"):
+            if not cls._warned:  # a newer coglet names its threads otherwise: the limit no longer applies
+                cls._warned = True
+                log.warning("a file input was converted on thread %r, not on one of coglet 0.23.1's pools: files "
+                            "past the image limit are no longer refused before they are written", name)
             return None
         key = name.rpartition("_")[0]
         with cls._lock:

@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import tempfile
 import threading
@@ -21,7 +22,7 @@ from idefics_cog.serving import files
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.textstream import parse_stop_sequences
-from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters
+from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters, Fetched
 from idefics_cog.weights.managed import Lock
 from idefics_cog.weights.resolve import resolve
 from idefics_cog.weights.cancel import Cancel
@@ -211,11 +212,11 @@ class Service:
         # JSON `1` arrives as an int; PEFT's scaling and the batch key want a float.
         return Request(received, segments, sampling, adapter, lora_weights, float(lora_scale))
 
-    def fetch(self, request: Request) -> Path | None:
+    def fetch(self, request: Request) -> Fetched | None:
         """The request's image URLs into their files, and its custom adapter fetched and checked (blocking).
-        Returns the adapter's checked directory, if it asked for one."""
+        Returns the checked adapter, if it asked for one."""
         self.fetch_images(request)
-        return self.adapters.fetch(request.lora_weights) if request.lora_weights else None
+        return self.adapters.start_fetch(request.lora_weights).result() if request.lora_weights else None
 
     def fetch_images(self, request: Request, cancel: Cancel | None = None) -> None:
         remote = [(name, path, url) for name, path, url in request.files if url]
@@ -223,7 +224,7 @@ class Service:
         for name, path, url in remote:
             self.files.fetch(name, path, url, deadline, cancel)
 
-    async def afetch(self, request: Request, cancel: Cancel) -> Path | None:
+    async def afetch(self, request: Request, cancel: Cancel) -> Fetched | None:
         """`fetch`, awaited: image URLs on a thread of the request's own, the adapter on the adapters' fetch pool
         (shared by the requests that name it, stopped when none waits), neither on a thread another request needs."""
         if any(url for _, _, url in request.files):
@@ -236,7 +237,7 @@ class Service:
         finally:
             waiter.leave()
 
-    def prepare(self, request: Request, fetched: Path | None) -> Job:
+    def prepare(self, request: Request, fetched: Fetched | None) -> Job:
         """Decode the images and tokenize the prompt (blocking: astream runs it in a thread; the tokenizer releases
         the GIL), refusing a prompt that does not fit the context now; tensors and the adapter's loading are the
         scheduler's (torch) work."""
@@ -256,13 +257,15 @@ class Service:
 
 
 def own_thread(work: Callable, *args) -> concurrent.futures.Future:
-    """`work(*args)` on a new thread: a download that waits on a slow server holds no pool's thread."""
+    """`work(*args)` on a new thread, in the caller's context (its log lines stay the prediction's): a download
+    that waits on a slow server holds no pool's thread."""
     future: concurrent.futures.Future = concurrent.futures.Future()
+    context = contextvars.copy_context()
 
     def run() -> None:
         if future.set_running_or_notify_cancel():
             try:
-                future.set_result(work(*args))
+                future.set_result(context.run(work, *args))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
                 future.set_exception(exc)
 

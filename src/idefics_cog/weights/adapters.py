@@ -27,10 +27,11 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
@@ -89,10 +90,9 @@ class Adapters:
         adapter says it was trained on (its `base_model_name_or_path`)."""
         started = time.perf_counter()
         try:
-            path = with_safetensors(resolve(source, self.cache_dir.parent, adapter=True), self.cache_dir.parent)
-            check_adapter(path, self.layers, self.max_rank)
-            check_values(path)
-            self.engine.run(self._load, path, MEDICAL)  # torch work stays on the generation thread
+            fetched = self._checked(with_safetensors(resolve(source, self.cache_dir.parent, adapter=True),
+                                                     self.cache_dir.parent))
+            self.engine.run(self._load, fetched.path, MEDICAL, fetched.config)  # torch work on its thread
         except (AdapterError, WeightsError) as exc:
             # The same class (UnreachableError stays one, so setup can say what else works), its message prefixed.
             kind = type(exc) if isinstance(exc, WeightsError) else WeightsError
@@ -103,13 +103,13 @@ class Adapters:
         return trained_on
 
     def select(self, adapter: str = MEDICAL, lora_weights: str = "", lora_scale: float = 1.0,
-               allow_local: bool = False, fetched: Path | None = None) -> str:
+               allow_local: bool = False, fetched: "Fetched | None" = None) -> str:
         """Point the model at the adapter a request asks for (`lora_weights` wins over `adapter`).
         Returns its name, or "none" for the base model alone. `fetched`: what `fetch(lora_weights)` returned (the
         server fetches before the scheduler; without it, it is fetched here). `allow_local` lets `lora_weights`
         name a local directory or any URL: for the operator's tools (evaluation), never for a request."""
         if lora_weights:
-            name = self._custom(lora_weights, fetched or self.fetch(lora_weights, allow_local))
+            name = self._custom(lora_weights, fetched or self.start_fetch(lora_weights, allow_local).result())
         elif adapter == MEDICAL:
             # A server started without it (IDEFICS_ADAPTER_WEIGHTS=none) serves the base model for the default.
             name = MEDICAL if MEDICAL in self.names else None
@@ -131,28 +131,28 @@ class Adapters:
         return name
 
     def fetch(self, source: str, allow_local: bool = False) -> Path:
-        """`start_fetch(...)`, waited for here (for a caller that may block)."""
-        return self.start_fetch(source, allow_local).result()
+        """The checked directory of `start_fetch(...)`, waited for here (for a caller that may block)."""
+        return self.start_fetch(source, allow_local).result().path
 
     def start_fetch(self, source: str, allow_local: bool = False) -> Waiter:
         """Everything a custom adapter needs before the model is touched: download, extraction, conversion of an
         adapter_model.bin, checks against the base model, on the fetch pool (never on the torch thread, nor on a
         thread any other request needs), so a slow source delays its own request only. Requests for one source
         share one fetch; a source that failed is refused with the same message for FAILURE_MEMORY_S seconds. The
-        waiter's future gives the checked directory; the deadline runs from the first request's arrival."""
+        waiter's future gives the checked adapter (`Fetched`); the deadline runs from the start of its download."""
         found, failed = self._fetched.get(source), self._failures.get(source)
-        if failed is not None or (found is not None and found.is_dir()):
+        if failed is not None or (found is not None and found.path.is_dir()):
             done: Future = Future()
             done.set_exception(InputError(failed)) if failed is not None else done.set_result(found)
             return Waiter(done, lambda: None)
-        deadline = time.monotonic() + self.download_seconds
         return self.fetches.join((source, allow_local),
-                                 lambda cancel: self._fetch_checked(source, allow_local, deadline, cancel))
+                                 lambda cancel: self._fetch_checked(source, allow_local, cancel))
 
-    def _fetch_checked(self, source: str, allow_local: bool, deadline: float, cancel: Cancel) -> Path:
+    def _fetch_checked(self, source: str, allow_local: bool, cancel: Cancel) -> "Fetched":
         started = time.perf_counter()
+        deadline = time.monotonic() + self.download_seconds  # from its start: waiting for a thread is not its fault
         try:
-            path = self._fetch(source, allow_local, deadline, cancel)
+            fetched = self._fetch(source, allow_local, deadline, cancel)
         except Cancelled:  # not the source's fault: not remembered
             raise
         except (WeightsError, AdapterError) as exc:
@@ -161,32 +161,26 @@ class Adapters:
             log.exception("adapter %s could not be fetched", shorten(source))
             message = self._message("it could not be used (the server's log says why)", source)
         else:
-            self._fetched.put(source, path)
+            self._fetched.put(source, fetched)
             self._failures.pop(source)
             log.info("adapter %s fetched and checked in %.1f s", shorten(source), time.perf_counter() - started)
-            return path
+            return fetched
         self._failures.put(source, message)
         raise InputError(message)
 
-    def _fetch(self, source: str, operator: bool, deadline: float, cancel: Cancel | None = None) -> Path:
+    def _fetch(self, source: str, operator: bool, deadline: float, cancel: Cancel | None = None) -> "Fetched":
         """`operator`: a source from the operator's tools, with the freedom of the settings (local directories,
         any URL); else a request's, with the rules of sources.py. A request's cache entry that this fetch made is
         removed again when it fails."""
         if operator and Path(source).expanduser().is_dir():
-            path = with_safetensors(Path(source).expanduser(), self.cache_dir.parent)
-            check_adapter(path, self.layers, self.max_rank)
-            check_values(path)
-            return path
+            return self._checked(with_safetensors(Path(source).expanduser(), self.cache_dir.parent))
         kind = "operator" if operator else check_request_source(source)
         cache = self.cache_dir / source_key(source)
         new = not cache.exists()
         with self._lock:
             self._busy.add(cache)  # not trimmed while it is being filled
         try:
-            path = with_safetensors(self._download(source, kind, cache, deadline, cancel), cache)
-            check_adapter(path, self.layers, self.max_rank)
-            check_values(path)  # here, not on the torch thread: a whole adapter's values are read
-            return path
+            return self._checked(with_safetensors(self._download(source, kind, cache, deadline, cancel), cache))
         except BaseException:
             if new:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -224,19 +218,26 @@ class Adapters:
             problem = problem.replace(shown, shorten(shown))
         return shorten(f"lora_weights: {problem}", MAX_MESSAGE_CHARS)
 
-    def _custom(self, source: str, path: Path) -> str:
-        """Torch-thread part: load the fetched adapter at `path` into the model (once), or reuse it."""
+    def _checked(self, path: Path) -> "Fetched":
+        """Every check of an adapter's files, here (a fetch thread, or setup), never on the torch thread: a whole
+        adapter's values are read, and a hostile config's patterns cost CPU."""
+        config = check_adapter(path, self.layers, self.max_rank)
+        check_values(path)
+        return Fetched(path, config)
+
+    def _custom(self, source: str, fetched: "Fetched") -> str:
+        """Torch-thread part: load the fetched adapter into the model (once), or reuse it."""
         if source in self.custom:
             self.custom.move_to_end(source)
             return self.custom[source]
         started = time.perf_counter()
         name = f"custom_{source_key(source)}"
-        if not path.is_dir():
+        if not fetched.path.is_dir():
             self._fetched.pop(source)
             raise InputError("lora_weights: the downloaded adapter left the disk cache before it was loaded; "
                              "send the request again")
         try:
-            self._load(path, name)
+            self._load(fetched.path, name, fetched.config)
         except (WeightsError, AdapterError) as exc:  # remembered: its next request costs the torch thread nothing
             message = self._message(str(exc), source)
             self._fetched.pop(source)
@@ -250,11 +251,12 @@ class Adapters:
             log.info("adapter %s (%s) unloaded: more than %d loaded", old_name, old_source, self.max_loaded)
         return name
 
-    def _load(self, path: Path, name: str, cache: Path | None = None) -> None:
-        """Add the adapter at `path` as `name` (an adapter_model.bin is converted under `cache`, the weights cache
-        by default, first); on any failure the model is left exactly as it was."""
-        path = with_safetensors(path, cache or self.cache_dir.parent)
-        config = check_adapter(path, self.layers, self.max_rank)
+    def _load(self, path: Path, name: str, config: LoraConfig | None = None) -> None:
+        """Add the adapter at `path` as `name`, with `config` (what `_checked` made of it; made here when not given:
+        the operator's tools); on any failure the model is left exactly as it was."""
+        if config is None:
+            fetched = self._checked(with_safetensors(path, self.cache_dir.parent))
+            path, config = fetched.path, fetched.config
         model = self.engine.model
         wrapped_here = not isinstance(model, PeftModel)
         try:
@@ -289,6 +291,14 @@ class Adapters:
             total -= directory_bytes(oldest)
             shutil.rmtree(oldest, ignore_errors=True)
             log.info("adapter cache: removed %s to stay under %d bytes", oldest.name, self.cache_bytes)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An adapter's checked files, and the LoraConfig to load them with."""
+
+    path: Path
+    config: LoraConfig
 
 
 def load_lora_matrices(model: PeftModel, path: Path, name: str) -> None:

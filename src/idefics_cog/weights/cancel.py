@@ -43,6 +43,9 @@ class Cancel:
         """Call `interrupt` if the cancel comes while the block runs."""
         with self._lock:
             self._interrupts.append(interrupt)
+            cancelled = self._event.is_set()
+        if cancelled:  # set between the last check and now: the read about to start is interrupted all the same
+            interrupt()
         try:
             yield
         finally:

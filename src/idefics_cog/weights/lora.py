@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -44,16 +43,19 @@ _PLAIN_NAME = re.compile(r"^[\w.-]{1,200}$")  # a module name or suffix: no regu
 ADAPTABLE = ("model.layers.", "model.gated_cross_attn_layers.", "model.perceiver_resampler.",
              "model.vision_model.encoder.")
 
-# adapter_config.json by allow-list: these settings, each checked (the serving path implements them) ...
-CHECKED = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "lora_dropout", "bias",
-           "use_rslora", "init_lora_weights", "inference_mode")
-METADATA = ("task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision")  # read by nothing here
+# adapter_config.json by allow-list: the settings the serving path implements, each checked ...
+CHECKED = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "bias", "use_rslora")
+IGNORED = {"init_lora_weights": (bool, str), "inference_mode": (bool,), "lora_dropout": (int, float)}  # at inference
+METADATA = {"task_type": (str,), "auto_mapping": (dict,), "peft_version": (str,), "base_model_name_or_path": (str,),
+            "revision": (str,)}  # read by nothing here; null too
+LEGACY = {"enable_lora": None, "merge_weights": False}  # PEFT 0.3's fields, at the values that mean nothing
+MAX_PATTERN_KEYS = 256  # of rank_pattern and of alpha_pattern: PEFT compiles each key for every layer
 # ... and any other LoraConfig field only at PEFT's default, which is what leaving it out means. Anything else (DoRA,
 # KaSA, layer copies, saved modules, ...) changes the base layers or adds weights: refused by name before loading.
 _DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
              for f in dataclasses.fields(LoraConfig) if f.init}
-DEFAULTS = {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-            for name, value in _DEFAULTS.items() if name not in CHECKED + METADATA}
+DEFAULTS = {**LEGACY, **{name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+                         for name, value in _DEFAULTS.items() if name not in (*CHECKED, *IGNORED, *METADATA)}}
 
 
 def layer_shapes(model) -> dict[str, tuple[int, int] | None]:
@@ -88,31 +90,41 @@ def check_adapter(path: Path, layers: dict[str, tuple[int, int] | None],
     for name in targeted_layers(targets, layers):
         if name not in matrices:
             raise AdapterError(f"{WEIGHTS_FILE} lacks the LoRA matrices of {name}, which target_modules names")
+    patterns = {key: [(re.compile(rf"(.*\.)?({name})$"), value) for name, value in settings[key].items()]
+                for key in ("rank_pattern", "alpha_pattern")}  # PEFT's matching, each key compiled once
     ranks, alphas = {}, {}
     for module, (rank_a, rank_b) in matrices.items():
         if not targeted(module, targets):
             raise AdapterError(f"{WEIGHTS_FILE} holds {module}, which is not among the target_modules of {CONFIG_FILE}")
-        rank, alpha = (settings[key].get(get_pattern_key(settings[key], module), settings[default])
+        rank, alpha = (next((value for pattern, value in patterns[key] if pattern.match(module)), settings[default])
                        for key, default in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")))
         if rank_a != rank or rank_b != rank:
             raise AdapterError(f"{module}'s LoRA matrices have rank {rank_a} and {rank_b}, but {CONFIG_FILE} makes "
                                f"it {rank}")
-        ranks[re.escape(module)], alphas[re.escape(module)] = rank, alpha
+        ranks.setdefault(rank, []).append(module)
+        alphas.setdefault(alpha, []).append(module)
     r, alpha = settings["r"], settings["lora_alpha"]
     return LoraConfig(
         r=r, lora_alpha=alpha, target_modules=sorted(matrices), bias="none", use_rslora=settings["use_rslora"],
-        rank_pattern={key: value for key, value in ranks.items() if value != r},
-        alpha_pattern={key: value for key, value in alphas.items() if value != alpha},
+        # One pattern per value, of the exact names: PEFT matches every key against every layer it adapts.
+        rank_pattern={exactly(modules): value for value, modules in ranks.items() if value != r},
+        alpha_pattern={exactly(modules): value for value, modules in alphas.items() if value != alpha},
         # Every matrix comes from the file (load_lora_matrices), so PEFT initialises nothing: some of its
         # initialisations (PiSSA, OLoRA, ...) rewrite the base model's weights, which other requests share.
         init_lora_weights=False, inference_mode=True,
         base_model_name_or_path=shorten(raw.get("base_model_name_or_path") or "", 200) or None)
 
 
+def exactly(modules: list[str]) -> str:
+    """A pattern that PEFT's `(.*\.)?(pattern)$` matches against these module names only."""
+    return "|".join(re.escape(module) for module in sorted(modules))
+
+
 def targeted_layers(targets, layers: dict[str, tuple[int, int] | None]) -> list[str]:
     """The layers PEFT's list form of target_modules names; AdapterError naming the first that an adapter may not
     adapt (training refuses such targets too: their adapter could not be served)."""
-    found = [name for name in layers if targeted(name, set(targets))]
+    targets = set(targets)
+    found = [name for name in layers if targeted(name, targets)]
     for name in found:
         if not adaptable(name, layers):
             raise AdapterError(f"target_modules names {name}, which an adapter may not adapt here: {ADAPTABLE_TEXT}")
@@ -147,22 +159,20 @@ def checked_settings(raw: dict, max_rank: int) -> dict:
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"only LoRA adapters are supported, this one is {shorten(repr(raw.get('peft_type')), 40)}")
     for key, value in raw.items():
-        if key not in CHECKED + METADATA and not (key in DEFAULTS and value == DEFAULTS[key]):
+        if key not in (*CHECKED, *IGNORED, *METADATA) and not (key in DEFAULTS and value == DEFAULTS[key]):
             raise AdapterError(f"{CONFIG_FILE} sets {shorten(key, 60)}, which is not supported: only plain LoRA "
                                f"settings are ({', '.join(CHECKED[1:])}; any other only at PEFT's default)")
-    for key in METADATA:
-        if not isinstance(raw.get(key), (str, dict, type(None))):
-            raise AdapterError(f"{CONFIG_FILE}: {key} must be a string or an object")
+    for key, kinds in {**IGNORED, **METADATA}.items():
+        if key in raw and not isinstance(raw[key], (*kinds, type(None))):
+            raise AdapterError(f"{CONFIG_FILE}: {key} is a {type(raw[key]).__name__}")
     settings = {key: raw.get(key, _DEFAULTS[key]) for key in CHECKED}
     if settings["bias"] != "none":
         raise AdapterError(f"{CONFIG_FILE} sets bias={shorten(repr(settings['bias']), 40)}, which is not supported "
                            f"(only bias='none')")
     _rank("r", settings["r"], max_rank)
     _number("lora_alpha", settings["lora_alpha"])
-    _number("lora_dropout", settings["lora_dropout"], 0, 1)
-    for key in ("use_rslora", "inference_mode"):
-        if not isinstance(settings[key], bool):
-            raise AdapterError(f"{CONFIG_FILE}: {key} must be true or false")
+    if not isinstance(settings["use_rslora"], bool):
+        raise AdapterError(f"{CONFIG_FILE}: use_rslora must be true or false")
     targets = settings["target_modules"] or []
     if isinstance(targets, str):
         raise AdapterError(f"{CONFIG_FILE}: target_modules as a regular expression is not supported; list the module "
@@ -173,8 +183,8 @@ def checked_settings(raw: dict, max_rank: int) -> dict:
     settings["target_modules"] = set(targets)
     for key, check in (("rank_pattern", lambda name, v: _rank(name, v, max_rank)), ("alpha_pattern", _number)):
         pattern = settings[key]
-        if not isinstance(pattern, dict) or len(pattern) > 10_000:
-            raise AdapterError(f"{CONFIG_FILE}: {key} must be an object of module names")
+        if not isinstance(pattern, dict) or len(pattern) > MAX_PATTERN_KEYS:
+            raise AdapterError(f"{CONFIG_FILE}: {key} must be an object of at most {MAX_PATTERN_KEYS} module names")
         for name, value in pattern.items():
             if not _PLAIN_NAME.match(name):  # PEFT matches these as regular expressions: no operators, no backtracking
                 raise AdapterError(f"{CONFIG_FILE}: {key} key {shorten(repr(name), 60)} is not a module name")
@@ -230,6 +240,8 @@ def read_shapes(file: Path, layers: dict[str, tuple[int, int] | None]) -> dict[s
         if dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{shorten(key)} holds {dtype} values; LoRA matrices are floats")
         ranks = matrices.setdefault(module, [None, None])
+        if ranks[0 if part == "A" else 1] is not None:
+            raise AdapterError(f"{WEIGHTS_FILE} holds two lora_{part} matrices of {shorten(module)}")
         ranks[0 if part == "A" else 1] = shape[0] if part == "A" else shape[1]
     missing = [f"{module}.lora_{'AB'[ranks.index(None)]}" for module, ranks in matrices.items() if None in ranks]
     if missing:
@@ -328,13 +340,25 @@ def load_pickled_lora(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state:
         raise AdapterError(f"{PICKLED_FILE} is refused: it must hold a non-empty dict of LoRA tensors, "
                            f"not {type(state).__name__}")
+    storages, total = {}, 0
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise AdapterError(f"{PICKLED_FILE} is refused: entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise AdapterError(f"{PICKLED_FILE} is refused: entry {shorten(repr(key))} is a {type(value).__name__}, "
+                               f"not a tensor")
         try:
             lora_key(key)
         except AdapterError as exc:
             raise AdapterError(f"{PICKLED_FILE} is refused: {exc}") from None
+        # A pickle may view a one-element storage as a tensor of any size (stride 0): its copy below would be that
+        # size. Each tensor must be 2-D, laid out in its storage, and all of them no larger than their storages.
+        storage = value.untyped_storage()
+        if value.dim() != 2 or not value.is_contiguous() or (
+                storage.nbytes() < (value.storage_offset() + value.numel()) * value.element_size()):
+            raise AdapterError(f"{PICKLED_FILE} is refused: {shorten(key)} is not a 2-D tensor laid out in its data")
+        storages[storage.data_ptr()] = storage.nbytes()
+        total += value.numel() * value.element_size()
+    if total > sum(storages.values()):
+        raise AdapterError(f"{PICKLED_FILE} is refused: its tensors are views larger than the data it holds")
     # Clones: safetensors refuses tensors that share memory (torch.save keeps views of one storage).
     return {key: value.detach().clone().contiguous() for key, value in state.items()}
 

@@ -14,8 +14,9 @@ from idefics_cog.weights.cancel import Cancel, Cancelled
 
 @dataclass(eq=False)
 class _Shared:
-    """One fetch in flight, and how many requests wait for it."""
+    """One fetch in flight, how many requests wait for it, and the fetch of its key being stopped before it."""
 
+    before: "_Shared | None" = None
     cancel: Cancel = field(default_factory=Cancel)
     future: Future | None = None
     waiters: int = 0
@@ -52,36 +53,35 @@ class FetchPool:
             shared = self.running.get(key)
             if shared is None or shared.cancel.is_set():
                 # A fetch being stopped still holds its files: the new one starts once it has ended.
-                before, shared = shared, _Shared()
-                self.running[key] = shared
-                shared.future = self.executor.submit(self._run, key, shared, work, before)
+                shared = self.running[key] = _Shared(before=shared)
+                shared.future = self.executor.submit(self._run, key, shared, work)
             shared.waiters += 1
         mine: Future = Future()
         shared.future.add_done_callback(lambda done: _copy(done, mine))
         return Waiter(mine, lambda: self._leave(key, shared))
 
-    def _run(self, key: Hashable, shared: _Shared, work: Callable[[Cancel], object], before: _Shared | None):
+    def _run(self, key: Hashable, shared: _Shared, work: Callable[[Cancel], object]):
         try:
-            if before is not None:
-                concurrent.futures.wait([before.future])
+            while shared.before is not None:  # each fetch of the key before it, ended
+                concurrent.futures.wait([shared.before.future])
+                shared.before = shared.before.before
             shared.cancel.check(str(key)[:80])
             return work(shared.cancel)
         finally:
-            self._forget(key, shared)
+            with self.lock:
+                if self.running.get(key) is shared:
+                    del self.running[key]
 
     def _leave(self, key: Hashable, shared: _Shared) -> None:
-        with self.lock:
+        with self.lock:  # a request joining meanwhile sees the cancel, and starts a fetch of its own after this one
             shared.waiters -= 1
-            abandoned = shared.waiters == 0 and not shared.future.done()
-        if abandoned:
+            if shared.waiters or shared.future.done():
+                return
             shared.cancel.set()
-            if shared.future.cancel():  # it had not started: it never will
-                self._forget(key, shared)
-
-    def _forget(self, key: Hashable, shared: _Shared) -> None:
-        with self.lock:
-            if self.running.get(key) is shared:
-                del self.running[key]
+            if shared.future.cancel() and self.running.get(key) is shared:  # never started: it never will
+                self.running[key] = shared.before  # ... but the one it waited for may still run
+                if shared.before is None or shared.before.future.done():
+                    del self.running[key]
 
 
 def _copy(source: Future, target: Future) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -267,7 +267,7 @@ def _blocks(response: requests.Response, options: Options):
     """The body as it arrives (read1: a trickling server cannot hold a block back past the deadline checks),
     with urllib3's errors raised as requests raises them (retryable). A cancel interrupts the read it waits in."""
     cancel = options.cancel
-    with cancel.interrupting(response.raw.shutdown) if cancel is not None else _nothing():
+    with cancel.interrupting(response.raw.shutdown) if cancel is not None else nullcontext():
         while True:
             try:
                 block = response.raw.read1(BLOCK)
@@ -281,10 +281,6 @@ def _blocks(response: requests.Response, options: Options):
                 return
             yield block
 
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _load_state(entry: Entry, remote: Remote) -> list[list[int]]:
@@ -339,6 +335,8 @@ def fetch_file(url: str, target: Path, *, max_bytes: int, deadline: Optional[flo
     try:
         _stream(url, partial, None, Options(max_bytes=max_bytes, deadline=deadline, session=session, cancel=cancel,
                                             deadline_setting=settings[0], bytes_setting=settings[1]))
+        if cancel is not None:  # its request may be gone, and its file removed: nothing is written after that
+            cancel.check(shorten(url))
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
