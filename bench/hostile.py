@@ -33,8 +33,8 @@ from idefics_cog.serving.textstream import TextStream  # noqa: E402
 from idefics_cog.weights.adapters import source_key  # noqa: E402
 from idefics_dev.cogrunner import CogServer  # noqa: E402
 from tests.support.fileserver import Fault, FileServer  # noqa: E402
-from tests.support.helpers import data_uri, noise_image, tar_bytes  # noqa: E402
-from tests.support.hostile import adapter_copy, worker_rss  # noqa: E402
+from tests.support.helpers import adapter_copy, data_uri, noise_image, tar_bytes  # noqa: E402
+from tests.support.hostile import worker_rss  # noqa: E402
 from tests.support.server import send, succeeded  # noqa: E402
 
 TINY = ROOT / "weights" / "tiny"

@@ -17,8 +17,8 @@ import requests
 from idefics_dev.cogrunner import CogServer
 from idefics_cog.weights.sources import ALLOW_PRIVATE
 from tests.support.fileserver import Fault, FileServer
-from tests.support.helpers import data_uri, noise_image, tar_bytes
-from tests.support.hostile import adapter_copy, not_finite, settings_beyond_plain_lora, with_layer, worker_rss
+from tests.support.helpers import adapter_copy, data_uri, noise_image, tar_bytes
+from tests.support.hostile import not_finite, settings_beyond_plain_lora, with_layer, worker_rss
 from tests.support.images import deflated, dicom_bytes
 from tests.support.server import send, succeeded, together
 

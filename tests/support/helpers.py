@@ -167,10 +167,23 @@ def hostile_adapter(adapter: Path, folder: Path, marker: Path, torch_format: boo
 
 def adapter_with_config(adapter: Path, folder: Path, **changes) -> Path:
     """A copy of `adapter` in `folder` whose adapter_config.json has `changes` applied."""
+    return adapter_copy(adapter, folder, changes)
+
+
+def adapter_copy(adapter: Path, folder: Path, config: dict | None = None, tensors=None) -> Path:
+    """A copy of `adapter` in `folder` with `config` merged into its adapter_config.json and its tensors replaced by
+    `tensors(tensors)`."""
     import json
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     shutil.copytree(adapter, folder)
-    config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    if config:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors is not None:
+        path = folder / "adapter_model.safetensors"
+        save_file(tensors(load_file(path)), path)
     return folder
+

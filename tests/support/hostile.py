@@ -4,13 +4,9 @@ tiny adapter, and the worker's memory as the operating system sees it."""
 import dataclasses
 import hashlib
 import itertools
-import json
-import shutil
-from pathlib import Path
 
 import psutil
 import torch
-from safetensors.torch import load_file, save_file
 
 from idefics_cog.weights.lora import DEFAULTS
 
@@ -39,19 +35,6 @@ def settings_beyond_plain_lora() -> dict[str, object]:
     found.update(kasa_config={}, arrow_config={}, velora_config={}, monteclora_config={}, use_bdlora=True,
                  alora_invocation_tokens=[1, 2], surprise=1)
     return found
-
-
-def adapter_copy(adapter: Path, folder: Path, config: dict | None = None, tensors=None) -> Path:
-    """A copy of `adapter` in `folder` with `config` merged into its adapter_config.json and its tensors replaced by
-    `tensors(tensors)`."""
-    shutil.copytree(adapter, folder)
-    if config:
-        path = folder / "adapter_config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
-    if tensors is not None:
-        path = folder / "adapter_model.safetensors"
-        save_file(tensors(load_file(path)), path)
-    return folder
 
 
 def with_layer(name: str, in_features: int, out_features: int, rank: int = 16):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from idefics_cog.weights.adapters import Adapters
 from idefics_cog.errors import AdapterError, InputError
 from idefics_cog.weights.lora import DEFAULTS, check_adapter, check_values, layer_shapes
-from tests.support.helpers import adapter_with_config
+from tests.support.helpers import adapter_copy, adapter_with_config
 from tests.support.engine import answer
-from tests.support.hostile import adapter_copy, not_finite, settings_beyond_plain_lora, shared_digest, with_layer
+from tests.support.hostile import not_finite, settings_beyond_plain_lora, shared_digest, with_layer
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def test_recent_holds_at_most_its_capacity_and_forgets_expired_entries():
 def test_a_key_never_has_two_fetches_at_once():
     """A fetch waiting for its key's stopping one, cancelled before it starts, leaves the stopping one in place: the
     next request's fetch still waits for it (both would fill the same cache folder)."""
-    pool, started, release, calls = FetchPool(3), threading.Event(), threading.Event(), []
+    pool = FetchPool(3)
     running, lock, most = [0], threading.Lock(), [0]
 
     def counted(cancel):

@@ -156,7 +156,3 @@ class _Pool:
 def _discard(path) -> None:
     _received.pop(str(path))
     Path(path).unlink(missing_ok=True)
-
-
-def installed() -> bool:
-    return getattr(cog.types.URLPath.convert, _HOOKED, False)

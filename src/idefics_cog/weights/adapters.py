@@ -8,7 +8,7 @@
   base model's adaptable layers before anything touches the model (lora.py); matrices that are not finite are
   refused; a load that still fails is rolled back, so the model stays as it was.
 - Fetches run on their own bounded pool (pool.py): requests naming one source share its fetch, a fetch nobody waits
-  for any more stops, and no other request ever waits for one. What is remembered of sources (fetched, failed)
+  for any more stops, and a request without `lora_weights` never waits for one. What is remembered of sources (fetched, failed)
   is bounded, and a failed fetch leaves nothing in the cache.
 - Loading an adapter never touches the base weights: the LoRA matrices are copied into the layers PEFT made for
   them, without PEFT's `load_adapter`, which calls `state_dict()` on the whole model. On CPUs with AVX512-BF16,
@@ -73,7 +73,7 @@ class Adapters:
         self.download_seconds, self.max_rank = download_seconds, max_rank
         self.custom: OrderedDict[str, str] = OrderedDict()  # source -> adapter name, least recently used first
         self.fetches = FetchPool(fetch_threads, "adapter-fetch")  # fetch threads of their own, one fetch per source
-        self._fetched = Recent(REMEMBERED_SOURCES)  # source -> checked directory
+        self._fetched = Recent(REMEMBERED_SOURCES)  # source -> its checked adapter (Fetched)
         self._failures = Recent(REMEMBERED_SOURCES, FAILURE_MEMORY_S)  # source -> the message it failed with
         self._lock = threading.Lock()
         self._busy: set[Path] = set()  # cache entries being filled
@@ -90,8 +90,7 @@ class Adapters:
         adapter says it was trained on (its `base_model_name_or_path`)."""
         started = time.perf_counter()
         try:
-            fetched = self._checked(with_safetensors(resolve(source, self.cache_dir.parent, adapter=True),
-                                                     self.cache_dir.parent))
+            fetched = self._checked(resolve(source, self.cache_dir.parent, adapter=True))
             self.engine.run(self._load, fetched.path, MEDICAL, fetched.config)  # torch work on its thread
         except (AdapterError, WeightsError) as exc:
             # The same class (UnreachableError stays one, so setup can say what else works), its message prefixed.
@@ -173,14 +172,14 @@ class Adapters:
         any URL); else a request's, with the rules of sources.py. A request's cache entry that this fetch made is
         removed again when it fails."""
         if operator and Path(source).expanduser().is_dir():
-            return self._checked(with_safetensors(Path(source).expanduser(), self.cache_dir.parent))
+            return self._checked(Path(source).expanduser())
         kind = "operator" if operator else check_request_source(source)
         cache = self.cache_dir / source_key(source)
         new = not cache.exists()
         with self._lock:
             self._busy.add(cache)  # not trimmed while it is being filled
         try:
-            return self._checked(with_safetensors(self._download(source, kind, cache, deadline, cancel), cache))
+            return self._checked(self._download(source, kind, cache, deadline, cancel), cache)
         except BaseException:
             if new:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -218,9 +217,11 @@ class Adapters:
             problem = problem.replace(shown, shorten(shown))
         return shorten(f"lora_weights: {problem}", MAX_MESSAGE_CHARS)
 
-    def _checked(self, path: Path) -> "Fetched":
-        """Every check of an adapter's files, here (a fetch thread, or setup), never on the torch thread: a whole
-        adapter's values are read, and a hostile config's patterns cost CPU."""
+    def _checked(self, path: Path, cache: Path | None = None) -> "Fetched":
+        """The adapter at `path` (an adapter_model.bin converted first, under `cache`, the weights cache by default),
+        with every check of its files: here (a fetch thread, or setup), never on the torch thread, since a whole
+        adapter's values are read and a hostile config's patterns cost CPU."""
+        path = with_safetensors(path, cache or self.cache_dir.parent)
         config = check_adapter(path, self.layers, self.max_rank)
         check_values(path)
         return Fetched(path, config)
@@ -255,7 +256,7 @@ class Adapters:
         """Add the adapter at `path` as `name`, with `config` (what `_checked` made of it; made here when not given:
         the operator's tools); on any failure the model is left exactly as it was."""
         if config is None:
-            fetched = self._checked(with_safetensors(path, self.cache_dir.parent))
+            fetched = self._checked(path)
             path, config = fetched.path, fetched.config
         model = self.engine.model
         wrapped_here = not isinstance(model, PeftModel)

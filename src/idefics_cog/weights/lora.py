@@ -31,7 +31,8 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PICKLED_FILE = ADAPTER_PICKLE  # PEFT's older format: read with the weights-only unpickler, never by PEFT
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is about 1 kB
 MAX_HEADER_BYTES = 8 << 20  # the safetensors header (names and shapes): MedIDEFICS's is about 70 kB
-FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}  # BF16, numpy lacks: by its bits
+FLOAT_DTYPES = (*NUMPY_DTYPES, "BF16")
 MAX_ALPHA = 1e6  # lora_alpha and alpha_pattern values: MedIDEFICS's is 32
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>[\w.-]+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
 _PLAIN_NAME = re.compile(r"^[\w.-]{1,200}$")  # a module name or suffix: no regular-expression operators
@@ -250,7 +251,6 @@ def read_shapes(file: Path, layers: dict[str, tuple[int, int] | None]) -> dict[s
     return {module: tuple(ranks) for module, ranks in matrices.items()}
 
 
-NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 BF16_EXPONENT = 0x7F80  # all ones: infinite or NaN
 VALUES_AT_ONCE = 1 << 24
 
