@@ -42,6 +42,7 @@ test: install
 
 bench: install tiny
 	$(PY) bench/predict_overhead.py
+	$(PY) bench/server_overhead.py
 	$(PY) bench/weights.py
 	$(PY) bench/training.py
 	$(PY) bench/speed.py

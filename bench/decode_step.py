@@ -1,10 +1,16 @@
-"""One `FastDecoder.decode` step on bench-small at batch 1, 4 and 16, with the torch threads given, and optionally
-the torch profiler's table for batch 16 (issue 13, point 6: where a batch-16 step's time goes).
+"""One decode step on bench-small at batch 1, 4 and 16, every row with the default adapter (bench-small's LoRA, r=16
+on q/k/v, as MedIDEFICS): eager, and compiled into one graph (torch.compile with inductor's CPU kernels, the
+production step with IDEFICS_COMPILE=on) in the same run; the compile's graphs, graph breaks, recompilations after
+the warm-up (set to raise), and whether inductor's code copies a cache (it must write it in place). Optionally the
+torch profiler's table for the eager batch-16 step.
 
-    .venv/bin/python bench/decode_step.py [--threads 2] [--steps 40] [--profile]
+    .venv/bin/python bench/decode_step.py [--threads 2] [--steps 40] [--eager-only] [--profile]
 """
 
 import argparse
+import math
+import tempfile
+import re
 import statistics
 import sys
 import time
@@ -14,9 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+from torch._inductor.utils import run_and_get_code  # noqa: E402
 
 from idefics_cog.inputs.prompt import build_segments, encode  # noqa: E402
+from idefics_cog.serving.decoder import FastDecoder  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
+from idefics_cog.weights.adapters import Adapters  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from tests.support.helpers import noise_image  # noqa: E402
 
@@ -27,42 +37,89 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eager-only", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    base = tiny.build(ROOT / "weights" / "bench-small", "bench-small") / "base"
-    engine = Engine.load(base, "cpu", engine="fast", max_batch=max(BATCHES))
+    folder = tiny.build(ROOT / "weights" / "bench-small", "bench-small")
+    engine = Engine.load(folder / "base", "cpu", engine="fast", max_batch=max(BATCHES), compile="off")
+    with tempfile.TemporaryDirectory() as cache:
+        adapters = Adapters(engine, Path(cache))
+        adapters.load_default(str(folder / "adapter"))
+        engine.run(adapters.select, "medical")
     engine.run(measure, engine, args)  # on the engine's thread, as a server decodes (engine.TorchThread)
 
 
 def measure(engine: Engine, args) -> None:
     torch.set_num_threads(args.threads)
-    model, decoder = engine.model, engine.scheduler.decoder
-    enc = encode(build_segments("Describe the picture in detail please " * 6, 1),
-                 [noise_image(1)], engine.processor)
+    model, eager = engine.model, engine.scheduler.decoder
+    enc = encode(build_segments("Describe the picture in detail please " * 6, 1), [noise_image(1)], engine.processor)
+    print(f"bench-small, prompt {enc.num_tokens} tokens, {args.threads} torch threads, torch {torch.__version__}\n")
+    decoders = {"eager": eager}
+    if not args.eager_only:
+        decoders["compiled"], report = compiled_decoder(engine)
+    medians = {name: timed(decoder, model, enc, args.steps) for name, decoder in decoders.items()}
+    if not args.eager_only:
+        print(report)
+        recompiles = counters["stats"]["unique_graphs"] - report.graphs_after_warm_up
+        print(f"- recompilations while timing (error_on_recompile set): {recompiles}\n")
+    print("| batch | " + " | ".join(f"{name} step" for name in medians) + " | compiled / eager |" * (len(medians) > 1))
+    print("|---:|" + "---:|" * len(medians) + "---:|" * (len(medians) > 1))
+    for batch in BATCHES:
+        cells = [f"{1000 * medians[name][batch]:.2f} ms" for name in medians]
+        ratio = [f"{medians['compiled'][batch] / medians['eager'][batch]:.2f}x"] if len(medians) > 1 else []
+        print(f"| {batch} | " + " | ".join(cells + ratio) + " |")
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as profiled:
+            for index in range(20):
+                eager.decode(model, [5] * max(BATCHES), [enc.num_tokens + index] * max(BATCHES))
+        print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+class CompileReport:
+    def __init__(self, decoder, warm, code: list[str], started: float):
+        self.graphs_after_warm_up = counters["stats"]["unique_graphs"]
+        self.warm, self.seconds = warm, time.perf_counter() - started
+        self.breaks = sum(counters["graph_break"].values())
+        layer = decoder.keys[0].numel()  # one layer's keys for every slot
+        sizes = [[int(n) if n.strip().isdigit() else 2 for n in shape.split(",") if n.strip()]
+                 for shape in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", "\n".join(code))]
+        self.copies = [shape for shape in sizes if math.prod(shape) >= layer]
+
+    def __str__(self) -> str:
+        return (f"- compiled: {self.warm.graphs} graph(s) in the warm-up of {self.warm.shapes} batch x length "
+                f"shapes, {self.seconds:.0f} s (inductor's C++ kernels on this CPU); graph breaks: {self.breaks}\n"
+                f"- buffers as large as a layer's cache in inductor's code (a cache copied, not written in place): "
+                f"{len(self.copies)} {self.copies or ''}")
+
+
+def compiled_decoder(engine: Engine):
+    """The production compiled step on the same model, warmed up at every bucket; what the compile did."""
+    torch._dynamo.reset()
+    counters.clear()
+    started = time.perf_counter()
+    decoder = FastDecoder(engine.model, max(BATCHES), 1, compile="on", banned_ids=engine.banned_ids)
+    warm, code = run_and_get_code(decoder.warm_up, engine.model)
+    report = CompileReport(decoder, warm, code, started)
+    torch._dynamo.config.error_on_recompile = True  # timing below must not compile anything
+    return decoder, report
+
+
+def timed(decoder: FastDecoder, model, enc, steps: int) -> dict[int, float]:
+    """The median seconds of a step per batch, with every slot prefilled (as `engine.stream` sees it)."""
     with torch.inference_mode():
         for slot in range(max(BATCHES)):
             decoder.prefill(model, slot, enc)
-
-        def step(batch: int, index: int) -> None:
+    medians = {}
+    for batch in BATCHES:
+        seconds = []
+        for index in range(5 + steps):
+            began = time.perf_counter()
             decoder.decode(model, [5] * batch, [enc.num_tokens + index] * batch)
-
-        print(f"bench-small, prompt {enc.num_tokens} tokens, {args.threads} torch threads")
-        for batch in BATCHES:
-            for index in range(5):
-                step(batch, index)
-            seconds = []
-            for index in range(args.steps):
-                began = time.perf_counter()
-                step(batch, index)
-                seconds.append(time.perf_counter() - began)
-            print(f"batch {batch}: median {1000 * statistics.median(seconds):.2f} ms per step")
-        if args.profile:
-            from torch.profiler import profile
-
-            with profile() as profiled:
-                for index in range(20):
-                    step(max(BATCHES), index)
-            print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            seconds.append(time.perf_counter() - began)
+        medians[batch] = statistics.median(seconds[5:])
+    return medians
 
 
 if __name__ == "__main__":

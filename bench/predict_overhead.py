@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 import cog  # noqa: E402
-import requests  # noqa: E402
 
 from bench.stats import machine, median_table  # noqa: E402
-from idefics_dev.cogrunner import CogServer  # noqa: E402
 from idefics_cog.inputs.images import load_image  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments  # noqa: E402
+from idefics_dev.client import post_prediction  # noqa: E402
+from idefics_dev.cogrunner import CogServer  # noqa: E402
 from idefics_dev.recipe import model_card_generate  # noqa: E402
 from predict import Predictor  # noqa: E402
 
@@ -86,8 +86,7 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     def server_path():
         server.wait_ready(30)  # coglet is BUSY for a moment after each response
         start = time.perf_counter()
-        response = requests.post(f"{server.url}/predictions", json={"input": {**args, "image": data_uri}},
-                                 timeout=600)
+        response = post_prediction(f"{server.url}/predictions", {"input": {**args, "image": data_uri}}, timeout=600)
         seconds = time.perf_counter() - start
         body = response.json()
         assert response.status_code == 200 and body["status"] == "succeeded", body

@@ -29,10 +29,13 @@ script exits 1. Then, after a warm-up run of each path, the paths run round-robi
 
 The presets run on CPU in float32 (`bench-small` is sized so that a plain generate step costs a few ms, with real
 matrix work in it); about 3 minutes on 2 cores. `--real-size` builds a random idefics-9b on the GPU with the tiny
-tokenizer (ids < 451) on the real 32000 + 2 vocabulary. Its greedy check runs in float32 (about 40 GB of GPU
-memory; in bf16, kernels that round differently flip the many near-ties of random weights), the timing in bf16
-with 16 cache slots (about 36 GB). It also reports the fraction of the memory-bandwidth floor: decoding a token
-cannot take less than reading, once, the weights it needs. Progress goes to stderr, the report (Markdown) to stdout.
+tokenizer (ids < 451) on the real 32000 + 2 vocabulary. Its greedy check runs in float32 (in bf16, kernels that
+round differently flip the many near-ties of random weights) at the real widths with 4 decoder layers (one gated
+cross-attention block) and 2 vision layers: the 9b is never built in float32 (about 40 GB). The timing runs on
+the whole 9b, built in bf16 on the GPU, with 16 cache slots. It also reports the fraction of the memory-bandwidth
+floor: decoding a token cannot take less than reading, once, the weights it needs. Progress goes to stderr, the
+report (Markdown) to stdout. (bench/gpu.sh, with bench/gpu_bench.py, is the GPU loan's script: these measurements
+and more, in phases that fit a time limit.)
 """
 
 import argparse
@@ -54,7 +57,7 @@ import transformers  # noqa: E402
 
 from bench.stats import machine, median_table, rate_table  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
-from idefics_cog.serving.scheduler import NewTokens  # noqa: E402
+from idefics_cog.serving.jobs import NewTokens  # noqa: E402
 from idefics_cog.serving.engine import Engine, TorchThread  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments  # noqa: E402
@@ -68,6 +71,7 @@ GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 # Datasheet memory bandwidth, bytes/s, by GPU name (H100: the SXM/HBM3 part).
 BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.04e12}
 MiB = 2**20
+CHECK_LAYERS = 4  # decoder layers of the real-width float32 check model: one gated cross-attention block
 # All torch work of the benchmark on one thread, as in the server (engine.TorchThread: a second thread's OpenMP
 # team slows every operation of the first on a small CPU); the engines share it and run one at a time.
 TORCH = TorchThread()
@@ -265,14 +269,22 @@ def preset_model(preset: str):
     return model, load_processor(base), f"`{preset}` random IDEFICS"
 
 
-def real_size_model(smoke: bool):
-    """A random idefics-9b (float32 for the greedy check; main() turns it to bf16 on CUDA) and the tiny processor."""
-    if not smoke and not torch.cuda.is_available():
+def real_size_model(smoke: bool, dtype=torch.float32, device: str | None = None, layers: int | None = None,
+                    processor=None):
+    """A random idefics-9b in `dtype`, made on `device` (CUDA; the CPU for `smoke`), and the tiny processor.
+    `layers`: that many decoder layers (a multiple of the cross-attention interval, 4) and 2 vision layers, at the
+    real widths: what a float32 check needs, without building the 9b in float32 (about 40 GB)."""
+    device = device or ("cpu" if smoke else "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--real-size needs a CUDA GPU (or add --smoke for a scaled-down run on CPU)")
     config = tiny.idefics_9b_config(smoke)
-    model = tiny.random_model(config, "cpu" if smoke else "cuda", torch.float32)
     what = "scaled-down idefics-9b shape (smoke)" if smoke else "random idefics-9b"
-    return model, tiny.build_processor(config.vision_config.image_size), what
+    if layers:
+        config.num_hidden_layers = layers
+        config.vision_config.num_hidden_layers = min(2, config.vision_config.num_hidden_layers)
+        what += f" with {layers} decoder layers and 2 vision layers"
+    model = tiny.random_model(config, device, dtype)
+    return model, processor or tiny.build_processor(config.vision_config.image_size), what
 
 
 def decode_bytes(model) -> int:
@@ -449,17 +461,22 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
-    model, processor, what = TORCH.run(
-        lambda: real_size_model(args.smoke) if args.real_size else preset_model(args.preset))
+    if args.real_size:
+        # The greedy check in float32 at the real widths with few layers; the timing on the whole model, built in
+        # bf16 on CUDA (the 9b is never built in float32). With --smoke both are the whole scaled-down model.
+        model, processor, what = TORCH.run(real_size_model, args.smoke, layers=None if args.smoke else CHECK_LAYERS)
+    else:
+        model, processor, what = TORCH.run(preset_model, args.preset)
     progress(f"{what} ready")
     compared = check_greedy(model, processor, args.new_tokens)  # in float32, before anything is timed
     progress(f"greedy check passed ({compared} tokens)")
-    if model.device.type == "cuda":
-        # The check's compiled graphs captured the float32 weights' addresses: replaying them after the weights
-        # move to bf16 reads freed memory (an illegal address on an H200). Serving never changes the dtype.
+    if args.real_size and not args.smoke:
+        # The check's compiled graphs captured its model's weights: drop both before the timed model is built.
+        del model
         torch.compiler.reset()
-        TORCH.run(model.to, torch.bfloat16)
-        free_memory(model.device)
+        free_memory(torch.device("cuda"))
+        model, processor, what = TORCH.run(real_size_model, False, torch.bfloat16, processor=processor)
+        progress(f"{what} ready")
     device = model.device
     engines, engine_memory = {}, {}
     for kind in ("transformers", "fast"):

@@ -9,6 +9,11 @@ Two measurements, each on the fast engine (`Engine(engine="fast")`, 16 slots), i
              consecutive tokens of the running streams (their first token excluded), median, 99th percentile and
              largest, and p99 / median (issue 13's target: under 3x); and the arrivals' time to first token
              from their submission. Preset: bench-small (--preset).
+  burst      --burst-size requests (0, 1 or 2 images of 224 px, 20 to 90 prompt tokens, 2 new tokens each) reach
+             the idle engine together (16 slots): time from their release to each one's first token (median, and
+             max = the burst's last first token), with the burst's prompts packed into shared forwards
+             (Scheduler BURST_TOKENS, FastDecoder.prefill_together) and, in the same session, one by one (the path
+             before: BURST_TOKENS = 0 makes every forward one prompt), alternating. Preset: bench-small (--preset).
   host       host time per decode step: the wall time of `Scheduler._step` minus that of the model's forward
              (`FastDecoder.decode`), over the steps that decode exactly N rows, for N = 1 and 16 concurrent
              requests, all greedy or all sampled (temperature 0.7, top-p 0.9, top-k 50, repetition penalty 1.1,
@@ -17,7 +22,7 @@ Two measurements, each on the fast engine (`Engine(engine="fast")`, 16 slots), i
 `--src DIR` imports `idefics_cog` from another source tree (e.g. an older commit's `src`, exported with
 `git archive`), so that the code before a change can be measured with this same script in the same session:
 
-    .venv/bin/python bench/stalls.py [--repeats 3] [--src /tmp/before/src] [--json PATH]
+    .venv/bin/python bench/stalls.py [--part burst] [--repeats 3] [--src /tmp/before/src] [--json PATH]
 """
 
 import argparse
@@ -34,13 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["arrivals", "host", "all"], default="all")
+    parser.add_argument("--part", choices=["arrivals", "burst", "host", "all"], default="all")
     parser.add_argument("--preset", default="bench-small", help="the model of `arrivals`")
     parser.add_argument("--host-preset", default="tiny", help="the model of `host`")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each measurement (samples are pooled)")
     parser.add_argument("--stream-tokens", type=int, default=128)
     parser.add_argument("--long-tokens", type=int, default=300, help="prompt tokens of each arriving request")
     parser.add_argument("--arrival-tokens", type=int, default=16)
+    parser.add_argument("--burst-size", type=int, default=8, help="requests of `burst`")
     parser.add_argument("--host-tokens", type=int, default=96,
                         help="new tokens per request of `host` (enough for all 16 to be decoding together)")
     parser.add_argument("--prefill-chunk", type=int, help="the scheduler's prefill piece, in prompt tokens "
@@ -176,6 +182,49 @@ def arrivals() -> dict:
                 running_prompt=running[0].num_tokens, arriving_prompt=min(e.num_tokens for e in arriving))
 
 
+# --- a burst at an idle server -------------------------------------------------------------------------------------
+
+
+def burst_run(engine: Engine, prompts: list) -> list[float]:
+    """Every prompt at once to the idle engine: ms from their release to each one's first token."""
+    first = {}
+    jobs = [Job(enc, Sampling(max_new_tokens=2, ignore_eos=True)) for enc in prompts]
+    gate = hold(engine)
+    for index, job in enumerate(jobs):
+        engine.submit(job, lambda item, index=index: isinstance(item, list) and first.setdefault(
+            index, time.perf_counter()))
+    released = time.perf_counter()
+    gate.set()
+    for job in jobs:
+        assert job.finished.wait(120), "a request never ended"
+    return [1000 * (first[i] - released) for i in range(len(jobs))]
+
+
+def burst() -> dict:
+    from idefics_cog.serving import scheduler
+
+    engine = load(ARGS.preset)
+    prompts = [prompt(engine, 200 + i, i % 3, 20 + (i * 37) % 71) for i in range(ARGS.burst_size)]
+    progress(f"burst: prompts of {[e.num_tokens for e in prompts]} tokens")
+    packed = getattr(scheduler, "BURST_TOKENS", None)  # None: code before bursts were prefilled together
+    modes = {"one by one": 0} | ({"together": packed} if packed is not None else {})
+    results = {mode: [] for mode in modes}
+    for repeat in range(ARGS.repeats + 1):  # the first round: warm-up
+        for mode, tokens in modes.items():
+            if packed is not None:
+                scheduler.BURST_TOKENS = tokens
+            ttft = burst_run(engine, prompts)
+            if repeat:
+                results[mode].append(dict(median=statistics.median(ttft), last=max(ttft)))
+    if packed is not None:
+        scheduler.BURST_TOKENS = packed
+    engine.generation_thread.shutdown()
+    return dict(size=len(prompts), tokens=sum(e.num_tokens for e in prompts),
+                modes={mode: dict(median=statistics.median(r["median"] for r in runs),
+                                  last=statistics.median(r["last"] for r in runs), runs=runs)
+                       for mode, runs in results.items()})
+
+
 # --- host time per step ---------------------------------------------------------------------------------------------
 
 
@@ -239,7 +288,7 @@ def progress(message: str) -> None:
     print(f"[{time.perf_counter() - STARTED:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
-def report(info: dict, arrive: dict | None, steps: dict | None) -> str:
+def report(info: dict, arrive: dict | None, steps: dict | None, bursts: dict | None = None) -> str:
     lines = [f"# Decode-loop stalls and host work{' (' + ARGS.label + ')' if ARGS.label else ''}\n",
              f"{info['cpu']}, {info['cpus']} CPUs, {info['torch_threads']} torch threads; torch {info['torch']}, "
              f"transformers {info['transformers']}; float32 on CPU; idefics_cog from {ARGS.src}; "
@@ -256,6 +305,12 @@ def report(info: dict, arrive: dict | None, steps: dict | None) -> str:
                   f"{arrive['ttft_max']:.1f} |\n",
                   "Median ms per call of the decoder: " + ", ".join(f"{name} {ms:.1f}" for name, ms in
                                                                     arrive["calls"].items()) + ".\n"]
+    if bursts:
+        lines += [f"A burst at an idle server ({ARGS.preset}): {bursts['size']} requests, {bursts['tokens']} prompt "
+                  f"tokens in all, released together; ms from the release to the first token (medians over the runs).\n",
+                  "| burst prefill | first token, median request ms | last first token ms |", "|---|---:|---:|"]
+        lines += [f"| {mode} | {r['median']:.1f} | {r['last']:.1f} |" for mode, r in bursts["modes"].items()]
+        lines.append("")
     if steps:
         lines += [f"Host time per decode step ({ARGS.host_preset}, {ARGS.host_tokens} new tokens per request): "
                   f"the step's wall time minus the model's forward.\n",
@@ -273,13 +328,14 @@ def main() -> None:
     import idefics_cog
     progress(f"idefics_cog from {Path(idefics_cog.__file__).parent}")
     arrive = arrivals() if ARGS.part in ("arrivals", "all") else None
+    bursts = burst() if ARGS.part in ("burst", "all") else None
     steps = host() if ARGS.part in ("host", "all") else None
     info = machine()
-    print(report(info, arrive, steps))
+    print(report(info, arrive, steps, bursts))
     if ARGS.json:
         ARGS.json.parent.mkdir(parents=True, exist_ok=True)
         ARGS.json.write_text(json.dumps(dict(info=info, args={k: str(v) for k, v in vars(ARGS).items()},
-                                             arrivals=arrive, host=steps), indent=2) + "\n")
+                                             arrivals=arrive, burst=bursts, host=steps), indent=2) + "\n")
 
 
 if __name__ == "__main__":

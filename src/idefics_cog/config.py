@@ -9,10 +9,12 @@ DEFAULT_BASE_WEIGHTS = "HuggingFaceM4/idefics-9b-instruct"
 DEFAULT_ADAPTER_WEIGHTS = "WinterSchool/Midefics-lora-v3"
 QUANTIZATIONS = ("none", "8bit", "4bit")
 ENGINES = ("auto", "fast", "transformers")
+COMPILE = ("auto", "on", "off")
 MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
 MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
 MAX_ASPECT_RATIO = 20.0  # IDEFICS_MAX_ASPECT_RATIO: long side / short side
 MAX_ADAPTER_RANK = 64  # IDEFICS_MAX_ADAPTER_RANK: a LoRA rank (MedIDEFICS: 16)
+ADAPTER_BANK_RANK = 128  # IDEFICS_ADAPTER_BANK_RANK: the ranks of the adapters decoding at once, added up
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ class Settings:
     request_limits: RequestLimits = RequestLimits()  # the sizes of a request's inputs
     max_adapter_rank: int = MAX_ADAPTER_RANK  # largest LoRA rank of any adapter
     adapter_fetch_threads: int = 4  # custom adapters fetched at once (their own pool: no other request waits)
+    compile: str = "auto"  # the fast path's decode step compiled: auto (on CUDA), on, off
+    adapter_bank_rank: int = ADAPTER_BANK_RANK  # rank columns of the decode step's LoRA banks (serving/rowlora.py)
+
+    def __post_init__(self):
+        if self.adapter_bank_rank < self.max_adapter_rank:
+            raise ValueError(f"IDEFICS_ADAPTER_BANK_RANK ({self.adapter_bank_rank}) must be at least "
+                             f"IDEFICS_MAX_ADAPTER_RANK ({self.max_adapter_rank}): an adapter of the largest rank "
+                             "allowed must fit the decode step's LoRA banks")
 
     @classmethod
     def from_env(cls, env=os.environ, trained_weights: str | None = None) -> "Settings":
@@ -98,6 +108,8 @@ class Settings:
             request_limits=RequestLimits.from_env(env),
             max_adapter_rank=_positive_int(env, "IDEFICS_MAX_ADAPTER_RANK", MAX_ADAPTER_RANK),
             adapter_fetch_threads=_positive_int(env, "IDEFICS_ADAPTER_FETCH_THREADS", 4),
+            compile=_choice(env, "IDEFICS_COMPILE", COMPILE),
+            adapter_bank_rank=_positive_int(env, "IDEFICS_ADAPTER_BANK_RANK", ADAPTER_BANK_RANK),
         )
 
 

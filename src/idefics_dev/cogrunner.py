@@ -27,6 +27,7 @@ from pathlib import Path
 import requests
 
 from idefics_cog.config import DEFAULT_BASE_WEIGHTS, ROOT
+from idefics_dev.client import post_prediction
 from idefics_dev.schema import write_schema
 
 STUBS = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"), "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}
@@ -197,17 +198,13 @@ class CogServer:
     def _post(self, route: str, inputs: dict, timeout: float, wait: float = 30, body: dict | None = None,
               **kwargs) -> requests.Response:
         """POST a request, waiting up to `wait` seconds for a free slot: coglet answers 409 while every slot is busy
-        (COG_MAX_CONCURRENCY of them), and for a moment after each response until that slot is free again."""
+        (COG_MAX_CONCURRENCY of them), and for a moment after each response until that slot is free again
+        (post_prediction)."""
         self.wait_ready(wait)  # READY: at least one slot is free (BUSY: all of them are taken)
-        deadline = time.monotonic() + wait
-        while True:
-            response = requests.post(f"{self.url}{route}", json={"input": inputs, **(body or {})}, timeout=timeout,
-                                     **kwargs)
-            if response.status_code != 409 or time.monotonic() > deadline:
-                return response
-            response.close()
-            time.sleep(0.1)
-            self.wait_ready(max(deadline - time.monotonic(), 1))  # fails at once on UNHEALTHY or SETUP_FAILED
+        # Before each retry, fail at once if the server is UNHEALTHY (it answers 409 to everything once its worker
+        # has crashed) or gone.
+        return post_prediction(f"{self.url}{route}", {"input": inputs, **(body or {})}, retry_for=wait,
+                               before_retry=lambda _: self._check_alive(), timeout=timeout, **kwargs)
 
     def _run(self, route: str, inputs: dict, timeout: float) -> dict:
         response = self._post(route, inputs, timeout)

@@ -10,8 +10,8 @@ from accelerate import init_empty_weights
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
 from idefics_cog.model.loading import quantization_config
-from idefics_cog.model.memory import minimum_cache_bytes
-from idefics_cog.serving.decoder import FastDecoder, cache_bytes
+from idefics_cog.model.memory import cache_bytes, minimum_cache_bytes
+from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.model.placement import ACTIVATIONS, checkpoint_shapes, decide, parameter_counts, place, weight_bytes
 
 GB = 10**9

@@ -10,7 +10,7 @@ from idefics_cog.weights.adapters import Adapters
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.decoder import FastDecoder
-from tests.support.engine import CASES, decoded_alone, encoded, generate, submit_together
+from tests.support.engine import CASES, encoded, generate, submit_together
 from tests.support.helpers import noise_image
 
 
@@ -60,7 +60,7 @@ def test_decode_logits_equal_the_model_forward_over_the_whole_sequence(engine, c
         logits = decoder.prefill(engine.model, 0, enc)
         for step in range(6):
             tokens.append(int(logits.argmax()))
-            logits = decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step])
+            logits = decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step]).logits
         inputs = enc.to(engine.device, engine.dtype)
         added = torch.tensor([tokens])
         mask = inputs["image_attention_mask"]  # a new token sees the images of the prompt's last token
@@ -194,14 +194,6 @@ def test_requests_the_fast_path_cannot_hold_fall_back_to_generate_logged_once(ti
     assert len([r for r in caplog.records if "model.generate" in r.message]) == 1
 
 
-def test_compiled_decode_gives_the_same_tokens(engine):
-    """The CUDA configuration (torch.compile, static shapes over the whole cache), checked on CPU."""
-    decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=True)
-    enc = encoded(engine, *CASES["one image"])
-    expected = generate(engine, enc, Sampling(max_new_tokens=12, ignore_eos=True))
-    assert decoded_alone(decoder, engine, enc, 12) == expected
-
-
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_models_give_the_same_greedy_tokens(tiny_dir, tmp_path, quantization):
     import warnings
@@ -223,14 +215,20 @@ def test_an_out_of_memory_prefill_fails_that_request_alone(tiny_dir, monkeypatch
     encs = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(4)]
     sampling = Sampling(max_new_tokens=10)
     expected = [generate(engine, enc, sampling) for enc in encs]
-    prefill = engine.scheduler.decoder.prefill
+    prefill, together = engine.scheduler.decoder.prefill, engine.scheduler.decoder.prefill_together
 
     def out_of_memory_for_the_second(model, slot, enc):
         if enc is encs[1]:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return prefill(model, slot, enc)
 
+    def out_of_memory_with_the_second(model, slots, encodeds):  # a burst's forward: retried one by one
+        if any(enc is encs[1] for enc in encodeds):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (simulated)")
+        return together(model, slots, encodeds)
+
     monkeypatch.setattr(engine.scheduler.decoder, "prefill", out_of_memory_for_the_second)
+    monkeypatch.setattr(engine.scheduler.decoder, "prefill_together", out_of_memory_with_the_second)
     with pytest.raises(RuntimeError, match="out of memory while prefilling the prompt.*other requests were not"):
         run_together(engine, [Job(encs[1], sampling)])
     received = submit_together(engine, [Job(enc, sampling) for enc in encs])
@@ -238,17 +236,3 @@ def test_an_out_of_memory_prefill_fails_that_request_alone(tiny_dir, monkeypatch
     for index in (0, 2, 3):
         assert [t for item in received[index] if isinstance(item, list) for t in item] == expected[index]
     assert engine.scheduler.rows == [] and engine.scheduler.largest_batch == 2
-
-
-def test_an_out_of_memory_compiled_step_keeps_the_compiled_path(engine, monkeypatch):
-    """Out of memory in the compiled decode step is the scheduler's to handle (it ends that step's rows): the
-    decoder must not fall back to eager decoding for good, as it does for a graph that cannot be captured."""
-    decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=True)
-
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-
-    monkeypatch.setattr(decoder, "_decode_compiled", out_of_memory)
-    with pytest.raises(torch.OutOfMemoryError):
-        decoder.decode(engine.model, [1], [3])
-    assert decoder.compiled is not None

@@ -11,7 +11,7 @@ import torch
 
 from idefics_cog.serving import failures
 from idefics_cog.serving.failures import GenerationError, device_lost
-from idefics_cog.serving.scheduler import _Row
+from idefics_cog.serving.jobs import Row
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.errors import InputError
@@ -96,33 +96,42 @@ def test_an_error_while_encoding_fails_that_request_alone(requests_, error, mess
 
 
 def test_a_fault_in_a_prefill_fails_that_request_alone(requests_, monkeypatch):
+    """The fault comes with the faulty request's prompt: alone or in a burst's forward (`prefill_together`, whose
+    prompts the scheduler then retries one by one), it fails only that request."""
     engine, encs, sampling, expected = requests_
     decoder = engine.scheduler.decoder
-    prefill = decoder.prefill
+    prefill, together, bursts = decoder.prefill, decoder.prefill_together, []
 
     def broken(model, slot, enc):
         if enc is encs[FAULTY]:
             raise RuntimeError("shape mismatch in a vision layer (simulated)")
         return prefill(model, slot, enc)
 
+    def broken_together(model, slots, encodeds):
+        bursts.append(len(encodeds))
+        if any(enc is encs[FAULTY] for enc in encodeds):
+            raise RuntimeError("shape mismatch in a vision layer (simulated)")
+        return together(model, slots, encodeds)
+
     monkeypatch.setattr(decoder, "prefill", broken)
+    monkeypatch.setattr(decoder, "prefill_together", broken_together)
     results = outcomes(engine, jobs_for(encs, sampling))
     check_only_the_faulty_one_failed(results, expected, "prefilling the prompt failed: RuntimeError: shape mismatch")
-    assert engine.scheduler.rows == []
+    assert engine.scheduler.rows == [] and bursts and bursts[0] == 2  # the first two arrived in one burst
 
 
 @pytest.mark.parametrize("after", [0, 5])
 def test_a_fault_while_sampling_one_row_fails_that_request_alone(requests_, monkeypatch, after):
     """At its first token (picked from the prefill) or in the middle of the batch's decoding."""
     engine, encs, sampling, expected = requests_
-    draw, jobs = _Row.draw, jobs_for(encs, sampling)
+    draw, jobs = Row.draw, jobs_for(encs, sampling)
 
     def broken(row, noise):
         if row.job is jobs[FAULTY] and len(row.ids) - encs[FAULTY].num_tokens >= after:
             raise RuntimeError("probability tensor contains inf or nan (simulated)")
         return draw(row, noise)
 
-    monkeypatch.setattr(_Row, "draw", broken)
+    monkeypatch.setattr(Row, "draw", broken)
     results = outcomes(engine, jobs)
     check_only_the_faulty_one_failed(results, expected, "sampling the next token failed: RuntimeError: probability")
     assert results[FAULTY][0] == expected[FAULTY][:after]  # what it streamed before the fault was right
@@ -187,6 +196,8 @@ def test_an_error_that_leaves_the_device_unusable_ends_the_worker(requests_, mon
         jobs = [Job(p, s) for p, s in zip(prepares, sampling)]
     else:
         monkeypatch.setattr(decoder, stage, broken)
+        if stage == "prefill":  # a burst's prompts run together first
+            monkeypatch.setattr(decoder, "prefill_together", broken)
         jobs = jobs_for(encs, sampling)
     outcomes(engine, jobs)
     assert exits and exits[0] is fatal

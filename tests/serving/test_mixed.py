@@ -3,23 +3,20 @@ same tokens as the request alone on the plain path; and switching adapters never
 
 
 import pytest
-import torch
-from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
-from idefics_cog.serving.rowlora import RowLora
 from idefics_cog.weights.adapters import Adapters
-from idefics_dev.tiny import random_lora
-from tests.support.engine import encoded, generate, submit_behind_a_stream, submit_together, tokens_of
+from tests.support.engine import (
+    alone,
+    encoded,
+    other_adapter,
+    selecting,
+    submit_behind_a_stream,
+    submit_together,
+    tokens_of,
+)
 from tests.support.helpers import negated_adapter, noise_image
-
-
-def other_adapter(base, folder, seed: int):
-    """A LoRA unlike the medical one: another rank and more target layers (o_proj and down_proj too)."""
-    return random_lora(IdeficsForVisionText2Text.from_pretrained(base), folder, seed, r=8, alpha=24,
-                       targets=("q_proj", "v_proj", "o_proj", "down_proj"))
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +35,6 @@ def choices(customs):
     """(adapter, lora_weights, lora_scale) of every row of the mixed batch: two scales of one adapter among them."""
     return [("medical", "", 1.0), ("none", "", 1.0), ("", customs[0], 1.0), ("", customs[1], 1.0),
             ("medical", "", 0.5), ("", customs[1], 1.7), ("none", "", 1.0), ("medical", "", 1.0)]
-
-
-def selecting(adapters, adapter, lora_weights, lora_scale):
-    return lambda: adapters.select(adapter, lora_weights, lora_scale, allow_local=True)
-
-
-def alone(engine, adapters, enc, sampling, choice) -> list[int]:
-    """The request alone on the plain transformers path (`model.generate`) with its adapter selected."""
-    selecting(adapters, *choice)()
-    return generate(engine, enc, sampling)
 
 
 def prompts(engine, count):
@@ -110,59 +97,26 @@ def test_cancelling_one_row_of_a_mixed_batch_leaves_the_others_unchanged(served)
     assert got[:2] + got[3:] == expected[:2] + expected[3:]
 
 
-def test_switching_adapters_and_scales_never_recompiles_the_decode_step(served):
-    """The decode step compiled with fullgraph=True (on CPU, standing in for CUDA): after the first compile of a
-    shape, switching between medical, none, a custom adapter and another scale compiles nothing more, and the
-    compiled step reads each row's adapter (its tokens equal the request alone). Whether a call recompiles is
-    decided by dynamo's guards, before any backend: aot_eager keeps this test at seconds (inductor's C++ kernels
-    took a minute on the 2-core VM) and counts the same compilations."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    engine, adapters, customs = served
-    for custom in customs:  # loaded before the first compile: each adapter's layers have their banks
-        selecting(adapters, "", custom, 1.0)()
-    decoder = FastDecoder(engine.model, max_batch=4, max_images=2, compile=True)
-    counter = CompileCounterWithBackend("aot_eager")
-    torch._dynamo.reset()
-    decoder.compiled = torch.compile(decoder._decode, backend=counter, fullgraph=True, dynamic=False)
-    enc = encoded(engine, "What does this X-ray show?", [noise_image(1)])
-    sampling = Sampling(max_new_tokens=4, ignore_eos=True)
-    frames = []
-    for choice in [("medical", "", 1.0), ("none", "", 1.0), ("", customs[1], 1.0), ("medical", "", 0.5),
-                   ("", customs[0], 2.0)]:
-        expected = alone(engine, adapters, enc, sampling, choice)
-        selecting(adapters, *choice)()
-        with torch.inference_mode():
-            logits = decoder.prefill(engine.model, 0, enc)
-            tokens = [int(logits.argmax())]
-            for step in range(3):
-                tokens.append(int(decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step]).argmax()))
-        assert decoder.compiled is not None  # no fallback to eager decoding
-        assert tokens == expected, choice
-        frames.append(counter.frame_count)
-    assert frames == [1] * len(frames)
-
-
-def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_the_banks_grow(served, tiny_dir, tmp_path):
+def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_an_adapter_waits_for_room(served, tiny_dir, tmp_path):
     """With room for one custom adapter, the second one's load unloads the first while a request still decodes
-    with it: that request keeps its adapter's copy and its tokens. The banks start with room for one adapter and
-    grow twice as the three adapters join the batch."""
+    with it: that request keeps its adapter's columns and its tokens. The banks hold 16 + 8 rank columns: medical
+    (16) decodes beside the rank-8 adapter, the negated one (16) waits until medical's request ends."""
     _, _, customs = served
-    engine = Engine.load(tiny_dir / "base", "cpu")
-    decoder = engine.scheduler.decoder
-    decoder.lora = RowLora(decoder.max_batch, engine.device, adapters=1)
+    engine = Engine.load(tiny_dir / "base", "cpu", bank_width=24)
     adapters = Adapters(engine, tmp_path / "cache", max_loaded=1)
     adapters.load_default(str(tiny_dir / "adapter"))
-    rows = [("", customs[0], 1.0), ("medical", "", 1.0), ("", customs[1], 1.0)]
+    rows = [("medical", "", 1.0), ("", customs[1], 1.0), ("", customs[0], 1.0)]
     encs = prompts(engine, len(rows))
-    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
-    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
-    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
-            for enc, choice in zip(encs, rows)]
+    lengths = [8, 20, 20]
+    expected = [alone(engine, adapters, enc, Sampling(max_new_tokens=n, ignore_eos=True), choice)
+                for enc, n, choice in zip(encs, lengths, rows)]
+    engine.scheduler.largest_batch = 0
+    jobs = [Job(enc, Sampling(max_new_tokens=n, ignore_eos=True), adapter=choice,
+                select_adapter=selecting(adapters, *choice)) for enc, n, choice in zip(encs, lengths, rows)]
     got = [tokens_of(items) for items in submit_together(engine, jobs)]
     assert got == expected
-    assert list(adapters.custom) == [customs[1]]  # the first custom adapter was unloaded during the batch
-    assert decoder.lora.slots == 5  # 1 + 1, then 1 + 2, then 1 + 4
+    assert list(adapters.custom) == [customs[0]]  # the rank-8 adapter was unloaded while its request decoded
+    assert engine.scheduler.largest_batch == 2  # the third waited for room in the banks
 
 
 def test_an_adapter_on_more_layers_loaded_after_the_first_batch_gets_its_own_banks(served, tiny_dir, tmp_path):
@@ -183,36 +137,3 @@ def test_an_adapter_on_more_layers_loaded_after_the_first_batch_gets_its_own_ban
     assert [tokens_of(items) for items in submit_together(engine, jobs)] == expected
 
 
-def test_banks_that_cannot_be_made_fail_that_request_alone_and_are_made_by_the_next(served, tiny_dir, tmp_path,
-                                                                                      monkeypatch):
-    """Out of memory while the banks for an adapter's new layers are made (RowLora.refresh): that request fails,
-    the banks stay as they were, and the next request with that adapter gets them and its tokens alone."""
-    _, _, customs = served
-    engine = Engine.load(tiny_dir / "base", "cpu")
-    adapters = Adapters(engine, tmp_path / "cache")
-    adapters.load_default(str(tiny_dir / "adapter"))
-    rows = [("medical", "", 1.0), ("", customs[1], 1.0)]
-    encs = prompts(engine, 2)
-    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
-    first = Job(encs[0], sampling, select_adapter=selecting(adapters, *rows[0]))
-    medical = tokens_of(submit_together(engine, [first])[0])  # banks for medical's layers only
-    lora, make = engine.scheduler.decoder.lora, RowLora._bank
-    failing = iter([True])
-
-    def out_of_memory_once(self, *args):
-        if next(failing, False):
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return make(self, *args)
-
-    monkeypatch.setattr(RowLora, "_bank", out_of_memory_once)
-    banks = dict(lora.banks)
-    job = Job(encs[1], sampling, select_adapter=selecting(adapters, *rows[1]))
-    with pytest.raises(Exception, match="out of memory"):
-        tokens_of(submit_together(engine, [job])[0])
-    assert lora.banks == banks  # nothing half made
-    with torch.inference_mode():  # the custom adapter was loaded on the generation thread, in inference mode
-        expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
-    assert expected[0] == medical
-    jobs = [Job(enc, sampling, select_adapter=selecting(adapters, *choice)) for enc, choice in zip(encs, rows)]
-    assert [tokens_of(items) for items in submit_together(engine, jobs)] == expected
-    assert len(lora.banks) > len(banks)

@@ -6,7 +6,7 @@ import torch
 
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.sampler import BatchSampler
-from idefics_cog.serving.scheduler import _Row
+from idefics_cog.serving.jobs import Row
 from tests.support.sampling import BANNED, ENGINE, SETTINGS, batched_against_alone, reference_pick
 
 
@@ -22,7 +22,7 @@ def test_greedy_rows_never_pick_a_banned_id():
     (also when the banned id's score is the largest, tied, or nan, and under a repetition penalty)."""
     vocab = 451
     torch.manual_seed(2)
-    rows = [_Row(Job(None, s), [1, 2, 3], 99, ENGINE, slot) for slot, s in enumerate(SETTINGS[:2] * 2)]
+    rows = [Row(Job(None, s), [1, 2, 3], 99, ENGINE, slot) for slot, s in enumerate(SETTINGS[:2] * 2)]
     sampler = BatchSampler(len(rows), BANNED, torch.device("cpu"))
     for step in range(16):
         logits = torch.randn(len(rows), vocab)
@@ -42,7 +42,7 @@ def test_a_rows_samples_do_not_depend_on_its_batch():
     logits = torch.randn(steps, len(SETTINGS), vocab) * 3
 
     def run(slots: list[int]) -> list[int]:
-        rows = [_Row(Job(None, SETTINGS[i]), [1, 2, 3], 99, ENGINE, slot) for slot, i in enumerate(slots)]
+        rows = [Row(Job(None, SETTINGS[i]), [1, 2, 3], 99, ENGINE, slot) for slot, i in enumerate(slots)]
         sampler, out = BatchSampler(len(SETTINGS), BANNED, torch.device("cpu")), []
         for step in range(steps):
             tokens, _ = sampler.pick(rows, logits[step, slots].clone())
@@ -59,7 +59,7 @@ def test_a_rows_samples_do_not_depend_on_its_batch():
 def test_a_failing_draw_fails_that_row_alone(bad):
     """A sampled row whose probabilities are nan (its scores hold a nan or +inf, or are all -inf) fails alone;
     a row that draws id 0 from valid probabilities does not."""
-    rows = [_Row(Job(None, s), [1, 2], 9, ENGINE, slot) for slot, s in enumerate(SETTINGS[:5])]
+    rows = [Row(Job(None, s), [1, 2], 9, ENGINE, slot) for slot, s in enumerate(SETTINGS[:5])]
     logits = torch.randn(5, 50)
     logits[3, :] = bad if bad < 0 else logits[3]
     logits[3, 7] = bad
@@ -76,7 +76,7 @@ def test_a_row_moved_into_a_freed_slot_keeps_its_repetition_penalty_history():
     torch.manual_seed(3)
     penalized = Sampling(repetition_penalty=1.5)
     sampler = BatchSampler(3, BANNED, torch.device("cpu"))
-    moved = _Row(Job(None, penalized), [1, 2, 3], 99, ENGINE, 1)
+    moved = Row(Job(None, penalized), [1, 2, 3], 99, ENGINE, 1)
     expected_ids = list(moved.ids)
 
     def step(rows):
@@ -95,7 +95,7 @@ def test_a_row_moved_into_a_freed_slot_keeps_its_repetition_penalty_history():
     moved.slot = 0
     for _ in range(3):
         step([moved])
-    newcomer = _Row(Job(None, penalized), [7, 8], 99, ENGINE, 1)  # a new request takes slot 1
+    newcomer = Row(Job(None, penalized), [7, 8], 99, ENGINE, 1)  # a new request takes slot 1
     for _ in range(6):
         step([moved, newcomer])
 

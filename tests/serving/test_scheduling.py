@@ -55,7 +55,7 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk
     def first_sink(item):
         if isinstance(item, list):
             first_tokens.append(item)
-            if len(first_tokens) == 15:  # submitted together (from the scheduler's thread, between two steps)
+            if len(first_tokens) == 20:  # submitted together (from the scheduler's thread, between two steps)
                 # once all the running streams decode
                 submitted_at.append(len(events))
                 for job in arrival_jobs:
@@ -91,12 +91,13 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk
 
 
 def test_a_burst_reaching_an_idle_server_is_prefilled_whole_first(tiny_dir, monkeypatch):
-    """Six requests reach an idle server together: no stream runs yet, so their prompts run whole, back to back,
-    before the first decode step (prompts longer than a piece too). Each keeps the tokens of model.generate."""
+    """Six requests reach an idle server together: no stream runs yet, so their prompts run whole, in one forward
+    (`prefill_together`), before the first decode step (prompts longer than a piece too). Each keeps the tokens of
+    model.generate."""
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
     engine.scheduler.prefill_chunk = 8
     decoder, events = engine.scheduler.decoder, []
-    for name in ("prefill", "prefill_images", "prefill_chunk", "decode"):
+    for name in ("prefill", "prefill_together", "prefill_images", "prefill_chunk", "decode"):
         original = getattr(decoder, name)
         monkeypatch.setattr(decoder, name, lambda *args, _name=name, _original=original: (
             events.append(_name), _original(*args))[1])
@@ -105,7 +106,7 @@ def test_a_burst_reaching_an_idle_server_is_prefilled_whole_first(tiny_dir, monk
     sampling = Sampling(max_new_tokens=8, ignore_eos=True)
     received = submit_together(engine, [Job(enc, sampling) for enc in encs], timeout=60)
     assert [tokens_of(items) for items in received] == [generate(engine, enc, sampling) for enc in encs]
-    assert events[:7] == ["prefill"] * 6 + ["decode"] and set(events[7:]) == {"decode"}
+    assert events[:2] == ["prefill_together", "decode"] and set(events[2:]) == {"decode"}
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 16])

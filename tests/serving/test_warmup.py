@@ -52,25 +52,3 @@ def test_a_failing_warm_up_fails_setup_naming_the_warm_up_and_the_cause(tiny_dir
     with pytest.raises(WarmUpError, match=r"setup's warm-up prediction failed \(IDEFICS_WARMUP=0 skips it\): "
                                           r"InputError: .*the limit is 0"):
         Service.from_settings(broken)
-
-
-def test_the_compiled_warm_up_covers_the_batch_buckets_and_leaves_the_tokens_unchanged(engine):
-    """The CUDA configuration (torch.compile), checked on CPU: after the warm-up, requests at the warmed batch and
-    length buckets compile nothing more, and decode the tokens of `model.generate`."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    from idefics_cog.serving.decoder import FastDecoder
-    from idefics_cog.serving.jobs import Sampling
-    from tests.support.engine import CASES, decoded_alone, encoded, generate
-
-    decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=True, context=256)
-    assert decoder.warm_up(engine.model) == 2  # batches 1 and 2 at the 256-token length bucket
-    compiled = counters["stats"]["unique_graphs"]
-    enc = encoded(engine, *CASES["one image"])
-    expected = generate(engine, enc, Sampling(max_new_tokens=8, ignore_eos=True))
-    assert decoded_alone(decoder, engine, enc, 8) == expected
-    with torch.inference_mode():
-        decoder.decode(engine.model, [1, 1], [enc.num_tokens + 8, 0])  # batch 2 (its tokens are not used)
-    assert counters["stats"]["unique_graphs"] == compiled, "a warmed shape was compiled again"
-    assert decoder.compiled is not None

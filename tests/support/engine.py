@@ -4,10 +4,12 @@
 import threading
 
 import torch
+from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.inputs.prompt import build_segments
 from idefics_cog.serving.jobs import Sampling
 from idefics_dev.recipe import model_card_generate
+from idefics_dev.tiny import random_lora
 from tests.support.helpers import noise_image
 
 GREEDY = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -67,8 +69,10 @@ def submit_together(engine, jobs, sinks=None, timeout: float = 120) -> list[list
 
 
 def submit_behind_a_stream(engine, jobs, timeout: float = 120) -> list[list]:
-    """Submit jobs[0], and the others together once it streams past its first token (so that their prompts run in
-    pieces between its decode steps, not whole as a burst reaching an idle server); what each one's sink received."""
+    """Submit jobs[0], and the others together once it streams past its first token, counted as a protected stream
+    from then on (scheduler.burst_window = 1: their prompts run in pieces between its decode steps, not whole as a
+    burst reaching an idle server); what each one's sink received."""
+    engine.scheduler.burst_window = 1
     first = jobs[0].sampling
     assert first.ignore_eos and first.max_new_tokens > 2, "the first request must stream past its second token"
     received = [[] for _ in jobs]
@@ -93,14 +97,17 @@ def tokens_of(items) -> list[int]:
     return [token for item in items if isinstance(item, list) for token in item]
 
 
-def decoded_alone(decoder, engine, enc, steps: int) -> list[int]:
-    """`steps` greedy tokens of `enc` prefilled into slot 0 of `decoder` and decoded there alone."""
-    with torch.inference_mode():
-        logits = decoder.prefill(engine.model, 0, enc)
-        tokens = []
-        for step in range(steps):
-            logits[:, engine.banned_ids] = -float("inf")
-            tokens.append(int(logits.argmax()))
-            logits = decoder.decode(engine.model, [tokens[-1]], [enc.num_tokens + step])
-    return tokens
+def other_adapter(base, folder, seed: int):
+    """A LoRA unlike the medical one: another rank and more target layers (o_proj and down_proj too)."""
+    return random_lora(IdeficsForVisionText2Text.from_pretrained(base), folder, seed, r=8, alpha=24,
+                       targets=("q_proj", "v_proj", "o_proj", "down_proj"))
 
+
+def selecting(adapters, adapter, lora_weights, lora_scale):
+    return lambda: adapters.select(adapter, lora_weights, lora_scale, allow_local=True)
+
+
+def alone(engine, adapters, enc, sampling, choice) -> list[int]:
+    """The request alone on the plain transformers path (`model.generate`) with its adapter selected."""
+    selecting(adapters, *choice)()
+    return generate(engine, enc, sampling)

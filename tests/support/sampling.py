@@ -14,7 +14,7 @@ from transformers import (
 
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.sampler import BatchSampler
-from idefics_cog.serving.scheduler import _Row
+from idefics_cog.serving.jobs import Row
 
 BANNED = [5, 9]
 SETTINGS = [
@@ -60,7 +60,7 @@ def batched_against_alone(device: str, vocab: int, steps: int = 40) -> list[str]
     """Every row of SETTINGS picked in one batch, step after step, against each row alone through the reference
     (its own generator, the same seed): the steps where they differ (none is the answer)."""
     torch.manual_seed(0)
-    rows = [_Row(Job(None, s), list(torch.randint(0, vocab, (12,)).tolist()), 99, engine_on(device), slot)
+    rows = [Row(Job(None, s), list(torch.randint(0, vocab, (12,)).tolist()), 99, engine_on(device), slot)
             for slot, s in enumerate(SETTINGS)]
     references = [torch.Generator(device).manual_seed(row.job.stats.seed) for row in rows]
     sampler = BatchSampler(len(rows), BANNED, torch.device(device))

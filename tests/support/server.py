@@ -3,35 +3,33 @@
 import threading
 import time
 
-import requests
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
 from idefics_cog.serving.engine import Engine
+from idefics_dev.client import post_prediction
 from idefics_dev.cogrunner import read_events
 from tests.support import helpers
 from tests.support.engine import run
 from tests.support.helpers import data_uri, noise_image
 
+
 def send(server, inputs: dict, stream: bool = False, on_event=None) -> dict:
     """One prediction: {"code": HTTP status, "result": the final response (or {"error": body}), "chunks": the
     streamed output events, "id": the prediction's id (streamed), "ended": monotonic time, "refused": 409s,
     "accepted": monotonic time of the response that was not a 409 (streamed: when the prediction started)}.
-    A 409 (every slot busy) is retried for up to 30 s, as clients of a Cog container do: coglet frees a finished
-    prediction's slot a moment after its response (README, "Concurrency"), so a burst right after another can
-    find the slots still taken. The 409 itself is tested on
+    A 409 (every slot busy) is retried for up to 30 s (client.post_prediction), as clients of a Cog container
+    do: coglet frees a finished prediction's slot a moment after its response (README, "Concurrency"), so a burst
+    right after another can find the slots still taken. The 409 itself is tested on
     its own (test_a_request_over_capacity_gets_409_and_the_others_complete)."""
     headers = {"Accept": "text/event-stream"} if stream else {}
     out: dict = {"chunks": [], "id": None, "refused": 0}
-    deadline = time.monotonic() + 30
-    while True:
-        response = requests.post(f"{server.url}/predictions", json={"input": inputs}, headers=headers,
-                                 stream=stream, timeout=300)
-        if response.status_code != 409 or time.monotonic() > deadline:
-            break
-        response.close()
+
+    def refused(_response) -> None:
         out["refused"] += 1
-        time.sleep(0.2)
+
+    response = post_prediction(f"{server.url}/predictions", {"input": inputs}, before_retry=refused,
+                               headers=headers, stream=stream, timeout=300)
     out["accepted"] = time.monotonic()
     with response:
         out["code"] = response.status_code

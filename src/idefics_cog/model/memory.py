@@ -28,10 +28,10 @@ def image_tokens(config) -> int:
 
 
 def slot_bytes(config, context: int, max_images: int, dtype_bytes: int) -> int:
-    """One slot: keys and values of every layer for `context` tokens, and of every cross-attention block for
-    `max_images` images."""
+    """One slot: keys and values of every layer for `context` tokens and a spare column (the padding rows of a
+    compiled decode step write there), and of every cross-attention block for `max_images` images."""
     cross_layers = config.num_hidden_layers // config.cross_layer_interval
-    entries = config.num_hidden_layers * context + cross_layers * max_images * image_tokens(config)
+    entries = config.num_hidden_layers * (context + 1) + cross_layers * max_images * image_tokens(config)
     return 2 * entries * config.hidden_size * dtype_bytes
 
 

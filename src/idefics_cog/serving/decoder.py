@@ -1,4 +1,4 @@
-"""Fast IDEFICS decoding: the transformers model's own modules and weights, called the gpt-fast way.
+"""Fast IDEFICS decoding: the transformers model's own modules and weights, called the gpt-fast way (layers.py).
 
 `model.generate` recomputes the image keys/values of every gated cross-attention block at every step, grows a
 dynamic cache, and cannot be compiled. `FastDecoder` keeps the model (so LoRA, quantization and loading stay as
@@ -6,68 +6,44 @@ they are) but runs its layers itself with
 - a preallocated key/value cache with one slot per concurrent request, sized from the memory left after loading
   (`FastDecoder.sized`, model/memory.py: up to `max_batch` slots, the full context or a shorter one);
 - the image keys/values of every cross-attention block computed once, at prefill, and kept in the slot;
-- on CUDA, the decode step compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs), on a few static
-  shapes.
+- a decode step that is one graph (`_step`: tensors only, the cache written in place, its inputs kept on the device,
+  the greedy choice made inside): on CUDA compiled once at setup with dynamic batch and length and captured as a
+  CUDA graph per batch and length bucket (compiled.py), so that nothing compiles while serving.
 
 Active requests occupy slots 0..n-1 (a finished request's slot is refilled by moving the last one), and each
 slot holds its own tokens from column 0: no padding token is ever computed, and a request sees exactly the
 positions and keys it would see alone; other slots only ever meet it as masked-out columns.
 
-LoRA: a prefill runs with the adapter the model has selected (PEFT); the slot then keeps that adapter and scale for
-its decode steps (rowlora.py), so one decode step serves rows with different adapters and scales.
+Prefill: one prompt (`prefill`), a long one in pieces (`prefill_images`, `prefill_chunk`), or several in one forward
+(`prefill_together`): the prompts packed into one sequence without padding, a block-diagonal causal mask, positions
+from 0 in each prompt, each token cross-attending only to its own prompt's images, all their images through the
+vision tower at once, and each prompt's keys/values written into its own slot (the slots end as `prefill` leaves
+them; float32 logits equal to about 1e-5).
+
+LoRA: a prefill runs with the adapter the model has selected (PEFT; one for all the prompts of a `prefill_together`);
+the slot then keeps that adapter and scale for its decode steps (rowlora.py), so one decode step serves rows with
+different adapters and scales.
 """
 
 import logging
-import threading
-from collections import defaultdict
+import time
 
 import torch
-import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
+from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.inputs.prompt import Encoded
-from idefics_cog.model.memory import CachePlan, cache_budget, cache_bytes, image_tokens, plan_cache
-from idefics_cog.serving.failures import device_lost, out_of_memory
-from idefics_cog.serving.rowlora import RowLora
-
-__all__ = ["FastDecoder", "cache_bytes", "cache_plan", "unwrap"]
+from idefics_cog.model.memory import CachePlan, cache_budget, image_tokens, plan_cache
+from idefics_cog.serving.compiled import Step, WarmUp, compile_decision, compile_step, cuda_graphs_on_this_thread
+from idefics_cog.serving.layers import LayerByLayer, write_rows
+from idefics_cog.serving.rowlora import RowLora, decode_linears
 
 log = logging.getLogger(__name__)
-
-
-def cuda_graphs_on_this_thread() -> None:
-    """Let CUDA graph trees (torch.compile's reduce-overhead mode) run on the engine's own thread. They keep their
-    state per thread and set it up only in the thread that imported them (and in autograd's); on any other thread
-    their first replay fails an assertion (seen on an H200, torch 2.11). This gives this thread that state. The
-    pinned torch 2.13 sets it up itself on any thread (cudagraph_trees.get_obj), so there this does nothing; it stays
-    for the GPU machines' own older torch that bench/gpu.sh runs on (private torch names: skipped when absent)."""
-    try:
-        from torch._inductor.cudagraph_trees import local
-    except (ImportError, AttributeError):
-        return
-    if not hasattr(local, "tree_manager_containers"):
-        local.tree_manager_containers = {}
-        local.tree_manager_locks = defaultdict(threading.Lock)
 
 
 def unwrap(model):
     """The IdeficsForVisionText2Text inside a PeftModel (LoRA layers are injected into it in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """IdeficsRMSNorm `norm` applied to `x` with the fused kernel (one op instead of seven, the same arithmetic:
-    normalized in float32, cast to the weight's dtype, scaled by the weight)."""
-    if x.dtype == norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-    normalized = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
-    return norm.weight * normalized.to(norm.weight.dtype if norm.weight.dtype in (torch.float16, torch.bfloat16)
-                                       else x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """IDEFICS's rotary position embedding (`apply_rotary_pos_emb`, the same arithmetic in fewer ops)."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 def cache_plan(model, max_batch: int, max_images: int, fraction: float) -> CachePlan:
@@ -81,11 +57,17 @@ def cache_plan(model, max_batch: int, max_images: int, fraction: float) -> Cache
     return plan_cache(base.config, max_batch, max_images, base.dtype.itemsize, budget)
 
 
-class FastDecoder:
-    def __init__(self, model, max_batch: int, max_images: int, compile: bool | None = None,
-                 context: int | None = None):
-        """`max_batch` slots of `context` tokens each (default: the model's full context)."""
-        base = unwrap(model)
+class FastDecoder(LayerByLayer):
+    def __init__(self, model, max_batch: int, max_images: int, compile: str | bool = "auto",
+                 context: int | None = None, banned_ids: list[int] | None = None, bank_width: int = ADAPTER_BANK_RANK,
+                 backend="inductor"):
+        """`max_batch` slots of `context` tokens each (default: the model's full context). `compile`: "auto" (on
+        CUDA), "on", "off" (or a bool), with torch.compile's `backend`; `banned_ids`: never picked (the image
+        tokens)."""
+        base = self.base = unwrap(model)  # the same object once PEFT wraps the model
+        # Frozen now, as PEFT freezes the base model when a first adapter wraps it later: the compiled step's guards
+        # check `requires_grad`, and a change would compile it again while serving.
+        base.requires_grad_(False)
         config, self.device, self.dtype = base.config, base.device, base.dtype
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
@@ -95,7 +77,9 @@ class FastDecoder:
         per_image = image_tokens(config)
         self.per_image, self.image_capacity = per_image, max_images * per_image  # image tokens per slot
         layers, cross_layers = config.num_hidden_layers, config.num_hidden_layers // self.cross_interval
-        shape = (self.max_batch, self.heads, self.max_len, self.head_dim)
+        # One spare column past the context: the padding rows of a compiled step write there, never into a prompt
+        # or a row (and no step attends to the whole cache: one graph serves every length).
+        shape = (self.max_batch, self.heads, self.max_len + 1, self.head_dim)
         self.keys = torch.zeros(layers, *shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros_like(self.keys)
         shape = (self.max_batch, self.heads, self.image_capacity, self.head_dim)
@@ -108,37 +92,63 @@ class FastDecoder:
                                      dtype=self.dtype)
         self.image_gate = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
         self.image_lengths = [0] * self.max_batch
-        self.compiled = None
-        compile = compile if compile is not None else self.device.type == "cuda"
-        self.lora = RowLora(max_batch, self.device, static=compile)  # each slot's adapter and scale
-        if compile:
-            # The caches are updated in place inside the graph, so their addresses must never change.
-            for cache in (self.keys, self.values, self.image_keys, self.image_values, self.image_mask,
-                          self.image_gate):
-                torch._dynamo.mark_static_address(cache)
-            # Batch and length buckets compile once each (adapters are tensors the graph reads: switching is free).
-            torch.compiler.config.recompile_limit = max(torch.compiler.config.recompile_limit, 64)
-            self.compiled = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
+        # The step's inputs, kept on the device: each row's last token and its position. A step's new tokens are
+        # written there on the device (`advance`); the host copies them in only when the batch changes.
+        self.ids = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.full((self.max_batch,), self.max_len, dtype=torch.long, device=self.device)
+        self.held: tuple[list, list] = ([], [])  # what `ids` and `positions` hold for the rows, as the host knows it
+        self.banned = torch.tensor(banned_ids or [], dtype=torch.long, device=self.device)
+        compiled, self.path_reason = compile_decision(base, compile)
+        self.path = "compiled" if compiled else "eager"
+        self.lora = RowLora(decode_linears(base.model), max_batch, bank_width, self.device, self.dtype,
+                            static=compiled)
+        static = (self.keys, self.values, self.image_keys, self.image_values, self.image_mask, self.image_gate,
+                  self.ids, self.positions, self.banned)
+        self.compiled = compile_step(self._step, self.device, backend, static) if compiled else None
 
     @classmethod
-    def sized(cls, model, max_batch: int, max_images: int, fraction: float) -> "FastDecoder":
+    def sized(cls, model, max_batch: int, max_images: int, fraction: float, **options) -> "FastDecoder":
         """A decoder whose cache fits the memory left on the model's device (`cache_plan`); logs what it chose."""
         plan = cache_plan(model, max_batch, max_images, fraction)
         log.info("key/value cache: %s", plan)
-        return cls(model, plan.slots, max_images, context=plan.context)
+        decoder = cls(model, plan.slots, max_images, context=plan.context, **options)
+        log.info("decode step: %s (%s)", decoder.path, decoder.path_reason)
+        return decoder
 
-    def warm_up(self, model) -> int:
-        """Compile (CUDA) the decode step for every batch bucket at the two shortest length buckets, the shapes
-        short requests use, so that the first users do not wait for compilation; returns the shapes run. Run it
-        with every slot free: what it writes into them, a slot's prefill rewrites before use."""
+    # ---- the shapes a compiled step runs: few, so that few CUDA graphs are ever recorded ----
+
+    def batch_bucket(self, count: int) -> int:
+        """The batch padded to a power of two, at least 2 (a batch of 1 would be a graph of its own: torch
+        specializes size 1); padding rows sit in free slots and write their spare column."""
+        return min(self.max_batch, max(2, 1 << (count - 1).bit_length()))
+
+    def length_bucket(self, length: int) -> int:
+        """The attended cache length rounded up to a power of two from 256 (reading all 2048 columns at every step
+        would cost a 9b 6% more per token)."""
+        return min(self.max_len, max(256, 1 << (length - 1).bit_length()))
+
+    def buckets(self) -> list[tuple[int, int]]:
+        batches = sorted({self.batch_bucket(count) for count in range(1, self.max_batch + 1)})
+        lengths = sorted({self.length_bucket(length) for length in range(1, self.max_len + 1, 128)}
+                         | {self.length_bucket(self.max_len)})
+        return [(batch, length) for length in lengths for batch in batches]
+
+    def warm_up(self, model) -> "WarmUp":
+        """Compile the decode step and run it at every batch and length bucket (on CUDA each records its CUDA
+        graph): no request waits for a compilation, none happens after setup. Run it with every slot free."""
         if self.compiled is None:
-            return 0
-        batches = sorted({min(self.max_batch, 1 << i) for i in range(self.max_batch.bit_length() + 1)})
-        positions = [p for p in (0, 256) if p < self.max_len]  # length buckets 256 and 512
-        for position in positions:
-            for batch in batches:
-                self.decode(model, [0] * batch, [position] * batch)
-        return len(batches) * len(positions)
+            return WarmUp(0, 0, 0.0)
+        started, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
+        shapes = self.buckets()
+        # The first call compiles for its shape; the second changes batch and length at once, and torch compiles
+        # once more with both dynamic: a graph that every other shape reuses.
+        for batch, length in [shapes[0], *shapes[:0:-1]]:
+            self.decode(model, [0] * batch, [length - 1] * batch)
+        self.held = ([], [])
+        warm = WarmUp(len(shapes), counters["stats"]["unique_graphs"] - graphs, time.perf_counter() - started)
+        log.info("decode step compiled: %d graph(s), %d batch x length shapes run, in %.1f s", warm.graphs,
+                 warm.shapes, warm.seconds)
+        return warm
 
     def fits(self, encoded: Encoded) -> bool:
         """Whether the request's images fit a slot (else it is served by `model.generate`)."""
@@ -168,9 +178,69 @@ class FastDecoder:
             return keys, values, mask, gate
 
         positions = torch.arange(length, device=self.device)[None]
-        logits = self._forward(base, ids, positions, attend, cross_inputs, causal=True)[:, -1]
+        logits = self._forward(ids, positions, attend, cross_inputs, causal=True)[:, -1]
         self._ready(base, slot, mask, gate, images)
         return logits.float()
+
+    # ---- prefill together: several requests in one forward, each into its own slot ----
+
+    @torch.inference_mode()
+    def prefill_together(self, model, slots: list[int], encodeds: list[Encoded]) -> list[torch.Tensor]:
+        """`prefill` of each prompt into its slot, all in one forward: the prompts packed into one sequence (no
+        padding), each token attending causally to its own prompt's tokens only, at positions from 0 in each prompt,
+        and cross-attending to its own prompt's images only (as its image_attention_mask says); every image of the
+        prompts through the vision tower (and perceiver) at once. Each slot ends as `prefill` leaves it (the adapter
+        the model has selected: one for all). Returns each prompt's logits for its first new token (1, vocab)."""
+        base = unwrap(model)
+        inputs = [encoded.to(self.device, self.dtype) for encoded in encodeds]
+        lengths = [x["input_ids"].shape[1] for x in inputs]
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        total = sum(lengths)
+        ids = torch.cat([x["input_ids"] for x in inputs], 1)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]
+        prompt = torch.repeat_interleave(torch.arange(len(lengths), device=self.device),
+                                         torch.tensor(lengths, device=self.device))  # each token's prompt
+        index = torch.arange(total, device=self.device)
+        seen = (prompt[:, None] == prompt[None]) & (index[None] <= index[:, None])  # block-diagonal causal
+        causal = torch.zeros(1, 1, total, total, dtype=self.dtype, device=self.device).masked_fill(~seen, self.masked)
+        per_token = [x["image_attention_mask"].bool() for x in inputs]  # (1, tokens, images) each
+        with_images = [i for i, p in enumerate(per_token) if p.any()]  # the others' cross-attention is zeroed
+        cross = self._image_keys_values(base, torch.cat([inputs[i]["pixel_values"] for i in with_images], 1)
+                                        ) if with_images else []
+        # Each prompt's image tokens are one range of the images' sequence: store them in its slot, and let its
+        # tokens see only that range.
+        allowed = torch.zeros(total, max(cross[0][0].shape[2], 1) if cross else 1, dtype=torch.bool,
+                              device=self.device)
+        image_start, images = 0, [0] * len(inputs)
+        for i in with_images:
+            images[i] = per_token[i].shape[2] * self.per_image
+            end = image_start + images[i]
+            allowed[starts[i]:starts[i] + lengths[i], image_start:end] = per_token[i][0].repeat_interleave(
+                self.per_image, dim=1)
+            self._store_images(slots[i], [(k[:, :, image_start:end], v[:, :, image_start:end]) for k, v in cross])
+            image_start = end
+        for i in set(range(len(inputs))) - set(with_images):
+            self._store_images(slots[i], [])
+        mask = torch.zeros(1, 1, *allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~allowed, self.masked)
+        gate = allowed.any(-1)[None]
+
+        def attend(layer, k, v):
+            for slot, start, length in zip(slots, starts, lengths):
+                self.keys[layer, slot, :, :length] = k[0, :, start:start + length]
+                self.values[layer, slot, :, :length] = v[0, :, start:start + length]
+            return k, v, causal
+
+        def cross_inputs(block):
+            keys, values = cross[block] if cross else (None, None)
+            return keys, values, mask, gate
+
+        logits = self._forward(ids, positions, attend, cross_inputs, causal=False)
+        results = []
+        for slot, start, length, seeing, count in zip(slots, starts, lengths, per_token, images):
+            self._ready(base, slot, *self._image_attention(seeing[:, -1:], count), count)  # its last token's images
+            results.append(logits[:, start + length - 1].float())
+        return results
 
     # ---- chunked prefill: a long prompt run in pieces between decode steps (the same cache, the same positions) ----
 
@@ -206,7 +276,7 @@ class FastDecoder:
                     mask, gate)
 
         ids = inputs["input_ids"][:, start:end]
-        logits = self._forward(base, ids, positions, attend, cross_inputs, causal=False)[:, -1]
+        logits = self._forward(ids, positions, attend, cross_inputs, causal=False)[:, -1]
         if end < inputs["input_ids"].shape[1]:
             return None
         self._ready(base, slot, mask, gate, images)
@@ -240,10 +310,10 @@ class FastDecoder:
         self.image_gate[slot] = bool(gate[0, -1])
         self.lora.capture(base, slot)
 
-    def _image_keys_values(self, base, pixel_values: torch.Tensor, per_token: torch.Tensor) -> list:
+    def _image_keys_values(self, base, pixel_values: torch.Tensor, per_token: torch.Tensor | None = None) -> list:
         """Per cross-attention block, the image keys and values (1, heads, image tokens, head_dim); none when no
         token attends to an image (text only: the output of those blocks is zeroed anyway)."""
-        if not per_token.any():
+        if per_token is not None and not per_token.any():
             return []
         inner = base.model
         batch, count = pixel_values.shape[:2]
@@ -264,59 +334,62 @@ class FastDecoder:
     # ---- decode: one token for each active slot 0..n-1 ----
 
     @torch.inference_mode()
-    def decode(self, model, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits (n, vocab) for the next token of slots 0..n-1, given their last token and its position."""
+    def decode(self, model, tokens: list[int], positions: list[int]) -> "Step":
+        """The next token's logits (n, vocab; float32, the banned ids at -inf) and argmax of slots 0..n-1, given their
+        last token and its position. Whether the step runs compiled was decided at setup (`path`): a failing step
+        fails its rows (the scheduler's to handle) and never changes the path."""
         count = len(tokens)
-        self.lora.refresh(unwrap(model))  # layers PEFT wrapped since the last prefill get their banks first
-        if self.compiled is not None:
-            try:
-                return self._decode_compiled(unwrap(model), tokens, positions)
-            except Exception as exc:  # e.g. a quantized layer that cannot be captured: decode eagerly from now on
-                if out_of_memory(exc) or device_lost(exc):  # not the graph's fault: the scheduler handles these
-                    raise
-                log.exception("compiled decode failed; decoding without torch.compile from now on")
-                self.compiled = None
-        ids = torch.tensor(tokens, device=self.device)[:, None]
-        where = torch.tensor(positions, device=self.device)
-        images = max(max(self.image_lengths[:count]), 1)
-        return self._decode(unwrap(model), ids, where, max(positions) + 1, images).float()
-
-    def _decode_compiled(self, base, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        count = len(tokens)
-        # Few shapes, so few graphs are ever captured: the batch padded to a power of two (padding rows sit in free
-        # slots, whose last column they overwrite; a slot's own decode rewrites it before use), and the attended cache
-        # length rounded up to a power of two from 256 (reading all 2048 columns would cost a 9b 6% more per token).
-        bucket = min(self.max_batch, 1 << (count - 1).bit_length())
-        length = min(self.max_len, max(256, 1 << max(positions).bit_length()))
-        ids = torch.zeros(bucket, 1, dtype=torch.long)
-        ids[:count, 0] = torch.tensor(tokens)
-        # Padding rows write the last cache column of a free slot: never a prompt's (one may be half prefilled).
-        where = torch.full((bucket,), self.max_len - 1, dtype=torch.long)
-        where[:count] = torch.tensor(positions)
-        ids, where = ids.to(self.device, non_blocking=True), where.to(self.device, non_blocking=True)
+        self._hold(tokens, positions)
+        length = max(positions) + 1
+        if self.compiled is None:  # no padding, no bucket; the banks only when a row has an adapter
+            images = max(max(self.image_lengths[:count]), 1)
+            return Step(*self._step(count, length, images, self.lora.in_use))
         cuda_graphs_on_this_thread()
-        logits = self.compiled(base, ids, where, length, self.image_capacity)
-        return logits[:count].float().clone()  # the graph's output buffer is reused by the next replay
+        logits, picked = self.compiled(self.batch_bucket(count), self.length_bucket(length), self.image_capacity)
+        # The graph's outputs are overwritten by its next replay, and the sampler processes the logits in place.
+        return Step(logits[:count].clone(), picked[:count])
 
-    def _decode(self, base, ids, positions, length: int, images: int) -> torch.Tensor:
-        batch = ids.shape[0]
-        rows = torch.arange(batch, device=ids.device)
-        columns = torch.arange(length, device=ids.device)
-        mask = torch.zeros(ids.shape[0], 1, 1, length, dtype=self.dtype, device=ids.device)
+    def _hold(self, tokens: list[int], positions: list[int]) -> None:
+        """The device's `ids` and `positions` made to hold these rows (copied in only when the batch changed since
+        the last `advance`); rows past them write their slot's spare column."""
+        if self.held == (tokens, positions):
+            return
+        padding = self.max_batch - len(tokens)
+        staged = torch.tensor([tokens + [0] * padding, positions + [self.max_len] * padding]).to(self.device)
+        self.ids[:, 0].copy_(staged[0])
+        self.positions.copy_(staged[1])
+        self.held = (list(tokens), list(positions))
+
+    def advance(self, tokens: torch.Tensor, picked: list) -> None:
+        """After a step: its new tokens (`tokens` on the device, `picked` on the host) become the rows' inputs, one
+        position on, written on the device (an unchanged batch's next step copies nothing in)."""
+        count = len(picked)
+        self.ids[:count, 0].copy_(tokens[:count])
+        self.positions[:count] += 1
+        self.held = (list(picked), [position + 1 for position in self.held[1][:count]])
+
+    def _step(self, batch: int, length: int, images: int, banks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step of rows 0..batch-1 over `length` cache columns and `images` image tokens, tensors only (one
+        graph, no host sync): the float32 logits, banned ids at -inf, and their argmax."""
+        ids, positions = self.ids[:batch], self.positions[:batch]
+        rows = torch.arange(batch, device=self.device)
+        columns = torch.arange(length, device=self.device)
+        mask = torch.zeros(batch, 1, 1, length, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill((columns[None] > positions[:, None])[:, None, None], self.masked)
 
         def attend(layer, k, v):
-            keys, values = self.keys[layer, :batch], self.values[layer, :batch]  # views: slots 0..batch-1
-            keys[rows, :, positions] = k[:, :, 0]
-            values[rows, :, positions] = v[:, :, 0]
-            return keys[:, :, :length], values[:, :, :length], mask
+            write_rows(self.keys, layer, rows, positions, k[:, :, 0])
+            write_rows(self.values, layer, rows, positions, v[:, :, 0])
+            return self.keys[layer, :batch, :, :length], self.values[layer, :batch, :, :length], mask
 
         def cross_inputs(block):
             return (self.image_keys[block, :batch, :, :images], self.image_values[block, :batch, :, :images],
                     self.image_mask[:batch, :, :, :images], self.image_gate[:batch, None])
 
-        return self._forward(base, ids, positions[:, None], attend, cross_inputs, causal=False,
-                             linear=self.lora.apply)[:, -1]
+        logits = self._forward(ids, positions[:, None], attend, cross_inputs, causal=False,
+                               linear=lambda path, x: self.lora.apply(path, x, banks))[:, -1].float()
+        logits = logits.index_fill(1, self.banned, -float("inf"))
+        return logits, logits.argmax(-1)
 
     def move(self, source: int, target: int) -> None:
         """Slot `source`'s request continues in slot `target` (after `target`'s request finished)."""
@@ -325,52 +398,3 @@ class FastDecoder:
         self.image_mask[target], self.image_gate[target] = self.image_mask[source], self.image_gate[source]
         self.image_lengths[target] = self.image_lengths[source]
         self.lora.move(source, target)
-
-    # ---- the model, layer by layer, as IdeficsModel.forward computes it ----
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
-
-    def _forward(self, base, ids, positions, attend, cross_inputs, causal: bool, linear=None) -> torch.Tensor:
-        """`linear(path, module, x)` applies the Linear layer at `path` (decode: with each row's adapter)."""
-        linear = linear or (lambda path, module, x: module(x))
-        inner = base.model
-        x = inner.embed_tokens(ids)
-        # Every layer's rotary embedding is the same function of the positions: computed once, not per layer.
-        cos, sin = (t[:, None] for t in inner.layers[0].self_attn.rotary_emb(x, positions))
-        for index, layer in enumerate(inner.layers):
-            if index % self.cross_interval == 0:
-                block = index // self.cross_interval
-                x = self._cross_block(inner.gated_cross_attn_layers[block], f"gated_cross_attn_layers.{block}.", x,
-                                      *cross_inputs(block), linear)
-            attn, at = layer.self_attn, f"layers.{index}."
-            h = rms_norm(layer.input_layernorm, x)
-            q, k, v = (self._heads(linear(f"{at}self_attn.{name}", getattr(attn, name), h))
-                       for name in ("q_proj", "k_proj", "v_proj"))
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-            keys, values, mask = attend(index, k, v)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal and mask is None,
-                                                 scale=attn.scaling)
-            x = x + linear(f"{at}self_attn.o_proj", attn.o_proj, out.transpose(1, 2).reshape(*x.shape[:2], -1))
-            x = x + mlp(layer.mlp, f"{at}mlp.", rms_norm(layer.post_attention_layernorm, x), linear)
-        return base.lm_head(rms_norm(inner.norm, x))
-
-    def _cross_block(self, block, at, x, keys, values, mask, gate, linear) -> torch.Tensor:
-        """IdeficsGatedCrossAttentionLayer with the image keys/values given (None: no token sees an image)."""
-        if keys is not None:
-            attn = block.cross_attn
-            q = self._heads(linear(f"{at}cross_attn.q_proj", attn.q_proj, rms_norm(block.input_layernorm, x)))
-            if attn.qk_layer_norms:
-                q = rms_norm(attn.q_layer_norm, q)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-            out = linear(f"{at}cross_attn.o_proj", attn.o_proj, out.transpose(1, 2).reshape(*x.shape[:2], -1))
-            # Tokens that attend to no image get no cross-attention output, as in the model.
-            x = x + block.act_cross_attn(block.alpha_cross_attn) * out.masked_fill(~gate[..., None], 0.0)
-        dense = mlp(block.mlp, f"{at}mlp.", rms_norm(block.post_attention_layernorm, x), linear)
-        return x + block.act_dense(block.alpha_dense) * dense
-
-
-def mlp(module, at: str, x: torch.Tensor, linear) -> torch.Tensor:
-    """IdeficsMLP, with each projection applied by `linear`."""
-    gate, up = linear(f"{at}gate_proj", module.gate_proj, x), linear(f"{at}up_proj", module.up_proj, x)
-    return linear(f"{at}down_proj", module.down_proj, module.act_fn(gate) * up)

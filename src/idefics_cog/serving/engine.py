@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 from transformers import IdeficsConfig
 
+from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.errors import InputError
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
 from idefics_cog.model.loading import compute_dtype, load_model, pick_device
 from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, cache_bytes, minimum_cache_bytes
 from idefics_cog.model.tokenizer import load_processor
-from idefics_cog.serving.jobs import Job, Sampling, Stats
-from idefics_cog.serving.scheduler import END, Scheduler
+from idefics_cog.serving.jobs import END, Job, Sampling, Stats
+from idefics_cog.serving.scheduler import Scheduler
 from idefics_cog.serving.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, model, processor, device: torch.device, engine: str = "auto", max_batch: int = 16,
                  max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION,
-                 generation_thread: "TorchThread | None" = None):
-        """`generation_thread`: the thread that loaded `model`, if it was loaded on one."""
+                 generation_thread: "TorchThread | None" = None, compile: str = "auto",
+                 bank_width: int = ADAPTER_BANK_RANK):
+        """`generation_thread`: the thread that loaded `model`, if it was loaded on one. `compile`: whether the fast
+        path's decode step runs compiled (auto: on CUDA); `bank_width`: its LoRA banks' rank columns (rowlora.py)."""
         self.model, self.processor, self.device = model, processor, device
         self.tokenizer = processor.tokenizer
         self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
@@ -45,7 +48,8 @@ class Engine:
         # Generation ends at the end of the assistant's turn (or at </s> for base models).
         self.eos_token_ids = [ids(END_OF_UTTERANCE), self.tokenizer.eos_token_id]
         self.banned_ids = [ids(IMAGE_TOKEN), ids(FAKE_IMAGE_TOKEN)]  # never generated
-        self.scheduler = self.run(Scheduler, self, engine, max_batch, max_images)  # allocates the caches
+        self.scheduler = self.run(Scheduler, self, engine, max_batch, max_images, compile,  # allocates the caches
+                                  bank_width)
         self.kind = self.scheduler.kind  # "fast" or "transformers": the decode path in use
         # Prompt + new tokens of one request: a fast-engine slot may be shorter than the model's context.
         decoder = self.scheduler.decoder
@@ -53,7 +57,8 @@ class Engine:
 
     @classmethod
     def load(cls, path: Path, device: str = "auto", quantization: str = "none", engine: str = "auto",
-             max_batch: int = 16, max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION) -> "Engine":
+             max_batch: int = 16, max_images: int = 8, cache_fraction: float = DEFAULT_FRACTION,
+             compile: str = "auto", bank_width: int = ADAPTER_BANK_RANK) -> "Engine":
         """Load a checkpoint directory: bf16 on GPU, float32 on CPU, optionally 8-bit or 4-bit (bitsandbytes).
         On one GPU when it fits there with its caches; spread over several only when not (placement.py)."""
         device = pick_device(device)
@@ -65,7 +70,8 @@ class Engine:
                  cache_bytes(config, 1, max_images, dtype.itemsize))
         thread = TorchThread()
         model = thread.run(load_model, path, device, quantization, ACTIVATIONS + cache, fraction=cache_fraction).eval()
-        return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction, thread)
+        return cls(model, load_processor(path), model.device, engine, max_batch, max_images, cache_fraction, thread,
+                   compile, bank_width)
 
     def run(self, work: Callable, *args, **kwargs):
         """Run torch work (loading an adapter, encoding) on the generation thread and return its result."""

@@ -1,4 +1,5 @@
-"""The scheduler's vocabulary: a request (`Job`), how it picks tokens (`Sampling`), and what it did (`Stats`)."""
+"""The scheduler's vocabulary: a request (`Job`), how it picks tokens (`Sampling`), what it did (`Stats`), and its
+place in the scheduler (`Row` in the running batch, `Prefill` in pieces, `end_job`, model.generate's hooks)."""
 
 import contextvars
 import logging
@@ -8,12 +9,17 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+import torch
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
 from idefics_cog.errors import InputError
 from idefics_cog.inputs.prompt import Encoded
 
 log = logging.getLogger(__name__)
 
 MIN_TEMPERATURE = 0.01  # a temperature above 0 and below this samples at this one
+END = object()  # the last item a job's sink receives after a normal end
 
 
 @dataclass
@@ -107,3 +113,79 @@ class Stats:
         rate = decoded / (self.ended - self.first_token_at) if decoded > 0 else float("nan")
         log.info("prompt %d tokens, time to first token %.0f ms, %d new tokens at %.1f tokens/s (seed %d)",
                  self.prompt_tokens, 1000 * (self.first_token_at - self.started), len(self.ids), rate, self.seed)
+
+
+# ---- the scheduler's view of a job: its end, its row in the running batch, and model.generate's hooks ----
+
+def end_job(job, error: BaseException | None = None) -> None:
+    try:
+        job.sink(error if error is not None else END)
+    except Exception:  # a sink that fails cannot be told; the job is over all the same
+        log.exception("a request's stream failed at its end")
+    finally:
+        job.finished.set()
+
+
+@dataclass(eq=False)
+class Row:
+    """A request in the running batch: its tokens so far, and its own generator when it samples."""
+
+    job: object
+    ids: list[int]  # prompt and generated tokens
+    remaining: int  # tokens still allowed
+    engine: object
+    slot: int
+    started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
+    generator: torch.Generator | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        if self.sampling.temperature > 0:
+            # Its own generator: a request's samples depend on its seed only, never on its batch.
+            self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
+
+    @property
+    def sampling(self):
+        return self.job.sampling
+
+    def streaming(self, window: int) -> bool:
+        """Past its first `window` tokens: a stream whose gaps the scheduler protects from other prompts' prefill
+        (Scheduler.burst_window)."""
+        return len(self.ids) > self.job.stats.prompt_tokens + window
+
+    def draw(self, noise: torch.Tensor) -> None:
+        """Fill `noise` (vocab,) with the Exp(1) draws `torch.multinomial` makes for one sample (`model.generate`'s
+        draw), from this row's generator (BatchSampler.pick)."""
+        noise.exponential_(generator=self.generator)
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A long prompt's prefill in progress."""
+
+    row: Row
+    encoded: object
+    done: int = -1  # prompt tokens prefilled so far; -1: the images are still to be encoded
+
+
+class NewTokens(BaseStreamer):
+    """Hands `generate`'s new tokens (not the prompt it passes first) to `sink`, a list of ids per step."""
+
+    def __init__(self, sink):
+        self.sink, self.prompt_seen = sink, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.sink(value.flatten().tolist())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class Cancelled(StoppingCriteria):
+    def __init__(self, job):
+        self.job = job
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        stop = self.job.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

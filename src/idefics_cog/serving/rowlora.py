@@ -1,18 +1,17 @@
-"""Each decode row's own LoRA adapter and scale, so that requests with different adapters share a batch.
+"""Each decode row's own LoRA adapter and scale, so that requests with different adapters share a batch, at the cost
+of the adapters decoding, never per row.
 
-PEFT applies its active adapter to every row of a forward (its mixed-batch forward takes one scale per adapter, and
-torch.compile would guard on its Python-side state). Here every LoRA layer of the decode path gets a bank: the A and B
-matrices of the adapters in use, stacked in tensors of a fixed shape (bank slot 0 stays zero: the base model alone).
-Each decode row reads its bank slot and its scale from tensors too, so switching adapters or `lora_scale` changes
-values that a compiled decode step reads, never the step itself.
-
-A row takes the adapter the model has selected when it is prefilled (`capture`): its matrices are copied into a bank
-slot (or found there), and each layer's scaling (lora_alpha / r times lora_scale, as PEFT computed it) is kept for the
-row. An adapter unloaded from the model later stays in its bank slot until no row uses it. The banks have room for
-ADAPTERS_AT_FIRST adapters and double when more decode at once (then a compiled step compiles once more).
+PEFT applies its active adapter to every row of a forward, and torch.compile would guard on its Python-side state.
+Here every Linear layer of the decode path has a bank: the A and B matrices of the adapters decoding now, side by
+side in `width` rank columns (A: (width, in), B: (out, width)). An adapter of rank r takes r free columns (any ones:
+there is no fragmentation) when its first row is prefilled (`capture`), and keeps them while a row uses it (also
+after the model unloads it). Per layer a step computes h = x A^T for all rows at once, weighs each row's columns
+(its adapter's scaling, lora_alpha / r times lora_scale as PEFT computes it, on its adapter's columns; 0 elsewhere)
+and adds h B^T: two small matmuls per layer whatever the adapters of the rows, their weights read once per step,
+nothing gathered per row; a row without an adapter adds zeros. The banks' shapes are fixed at setup (every decode
+Linear, `width` columns), so a compiled step never recompiles for an adapter, a scale or a new layer an adapter
+targets. An adapter that finds too few free columns waits (`fits`) until rows using others end.
 """
-
-from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -20,148 +19,148 @@ from peft.tuners.lora import LoraLayer
 # Modules of the decode path only: a cross-attention block's keys and values come from the images, at prefill.
 DECODE_PARTS = ("layers.", "gated_cross_attn_layers.")
 PREFILL_ONLY = ("cross_attn.k_proj", "cross_attn.v_proj")
-ADAPTERS_AT_FIRST = 4  # bank room at first; more adapters decoding at once grow it (one more compile on CUDA)
 
 
-@dataclass
-class Bank:
-    """One LoRA layer's matrices for every bank slot (zero-padded to the largest rank), and its row in `scales`."""
-
-    a: torch.Tensor  # (slots, rank, in_features)
-    b: torch.Tensor  # (slots, out_features, rank)
-    index: int
+def decode_linears(inner) -> dict[str, torch.nn.Module]:
+    """Every Linear layer a decode step runs, by its path under the IdeficsModel `inner`: the layer itself, under
+    the LoRA wrapper when PEFT has wrapped it (the same object before and after)."""
+    linears = {}
+    for path, module in inner.named_modules():
+        if not path.startswith(DECODE_PARTS) or path.endswith(PREFILL_ONLY):
+            continue
+        if isinstance(module, LoraLayer):
+            linears[path] = module.get_base_layer()
+        elif hasattr(module, "in_features") and not any(path.startswith(p + ".") for p in linears):
+            linears[path] = module
+    return linears
 
 
 class RowLora:
-    def __init__(self, max_batch: int, device: torch.device, static: bool = False,
-                 adapters: int = ADAPTERS_AT_FIRST):
-        self.max_batch, self.device, self.static = max_batch, device, static
-        self.slots = min(adapters, max_batch) + 1  # slot 0 and room for `adapters`; at most one per row
-        self.banks: dict[str, Bank] = {}  # module path under the IdeficsModel -> its bank
-        self.layers: dict[str, LoraLayer] = {}
+    def __init__(self, linears: dict[str, torch.nn.Module], max_batch: int, width: int, device: torch.device,
+                 dtype: torch.dtype, static: bool = False):
+        self.linears, self.width, self.static = linears, width, static
+        self.index = {path: i for i, path in enumerate(linears)}
+        self.a = {path: self._static(torch.zeros(width, m.in_features, device=device, dtype=dtype))
+                  for path, m in linears.items()}
+        self.b = {path: self._static(torch.zeros(m.out_features, width, device=device, dtype=dtype))
+                  for path, m in linears.items()}
+        # Each row's weight on each column, per layer: its adapter's scaling on that adapter's columns, else 0.
+        self.weights = self._static(torch.zeros(len(linears), max_batch, width, device=device, dtype=dtype))
+        self.owners: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # (name, id of its A) -> (A, its columns)
+        self.row_owner: list[tuple | None] = [None] * max_batch
+        self.peft_layers: dict[str, LoraLayer] = {}
         self.adapters_seen: tuple = ()
-        self.owners: list = [None] * self.slots  # bank slot -> (adapter name, its first lora_A weight)
-        self.row_slots = [0] * max_batch  # each row's bank slot, and on the device:
-        self.row_slot = self._static(torch.zeros(max_batch, dtype=torch.long, device=device))
-        self.scales = self._static(torch.zeros(0, max_batch, device=device))  # (layers, rows): 0 = no delta
 
     def _static(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.static:  # CUDA graphs read it at a fixed address: it is only ever written in place
             torch._dynamo.mark_static_address(tensor)
         return tensor
 
+    @property
+    def in_use(self) -> bool:
+        """Whether any row decodes with an adapter (the eager step skips the banks when none does)."""
+        return any(owner is not None for owner in self.row_owner)
+
     # ---- outside the decode step ----
 
-    def refresh(self, base) -> None:
-        """Give every LoRA layer of the decode path a bank (PEFT wraps more layers when an adapter targets them).
-        All or nothing: a failure (out of memory) leaves the banks as they were, and the next call tries again."""
+    def _layers(self, base) -> dict[str, LoraLayer]:
+        """The model's LoRA layers of the decode path now (PEFT wraps more layers when an adapter targets them)."""
         names = tuple(getattr(base, "peft_config", {}))
-        if names == self.adapters_seen:
-            return
-        layers = {path: module for path, module in base.model.named_modules()
-                  if isinstance(module, LoraLayer) and path.startswith(DECODE_PARTS)
-                  and not path.endswith(PREFILL_ONLY)}
-        new = [path for path in layers if path not in self.banks]
-        if new:
-            before = self.banks, self.scales, self.layers
-            banks = dict(self.banks)
-            for path in new:  # as wide as the largest rank loaded for the layer: a later adapter rarely grows it
-                base_layer, rank = layers[path].get_base_layer(), max(layers[path].r.values(), default=1)
-                banks[path] = self._bank(base_layer.in_features, base_layer.out_features, rank, len(banks))
-            scales = torch.zeros(len(banks), self.max_batch, device=self.device)
-            scales[:len(self.banks)] = self.scales
-            self.banks, self.scales, self.layers = banks, self._static(scales), layers
-            try:
-                for slot, owner in enumerate(self.owners):  # adapters already in the banks: their new layers
-                    if owner is not None:
-                        self._fill(slot, owner[0], new)
-            except BaseException:
-                self.banks, self.scales, self.layers = before
-                raise
-        self.layers, self.adapters_seen = layers, names
+        if names != self.adapters_seen:
+            self.peft_layers = {path: module for path, module in base.model.named_modules()
+                                if path in self.index and isinstance(module, LoraLayer)}
+            self.adapters_seen = names
+        return self.peft_layers
 
-    def _bank(self, in_features: int, out_features: int, rank: int, index: int) -> Bank:
-        a = torch.zeros(self.slots, rank, in_features, device=self.device)
-        return Bank(self._static(a), self._static(a.new_zeros(self.slots, out_features, rank)), index)
+    def _selected(self, base) -> tuple | None:
+        """The adapter the model has selected, as (name, its first A matrix), or None (the base model alone)."""
+        layers = self._layers(base)
+        name = active_adapter(layers.values())
+        if name is None:
+            return None
+        weight = next(module.lora_A[name].weight for module in layers.values() if name in module.lora_A)
+        return name, weight
+
+    def _rank(self, base, name: str) -> int:
+        return max(module.lora_A[name].weight.shape[0] for module in self._layers(base).values()
+                   if name in module.lora_A)
+
+    def fits(self, base, rows: int) -> bool:
+        """Whether the adapter selected now can decode beside rows 0..rows-1: its columns are in the banks, or enough
+        are free (held by no row). Else its request waits for rows to end."""
+        selected = self._selected(base)
+        if selected is None or self._key(selected) in self.owners:
+            return True
+        return self._rank(base, selected[0]) <= self.width - self._held(rows)
 
     def capture(self, base, row: int) -> None:
         """After `row`'s prefill: the adapter the model has selected, with its scale, for `row`'s decode steps.
-        Rows 0..row-1 are the running batch (their bank slots are kept)."""
-        self.refresh(base)
-        name = active_adapter(self.layers.values())
-        slot = 0 if name is None else self._slot(name, set(self.row_slots[:row]))
-        scales = torch.zeros(len(self.banks), dtype=self.scales.dtype)  # in the banks' order, not the model's
-        for path, module in self.layers.items():
-            if name is not None and name in module.lora_A:
-                scales[self.banks[path].index] = module.scaling[name]
-        self.row_slots[row] = slot
-        self.row_slot[row] = slot
-        self.scales[:, row] = scales
+        Rows 0..row-1 are the running batch (their columns are kept)."""
+        selected = self._selected(base)
+        self.weights[:, row] = 0
+        self.row_owner[row] = None
+        if selected is None:
+            return
+        name, weight = selected
+        key = self._key(selected)
+        if key not in self.owners:
+            self._add(base, key, name, weight, row)
+        columns = self.owners[key][1]
+        scaling = torch.zeros(len(self.index), 1, dtype=self.weights.dtype)
+        for path, module in self._layers(base).items():
+            if name in module.lora_A:
+                scaling[self.index[path]] = module.scaling[name]
+        self.weights[:, row, columns] = scaling.to(self.weights.device)
+        self.row_owner[row] = key
 
     def move(self, source: int, target: int) -> None:
-        self.row_slots[target] = self.row_slots[source]
-        self.row_slot[target] = self.row_slot[source]
-        self.scales[:, target] = self.scales[:, source]
+        self.row_owner[target] = self.row_owner[source]
+        self.weights[:, target] = self.weights[:, source]
 
-    def _slot(self, name: str, in_use: set[int]) -> int:
-        """The bank slot holding adapter `name` as the model has it now (a reloaded adapter is new), filled if not."""
-        identity = next(module.lora_A[name].weight for module in self.layers.values() if name in module.lora_A)
-        for slot, owner in enumerate(self.owners):
-            if owner is not None and owner[0] == name and owner[1] is identity:
-                return slot
-        free = [s for s in range(1, self.slots) if s not in in_use]
-        if not free:  # every slot holds an adapter a running row uses: room for twice as many
-            self._grow_slots(min(2 * (self.slots - 1), self.max_batch) + 1)
-            free = [s for s in range(1, self.slots) if s not in in_use]
-        slot = min(free, key=lambda s: self.owners[s] is not None)  # an empty slot first, else one no row uses
-        self.owners[slot] = None  # until it is filled: a fill that fails leaves no half adapter for the next one
-        self._fill(slot, name, list(self.layers))
-        self.owners[slot] = (name, identity)  # the weight itself: its id cannot be reused while it is kept here
-        return slot
+    def _key(self, selected: tuple) -> tuple:
+        return selected[0], id(selected[1])  # the weight is kept in `owners`: its id cannot be reused meanwhile
 
-    def _fill(self, slot: int, name: str, paths: list[str]) -> None:
-        for path in paths:
-            module, bank = self.layers[path], self.banks[path]
-            bank.a[slot].zero_()
-            bank.b[slot].zero_()
-            if name not in module.lora_A:
-                continue
-            a, b = module.lora_A[name].weight, module.lora_B[name].weight
-            if a.shape[0] > bank.a.shape[1]:  # a larger rank than any before: the bank grows (a new compile)
-                bank = self.banks[path] = self._grown(bank, a.shape[0])
-            bank.a[slot, :a.shape[0]] = a
-            bank.b[slot, :, :a.shape[0]] = b
+    def _held(self, rows: int) -> int:
+        """Columns held by adapters rows 0..rows-1 decode with."""
+        return sum(len(self.owners[key][1]) for key in set(self.row_owner[:rows]) if key is not None)
 
-    def _grown(self, bank: Bank, rank: int) -> Bank:
-        grown = self._bank(bank.a.shape[2], bank.b.shape[1], rank, bank.index)
-        grown.a[:bank.a.shape[0], :bank.a.shape[1]] = bank.a
-        grown.b[:bank.a.shape[0], :, :bank.a.shape[1]] = bank.b
-        return grown
-
-    def _grow_slots(self, slots: int) -> None:
-        """Room for more adapters: every bank regrown first, then swapped in (a failure changes nothing)."""
-        before, self.slots = self.slots, slots  # _bank allocates `self.slots`
-        try:
-            banks = {path: self._grown(bank, bank.a.shape[1]) for path, bank in self.banks.items()}
-        except BaseException:
-            self.slots = before
-            raise
-        self.banks = banks
-        self.owners += [None] * (slots - before)
+    def _add(self, base, key: tuple, name: str, weight: torch.Tensor, row: int) -> None:
+        """Give adapter `name` free columns (those of adapters no running row uses are freed first) and copy its
+        matrices there. A failure leaves the banks without it."""
+        rank = self._rank(base, name)
+        if rank > self.width:
+            raise ValueError(f"an adapter of rank {rank} does not fit the decode banks' {self.width} columns "
+                             f"(IDEFICS_ADAPTER_BANK_RANK)")
+        kept = {k for k in self.row_owner[:row] if k is not None}
+        for old in [k for k in self.owners if k not in kept]:
+            del self.owners[old]
+        taken = {column for _, columns in self.owners.values() for column in columns}
+        free = [column for column in range(self.width) if column not in taken]
+        if rank > len(free):
+            raise RuntimeError(f"no room in the decode banks for a rank-{rank} adapter (Scheduler checks `fits`)")
+        columns = free[:rank]
+        for path, module in self._layers(base).items():
+            a, b = self.a[path], self.b[path]
+            a[columns] = 0
+            b[:, columns] = 0
+            if name in module.lora_A:
+                matrix_a, matrix_b = module.lora_A[name].weight, module.lora_B[name].weight
+                a[columns[:matrix_a.shape[0]]] = matrix_a.to(a.dtype)
+                b[:, columns[:matrix_a.shape[0]]] = matrix_b.to(b.dtype)
+        self.owners[key] = (weight, columns)
 
     # ---- inside the decode step (compiled on CUDA): tensors only ----
 
-    def apply(self, path: str, module, x: torch.Tensor) -> torch.Tensor:
-        """`module(x)` for decode rows (batch, 1, features), each with its own adapter's delta and scale."""
-        bank = self.banks.get(path)
-        if bank is None:
-            return module(x)
-        out = module.base_layer(x)
+    def apply(self, path: str, x: torch.Tensor, banks: bool = True) -> torch.Tensor:
+        """The Linear layer at `path` on decode rows x (rows, 1, features), each row with its adapter's delta.
+        `banks=False`: the base layer alone (an eager step where no row has an adapter)."""
+        out = self.linears[path](x)
+        if not banks:
+            return out
         rows = x.shape[0]
-        slots = self.row_slot[:rows]
-        a, b = bank.a[slots], bank.b[slots]  # (rows, rank, in), (rows, out, rank)
-        delta = torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))
-        return (out + delta * self.scales[bank.index, :rows, None, None]).to(out.dtype)
+        h = x.to(self.weights.dtype) @ self.a[path].t()  # (rows, 1, width)
+        h = h * self.weights[self.index[path], :rows, None]
+        return (out + h @ self.b[path].t()).to(out.dtype)
 
 
 def active_adapter(layers) -> str | None:

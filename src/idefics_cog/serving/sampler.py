@@ -56,6 +56,7 @@ class BatchSampler:
         # the token is seen, else 1); sized at the first step (the logits' width)
         self.factors: torch.Tensor | None = None
         self.plan: _Plan | None = None
+        self.tokens: torch.Tensor | None = None  # the last `pick`'s tokens, on the device
 
     def move(self, source: int, target: int) -> None:
         """Slot `source`'s request continues in slot `target` (as FastDecoder.move)."""
@@ -67,12 +68,18 @@ class BatchSampler:
         """Forget the last batch (its rows hold their requests) once no request is decoding."""
         self.plan = None
 
-    def pick(self, rows: list, logits: torch.Tensor) -> tuple[list[int | None], dict]:
+    def pick(self, rows: list, logits: torch.Tensor, greedy: torch.Tensor | None = None
+             ) -> tuple[list[int | None], dict]:
         """The next token of each row (its slot's float32 logits are `logits[i]`, processed in place), and
-        {slot: exception} for the rows whose own draw failed (their token is None). Rows need `slot`, `ids`,
-        `sampling`, `started` and, sampled ones, `draw(noise)` (fills a row of noise from the row's own generator)."""
+        {slot: exception} for the rows whose own draw failed (their token is None); `self.tokens` holds them on the
+        device. `greedy`: the logits' argmax with the banned ids left out, when the decode step took it. Rows need
+        `slot`, `ids`, `sampling`, `started` and, sampled ones, `draw(noise)` (fills a row of noise from the row's
+        own generator)."""
         scores = logits
         plan = self.plan = self.plan if self.plan and self.plan.fits(rows) else self._plan(rows, scores.shape[-1])
+        if greedy is not None and not plan.sampled and not plan.penalized:
+            self.tokens = greedy
+            return greedy.tolist(), {}  # the step's one copy to the host
         if plan.sampled:  # the banned ids' probabilities must be 0
             self._ban(scores)
         if plan.penalized:
@@ -98,6 +105,7 @@ class BatchSampler:
         else:
             tokens[plan.sampled] = drawn
         self._mark(plan, tokens)
+        self.tokens = tokens
         picked = tokens.tolist()  # the step's one copy to the host
         # multinomial refuses nan probabilities. A row's are all nan or none (softmax divides the row by one sum),
         # and argmax takes the first nan: a nan row draws id 0, so only a draw of id 0 needs a look.
@@ -120,6 +128,7 @@ class BatchSampler:
             tokens = self._ban(scores).argmax(-1)
             picked = tokens.tolist()
         self._mark(plan, tokens)
+        self.tokens = tokens
         return picked
 
     def _ban(self, scores: torch.Tensor) -> torch.Tensor:

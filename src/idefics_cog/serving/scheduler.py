@@ -1,9 +1,12 @@
 """The scheduler: every request's torch work, on one thread, with concurrent requests decoded as one batch.
 
-Fast path (`FastDecoder`): a request is prefilled alone into a free cache slot, at most one piece of prefill work
-between two decode steps (a short prompt, or the images or `prefill_chunk` tokens of a longer one), so that new
-requests never freeze running streams (a burst reaching an idle server is prefilled whole first: no stream runs
-yet); then it joins the running batch. Requests with different adapters and
+Fast path (`FastDecoder`): a request is prefilled into a free cache slot, at most one piece of prefill work between
+two decode steps (one forward over short prompts of `prefill_chunk` tokens in all, or the images or `prefill_chunk`
+tokens of a longer one), so that new requests never freeze running streams; a burst reaching an idle server (no
+stream runs yet) is prefilled whole first, its prompts packed into forwards of up to BURST_TOKENS tokens
+(`FastDecoder.prefill_together`: all their images through the vision tower at once). Prompts share a forward only
+when consecutive with the same adapter; a forward of several that fails is retried one prompt at a time, so only a
+prompt that fails alone ends. Then they join the running batch. Requests with different adapters and
 scales share a batch: a request's adapter is selected before its prefill, and its slot keeps that adapter for its
 decode steps (decoder.py, rowlora.py); only decode steps, which read each row's adapter from its slot, run between
 the pieces of one prompt. Each decode step makes one token for every active request; `BatchSampler` picks them for
@@ -22,28 +25,31 @@ process, so that Cog reports it unhealthy instead of failing every later request
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
+from transformers import StoppingCriteriaList
 
+from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.failures import explained, failure
+from idefics_cog.serving.jobs import Cancelled, NewTokens, Prefill, Row, end_job
 from idefics_cog.serving.sampler import BatchSampler
 
 log = logging.getLogger(__name__)
 
-END = object()  # the last item a job's sink receives after a normal end
-# Prompt tokens prefilled between two decode steps (a longer prompt runs in pieces): about one decode step's time.
-# A GPU prefills hundreds of tokens in the time of one memory-bound decode step; a CPU far fewer (BENCHMARKS.md:
-# on bench-small, pieces of 64 tokens already let the running streams' 99th percentile gap reach 3x their median).
+_WAIT = object()  # _start: the job waits (its adapter finds no room in the decode banks yet)
+# Prompt tokens prefilled between two decode steps, about one step's time: hundreds on a GPU, far fewer on a CPU
+# (BENCHMARKS.md: on bench-small, pieces of 64 tokens let running streams' p99 gap reach 3x their median).
 PREFILL_CHUNK = {"cuda": 256}
 PREFILL_CHUNK_OTHER = 32
+BURST_TOKENS = 2048  # packed into one forward for a burst at an idle server: bounds its masks and activations
+# Requests sent together arrive tens of ms apart (coglet starts 16 over ~50 ms): those arriving before the first
+BURST_WINDOW = 16  # stream has this many tokens are prefilled whole with the rest (BENCHMARKS.md)
 
 
 class Scheduler:
-    def __init__(self, engine, kind: str, max_batch: int, max_images: int):
+    def __init__(self, engine, kind: str, max_batch: int, max_images: int, compile: str = "auto",
+                 bank_width: int = ADAPTER_BANK_RANK):
         self.engine = engine
         self.kind = "fast" if kind in ("auto", "fast") else "transformers"
         devices = set(getattr(engine.model, "hf_device_map", {}).values())
@@ -51,7 +57,8 @@ class Scheduler:
             log.warning("IDEFICS_ENGINE=%s: the model is spread over %d devices, which the fast path does not "
                         "support; decoding with model.generate", kind, len(devices))
             self.kind = "transformers"
-        self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.cache_fraction)
+        self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.cache_fraction,
+                                          compile=compile, banned_ids=engine.banned_ids, bank_width=bank_width)
                         if self.kind == "fast" else None)
         self.sampler = (BatchSampler(self.decoder.max_batch, engine.banned_ids, engine.device) if self.decoder
                         else None)
@@ -59,11 +66,17 @@ class Scheduler:
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()
         self.running = False  # a `_serve` loop is on the generation thread
-        self.rows: list[_Row] = []  # the running batch; rows[i] lives in cache slot i
+        self.rows: list[Row] = []  # the running batch; rows[i] lives in cache slot i
         self.prefill_chunk = PREFILL_CHUNK.get(engine.device.type, PREFILL_CHUNK_OTHER)
-        self.prefilling: _Prefill | None = None  # a long prompt being prefilled piece by piece (starting[0]'s)
+        self.prefilling: Prefill | None = None  # a long prompt being prefilled piece by piece (starting[0]'s)
         self.fallbacks_logged: set[str] = set()
         self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
+        self.burst_window = BURST_WINDOW  # a stream younger than this many tokens is still part of its burst
+        self.told_to_wait = None  # the job last told that its adapter waits for room in the decode banks
+        # starting[0] when its adapter was selected and its prompt encoded but it did not fit the last forward:
+        # (job, encoded, max_new_tokens), so that it is not selected and encoded twice
+        self.held: tuple | None = None
+        self.reselect = False  # a job refused while a group gathered: the group's adapter must be selected again
 
     def submit(self, job) -> None:
         with self.lock:
@@ -98,26 +111,121 @@ class Scheduler:
                     self._fail_active(failure("decoding", exc) if isinstance(exc, Exception) else exc)
 
     def _start_next(self) -> None:
-        """One piece of prefill work between two decode steps, so that a burst of new requests delays the running
-        streams by a bounded amount per token instead of all their prompts at once: start admitted jobs up to and
-        including the first that runs its prompt (a prefill of up to `prefill_chunk` tokens, or model.generate), or
-        the next piece of a longer prompt's prefill. Jobs that end before (cancelled, refused at encoding) cost
-        nothing and do not count.
-        While no request has streamed past its first token (a burst reaching an idle server), there is no stream to
-        protect yet: every admitted prompt runs whole, back to back (one forward is cheaper than pieces on a CPU,
-        and the last first token comes sooner), as vLLM's prefill-first scheduler serves a burst; the first ones'
-        second token waits for the burst's prefills."""
+        """One piece of prefill work between two decode steps (running streams wait a bounded time per token): one
+        forward over admitted prompts of `prefill_chunk` tokens in all (`_gather`), model.generate for a request the
+        fast path cannot hold, or the next piece of a longer prompt. Jobs that end before cost nothing. While no
+        request has streamed past its first token (a burst at an idle server) every admitted prompt runs whole first,
+        packed into forwards of up to BURST_TOKENS tokens, as vLLM's prefill-first scheduler serves a burst."""
         if self.prefilling is not None:
             return self._prefill_next()
+        whole = not any(row.streaming(self.burst_window) for row in self.rows)
         while self.starting:
-            job = self.starting[0]
-            whole = not any(row.streaming for row in self.rows)
-            self._start(job, whole)
+            group, more = self._gather(whole)
+            if group:
+                self._prefill_group(group)
             if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last piece
                 return self._prefill_next()
-            self.starting.popleft()
-            if job.stats.prompt_tokens and not whole:  # it got past its encoding: its prompt ran (or failed)
+            if not (whole and more):
                 return
+
+    def _gather(self, whole: bool) -> tuple[list, bool]:
+        """Admitted jobs for one forward, in order: their adapter selected and prompt encoded, rows given the next
+        slots (they stay in `starting` until their prefill). One adapter per forward (the one PEFT has selected is
+        the one every prompt of it runs with), at most `prefill_chunk` prompt tokens in all (BURST_TOKENS when
+        `whole`; one longer prompt goes alone: whole, or in pieces from `_prefill_next` when not `whole`). A job the
+        fast path cannot hold runs model.generate here, when no prompt is gathered yet. Returns the group and
+        whether more may start now (False: a job waits for room in the LoRA banks, or model.generate ran)."""
+        group, tokens = [], 0  # (row, encoded) each
+        room = BURST_TOKENS if whole else self.prefill_chunk
+        while len(self.starting) > len(group):
+            job = self.starting[len(group)]
+            if group and job.adapter != group[0][0].job.adapter:
+                return group, True
+            if self.held is not None and self.held[0] is job and not job.cancelled.is_set():
+                prepared, self.held = self.held[1:], None
+            else:
+                self.held = None
+                prepared = self._start(job)
+            if prepared is _WAIT:  # its adapter waits for room in the decode banks
+                return group, False
+            if prepared is None:  # it ended (cancelled, refused): nothing ran
+                del self.starting[len(group)]
+                if group and job.select_adapter and not job.cancelled.is_set():  # refused: a failed selection may
+                    self.reselect = True  # have left another adapter selected: the group's select theirs again
+                continue
+            encoded, max_new_tokens = prepared
+            fast = self.decoder is not None and self.decoder.fits(encoded)
+            if group and (not fast or tokens + encoded.num_tokens > room):  # the next forward's (or generate's)
+                self.held = (job, encoded, max_new_tokens)
+                return group, True
+            if not fast:
+                self.starting.popleft()
+                if self.decoder is not None:
+                    job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
+                job.context.run(log.info, "decoded by model.generate, one request at a time")
+                self._generate(job, encoded, max_new_tokens)
+                return group, False
+            job.context.run(log.info, "decoded by the fast path, its decode step %s", self.decoder.path)
+            try:
+                row = Row(job, encoded.input_ids[0].tolist(), max_new_tokens, self.engine,
+                           len(self.rows) + len(group))
+            except Exception as exc:
+                job.context.run(log.exception, "prefill failed")
+                del self.starting[len(group)]
+                end_job(job, failure("prefilling the prompt", exc))
+                continue
+            if encoded.num_tokens > self.prefill_chunk and not whole:  # alone (`room` is the chunk): in pieces
+                self.prefilling = Prefill(row, encoded)
+                return group, False
+            group.append((row, encoded))
+            tokens += encoded.num_tokens
+        return group, True
+
+    def _prefill_group(self, group: list) -> None:
+        """Prefill the gathered prompts (their adapter selected) in one forward (`prefill` for one alone), and add
+        their rows to the batch with their first tokens; each job leaves `starting` once it joins or ends. If a
+        forward of several fails (out of memory, a fault one prompt brings), each is retried alone: only a prompt
+        that fails alone ends, so one bad request never fails its neighbours (and a burst too large for memory in
+        one forward still runs)."""
+        model, deselected, self.reselect = self.engine.model, self.reselect, False
+        if len(group) > 1 and not deselected:
+            try:
+                logits = self.decoder.prefill_together(model, [row.slot for row, _ in group],
+                                                       [encoded for _, encoded in group])
+            except Exception as exc:
+                failure("prefilling the prompts of a burst", exc)  # a device-fatal error ends the worker here
+                group[0][0].job.context.run(log.exception, "prefilling %d prompts together failed; each is retried "
+                                                           "alone", len(group))
+            else:
+                for _ in group:
+                    self.starting.popleft()
+                self.rows.extend(row for row, _ in group)
+                return self._emit([row for row, _ in group], torch.cat(logits))
+        for row, encoded in group:
+            job, error = row.job, None
+            if job.cancelled.is_set():
+                self.starting.popleft()
+                end_job(job)
+                continue
+            stage = "selecting the adapter"
+            try:
+                if deselected and job.select_adapter:  # a failure before it deselected the group's adapter
+                    job.context.run(job.select_adapter)
+                deselected, stage = False, "prefilling the prompt"
+                row.slot = len(self.rows)  # the first free slot (rows may have ended at their first token)
+                logits = self.decoder.prefill(model, row.slot, encoded)
+            except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
+                job.context.run(log.exception, "prefill failed" if stage == "prefilling the prompt" else
+                                "selecting the adapter again failed")
+                self._deselect()
+                deselected = True
+                error = exc if explained(exc) and stage != "prefilling the prompt" else failure(stage, exc)
+            self.starting.popleft()
+            if error is not None:
+                end_job(job, error)
+                continue
+            self.rows.append(row)
+            self._emit([row], logits)
 
     def _prefill_next(self) -> None:
         """The next piece of the chunked prefill in progress: the images first, then `prefill_chunk` prompt tokens
@@ -154,7 +262,7 @@ class Scheduler:
         self.prefilling = None
         self.starting.popleft()
         if error is not None or job.cancelled.is_set():
-            _end(job, error)
+            end_job(job, error)
             return True
         return False
 
@@ -162,52 +270,43 @@ class Scheduler:
         """End the running and starting requests with `error`; the waiting ones are served next."""
         for job in [row.job for row in self.rows] + list(self.starting):
             if not job.finished.is_set():
-                _end(job, error)
+                end_job(job, error)
         self.rows.clear()
         self.starting.clear()
         self.prefilling = None
+        self.held = None
 
     def _admit(self) -> list:
         """Waiting jobs that may start now, in arrival order, as many as there are free slots."""
         for job in [job for job in self.waiting if job.cancelled.is_set()]:
             self.waiting.remove(job)
-            _end(job)
+            end_job(job)
         room = self.decoder.max_batch - len(self.rows) if self.decoder else 1 - len(self.rows)
         # Any adapter joins the running batch: each row decodes with its own.
         return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
-    def _start(self, job, whole: bool = False) -> None:
-        """Select the job's adapter, encode it, and prefill it (its slot keeps the adapter; in pieces when longer
-        than `prefill_chunk`, unless `whole`) or run it alone."""
+    def _start(self, job):
+        """Select the job's adapter and encode its prompt: (encoded, max_new_tokens), None when it ended (cancelled,
+        refused), or _WAIT when its adapter finds no room in the decode banks yet (it starts once rows end)."""
         if job.cancelled.is_set():
-            return _end(job)
+            return end_job(job)
         engine = self.engine
         stage = "selecting the adapter"
         try:
             if job.select_adapter:
                 job.context.run(job.select_adapter)
+            if self.decoder is not None and not self.decoder.lora.fits(self.decoder.base, len(self.rows)):
+                if self.told_to_wait is not job:  # said once
+                    job.context.run(log.info, "waiting for room in the LoRA banks (IDEFICS_ADAPTER_BANK_RANK)")
+                    self.told_to_wait = job
+                return _WAIT
             stage = "encoding the prompt"
             encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
             job.stats.prompt_tokens = encoded.num_tokens
             max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
         except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only
-            return _end(job, exc if explained(exc) else failure(stage, exc))
-        if self.decoder is None or not self.decoder.fits(encoded):
-            if self.decoder is not None:
-                job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
-            return self._generate(job, encoded, max_new_tokens)
-        try:
-            row = _Row(job, encoded.input_ids[0].tolist(), max_new_tokens, engine, len(self.rows))
-            if encoded.num_tokens > self.prefill_chunk and not whole:  # continued by _prefill_next, per step
-                self.prefilling = _Prefill(row, encoded)
-                return
-            logits = self.decoder.prefill(engine.model, row.slot, encoded)
-        except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
-            job.context.run(log.exception, "prefill failed")
-            self._deselect()
-            return _end(job, failure("prefilling the prompt", exc))
-        self.rows.append(row)
-        self._emit([row], logits)
+            return end_job(job, exc if explained(exc) else failure(stage, exc))
+        return encoded, max_new_tokens
 
     def _step(self) -> None:
         rows = self.rows
@@ -219,12 +318,12 @@ class Scheduler:
                 self._log_batch(rows)
                 self.largest_batch = len(rows)
             try:
-                logits = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
-                                             [len(row.ids) - 1 for row in rows])
+                step = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
+                                           [len(row.ids) - 1 for row in rows])
             except Exception as exc:  # shared by every row: it cannot be pinned on one, so the step's rows end
                 log.exception("decode step failed")
                 return self._fail_active(failure("decoding (a step shared by the requests of one batch)", exc))
-            self._emit(rows, logits)
+            self._emit(rows, step.logits, step.tokens)
 
     def _log_batch(self, rows: list) -> None:
         """A new largest batch: how many requests, and how many different adapters and scales they decode with
@@ -233,11 +332,13 @@ class Scheduler:
         rows[-1].job.context.run(log.info, "decoding %d requests together (the most so far), with %d different "
                                  "adapter settings", len(rows), settings)
 
-    def _emit(self, rows: list, logits: torch.Tensor) -> None:
-        """Pick every row's next token (on the device, for the whole batch at once), hand each to its job, and drop
-        the rows that are done (or failed)."""
+    def _emit(self, rows: list, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
+        """Pick every row's next token (on the device, for the whole batch at once; `greedy`: a decode step's argmax,
+        which greedy rows take as it is), hand each to its job, and drop the rows that are done (or failed)."""
         try:
-            tokens, failed = self.sampler.pick(rows, logits)
+            tokens, failed = self.sampler.pick(rows, logits, greedy)
+            if greedy is not None:  # the step's inputs for the next one, on the device
+                self.decoder.advance(self.sampler.tokens, tokens)
         except Exception as exc:  # the batch's shared sampling: it cannot be pinned on one row, so its rows end
             log.exception("sampling a step failed")
             error = failure("sampling the next token", exc)
@@ -263,7 +364,7 @@ class Scheduler:
         """End the rows in `slots` (with their error, if any); the last rows move into the freed slots, so slots
         0..n-1 stay active."""
         for slot in sorted(slots, reverse=True):
-            _end(self.rows[slot].job, (errors or {}).get(slot))
+            end_job(self.rows[slot].job, (errors or {}).get(slot))
             last = self.rows.pop()
             if slot < len(self.rows):
                 self.decoder.move(last.slot, slot)
@@ -275,14 +376,14 @@ class Scheduler:
         """The plain transformers recipe: `model.generate`, streaming through the job's sink."""
         engine = self.engine
         kwargs = engine.generate_kwargs(encoded, job.sampling, max_new_tokens)
-        kwargs.update(streamer=NewTokens(job.sink), stopping_criteria=StoppingCriteriaList([_Cancelled(job)]))
+        kwargs.update(streamer=NewTokens(job.sink), stopping_criteria=StoppingCriteriaList([Cancelled(job)]))
         try:
             torch.manual_seed(job.stats.seed)  # sampling draws from the global generator in `generate`
             engine.model.generate(**kwargs)
         except Exception as exc:
             self._deselect()
-            return _end(job, failure("generating", exc))
-        _end(job)
+            return end_job(job, failure("generating", exc))
+        end_job(job)
 
     def _deselect(self) -> None:
         """After a request's prefill failed, no adapter stays selected: every request selects its own before its
@@ -291,82 +392,9 @@ class Scheduler:
         base = getattr(self.engine.model, "base_model", None)
         if hasattr(base, "disable_adapter_layers"):
             base.disable_adapter_layers()
+        self.held = None  # its adapter must be selected again (and its prompt encoded again)
 
     def _log_fallback(self, reason: str) -> None:
         if reason not in self.fallbacks_logged:
             self.fallbacks_logged.add(reason)
             log.warning("fast path: %s; this request (and any like it) is decoded with model.generate", reason)
-
-
-def _end(job, error: BaseException | None = None) -> None:
-    try:
-        job.sink(error if error is not None else END)
-    except Exception:  # a sink that fails cannot be told; the job is over all the same
-        log.exception("a request's stream failed at its end")
-    finally:
-        job.finished.set()
-
-
-@dataclass(eq=False)
-class _Row:
-    """A request in the running batch: its tokens so far, and its own generator when it samples."""
-
-    job: object
-    ids: list[int]  # prompt and generated tokens
-    remaining: int  # tokens still allowed
-    engine: object
-    slot: int
-    started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
-    generator: torch.Generator | None = field(init=False, default=None)
-
-    def __post_init__(self):
-        if self.sampling.temperature > 0:
-            # Its own generator: a request's samples depend on its seed only, never on its batch.
-            self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
-
-    @property
-    def sampling(self):
-        return self.job.sampling
-
-    @property
-    def streaming(self) -> bool:
-        """Past its first token (which its prefill gave): a decode step has served it."""
-        return len(self.ids) > self.job.stats.prompt_tokens + 1
-
-    def draw(self, noise: torch.Tensor) -> None:
-        """Fill `noise` (vocab,) with the Exp(1) draws `torch.multinomial` makes for one sample (`model.generate`'s
-        draw), from this row's generator (BatchSampler.pick)."""
-        noise.exponential_(generator=self.generator)
-
-
-@dataclass(eq=False)
-class _Prefill:
-    """A long prompt's prefill in progress."""
-
-    row: _Row
-    encoded: object
-    done: int = -1  # prompt tokens prefilled so far; -1: the images are still to be encoded
-
-
-class NewTokens(BaseStreamer):
-    """Hands `generate`'s new tokens (not the prompt it passes first) to `sink`, a list of ids per step."""
-
-    def __init__(self, sink):
-        self.sink, self.prompt_seen = sink, False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt_seen:
-            self.sink(value.flatten().tolist())
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, job):
-        self.job = job
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
-        stop = self.job.cancelled.is_set()
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)

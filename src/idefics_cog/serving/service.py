@@ -90,7 +90,8 @@ class Service:
                  time.perf_counter() - started)
         started = time.perf_counter()
         engine = Engine.load(path, settings.device, settings.quantization, settings.engine, settings.max_batch,
-                             settings.max_images, settings.cache_memory_fraction)
+                             settings.max_images, settings.cache_memory_fraction, settings.compile,
+                             settings.adapter_bank_rank)
         log.info("model loaded on %s (%s, quantization %s, %s engine) in %.1f s", engine.device, engine.dtype,
                  settings.quantization, engine.kind, time.perf_counter() - started)
         adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
@@ -112,24 +113,25 @@ class Service:
         return service
 
     def warm_up(self) -> None:
-        """A short prediction through the whole path (an image, the default adapter, prefill, a few decode steps),
-        then on CUDA the compiled decode step's batch shapes: the first users do not pay for either. Its answer
-        is thrown away and leaves nothing behind (every slot is free again, each request selects its own adapter).
-        Raises WarmUpError, so that setup fails, when it fails."""
+        """The compiled decode step (when the path is compiled) at every batch and length bucket, then a short
+        prediction through the whole path (an image, the default adapter, prefill, a few decode steps): the first
+        users pay for neither, and nothing compiles after setup. The answer is thrown away and leaves nothing behind
+        (every slot is free again, each request selects its own adapter). Raises WarmUpError, so that setup fails,
+        when it fails."""
         started = time.perf_counter()
         try:
+            decoder = self.engine.scheduler.decoder
+            if decoder is not None:
+                self.engine.run(decoder.warm_up, self.engine.model)
             with tempfile.TemporaryDirectory(prefix="idefics-warmup-") as folder:
                 picture = Path(folder) / "warm-up.png"
                 Image.new("RGB", (64, 64), (120, 130, 140)).save(picture)
                 for _ in self.answer(prompt="Describe this image.", image=picture, max_new_tokens=WARMUP_TOKENS):
                     pass
-            decoder = self.engine.scheduler.decoder
-            shapes = 0 if decoder is None else self.engine.run(decoder.warm_up, self.engine.model)
         except Exception as exc:
             raise WarmUpError(f"setup's warm-up prediction failed (IDEFICS_WARMUP=0 skips it): "
                               f"{type(exc).__name__}: {exc}") from exc
-        compiled = f", {shapes} compiled decode shapes" if shapes else ""
-        log.info("warm-up: a %d-token prediction%s in %.2f s", WARMUP_TOKENS, compiled, time.perf_counter() - started)
+        log.info("warm-up: a %d-token prediction in %.2f s", WARMUP_TOKENS, time.perf_counter() - started)
 
     def receive_cog_files(self) -> None:
         """In a Cog server: file inputs are the files Cog received for each request, image URLs fetched here
