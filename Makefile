@@ -46,6 +46,7 @@ bench: install tiny
 	$(PY) bench/weights.py
 	$(PY) bench/training.py
 	$(PY) bench/speed.py
+	$(PY) bench/decode_step.py
 	$(PY) bench/textstream.py
 	$(PY) bench/setup_time.py
 	$(PY) bench/mixed_adapters.py

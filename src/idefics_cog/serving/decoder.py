@@ -33,7 +33,7 @@ from torch._dynamo.utils import counters
 
 from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.inputs.prompt import Encoded
-from idefics_cog.model.memory import CachePlan, cache_budget, image_tokens, plan_cache
+from idefics_cog.model.memory import ACTIVATIONS, CachePlan, cache_budget, image_tokens, plan_cache
 from idefics_cog.serving.compiled import Step, WarmUp, compile_decision, compile_step, cuda_graphs_on_this_thread
 from idefics_cog.serving.layers import LayerByLayer, write_rows
 from idefics_cog.serving.rowlora import RowLora, decode_linears
@@ -46,14 +46,12 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def cache_plan(model, max_batch: int, max_images: int, fraction: float) -> CachePlan:
-    """The slots and context per slot for `model` on its device: from the GPU memory left after loading (a
-    `fraction` of the total, memory.py), or, on the CPU, `max_batch` slots of the full context."""
-    base = unwrap(model)
-    budget = None
+def cache_plan(model, max_batch: int, max_images: int, fraction: float, banks: int = 0) -> CachePlan:
+    """Slots and context per slot on `model`'s device: from the GPU memory left after loading (`fraction` of the
+    total, memory.py) less the LoRA banks' `banks` bytes; on the CPU `max_batch` slots of the full context."""
+    base, budget = unwrap(model), None
     if base.device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(base.device)
-        budget = cache_budget(free, total, fraction)
+        budget = cache_budget(*torch.cuda.mem_get_info(base.device), fraction, ACTIVATIONS + banks)
     return plan_cache(base.config, max_batch, max_images, base.dtype.itemsize, budget)
 
 
@@ -109,7 +107,8 @@ class FastDecoder(LayerByLayer):
     @classmethod
     def sized(cls, model, max_batch: int, max_images: int, fraction: float, **options) -> "FastDecoder":
         """A decoder whose cache fits the memory left on the model's device (`cache_plan`); logs what it chose."""
-        plan = cache_plan(model, max_batch, max_images, fraction)
+        banks = RowLora.bytes(unwrap(model), options.get("bank_width", ADAPTER_BANK_RANK), max_batch)
+        plan = cache_plan(model, max_batch, max_images, fraction, banks)
         log.info("key/value cache: %s", plan)
         decoder = cls(model, plan.slots, max_images, context=plan.context, **options)
         log.info("decode step: %s (%s)", decoder.path, decoder.path_reason)

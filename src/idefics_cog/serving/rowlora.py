@@ -51,6 +51,13 @@ class RowLora:
         self.peft_layers: dict[str, LoraLayer] = {}
         self.adapters_seen: tuple = ()
 
+    @staticmethod
+    def bytes(base, width: int, max_batch: int) -> int:
+        """What the banks of `base`'s decode layers take, `width` columns wide, in its dtype."""
+        linears = decode_linears(base.model)
+        values = width * (sum(m.in_features + m.out_features for m in linears.values()) + len(linears) * max_batch)
+        return values * base.dtype.itemsize
+
     def _static(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.static:  # CUDA graphs read it at a fixed address: it is only ever written in place
             torch._dynamo.mark_static_address(tensor)
