@@ -8,11 +8,9 @@ torch profiler's table for the eager batch-16 step.
 """
 
 import argparse
-import math
-import tempfile
-import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_cog.weights.adapters import Adapters  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from tests.support.helpers import noise_image  # noqa: E402
+from tests.support.inductor import buffers_at_least  # noqa: E402
 
 BATCHES = (1, 4, 16)
 
@@ -82,10 +81,7 @@ class CompileReport:
         self.graphs_after_warm_up = counters["stats"]["unique_graphs"]
         self.warm, self.seconds = warm, time.perf_counter() - started
         self.breaks = sum(counters["graph_break"].values())
-        layer = decoder.keys[0].numel()  # one layer's keys for every slot
-        sizes = [[int(n) if n.strip().isdigit() else 2 for n in shape.split(",") if n.strip()]
-                 for shape in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", "\n".join(code))]
-        self.copies = [shape for shape in sizes if math.prod(shape) >= layer]
+        self.copies = buffers_at_least(code, decoder.keys[0].numel())  # one layer's keys for every slot
 
     def __str__(self) -> str:
         return (f"- compiled: {self.warm.graphs} graph(s) in the warm-up of {self.warm.shapes} batch x length "

@@ -5,7 +5,6 @@ graphs); its backend here is aot_eager plus torch's own check of what CUDA-graph
 C++ kernels take minutes on a 2-core VM; bench/decode_step.py times them)."""
 
 import logging
-import math
 
 import pytest
 import torch
@@ -14,13 +13,23 @@ from torch._dynamo.backends.debugging import boxed_nop
 from torch._dynamo.utils import counters
 from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
+from idefics_cog.serving.compiled import buckets
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.layers import embed
 from idefics_cog.weights.adapters import Adapters
-from tests.support.engine import alone, encoded, other_adapter, selecting, submit_together, tokens_of
+from tests.support.engine import (
+    alone,
+    encoded,
+    other_adapter,
+    selecting,
+    submit_behind_a_stream,
+    submit_together,
+    tokens_of,
+)
 from tests.support.helpers import negated_adapter, noise_image
+from tests.support.inductor import buffers_at_least
 
 
 class CheckedBackend:
@@ -56,10 +65,11 @@ def served(tiny_dir):
 def test_the_warm_up_compiles_one_graph_a_cuda_graph_can_hold(served):
     _, decoder, backend, warm = served
     assert decoder.path == "compiled" and decoder.compiled is not None
-    assert warm.shapes == len(decoder.buckets()) == 4  # batches 2 and 4, lengths 256 and 512
-    # The first shape's graph, then one with batch and length dynamic that every other shape reuses.
-    assert warm.graphs == len(backend.refused) == 2
-    assert backend.refused == [None, None]
+    assert warm.shapes == len(buckets(decoder.max_batch, decoder.max_len)) == 4  # batches 2, 4; lengths 256, 512
+    # The first shape's graph, then one with batch and length dynamic that every other shape reuses, and the same
+    # without the LoRA banks.
+    assert warm.graphs == len(backend.refused) == 3
+    assert backend.refused == [None, None, None]
     assert not counters["graph_break"]
 
 
@@ -87,8 +97,8 @@ def test_the_embedding_lookup_is_bit_identical(served):
 def test_nothing_recompiles_after_the_warm_up(served, tiny_dir, tmp_path):
     """After the warm-up, with recompilation set to raise: PEFT wraps the model (the first adapter), custom adapters
     that adapt more layers (o_proj, down_proj), other scales, a mixed batch whose rows end and move, a cancel,
-    prompts prefilled in pieces, a prompt past the first length bucket. Every request gets its tokens alone
-    (`model.generate` with its adapter)."""
+    a prompt past the first length bucket, then prefilled in pieces behind a stream. Every request gets its tokens
+    alone (`model.generate` with its adapter)."""
     engine, decoder, backend, _ = served
     graphs = len(backend.refused)
     adapters = Adapters(engine, tmp_path / "cache")
@@ -105,7 +115,7 @@ def test_nothing_recompiles_after_the_warm_up(served, tiny_dir, tmp_path):
     lengths = [6, 20, 9, 14, 25, 12]  # rows end at different steps: the batch shrinks and rows move
     expected = [alone(engine, adapters, enc, Sampling(max_new_tokens=n, ignore_eos=True), choice)
                 for enc, n, choice in zip(encs, lengths, rows)]
-    engine.scheduler.prefill_chunk = 16  # the long prompt in pieces, between decode steps
+    engine.scheduler.prefill_chunk = 16  # behind a stream, the long prompt runs in pieces between decode steps
     jobs = [Job(enc, Sampling(max_new_tokens=n, ignore_eos=True), adapter=choice,
                 select_adapter=selecting(adapters, *choice)) for enc, n, choice in zip(encs, lengths, rows)]
     cancelled = Job(encs[0], Sampling(max_new_tokens=40, ignore_eos=True))
@@ -117,13 +127,24 @@ def test_nothing_recompiles_after_the_warm_up(served, tiny_dir, tmp_path):
                 cancelled.cancel()
         return sink
 
+    pieces = []
+    piece = decoder.prefill_chunk
+    decoder.prefill_chunk = lambda *args: (pieces.append(args[3]), piece(*args))[1]
+    streaming = Job(encs[1], Sampling(max_new_tokens=30, ignore_eos=True),
+                    select_adapter=selecting(adapters, "none", "", 1.0))
     engine.run(setattr, torch._dynamo.config, "error_on_recompile", True)  # on the thread that decodes
     try:
         received = submit_together(engine, jobs + [cancelled], {len(jobs): cancel_after_three})
+        # The long prompt again, behind a stream: prefilled in pieces between decode steps.
+        again = Job(encs[3], Sampling(max_new_tokens=lengths[3], ignore_eos=True), adapter=rows[3],
+                    select_adapter=selecting(adapters, *rows[3]))
+        behind = submit_behind_a_stream(engine, [streaming, again])
     finally:
         engine.run(setattr, torch._dynamo.config, "error_on_recompile", False)
+        del decoder.prefill_chunk
     assert [tokens_of(items) for items in received[:-1]] == expected
     assert 3 <= len(tokens_of(received[-1])) < 40
+    assert tokens_of(behind[1]) == expected[3] and len(pieces) > 1
     assert len(backend.refused) == graphs and decoder.path == "compiled"
 
 
@@ -188,8 +209,6 @@ def test_the_cache_is_written_in_place_by_inductor(how):
     """What inductor makes of the decode step's cache write (its generated code, read): `write_rows` allocates
     nothing of the cache's size; the same write through a view of the cache (the step's first version) makes inductor
     copy it, which the check catches. The batch static, then dynamic, as the compiled step's two graphs."""
-    import re
-
     from torch._inductor.utils import run_and_get_code
 
     from idefics_cog.serving.layers import write_rows
@@ -211,7 +230,27 @@ def test_the_cache_is_written_in_place_by_inductor(how):
         with torch.inference_mode():
             code += run_and_get_code(compiled, batch, new, positions)[1]
             assert torch.equal(cache[1, torch.arange(batch), :, positions], new)
-    sizes = [[int(n) if n.strip().isdigit() else 2 for n in shape.split(",") if n.strip()]  # a symbol: >= 2
-             for shape in re.findall(r"empty_strided_cpu\(\(([^)]*)\)", "\n".join(code))]
-    whole = [shape for shape in sizes if math.prod(shape) >= cache[1, :2].numel()]
-    assert (whole == []) == (how == "write_rows"), sizes
+    copies = buffers_at_least(code, cache[1, :2].numel())
+    assert (copies == []) == (how == "write_rows"), copies
+
+
+def test_an_adapter_whose_deltas_overflow_leaves_its_neighbours_unchanged(tiny_dir, tmp_path):
+    """The banks compute every loaded adapter's columns for every row: an adapter whose A matrices make x A^T
+    overflow to inf for a row (finite values, checked at loading, but 1e37) must not reach rows that do not use it
+    (0 x inf is NaN): they keep the tokens they get alone."""
+    from tests.support.helpers import adapter_copy
+
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=4)
+    adapters = Adapters(engine, tmp_path / "cache")
+    adapters.load_default(str(tiny_dir / "adapter"))
+    huge = str(adapter_copy(tiny_dir / "adapter", tmp_path / "huge",
+                            tensors=lambda t: {k: v * 1e37 if "lora_A" in k else v for k, v in t.items()}))
+    rows = [("medical", "", 1.0), ("", huge, 1.0), ("none", "", 1.0)]
+    encs = [encoded(engine, "What does this X-ray show?", [noise_image(i)]) for i in range(3)]
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    expected = [alone(engine, adapters, enc, sampling, choice) for enc, choice in zip(encs, rows)]
+    jobs = [Job(enc, sampling, adapter=choice, select_adapter=selecting(adapters, *choice))
+            for enc, choice in zip(encs, rows)]
+    received = submit_together(engine, jobs)
+    assert tokens_of(received[0]) == expected[0] and tokens_of(received[2]) == expected[2]
+    assert engine.scheduler.largest_batch == 3

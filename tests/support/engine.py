@@ -72,7 +72,7 @@ def submit_behind_a_stream(engine, jobs, timeout: float = 120) -> list[list]:
     """Submit jobs[0], and the others together once it streams past its first token, counted as a protected stream
     from then on (scheduler.burst_window = 1: their prompts run in pieces between its decode steps, not whole as a
     burst reaching an idle server); what each one's sink received."""
-    engine.scheduler.burst_window = 1
+    window, engine.scheduler.burst_window = engine.scheduler.burst_window, 1
     first = jobs[0].sampling
     assert first.ignore_eos and first.max_new_tokens > 2, "the first request must stream past its second token"
     received = [[] for _ in jobs]
@@ -84,8 +84,11 @@ def submit_behind_a_stream(engine, jobs, timeout: float = 120) -> list[list]:
                 engine.submit(job, items.append)
 
     engine.submit(jobs[0], first_sink)
-    for job in jobs:
-        assert job.finished.wait(timeout), "a request never ended"
+    try:
+        for job in jobs:
+            assert job.finished.wait(timeout), "a request never ended"
+    finally:
+        engine.scheduler.burst_window = window
     return received
 
 

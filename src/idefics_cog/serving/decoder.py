@@ -7,8 +7,9 @@ they are) but runs its layers itself with
   (`FastDecoder.sized`, model/memory.py: up to `max_batch` slots, the full context or a shorter one);
 - the image keys/values of every cross-attention block computed once, at prefill, and kept in the slot;
 - a decode step that is one graph (`_step`: tensors only, the cache written in place, its inputs kept on the device,
-  the greedy choice made inside): on CUDA compiled once at setup with dynamic batch and length and captured as a
-  CUDA graph per batch and length bucket (compiled.py), so that nothing compiles while serving.
+  the greedy choice made inside): on CUDA compiled at setup (its first shape, then batch and length dynamic, with
+  and without the LoRA banks: 3 graphs) and captured as a CUDA graph per bucket, so that nothing compiles while
+  serving (compiled.py).
 
 Active requests occupy slots 0..n-1 (a finished request's slot is refilled by moving the last one), and each
 slot holds its own tokens from column 0: no padding token is ever computed, and a request sees exactly the
@@ -34,7 +35,16 @@ from torch._dynamo.utils import counters
 from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.inputs.prompt import Encoded
 from idefics_cog.model.memory import ACTIVATIONS, CachePlan, cache_budget, image_tokens, plan_cache
-from idefics_cog.serving.compiled import Step, WarmUp, compile_decision, compile_step, cuda_graphs_on_this_thread
+from idefics_cog.serving.compiled import (
+    Step,
+    WarmUp,
+    batch_bucket,
+    buckets,
+    compile_decision,
+    compile_step,
+    cuda_graphs_on_this_thread,
+    length_bucket,
+)
 from idefics_cog.serving.layers import LayerByLayer, write_rows
 from idefics_cog.serving.rowlora import RowLora, decode_linears
 
@@ -114,35 +124,21 @@ class FastDecoder(LayerByLayer):
         log.info("decode step: %s (%s)", decoder.path, decoder.path_reason)
         return decoder
 
-    # ---- the shapes a compiled step runs: few, so that few CUDA graphs are ever recorded ----
-
-    def batch_bucket(self, count: int) -> int:
-        """The batch padded to a power of two, at least 2 (a batch of 1 would be a graph of its own: torch
-        specializes size 1); padding rows sit in free slots and write their spare column."""
-        return min(self.max_batch, max(2, 1 << (count - 1).bit_length()))
-
-    def length_bucket(self, length: int) -> int:
-        """The attended cache length rounded up to a power of two from 256 (reading all 2048 columns at every step
-        would cost a 9b 6% more per token)."""
-        return min(self.max_len, max(256, 1 << (length - 1).bit_length()))
-
-    def buckets(self) -> list[tuple[int, int]]:
-        batches = sorted({self.batch_bucket(count) for count in range(1, self.max_batch + 1)})
-        lengths = sorted({self.length_bucket(length) for length in range(1, self.max_len + 1, 128)}
-                         | {self.length_bucket(self.max_len)})
-        return [(batch, length) for length in lengths for batch in batches]
-
+    @torch.inference_mode()  # as `decode` runs: grad mode is part of the compiled step's guards
     def warm_up(self, model) -> "WarmUp":
         """Compile the decode step and run it at every batch and length bucket (on CUDA each records its CUDA
         graph): no request waits for a compilation, none happens after setup. Run it with every slot free."""
         if self.compiled is None:
             return WarmUp(0, 0, 0.0)
         started, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
-        shapes = self.buckets()
+        shapes = buckets(self.max_batch, self.max_len)
         # The first call compiles for its shape; the second changes batch and length at once, and torch compiles
-        # once more with both dynamic: a graph that every other shape reuses.
-        for batch, length in [shapes[0], *shapes[:0:-1]]:
-            self.decode(model, [0] * batch, [length - 1] * batch)
+        # once more with both dynamic: a graph that every other shape reuses; the step without the LoRA banks (no
+        # row has an adapter) is a third. On CUDA a shape's CUDA graph is recorded at its second run: two runs each.
+        for columns in (self.lora.width, 0):
+            for batch, length in [shapes[0], *shapes[:0:-1]] * 2:
+                self._hold([0] * batch, [length - 1] * batch)
+                self._run(batch, length, columns)
         self.held = ([], [])
         warm = WarmUp(len(shapes), counters["stats"]["unique_graphs"] - graphs, time.perf_counter() - started)
         log.info("decode step compiled: %d graph(s), %d batch x length shapes run, in %.1f s", warm.graphs,
@@ -339,12 +335,15 @@ class FastDecoder(LayerByLayer):
         fails its rows (the scheduler's to handle) and never changes the path."""
         count = len(tokens)
         self._hold(tokens, positions)
-        length = max(positions) + 1
-        if self.compiled is None:  # no padding, no bucket; the banks only when a row has an adapter
-            images = max(max(self.image_lengths[:count]), 1)
-            return Step(*self._step(count, length, images, self.lora.in_use))
-        cuda_graphs_on_this_thread()
-        logits, picked = self.compiled(self.batch_bucket(count), self.length_bucket(length), self.image_capacity)
+        return self._run(count, max(positions) + 1, *self.lora.in_use(count))
+
+    def _run(self, count: int, length: int, columns: int, layers: set | None = None) -> "Step":
+        """The step of rows 0..count-1 (their inputs held), with the LoRA banks' first `columns` (0: none)."""
+        if self.compiled is None:  # no padding, no bucket, only the bank columns and layers in use
+            return Step(*self._step(count, length, max(max(self.image_lengths[:count]), 1), columns, layers))
+        cuda_graphs_on_this_thread()  # the banks whole (None) or not at all: two graphs
+        logits, picked = self.compiled(batch_bucket(count, self.max_batch), length_bucket(length, self.max_len),
+                                       self.image_capacity, None if columns else 0)
         # The graph's outputs are overwritten by its next replay, and the sampler processes the logits in place.
         return Step(logits[:count].clone(), picked[:count])
 
@@ -367,14 +366,15 @@ class FastDecoder(LayerByLayer):
         self.positions[:count] += 1
         self.held = (list(picked), [position + 1 for position in self.held[1][:count]])
 
-    def _step(self, batch: int, length: int, images: int, banks: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, batch: int, length: int, images: int, columns: int | None = None,
+              layers: set | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step of rows 0..batch-1 over `length` cache columns and `images` image tokens, tensors only (one
         graph, no host sync): the float32 logits, banned ids at -inf, and their argmax."""
         ids, positions = self.ids[:batch], self.positions[:batch]
         rows = torch.arange(batch, device=self.device)
-        columns = torch.arange(length, device=self.device)
+        later = torch.arange(length, device=self.device)[None] > positions[:, None]  # cache columns not yet seen
         mask = torch.zeros(batch, 1, 1, length, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill((columns[None] > positions[:, None])[:, None, None], self.masked)
+        mask = mask.masked_fill(later[:, None, None], self.masked)
 
         def attend(layer, k, v):
             write_rows(self.keys, layer, rows, positions, k[:, :, 0])
@@ -386,7 +386,7 @@ class FastDecoder(LayerByLayer):
                     self.image_mask[:batch, :, :, :images], self.image_gate[:batch, None])
 
         logits = self._forward(ids, positions[:, None], attend, cross_inputs, causal=False,
-                               linear=lambda path, x: self.lora.apply(path, x, banks))[:, -1].float()
+                               linear=lambda path, x: self.lora.apply(path, x, columns, layers))[:, -1].float()
         logits = logits.index_fill(1, self.banned, -float("inf"))
         return logits, logits.argmax(-1)
 

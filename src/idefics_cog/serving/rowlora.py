@@ -46,7 +46,7 @@ class RowLora:
                   for path, m in linears.items()}
         # Each row's weight on each column, per layer: its adapter's scaling on that adapter's columns, else 0.
         self.weights = self._static(torch.zeros(len(linears), max_batch, width, device=device, dtype=dtype))
-        self.owners: dict[tuple, tuple[torch.Tensor, list[int]]] = {}  # (name, id of its A) -> (A, its columns)
+        self.owners: dict[tuple, tuple] = {}  # (name, id of its A) -> (A, its columns, the layers it adapts)
         self.row_owner: list[tuple | None] = [None] * max_batch
         self.peft_layers: dict[str, LoraLayer] = {}
         self.adapters_seen: tuple = ()
@@ -63,10 +63,13 @@ class RowLora:
             torch._dynamo.mark_static_address(tensor)
         return tensor
 
-    @property
-    def in_use(self) -> bool:
-        """Whether any row decodes with an adapter (the eager step skips the banks when none does)."""
-        return any(owner is not None for owner in self.row_owner)
+    def in_use(self, rows: int) -> tuple[int, set[str]]:
+        """What rows 0..rows-1 need of the banks: the leading columns (an adapter takes the lowest free ones; 0 when
+        no row has an adapter: a step skips the banks) and the layers their adapters adapt (an eager step skips the
+        others; a compiled one computes every layer's, zeros included, to keep its shapes)."""
+        keys = {key for key in self.row_owner[:rows] if key is not None}
+        columns = max((max(self.owners[key][1]) + 1 for key in keys), default=0)
+        return columns, set().union(*(self.owners[key][2] for key in keys))
 
     # ---- outside the decode step ----
 
@@ -98,7 +101,8 @@ class RowLora:
         selected = self._selected(base)
         if selected is None or self._key(selected) in self.owners:
             return True
-        return self._rank(base, selected[0]) <= self.width - self._held(rows)
+        rank = self._rank(base, selected[0])  # wider than the banks: `capture` refuses it, its request fails
+        return rank > self.width or rank <= self.width - self._held(rows)
 
     def capture(self, base, row: int) -> None:
         """After `row`'s prefill: the adapter the model has selected, with its scale, for `row`'s decode steps.
@@ -141,33 +145,42 @@ class RowLora:
         kept = {k for k in self.row_owner[:row] if k is not None}
         for old in [k for k in self.owners if k not in kept]:
             del self.owners[old]
-        taken = {column for _, columns in self.owners.values() for column in columns}
+        taken = {column for _, columns, _ in self.owners.values() for column in columns}
         free = [column for column in range(self.width) if column not in taken]
         if rank > len(free):
             raise RuntimeError(f"no room in the decode banks for a rank-{rank} adapter (Scheduler checks `fits`)")
         columns = free[:rank]
-        for path, module in self._layers(base).items():
-            a, b = self.a[path], self.b[path]
-            a[columns] = 0
-            b[:, columns] = 0
-            if name in module.lora_A:
-                matrix_a, matrix_b = module.lora_A[name].weight, module.lora_B[name].weight
-                a[columns[:matrix_a.shape[0]]] = matrix_a.to(a.dtype)
-                b[:, columns[:matrix_a.shape[0]]] = matrix_b.to(b.dtype)
-        self.owners[key] = (weight, columns)
+        matrices = {path: (module.lora_A[name].weight.to(self.a[path].dtype),
+                           module.lora_B[name].weight.to(self.b[path].dtype))
+                    for path, module in self._layers(base).items() if name in module.lora_A}
+        # Finite in float32 (checked at loading) may overflow the serving dtype: an inf here would reach every row
+        # of the batch (0 x inf is NaN), so the adapter is refused, its request alone failing.
+        if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in matrices.values()):
+            raise ValueError(f"adapter {name}: values too large for {self.weights.dtype} (they overflow to inf)")
+        for path in self.a:
+            self.a[path][columns] = 0
+            self.b[path][:, columns] = 0
+            if path in matrices:
+                a, b = matrices[path]
+                self.a[path][columns[:a.shape[0]]] = a
+                self.b[path][:, columns[:a.shape[0]]] = b
+        self.owners[key] = (weight, columns, set(matrices))
 
     # ---- inside the decode step (compiled on CUDA): tensors only ----
 
-    def apply(self, path: str, x: torch.Tensor, banks: bool = True) -> torch.Tensor:
-        """The Linear layer at `path` on decode rows x (rows, 1, features), each row with its adapter's delta.
-        `banks=False`: the base layer alone (an eager step where no row has an adapter)."""
+    def apply(self, path: str, x: torch.Tensor, columns: int | None = None, layers: set | None = None) -> torch.Tensor:
+        """The Linear layer at `path` on decode rows x (rows, 1, features), each row with its adapter's delta from
+        the banks' first `columns` (None: all of them, a compiled step's fixed shape; 0: the base layer alone), in
+        `layers` only when given."""
         out = self.linears[path](x)
-        if not banks:
+        if columns == 0 or (layers is not None and path not in layers):
             return out
-        rows = x.shape[0]
-        h = x.to(self.weights.dtype) @ self.a[path].t()  # (rows, 1, width)
-        h = h * self.weights[self.index[path], :rows, None]
-        return (out + h @ self.b[path].t()).to(out.dtype)
+        a, b = self.a[path][:columns], self.b[path][:, :columns]
+        h = x.to(self.weights.dtype) @ a.t()  # (rows, 1, columns)
+        weights = self.weights[self.index[path], :x.shape[0], None, :columns]
+        # Masked, not only weighted: another adapter's column may overflow for this row's input (inf x 0 is NaN).
+        h = torch.where(weights != 0, h * weights, 0)
+        return (out + h @ b.t()).to(out.dtype)
 
 
 def active_adapter(layers) -> str | None:

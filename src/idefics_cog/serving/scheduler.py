@@ -75,7 +75,7 @@ class Scheduler:
         self.told_to_wait = None  # the job last told that its adapter waits for room in the decode banks
         # starting[0] when its adapter was selected and its prompt encoded but it did not fit the last forward:
         # (job, encoded, max_new_tokens), so that it is not selected and encoded twice
-        self.held: tuple | None = None
+        self.prepared: tuple | None = None
         self.reselect = False  # a job refused while a group gathered: the group's adapter must be selected again
 
     def submit(self, job) -> None:
@@ -113,19 +113,21 @@ class Scheduler:
     def _start_next(self) -> None:
         """One piece of prefill work between two decode steps (running streams wait a bounded time per token): one
         forward over admitted prompts of `prefill_chunk` tokens in all (`_gather`), model.generate for a request the
-        fast path cannot hold, or the next piece of a longer prompt. Jobs that end before cost nothing. While no
-        request has streamed past its first token (a burst at an idle server) every admitted prompt runs whole first,
-        packed into forwards of up to BURST_TOKENS tokens, as vLLM's prefill-first scheduler serves a burst."""
+        fast path cannot hold, or the next piece of a longer prompt. While no stream is past its burst window (a
+        burst) admitted prompts run whole, packed into forwards of up to BURST_TOKENS tokens, about BURST_TOKENS per
+        step, as vLLM's prefill-first scheduler serves a burst."""
         if self.prefilling is not None:
             return self._prefill_next()
         whole = not any(row.streaming(self.burst_window) for row in self.rows)
+        spent = 0  # prompt tokens prefilled in this call
         while self.starting:
             group, more = self._gather(whole)
             if group:
                 self._prefill_group(group)
+                spent += sum(encoded.num_tokens for _, encoded in group)
             if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last piece
                 return self._prefill_next()
-            if not (whole and more):
+            if not (whole and more) or (self.rows and spent >= BURST_TOKENS):
                 return
 
     def _gather(self, whole: bool) -> tuple[list, bool]:
@@ -141,10 +143,10 @@ class Scheduler:
             job = self.starting[len(group)]
             if group and job.adapter != group[0][0].job.adapter:
                 return group, True
-            if self.held is not None and self.held[0] is job and not job.cancelled.is_set():
-                prepared, self.held = self.held[1:], None
+            if self.prepared is not None and self.prepared[0] is job and not job.cancelled.is_set():
+                prepared, self.prepared = self.prepared[1:], None
             else:
-                self.held = None
+                self.prepared = None
                 prepared = self._start(job)
             if prepared is _WAIT:  # its adapter waits for room in the decode banks
                 return group, False
@@ -156,7 +158,7 @@ class Scheduler:
             encoded, max_new_tokens = prepared
             fast = self.decoder is not None and self.decoder.fits(encoded)
             if group and (not fast or tokens + encoded.num_tokens > room):  # the next forward's (or generate's)
-                self.held = (job, encoded, max_new_tokens)
+                self.prepared = (job, encoded, max_new_tokens)
                 return group, True
             if not fast:
                 self.starting.popleft()
@@ -182,11 +184,9 @@ class Scheduler:
         return group, True
 
     def _prefill_group(self, group: list) -> None:
-        """Prefill the gathered prompts (their adapter selected) in one forward (`prefill` for one alone), and add
-        their rows to the batch with their first tokens; each job leaves `starting` once it joins or ends. If a
-        forward of several fails (out of memory, a fault one prompt brings), each is retried alone: only a prompt
-        that fails alone ends, so one bad request never fails its neighbours (and a burst too large for memory in
-        one forward still runs)."""
+        """Prefill the gathered prompts (their adapter selected) in one forward (`prefill` for one alone); their rows
+        join the batch with their first tokens. A forward of several that fails (out of memory, a fault one prompt
+        brings) is retried a prompt at a time: only a prompt that fails alone ends, never its neighbours."""
         model, deselected, self.reselect = self.engine.model, self.reselect, False
         if len(group) > 1 and not deselected:
             try:
@@ -274,7 +274,7 @@ class Scheduler:
         self.rows.clear()
         self.starting.clear()
         self.prefilling = None
-        self.held = None
+        self.prepared = None
 
     def _admit(self) -> list:
         """Waiting jobs that may start now, in arrival order, as many as there are free slots."""
@@ -392,7 +392,7 @@ class Scheduler:
         base = getattr(self.engine.model, "base_model", None)
         if hasattr(base, "disable_adapter_layers"):
             base.disable_adapter_layers()
-        self.held = None  # its adapter must be selected again (and its prompt encoded again)
+        self.prepared = None  # its adapter must be selected again (and its prompt encoded again)
 
     def _log_fallback(self, reason: str) -> None:
         if reason not in self.fallbacks_logged:
