@@ -197,7 +197,7 @@ class FastDecoder(LayerByLayer):
                                          torch.tensor(lengths, device=self.device))  # each token's prompt
         index = torch.arange(total, device=self.device)
         seen = (prompt[:, None] == prompt[None]) & (index[None] <= index[:, None])  # block-diagonal causal
-        causal = torch.zeros(1, 1, total, total, dtype=self.dtype, device=self.device).masked_fill(~seen, self.masked)
+        causal = self._additive(~seen)[None, None]
         per_token = [x["image_attention_mask"].bool() for x in inputs]  # (1, tokens, images) each
         with_images = [i for i, p in enumerate(per_token) if p.any()]  # the others' cross-attention is zeroed
         cross = self._image_keys_values(base, torch.cat([inputs[i]["pixel_values"] for i in with_images], 1)
@@ -216,8 +216,7 @@ class FastDecoder(LayerByLayer):
             image_start = end
         for i in set(range(len(inputs))) - set(with_images):
             self._store_images(slots[i], [])
-        mask = torch.zeros(1, 1, *allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
-            ~allowed, self.masked)
+        mask = self._additive(~allowed)[None, None]
         gate = allowed.any(-1)[None]
 
         def attend(layer, k, v):
@@ -257,7 +256,7 @@ class FastDecoder(LayerByLayer):
         mask, gate = self._image_attention(inputs["image_attention_mask"].bool()[:, start:end], images)
         positions = torch.arange(start, end, device=self.device)[None]
         later = torch.arange(end, device=self.device)[None] > positions[0, :, None]  # (chunk, end): not yet seen
-        causal = torch.zeros(1, 1, *later.shape, dtype=self.dtype, device=self.device).masked_fill(later, self.masked)
+        causal = self._additive(later)[None, None]
 
         def attend(layer, k, v):
             self.keys[layer, slot, :, start:end] = k[0]
@@ -293,8 +292,11 @@ class FastDecoder(LayerByLayer):
             allowed = per_token.repeat_interleave(self.per_image, dim=2)[:, None]
         else:
             allowed = torch.zeros(1, 1, per_token.shape[1], 1, dtype=torch.bool, device=self.device)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, self.masked)
-        return mask, allowed.any(-1)[:, 0]
+        return self._additive(~allowed), allowed.any(-1)[:, 0]
+
+    def _additive(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An additive attention mask: 0 where attended, the dtype's minimum where `hidden`."""
+        return torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill(hidden, self.masked)
 
     def _ready(self, base, slot: int, mask: torch.Tensor, gate: torch.Tensor, images: int) -> None:
         """After a prompt's last token: a decoded token attends to the images that token attends to, and the slot
@@ -373,8 +375,7 @@ class FastDecoder(LayerByLayer):
         ids, positions = self.ids[:batch], self.positions[:batch]
         rows = torch.arange(batch, device=self.device)
         later = torch.arange(length, device=self.device)[None] > positions[:, None]  # cache columns not yet seen
-        mask = torch.zeros(batch, 1, 1, length, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(later[:, None, None], self.masked)
+        mask = self._additive(later[:, None, None])
 
         def attend(layer, k, v):
             write_rows(self.keys, layer, rows, positions, k[:, :, 0])

@@ -67,7 +67,7 @@ class RowLora:
         """What rows 0..rows-1 need of the banks: the leading columns (an adapter takes the lowest free ones; 0 when
         no row has an adapter: a step skips the banks) and the layers their adapters adapt (an eager step skips the
         others; a compiled one computes every layer's, zeros included, to keep its shapes)."""
-        keys = {key for key in self.row_owner[:rows] if key is not None}
+        keys = self._keys(rows)
         columns = max((max(self.owners[key][1]) + 1 for key in keys), default=0)
         return columns, set().union(*(self.owners[key][2] for key in keys))
 
@@ -131,9 +131,13 @@ class RowLora:
     def _key(self, selected: tuple) -> tuple:
         return selected[0], id(selected[1])  # the weight is kept in `owners`: its id cannot be reused meanwhile
 
+    def _keys(self, rows: int) -> set[tuple]:
+        """The adapters rows 0..rows-1 decode with."""
+        return {key for key in self.row_owner[:rows] if key is not None}
+
     def _held(self, rows: int) -> int:
         """Columns held by adapters rows 0..rows-1 decode with."""
-        return sum(len(self.owners[key][1]) for key in set(self.row_owner[:rows]) if key is not None)
+        return sum(len(self.owners[key][1]) for key in self._keys(rows))
 
     def _add(self, base, key: tuple, name: str, weight: torch.Tensor, row: int) -> None:
         """Give adapter `name` free columns (those of adapters no running row uses are freed first) and copy its
@@ -142,7 +146,7 @@ class RowLora:
         if rank > self.width:
             raise ValueError(f"an adapter of rank {rank} does not fit the decode banks' {self.width} columns "
                              f"(IDEFICS_ADAPTER_BANK_RANK)")
-        kept = {k for k in self.row_owner[:row] if k is not None}
+        kept = self._keys(row)
         for old in [k for k in self.owners if k not in kept]:
             del self.owners[old]
         taken = {column for _, columns, _ in self.owners.values() for column in columns}
