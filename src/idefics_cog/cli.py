@@ -1,9 +1,6 @@
-"""`idefics-cog` console commands.
-
-`idefics-cog tokens --base DIR --prompt TEXT [--image FILE ...] [--template instruct|raw] [--system-prompt TEXT]`
-prints, as JSON, the exact token ids the model will see for a request and their vocabulary pieces: for debugging
-prompts. It reads only the tokenizer and preprocessor files of DIR, never the weights.
-"""
+"""`idefics-cog`, the one command-line tool: `tokens` (what the model sees), `download` (fill the weights folder
+before `cog push`), `evaluate` (score a dataset). `python -m idefics_cog.weights` and `python -m
+idefics_cog.evaluation.run` stay as aliases of the last two."""
 
 import argparse
 import json
@@ -13,6 +10,11 @@ from pathlib import Path
 from idefics_cog.errors import InputError
 
 USAGE_ERROR = 2
+EXAMPLES = """examples:
+  idefics-cog tokens --base weights/tiny/base --prompt "<image>What does this X-ray show?" --image examples/xray.png
+  IDEFICS_BASE_WEIGHTS=HuggingFaceM4/idefics-9b-instruct idefics-cog download
+  idefics-cog evaluate test.zip --adapter none --compare-adapter medical --markdown results.md
+Each command's --help has more."""
 
 
 def tokens(base: Path, prompt: str, images: list[Path], template: str = "instruct", system_prompt: str = "") -> dict:
@@ -42,13 +44,31 @@ def tokens(base: Path, prompt: str, images: list[Path], template: str = "instruc
     }
 
 
+def _download(argv: list[str], prog: str) -> int:
+    from idefics_cog.weights.__main__ import main
+    return main(argv, prog)
+
+
+def _evaluate(argv: list[str], prog: str) -> int:
+    from idefics_cog.evaluation.run import main
+    return main(argv, prog)
+
+
+# Commands with their own parser: the arguments after the command's name go to it as they are.
+DELEGATED = {"download": (_download, "fill the weights folder with the configured weights before `cog push`"),
+             "evaluate": (_evaluate, "score the model on a dataset, one configuration or two side by side")}
+
+
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="idefics-cog", description="IDEFICS on Cog: tools for people debugging it.")
-    commands = main.add_subparsers(dest="command", required=True)
+    main = argparse.ArgumentParser(prog="idefics-cog", description="IDEFICS on Cog: the command-line tools.",
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = main.add_subparsers(dest="command", required=True, metavar="{tokens,download,evaluate}")
     command = commands.add_parser(
         "tokens", help="print the token ids the model will see for a prompt (JSON)",
         description="Print, as JSON, the exact input_ids the model sees for a prompt and their vocabulary pieces. "
-                    "Reads only the tokenizer and preprocessor files of --base.")
+                    "Reads only the tokenizer and preprocessor files of --base.",
+        epilog='example:\n  idefics-cog tokens --base weights/tiny/base --prompt "<image>What does this X-ray show?" '
+               '--image examples/xray.png', formatter_class=argparse.RawDescriptionHelpFormatter)
     command.add_argument("--base", required=True, type=Path,
                          help="checkpoint folder with tokenizer.json and preprocessor_config.json")
     command.add_argument("--prompt", required=True, help="the prompt; <image> placeholders bind the images in order")
@@ -56,10 +76,16 @@ def parser() -> argparse.ArgumentParser:
                          help="an image file (repeat for several)")
     command.add_argument("--template", choices=["instruct", "raw"], default="instruct")
     command.add_argument("--system-prompt", default="")
+    for name, (_, summary) in DELEGATED.items():
+        commands.add_parser(name, help=summary, add_help=False)
     return main
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        run, _ = DELEGATED[argv[0]]
+        return run(argv[1:], f"idefics-cog {argv[0]}")
     args = parser().parse_args(argv)
     try:
         result = tokens(args.base, args.prompt, args.image, args.template, args.system_prompt)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from transformers import AutoProcessor
 
-from idefics_cog import cli
 from idefics_dev import tiny
 from idefics_cog.errors import InputError
 from idefics_cog.inputs.prompt import build_segments, encode
@@ -109,77 +108,3 @@ def test_the_tiny_tokenizer_has_the_released_layout_and_loads_the_same_way(tiny_
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         assert (tiny_dir / "base" / name).read_text() == (LLAMA / name).read_text()
     assert type(load_tokenizer(tiny_dir / "base")) is type(load_tokenizer(LLAMA)) is ReleaseTokenizer
-
-
-# --- the `idefics-cog tokens` command ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer_only(tmp_path_factory):
-    """A checkpoint folder with the tokenizer and preprocessor files only (no config, no weights)."""
-    folder = tmp_path_factory.mktemp("tokenizer-only")
-    for name in TOKENIZER_FILES:
-        shutil.copy(LLAMA / name, folder / name)
-    return folder
-
-
-def run_cli(capsys, *argv):
-    code = cli.main(["tokens", *map(str, argv)])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_tokens_command_prints_the_ids_the_model_sees(capsys, tokenizer_only, tmp_path):
-    case = CASES["medidefics_template"]
-    image = tmp_path / "x.png"
-    noise_image(0).save(image)
-    code, out, _ = run_cli(capsys, "--base", tokenizer_only, "--prompt", case["prompt"], "--image", image)
-    assert code == 0
-    result = json.loads(out)
-    assert result["input_ids"] == case["input_ids"]
-    assert result["pieces"] == case["tokens"]
-
-
-def test_tokens_command_templates_and_system_prompt(capsys, tokenizer_only):
-    case = CASES["raw_system_prompt_multi_turn"]
-    image = Path(__file__).parents[2] / "examples" / "xray.png"
-    code, out, _ = run_cli(capsys, "--base", tokenizer_only, "--prompt", case["prompt"], "--template", "raw",
-                           "--system-prompt", case["system_prompt"], "--image", image)
-    assert code == 0 and json.loads(out)["input_ids"] == case["input_ids"]
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--base", "{missing}", "--prompt", "hi"], "base: "),
-    (["--base", "{base}", "--prompt", "a<image>b<image>", "--image", "{image}"], "prompt: has 2 <image>"),
-    (["--base", "{base}", "--prompt", "hi", "--image", "{text}"], "image[0]: "),
-    (["--base", "{base}", "--prompt", "hi", "--image", "{missing}"], "image[0]: "),
-])
-def test_tokens_command_refuses_bad_input_naming_it(capsys, tokenizer_only, tmp_path, argv, message):
-    (tmp_path / "notes.txt").write_text("not an image")
-    noise_image(0).save(tmp_path / "x.png")
-    names = {"base": tokenizer_only, "missing": tmp_path / "missing", "image": tmp_path / "x.png",
-             "text": tmp_path / "notes.txt"}
-    code, out, err = run_cli(capsys, *[a.format(**names) for a in argv])
-    assert code == 2 and out == ""
-    assert message in err
-
-
-def test_tokens_command_needs_the_tokenizer_files(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(InputError, match="tokenizer.json"):
-        cli.tokens(tmp_path, "hi", [])
-
-
-def test_tokens_command_runs_as_a_module(tokenizer_only):
-    """`python -m idefics_cog.cli` (what the `idefics-cog` console script calls): JSON on stdout, exit code 2 on
-    bad input with the reason on stderr."""
-    case = CASES["raw_text_only"]
-    run = [sys.executable, "-m", "idefics_cog.cli", "tokens", "--prompt", case["prompt"]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    ok = subprocess.run([*run, "--base", str(tokenizer_only), "--template", "raw"], capture_output=True, text=True,
-                        env=env, check=False)
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["input_ids"] == case["input_ids"]
-    bad = subprocess.run([*run, "--base", str(tokenizer_only / "nowhere")], capture_output=True, text=True,
-                         env=env, check=False)
-    assert bad.returncode == 2 and "base: " in bad.stderr and bad.stdout == ""

@@ -129,9 +129,14 @@ def markdown_table(results: list[dict]) -> str:
 # The command line.
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+EXAMPLE = """example, the tiny model before and after `make train` (which writes examples/data.zip and trained.tar):
+  mkdir -p trained && tar -xf trained.tar -C trained
+  idefics-cog evaluate examples/data.zip --base weights/tiny/base --adapter none --compare-lora-weights trained"""
+
+
+def parse_args(argv: list[str] | None, prog: str = "idefics-cog evaluate") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m idefics_cog.evaluation.run",
+        prog=prog, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate IDEFICS on a dataset (a .zip/.tar holding data.jsonl and its images) with the medical "
                     "VQA metrics, in one configuration or two side by side (--compare-*). Weight sources are local "
                     "directories, https URLs of .tar/.zip archives, or hub ids owner/name[@revision]; "
@@ -169,8 +174,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "idefics-cog evaluate") -> int:
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress on stderr; stdout is the table
+    for name in ("idefics_cog.serving.engine", "idefics_cog.serving.jobs"):  # not one line per generation
+        logging.getLogger(name).setLevel(logging.WARNING)
     from idefics_cog.training.data import load_dataset
     from idefics_cog.serving.service import Service
 
@@ -203,8 +211,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress on stderr; stdout is the table
-    for name in ("idefics_cog.serving.engine", "idefics_cog.serving.jobs"):  # not one line per generation
-        logging.getLogger(name).setLevel(logging.WARNING)
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m idefics_cog.evaluation.run`: an alias of `idefics-cog evaluate`
+    sys.exit(main(prog="python -m idefics_cog.evaluation.run"))

@@ -11,11 +11,15 @@ from idefics_cog.weights.base import WeightsError
 from idefics_cog.weights.resolve import resolve
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+EXAMPLE = """example:
+  IDEFICS_BASE_WEIGHTS=HuggingFaceM4/idefics-9b-instruct IDEFICS_ADAPTER_WEIGHTS=none idefics-cog download"""
+
+
+def main(argv: Optional[list[str]] = None, prog: str = "idefics-cog download") -> int:
     argparse.ArgumentParser(
-        prog="script/download-weights",
-        description="Download the weights named by IDEFICS_BASE_WEIGHTS and IDEFICS_ADAPTER_WEIGHTS into the cache "
-        "(IDEFICS_CACHE_DIR, weights/ by default) so that `cog push` bakes them into the image.",
+        prog=prog, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Download the weights named by IDEFICS_BASE_WEIGHTS and IDEFICS_ADAPTER_WEIGHTS into the weights "
+        "folder (IDEFICS_CACHE_DIR, weights/ by default) so that `cog push` bakes them into the image.",
     ).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -35,5 +39,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m idefics_cog.weights`: an alias of `idefics-cog download`
+    sys.exit(main(prog="python -m idefics_cog.weights"))
