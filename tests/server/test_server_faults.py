@@ -5,6 +5,7 @@ stream), at once and without changing the other requests."""
 import asyncio
 import gc
 import json
+import os
 import re
 import threading
 import time
@@ -277,12 +278,20 @@ def test_a_worker_crash_and_a_setup_failure_show_in_the_health_check(tiny_dir, t
 
 
 def test_a_short_soak_answers_everything_without_growing(tiny_dir):
-    """The short version of `make soak` (bench/soak.py): mixed requests, bounded memory, temp files and cache."""
-    from bench.soak import soak
+    """The short version of `make soak` (bench/soak.py, run as a user runs it): mixed requests, bounded memory,
+    temp files and cache."""
+    import subprocess
+    import sys
 
-    report = soak(40)
+    from idefics_cog.config import ROOT
+
+    out = tiny_dir.parent / f"soak-{os.getpid()}.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--requests", "40", "--large-requests",
+                           "0", "--json", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    report = json.loads(out.read_text())
+    out.unlink()
     assert report["unexpected"] == [] and report["succeeded"] == 32 and report["failed as expected"] == 8
-    assert report["ok"], report
+    assert report["ok"] and done.returncode == 0, (report, done.stderr[-2000:])
 
 
 def test_control_tokens_typed_into_the_instruct_template_stay_text(server):
