@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TINY := weights/tiny
 
-.PHONY: install tiny predict train test bench soak serve clean
+.PHONY: install tiny predict train test test-fast bench soak serve clean
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,14 @@ train: install tiny examples/data.zip
 examples/data.zip: examples/make_dataset.py examples/xray.png | $(VENV)/.installed
 	$(PY) examples/make_dataset.py $@
 
-test: install
-	$(PY) -m pytest
+# The suite on TEST_WORKERS processes (pytest-xdist; a file's tests stay on one worker, sharing its servers).
+TEST_WORKERS ?= 2
+test: install tiny
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# What a developer runs often: everything but the Cog server and the slow tests, in under a minute.
+test-fast: install tiny
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not server and not slow"
 
 bench: install tiny
 	$(PY) bench/predict_overhead.py

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from idefics_dev import tiny
@@ -5,6 +7,7 @@ from idefics_cog.config import ROOT
 from idefics_cog.weights.sources import ALLOW_PRIVATE
 
 
+SERVER_TESTS = Path(__file__).parent / "server"
 ADAPTER_LIMIT = 3_000_000  # above the tiny base model archive (refused as "not an adapter"), below a padded one
 
 
@@ -36,3 +39,11 @@ def server(tiny_dir):
     env = {**tiny_env(tiny_dir), "IDEFICS_MAX_ADAPTER_BYTES": str(ADAPTER_LIMIT), ALLOW_PRIVATE: "1"}
     with CogServer(env=env) as running:
         yield running
+
+
+def pytest_collection_modifyitems(items):
+    """`server`: the test starts the real Cog server (tests/server/, the `server` fixture, or marked by hand);
+    `make test-fast` leaves those and the `slow` ones out."""
+    for item in items:
+        if SERVER_TESTS in item.path.parents or "server" in item.fixturenames:
+            item.add_marker(pytest.mark.server)

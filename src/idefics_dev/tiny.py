@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN
 
 SEED = 1234
@@ -313,17 +315,20 @@ def build(out: Path, preset: str = "tiny") -> Path:
     if marker.exists() and marker.read_text() == fingerprint:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Build aside and rename, so an interrupted build never leaves a half model where the loader looks.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        build_base(staging / "base", PRESETS[preset])
-        build_adapter(staging / "base", staging / "adapter")
-        (staging / "COMPLETE").write_text(fingerprint)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with FileLock(out.parent / f".{out.name}.lock"):  # test workers (pytest -n) build it once between them
+        if marker.exists() and marker.read_text() == fingerprint:
+            return out
+        # Build aside and rename, so an interrupted build never leaves a half model where the loader looks.
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            build_base(staging / "base", PRESETS[preset])
+            build_adapter(staging / "base", staging / "adapter")
+            (staging / "COMPLETE").write_text(fingerprint)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
