@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     folder = tiny.build(ROOT / "weights" / "bench-small", "bench-small")
-    engine = Engine.load(folder / "base", "cpu", engine="fast", max_batch=max(BATCHES), compile="off")
+    engine = Engine.load(folder / "base", "cpu", decode_path="fast", max_batch=max(BATCHES), compile="off")
     with tempfile.TemporaryDirectory() as cache:
         adapters = Adapters(engine, Path(cache))
         adapters.load_default(str(folder / "adapter"))

@@ -1,6 +1,6 @@
-"""Stalls and host work of the fast engine's decode loop (issue 13, points 2 and 3).
+"""Stalls and host work of the fast path's decode loop (issue 13, points 2 and 3).
 
-Two measurements, each on the fast engine (`Engine(engine="fast")`, 16 slots), in float32 on CPU:
+Two measurements, each on the fast path (`Engine(decode_path="fast")`, 16 slots), in float32 on CPU:
 
   arrivals   4 running streams (one 224 px image, about 60 prompt tokens, --stream-tokens new tokens each,
              greedy, ignore_eos) while 8 requests with two images and a long prompt (about --long-tokens tokens,
@@ -75,7 +75,7 @@ SAMPLED = dict(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1)
 
 def load(preset: str) -> Engine:
     base = tiny.build(ROOT / "weights" / preset, preset) / "base"
-    engine = Engine.load(base, "cpu", engine="fast", max_batch=16)  # as the server: all torch work on its thread
+    engine = Engine.load(base, "cpu", decode_path="fast", max_batch=16)  # as the server: all torch work on its thread
     if ARGS.prefill_chunk and hasattr(engine.scheduler, "prefill_chunk"):
         engine.scheduler.prefill_chunk = ARGS.prefill_chunk
     return engine

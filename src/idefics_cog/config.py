@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE_WEIGHTS = "HuggingFaceM4/idefics-9b-instruct"
 DEFAULT_ADAPTER_WEIGHTS = "WinterSchool/Midefics-lora-v3"
 QUANTIZATIONS = ("none", "8bit", "4bit")
-ENGINES = ("auto", "fast", "transformers")
+DECODE_PATHS = ("auto", "fast", "transformers")
 COMPILE = ("auto", "on", "off")
 MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
 MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
@@ -61,13 +61,13 @@ class Settings:
     cache_dir: Path  # where downloaded weights are kept (`weights/`, which `cog predict` mounts)
     max_images: int  # images per request
     max_loaded_adapters: int  # custom adapters kept loaded in memory (besides `medical`)
-    adapter_cache_bytes: int  # disk budget for downloaded custom adapters
+    adapter_disk_bytes: int  # disk budget for downloaded custom adapters
     max_adapter_bytes: int  # largest custom adapter download
     adapter_download_seconds: int  # deadline for a custom adapter's whole download
     device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
-    engine: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
-    max_batch: int  # concurrent requests decoded together by the fast engine (at most: its cache may hold fewer)
-    cache_memory_fraction: float = 0.9  # of each GPU's memory for weights, cache and activations (model/memory.py)
+    decode_path: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
+    max_batch: int  # concurrent requests decoded together by the fast path (at most: its cache may hold fewer)
+    gpu_memory_fraction: float = 0.9  # of each GPU's memory for weights, cache and activations (model/memory.py)
     warmup: bool = True  # setup ends with a short prediction (and on CUDA the compiled decode shapes)
     weights_lock: Path = ROOT / "weights.lock"  # Cog's managed weights (`cog weights import`); see managed.py
     image_limits: ImageLimits = ImageLimits()  # bytes, pixels and aspect ratio of each image
@@ -95,13 +95,13 @@ class Settings:
             cache_dir=Path(env.get("IDEFICS_CACHE_DIR", ROOT / "weights")),
             max_images=_positive_int(env, "IDEFICS_MAX_IMAGES", 8),
             max_loaded_adapters=_positive_int(env, "IDEFICS_MAX_LOADED_ADAPTERS", 4),
-            adapter_cache_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
+            adapter_disk_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
             max_adapter_bytes=_positive_int(env, "IDEFICS_MAX_ADAPTER_BYTES", 1 << 30),
             adapter_download_seconds=_positive_int(env, "IDEFICS_ADAPTER_DOWNLOAD_SECONDS", 300),
             device=env.get("IDEFICS_DEVICE", "auto"),
-            engine=_choice(env, "IDEFICS_ENGINE", ENGINES),
+            decode_path=_choice(env, "IDEFICS_ENGINE", DECODE_PATHS),
             max_batch=_positive_int(env, "IDEFICS_MAX_BATCH", 16),
-            cache_memory_fraction=_fraction(env, "IDEFICS_CACHE_MEMORY_FRACTION", 0.9),
+            gpu_memory_fraction=_fraction(env, "IDEFICS_CACHE_MEMORY_FRACTION", 0.9),
             warmup=_flag(env, "IDEFICS_WARMUP", True),
             weights_lock=Path(env.get("IDEFICS_WEIGHTS_LOCK", ROOT / "weights.lock")),
             image_limits=ImageLimits.from_env(env),

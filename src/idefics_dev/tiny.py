@@ -36,7 +36,7 @@ class Preset:
     layers: int = 2
     heads: int = 2
     cross_layer_interval: int = 1
-    context: int = 512
+    context_tokens: int = 512
     image_size: int = 30
     patch_size: int = 15
     vision_hidden: int = 64
@@ -184,7 +184,7 @@ def build_config(p: Preset):
         num_hidden_layers=p.layers,
         num_attention_heads=p.heads,
         cross_layer_interval=p.cross_layer_interval,
-        max_position_embeddings=p.context,
+        max_position_embeddings=p.context_tokens,
         qk_layer_norms=True,
         # "zeros" (the default) makes the gated cross-attention a no-op: images would change nothing.
         # ("normal" crashes in transformers 5.23 with alpha_type="float").

@@ -21,7 +21,7 @@ from tests.support.helpers import negated_adapter, noise_image
 
 @pytest.fixture(scope="module")
 def served(tiny_dir, tmp_path_factory):
-    """A fast engine with the medical adapter, and two custom adapters (local directories, as the tools load)."""
+    """A fast path with the medical adapter, and two custom adapters (local directories, as the tools load)."""
     engine = Engine.load(tiny_dir / "base", "cpu")
     adapters = Adapters(engine, tmp_path_factory.mktemp("cache"))
     adapters.load_default(str(tiny_dir / "adapter"))

@@ -1,11 +1,11 @@
 """Where the model goes: on one GPU whenever it fits there, spread over several GPUs only when it does not.
 
 transformers' `device_map="auto"` is balanced: it splits even a model that fits one GPU over every GPU it sees,
-and a spread model cannot use the fast engine (serving/scheduler.py falls back to `model.generate`, one request at a
+and a spread model cannot use the fast path (serving/scheduler.py falls back to `model.generate`, one request at a
 time). So the decision is made here, from sizes known before loading: the weights (parameter counts from the
 checkpoint's safetensors headers, at the bytes per parameter the quantization gives) plus what the engine needs
-beside them (the smallest key/value cache the fast engine starts with, and room for activations), within the
-share of each GPU that IDEFICS_CACHE_MEMORY_FRACTION allows. The fast engine then sizes its cache from what is left
+beside them (the smallest key/value cache the fast path starts with, and room for activations), within the
+share of each GPU that IDEFICS_CACHE_MEMORY_FRACTION allows. The fast path then sizes its cache from what is left
 on that GPU (memory.py), by the same fraction.
 """
 
@@ -89,7 +89,7 @@ def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Pl
     max_memory["cpu"] = cpu
     return Placement("auto", max_memory, f"spread over {len(free)} GPUs: {weights / GiB:.1f} GiB of weights + "
                      f"{working / GiB:.1f} GiB of caches and activations do not fit the largest free GPU "
-                     f"({free[best] / GiB:.1f} GiB). Cost: the fast engine is off (model.generate, one request "
+                     f"({free[best] / GiB:.1f} GiB). Cost: the fast path is off (model.generate, one request "
                      f"at a time, no batching; slower){over}")
 
 

@@ -34,7 +34,7 @@ from torch._dynamo.utils import counters
 
 from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.inputs.prompt import Encoded
-from idefics_cog.model.memory import ACTIVATIONS, CachePlan, cache_budget, image_tokens, plan_cache
+from idefics_cog.model.memory import ACTIVATIONS, KVCachePlan, kv_cache_budget, image_tokens, plan_kv_cache
 from idefics_cog.serving.compiled import (
     Step,
     WarmUp,
@@ -56,20 +56,20 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def cache_plan(model, max_batch: int, max_images: int, fraction: float, banks: int = 0) -> CachePlan:
+def kv_cache_plan(model, max_batch: int, max_images: int, fraction: float, banks: int = 0) -> KVCachePlan:
     """Slots and context per slot on `model`'s device: from the GPU memory left after loading (`fraction` of the
     total, memory.py) less the LoRA banks' `banks` bytes; on the CPU `max_batch` slots of the full context."""
     base, budget = unwrap(model), None
     if base.device.type == "cuda":
-        budget = cache_budget(*torch.cuda.mem_get_info(base.device), fraction, ACTIVATIONS + banks)
-    return plan_cache(base.config, max_batch, max_images, base.dtype.itemsize, budget)
+        budget = kv_cache_budget(*torch.cuda.mem_get_info(base.device), fraction, ACTIVATIONS + banks)
+    return plan_kv_cache(base.config, max_batch, max_images, base.dtype.itemsize, budget)
 
 
 class FastDecoder(LayerByLayer):
     def __init__(self, model, max_batch: int, max_images: int, compile: str | bool = "auto",
-                 context: int | None = None, banned_ids: list[int] | None = None, bank_width: int = ADAPTER_BANK_RANK,
+                 context_tokens: int | None = None, banned_ids: list[int] | None = None, bank_width: int = ADAPTER_BANK_RANK,
                  backend="inductor"):
-        """`max_batch` slots of `context` tokens each (default: the model's full context). `compile`: "auto" (on
+        """`max_batch` slots of `context_tokens` tokens each (default: the model's full context). `compile`: "auto" (on
         CUDA), "on", "off" (or a bool), with torch.compile's `backend`; `banned_ids`: never picked (the image
         tokens)."""
         base = self.base = unwrap(model)  # the same object once PEFT wraps the model
@@ -79,7 +79,7 @@ class FastDecoder(LayerByLayer):
         config, self.device, self.dtype = base.config, base.device, base.dtype
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
-        self.max_len, self.max_batch = min(context or config.max_position_embeddings,
+        self.max_len, self.max_batch = min(context_tokens or config.max_position_embeddings,
                                            config.max_position_embeddings), max_batch
         self.cross_interval = config.cross_layer_interval
         per_image = image_tokens(config)
@@ -106,8 +106,8 @@ class FastDecoder(LayerByLayer):
         self.positions = torch.full((self.max_batch,), self.max_len, dtype=torch.long, device=self.device)
         self.held: tuple[list, list] = ([], [])  # what `ids` and `positions` hold for the rows, as the host knows it
         self.banned = torch.tensor(banned_ids or [], dtype=torch.long, device=self.device)
-        compiled, self.path_reason = compile_decision(base, compile)
-        self.path = "compiled" if compiled else "eager"
+        compiled, self.step_mode_reason = compile_decision(base, compile)
+        self.step_mode = "compiled" if compiled else "eager"
         self.lora = RowLora(decode_linears(base.model), max_batch, bank_width, self.device, self.dtype,
                             static=compiled)
         static = (self.keys, self.values, self.image_keys, self.image_values, self.image_mask, self.image_gate,
@@ -116,12 +116,12 @@ class FastDecoder(LayerByLayer):
 
     @classmethod
     def sized(cls, model, max_batch: int, max_images: int, fraction: float, **options) -> "FastDecoder":
-        """A decoder whose cache fits the memory left on the model's device (`cache_plan`); logs what it chose."""
+        """A decoder whose cache fits the memory left on the model's device (`kv_cache_plan`); logs what it chose."""
         banks = RowLora.bytes(unwrap(model), options.get("bank_width", ADAPTER_BANK_RANK), max_batch)
-        plan = cache_plan(model, max_batch, max_images, fraction, banks)
+        plan = kv_cache_plan(model, max_batch, max_images, fraction, banks)
         log.info("key/value cache: %s", plan)
-        decoder = cls(model, plan.slots, max_images, context=plan.context, **options)
-        log.info("decode step: %s (%s)", decoder.path, decoder.path_reason)
+        decoder = cls(model, plan.slots, max_images, context_tokens=plan.context_tokens, **options)
+        log.info("decode step: %s (%s)", decoder.step_mode, decoder.step_mode_reason)
         return decoder
 
     @torch.inference_mode()  # as `decode` runs: grad mode is part of the compiled step's guards
@@ -333,8 +333,8 @@ class FastDecoder(LayerByLayer):
     @torch.inference_mode()
     def decode(self, model, tokens: list[int], positions: list[int]) -> "Step":
         """The next token's logits (n, vocab; float32, the banned ids at -inf) and argmax of slots 0..n-1, given their
-        last token and its position. Whether the step runs compiled was decided at setup (`path`): a failing step
-        fails its rows (the scheduler's to handle) and never changes the path."""
+        last token and its position. Whether the step runs compiled was decided at setup (`step_mode`): a failing step
+        fails its rows (the scheduler's to handle) and never changes it."""
         count = len(tokens)
         self._hold(tokens, positions)
         return self._run(count, max(positions) + 1, *self.lora.in_use(count))

@@ -48,18 +48,18 @@ BURST_WINDOW = 16  # stream has this many tokens are prefilled whole with the re
 
 
 class Scheduler:
-    def __init__(self, engine, kind: str, max_batch: int, max_images: int, compile: str = "auto",
+    def __init__(self, engine, decode_path: str, max_batch: int, max_images: int, compile: str = "auto",
                  bank_width: int = ADAPTER_BANK_RANK):
         self.engine = engine
-        self.kind = "fast" if kind in ("auto", "fast") else "transformers"
+        self.decode_path = "fast" if decode_path in ("auto", "fast") else "transformers"
         devices = set(getattr(engine.model, "hf_device_map", {}).values())
-        if self.kind == "fast" and len(devices) > 1:
+        if self.decode_path == "fast" and len(devices) > 1:
             log.warning("IDEFICS_ENGINE=%s: the model is spread over %d devices, which the fast path does not "
-                        "support; decoding with model.generate", kind, len(devices))
-            self.kind = "transformers"
-        self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.cache_fraction,
+                        "support; decoding with model.generate", decode_path, len(devices))
+            self.decode_path = "transformers"
+        self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.gpu_memory_fraction,
                                           compile=compile, banned_ids=engine.banned_ids, bank_width=bank_width)
-                        if self.kind == "fast" else None)
+                        if self.decode_path == "fast" else None)
         self.sampler = (BatchSampler(self.decoder.max_batch, engine.banned_ids, engine.device) if self.decoder
                         else None)
         self.waiting: deque = deque()
@@ -163,16 +163,16 @@ class Scheduler:
             if not fast:
                 self.starting.popleft()
                 if self.decoder is not None:
-                    job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
-                job.context.run(log.info, "decoded by model.generate, one request at a time")
+                    job.request_context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
+                job.request_context.run(log.info, "decoded by model.generate, one request at a time")
                 self._generate(job, encoded, max_new_tokens)
                 return group, False
-            job.context.run(log.info, "decoded by the fast path, its decode step %s", self.decoder.path)
+            job.request_context.run(log.info, "decoded by the fast path, its decode step %s", self.decoder.step_mode)
             try:
                 row = Row(job, encoded.input_ids[0].tolist(), max_new_tokens, self.engine,
                            len(self.rows) + len(group))
             except Exception as exc:
-                job.context.run(log.exception, "prefill failed")
+                job.request_context.run(log.exception, "prefill failed")
                 del self.starting[len(group)]
                 end_job(job, failure("prefilling the prompt", exc))
                 continue
@@ -194,7 +194,7 @@ class Scheduler:
                                                        [encoded for _, encoded in group])
             except Exception as exc:
                 failure("prefilling the prompts of a burst", exc)  # a device-fatal error ends the worker here
-                group[0][0].job.context.run(log.exception, "prefilling %d prompts together failed; each is retried "
+                group[0][0].job.request_context.run(log.exception, "prefilling %d prompts together failed; each is retried "
                                                            "alone", len(group))
             else:
                 for _ in group:
@@ -210,12 +210,12 @@ class Scheduler:
             stage = "selecting the adapter"
             try:
                 if deselected and job.select_adapter:  # a failure before it deselected the group's adapter
-                    job.context.run(job.select_adapter)
+                    job.request_context.run(job.select_adapter)
                 deselected, stage = False, "prefilling the prompt"
                 row.slot = len(self.rows)  # the first free slot (rows may have ended at their first token)
                 logits = self.decoder.prefill(model, row.slot, encoded)
             except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
-                job.context.run(log.exception, "prefill failed" if stage == "prefilling the prompt" else
+                job.request_context.run(log.exception, "prefill failed" if stage == "prefilling the prompt" else
                                 "selecting the adapter again failed")
                 self._deselect()
                 deselected = True
@@ -243,7 +243,7 @@ class Scheduler:
             logits = self.decoder.prefill_chunk(model, row.slot, work.encoded, work.done, end)
             work.done = end
         except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
-            row.job.context.run(log.exception, "prefill failed")
+            row.job.request_context.run(log.exception, "prefill failed")
             self._deselect()
             return self._prefilled(failure("prefilling the prompt", exc))
         if logits is not None:
@@ -294,14 +294,14 @@ class Scheduler:
         stage = "selecting the adapter"
         try:
             if job.select_adapter:
-                job.context.run(job.select_adapter)
+                job.request_context.run(job.select_adapter)
             if self.decoder is not None and not self.decoder.lora.fits(self.decoder.base, len(self.rows)):
                 if self.told_to_wait is not job:  # said once
-                    job.context.run(log.info, "waiting for room in the LoRA banks (IDEFICS_ADAPTER_BANK_RANK)")
+                    job.request_context.run(log.info, "waiting for room in the LoRA banks (IDEFICS_ADAPTER_BANK_RANK)")
                     self.told_to_wait = job
                 return _WAIT
             stage = "encoding the prompt"
-            encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
+            encoded = job.request_context.run(job.prepare) if callable(job.prepare) else job.prepare
             job.stats.prompt_tokens = encoded.num_tokens
             max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
         except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only
@@ -329,7 +329,7 @@ class Scheduler:
         """A new largest batch: how many requests, and how many different adapters and scales they decode with
         (logged as the newest request's, so that it reaches the server's log)."""
         settings = len({row.job.adapter for row in rows})
-        rows[-1].job.context.run(log.info, "decoding %d requests together (the most so far), with %d different "
+        rows[-1].job.request_context.run(log.info, "decoding %d requests together (the most so far), with %d different "
                                  "adapter settings", len(rows), settings)
 
     def _emit(self, rows: list, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
