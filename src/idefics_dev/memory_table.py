@@ -1,11 +1,5 @@
-"""README's memory table ("Checkpoints, precision and GPU memory"), computed with the serving rule itself
-(idefics_cog.model.memory.plan_kv_cache) for the real idefics-9b and idefics-80b architectures at bf16, 8-bit and
-4-bit on GPUs of 16, 24, 40 and 80 GB. `python -m idefics_dev.memory_table` prints it; a test checks README has it.
-
-Assumptions, stated in README under the table: a GPU of "N GB" has N x 10^9 bytes; before loading, CUDA and
-torch take `CUDA_RESERVED`; the weights take what placement.weight_bytes estimates; the defaults of the settings
-(IDEFICS_CACHE_MEMORY_FRACTION 0.9, IDEFICS_MAX_BATCH 16, IDEFICS_MAX_IMAGES 8).
-"""
+"""README's GPU memory table, computed with the serving rule itself for idefics-9b and -80b (a GPU of "N GB" has
+N x 10^9 bytes; default settings). `python -m idefics_dev.memory_table` prints it; a test checks README has it."""
 
 from accelerate import init_empty_weights
 from transformers import IdeficsForVisionText2Text
@@ -16,7 +10,7 @@ from idefics_dev.tiny import idefics_9b_config
 
 GPUS_GB = (16, 24, 40, 80)
 PRECISIONS = {"bf16": "none", "8-bit": "8bit", "4-bit": "4bit"}
-CUDA_RESERVED = GiB // 2  # the CUDA context and torch's own buffers, in use before the weights
+CUDA_RESERVED = GiB // 2  # CUDA's context and torch's own buffers, before the weights
 MAX_BATCH, MAX_IMAGES = 16, 8
 
 

@@ -1,10 +1,6 @@
 """An embedded tiny IDEFICS: deterministic random weights, a trained tiny BPE tokenizer and a LoRA adapter.
 
-`python -m idefics_dev.tiny --out DIR` writes `DIR/base` (a checkpoint laid out exactly like a hub snapshot:
-config, safetensors, tokenizer, processor) and `DIR/adapter` (standard PEFT layout). Everything that runs on
-real weights runs on this, on CPU, through the same code paths. `--preset bench-small` writes a larger random
-IDEFICS of the same layout for speed benchmarks on CPU; `idefics_9b_config` + `random_model` make a random
-idefics-9b in memory for benchmarks on a GPU.
+`python -m idefics_dev.tiny --out DIR` writes `DIR/base` (laid out like a hub snapshot) and `DIR/adapter` (PEFT).
 """
 
 import argparse

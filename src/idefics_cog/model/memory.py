@@ -1,25 +1,23 @@
-"""How many requests the fast path's key/value cache holds and how many tokens each: sized from the GPU memory
-left after loading (as vLLM's `gpu_memory_utilization`); a pure function of sizes, so README's table and tests use it."""
+"""The fast path's KV cache: slots and tokens per slot, sized from the GPU memory left after loading."""
 
 from dataclasses import dataclass
 
 GiB = 1 << 30
-ACTIVATIONS = 2 * GiB  # prefill activations and logits of one long prompt, the CUDA allocator's slack
-DEFAULT_FRACTION = 0.9  # of the GPU's total memory for weights, cache and activations together (vLLM's default)
-MIN_CONTEXT = 1024  # below it, fewer slots rather than shorter ones: a few images and a long answer still fit
-CONTEXT_STEP = 256  # a shortened context is a multiple of the decode step's smallest length bucket
+ACTIVATIONS = 2 * GiB  # one long prompt's prefill activations and logits, the CUDA allocator's slack
+DEFAULT_FRACTION = 0.9  # vLLM's default
+MIN_CONTEXT = 1024  # below it, fewer slots rather than shorter ones
+CONTEXT_STEP = 256  # the decode step's smallest length bucket
 
 
 def image_tokens(config) -> int:
-    """Key/value entries of one image in a cross-attention block: the perceiver's latents, or every patch."""
+    """The perceiver's latents, or every patch."""
     if config.use_resampler:
         return config.perceiver_config.resampler_n_latents
     return (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1
 
 
 def slot_bytes(config, context_tokens: int, max_images: int, dtype_bytes: int) -> int:
-    """Keys and values of every layer for `context_tokens` tokens plus a spare column (padding rows of the compiled
-    step write there), and of every cross-attention block for `max_images` images."""
+    """With a spare column, where the compiled step's padding rows write."""
     cross_layers = config.num_hidden_layers // config.cross_layer_interval
     entries = config.num_hidden_layers * (context_tokens + 1) + cross_layers * max_images * image_tokens(config)
     return 2 * entries * config.hidden_size * dtype_bytes
@@ -35,7 +33,7 @@ def minimum_kv_cache_bytes(config, max_images: int, dtype_bytes: int) -> int:
 
 
 def usable_memory(free: int, total: int, fraction: float = DEFAULT_FRACTION) -> int:
-    """`fraction` of the GPU's total less what is in use (negative when more is in use than the fraction allows)."""
+    """Negative when more is in use than the fraction allows."""
     return int(fraction * total) - (total - free)
 
 
@@ -46,8 +44,8 @@ def kv_cache_budget(free: int, total: int, fraction: float = DEFAULT_FRACTION, r
 @dataclass(frozen=True)
 class KVCachePlan:
     slots: int  # requests decoded together; more wait
-    context_tokens: int  # tokens per slot: prompt + new tokens of one request
-    bytes: int  # what the cache allocates
+    context_tokens: int  # prompt + new tokens of one request
+    bytes: int
     reason: str  # for the setup log
 
     def __str__(self) -> str:
@@ -56,8 +54,7 @@ class KVCachePlan:
 
 
 def plan_kv_cache(config, max_batch: int, max_images: int, dtype_bytes: int, budget: int | None) -> KVCachePlan:
-    """In `budget` bytes (None: no limit), preferably: `max_batch` slots of the full context; `max_batch` shorter
-    slots (a multiple of CONTEXT_STEP, at least MIN_CONTEXT); fewer slots of MIN_CONTEXT. ValueError if none fits."""
+    """Preferably `max_batch` full slots, then `max_batch` shorter ones, then fewer slots of MIN_CONTEXT."""
     full = config.max_position_embeddings
 
     def plan(slots: int, context_tokens: int, reason: str) -> KVCachePlan:
