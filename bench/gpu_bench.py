@@ -13,8 +13,8 @@ that a run stopped by its time limit keeps what was done. Run by bench/gpu.sh, w
           (`model.generate`) in the same run, its share of the memory-bandwidth floor, 16 concurrent requests
           against one stream, and 16 rows with 4 different LoRA adapters against 16 rows of one adapter.
 
-Every phase reports the decode path that ran (`decoder.step_mode`/`step_mode_reason`, or whether `decoder.compiled` is set),
-the graphs compiled and graph breaks (torch._dynamo's counters) and the recompilations logged during the phase.
+Every phase reports the decode step that ran (`decoder.step_mode`/`step_mode_reason`, or whether `decoder.compiled`
+is set), the graphs compiled and graph breaks (torch._dynamo's counters) and the recompilations logged during the phase.
 
     python bench/gpu_bench.py check|speed --out DIR [--device cuda|cpu] [--size real|tiny] [--deadline UNIX_TIME]
 

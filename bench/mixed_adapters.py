@@ -2,8 +2,8 @@
 
 On the `bench-small` random IDEFICS (float32, CPU), with a random LoRA as `medical` (r=16 on q/k/v, like
 MedIDEFICS) and four random custom adapters (local directories, loaded as `lora_weights` are). 16 requests (the
-speed bench's prompts: one 224 px image, about 60 prompt tokens) go to decode_path='fast' at once, read by one event loop,
---new-tokens new tokens each (ignore_eos), in these mixes:
+speed bench's prompts: one 224 px image, about 60 prompt tokens) go to decode_path='fast' at once, read by one event
+loop, --new-tokens new tokens each (ignore_eos), in these mixes:
 
   all medical        the baseline
   medical/none       alternating

@@ -237,7 +237,8 @@ def check_greedy(model, processor, new_tokens: int) -> int:
     compared = 0
     for reference, expected, ignore_eos in (
         ("model_card_generate (stops at the end of turn)", recipe_run(baseline, request, new_tokens, False).ids, False),
-        ("model.generate (decode_path='transformers', ignore_eos)", engine_run(baseline, request, new_tokens).ids, True),
+        ("model.generate (decode_path='transformers', ignore_eos)", engine_run(baseline, request, new_tokens).ids,
+         True),
     ):
         got = engine_run(fast, request, new_tokens, ignore_eos).ids
         if got != expected:
@@ -347,7 +348,8 @@ def concurrency(engines: dict, prompts: list, new_tokens: int, repeats: int, str
 
 # --- the report -----------------------------------------------------------------------------------------------------
 
-NAMES = {"recipe": "recipe (model_card_generate)", "transformers": "decode_path='transformers'", "fast": "decode_path='fast'"}
+NAMES = {"recipe": "recipe (model_card_generate)", "transformers": "decode_path='transformers'",
+         "fast": "decode_path='fast'"}
 FORWARD = "model forward (recipe, transformers)"
 
 

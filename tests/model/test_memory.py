@@ -119,7 +119,8 @@ def test_the_decoder_allocates_what_the_plan_says(engine):
 
 
 def test_on_cpu_the_engine_keeps_max_batch_slots_of_the_full_context(engine, caplog):
-    assert engine.scheduler.decoder.max_batch == 16 and engine.context_tokens == engine.model.config.max_position_embeddings
+    assert engine.scheduler.decoder.max_batch == 16
+    assert engine.context_tokens == engine.model.config.max_position_embeddings
     with caplog.at_level("INFO", logger="idefics_cog.serving.decoder"):
         decoder = FastDecoder.sized(engine.model, 4, 8, fraction=0.9)
     assert (decoder.max_batch, decoder.max_len) == (4, engine.model.config.max_position_embeddings)

@@ -56,10 +56,10 @@ def whole(name: str, value: int | float) -> int:
 
 @dataclass(eq=False)
 class Job:
-    prepare: Encoded | Callable[[], Encoded]  # the encoded prompt, or how to make it (run on the torch thread)
+    prepare: Encoded | Callable[[], Encoded]  # a callable runs on the torch thread
     sampling: Sampling
-    adapter: Hashable = None  # which adapter and scale it asks for (a label: any adapters share a batch)
-    select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
+    adapter: Hashable = None  # a label of the adapter and scale it asks for
+    select_adapter: Callable[[], object] | None = None  # runs on the torch thread
     stats: "Stats" = field(init=False)
     sink: Callable | None = None  # set by Engine.submit
     # The submitter's contextvars: coglet attributes log lines to a prediction through them.
@@ -69,7 +69,7 @@ class Job:
 
     def __post_init__(self):
         seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(2**32)
-        self.stats = Stats(prompt_tokens=0, seed=seed)  # prompt_tokens: set once the scheduler has encoded it
+        self.stats = Stats(prompt_tokens=0, seed=seed)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -124,7 +124,7 @@ class Row:
     remaining: int  # tokens still allowed
     engine: object
     slot: int
-    started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
+    started: bool = False  # the sampler has marked its prompt's tokens as seen
     generator: torch.Generator | None = field(init=False, default=None)
 
     def __post_init__(self):

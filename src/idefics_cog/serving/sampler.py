@@ -14,7 +14,7 @@ class _Plan:
     rows: list  # kept, so that a new batch is never mistaken for them
     penalized: list[int]
     unstarted: list  # penalized rows whose prompt is still to be marked as seen
-    slots: torch.Tensor  # the penalized rows' cache slots
+    slots: torch.Tensor  # the penalized rows' slots
     history: slice | torch.Tensor  # their rows of `factors`: a slice (no copy) when the slots are consecutive
     penalty: torch.Tensor  # of the penalized rows
     sampled: list[int]

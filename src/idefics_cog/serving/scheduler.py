@@ -45,16 +45,16 @@ class Scheduler:
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()
         self.running = False  # a `_serve` loop is on the generation thread
-        self.rows: list[Row] = []  # the running batch; rows[i] lives in cache slot i
+        self.rows: list[Row] = []  # the running batch; rows[i] lives in KV cache slot i
         self.prefill_chunk = PREFILL_CHUNK.get(engine.device.type, PREFILL_CHUNK_OTHER)
         self.prefilling: Prefill | None = None  # starting[0]'s long prompt, prefilled chunk by chunk
         self.fallbacks_logged: set[str] = set()
-        self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
-        self.burst_window = BURST_WINDOW  # a stream younger than this many tokens is still part of its burst
-        self.told_to_wait = None  # the job last told that its adapter waits for room in the decode banks
+        self.largest_batch = 0  # for tests and benchmarks
+        self.burst_window = BURST_WINDOW
+        self.told_to_wait = None
         # (job, encoded, max_new_tokens) of starting[0] when prepared but left out of the last forward
         self.prepared: tuple | None = None
-        self.reselect = False  # a job refused while a group gathered: the group's adapter must be selected again
+        self.reselect = False  # a job refused while a group gathered may have changed the selected adapter
 
     def submit(self, job) -> None:
         with self.lock:
@@ -299,9 +299,9 @@ class Scheduler:
 
     def _log_batch(self, rows: list) -> None:
         """Logged as the newest request's, so that it reaches the server's log."""
-        settings = len({row.job.adapter for row in rows})
+        distinct = len({row.job.adapter for row in rows})
         rows[-1].job.request_context.run(log.info, "decoding %d requests together (the most so far), with %d "
-                                         "different adapter settings", len(rows), settings)
+                                         "different adapter settings", len(rows), distinct)
 
     def _emit(self, rows: list, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
         """Pick, hand on and drop the finished rows; `greedy`: the decode step's argmax, which greedy rows take."""

@@ -1,4 +1,4 @@
-"""Training batches and the loss (IDEFICS's own loss in transformers 5.23 leaves out the additional tokens and fails)."""
+"""Training batches and the loss (transformers 5.23's IDEFICS loss leaves out the additional tokens and fails)."""
 
 import torch
 
