@@ -97,7 +97,7 @@ def whole_banks(engine: Engine) -> FastDecoder:
     """An eager step doing the compiled step's work: every bank column on every decode layer (the production eager
     step computes only the columns and layers its rows' adapters use)."""
     decoder = FastDecoder(engine.model, max(BATCHES), 1, compile="off", banned_ids=engine.banned_ids)
-    decoder.lora.in_use = lambda rows: (decoder.lora.width, None)
+    decoder.lora.in_use = lambda rows: (decoder.lora.bank_rank, None)
     return decoder
 
 

@@ -78,7 +78,7 @@ TORCH = TorchThread()
 
 
 def new_engine(model, processor, **options) -> Engine:
-    return Engine(model, processor, model.device, generation_thread=TORCH, **options)
+    return Engine(model, processor, model.device, torch_thread=TORCH, **options)
 
 
 # --- the requests ---------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def recipe_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bo
     forced = dict(min_new_tokens=new_tokens) if ignore_eos else {}  # the recipe's way to go past the end of turn
     with PeakMemory(engine.device) as peak:
         start = time.perf_counter()
-        _, ids = engine.generation_thread.submit(
+        _, ids = engine.torch_thread.submit(
             model_card_generate, engine.model, engine.processor, request.items, new_tokens, streamer=clock,
             **GREEDY, **forced).result()
     return Run(times[0] - start, decode_rate(len(ids), times[0], times[-1]), peak.bytes, ids)
@@ -217,7 +217,7 @@ def prefill_seconds(engine: Engine, encoded) -> float:
         synchronize(engine.device)
         return time.perf_counter() - start
 
-    return engine.generation_thread.submit(run).result()
+    return engine.torch_thread.submit(run).result()
 
 
 # --- the greedy check -----------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_nothing_recompiles_after_the_warm_up(served, tiny_dir, tmp_path):
     lengths = [6, 20, 9, 14, 25, 12]  # rows end at different steps: the batch shrinks and rows move
     expected = [alone(engine, adapters, enc, Sampling(max_new_tokens=n, ignore_eos=True), choice)
                 for enc, n, choice in zip(encs, lengths, rows)]
-    engine.scheduler.prefill_chunk = 16  # behind a stream, the long prompt runs in pieces between decode steps
+    engine.scheduler.chunk_tokens = 16  # behind a stream, the long prompt runs in chunks between decode steps
     jobs = [Job(enc, Sampling(max_new_tokens=n, ignore_eos=True), adapter=choice,
                 select_adapter=selecting(adapters, *choice)) for enc, n, choice in zip(encs, lengths, rows)]
     cancelled = Job(encs[0], Sampling(max_new_tokens=40, ignore_eos=True))

@@ -150,7 +150,7 @@ def test_cancelling_one_request_leaves_the_others_unchanged(engine):
             jobs[1].cancel()
 
     gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
+    engine.torch_thread.submit(gate.wait)
     outputs = [[], None, []]
     engine.submit(jobs[0], outputs[0].append)
     engine.submit(jobs[1], cancel_after_five)

@@ -37,7 +37,7 @@ def requests_(tiny_dir):
 def outcomes(engine, jobs: list[Job], sinks=None) -> list[tuple[list[int], BaseException | None]]:
     """Submit all jobs at once (the scheduler's thread held meanwhile); each job's (tokens, error)."""
     gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
+    engine.torch_thread.submit(gate.wait)
     received = [[] for _ in jobs]
     for index, (job, items) in enumerate(zip(jobs, received)):
         engine.submit(job, sinks[index] if sinks and sinks[index] else items.append)

@@ -43,7 +43,7 @@ def kv_cache_plan(model, max_batch: int, max_images: int, fraction: float, banks
 class FastDecoder(LayerByLayer):
     def __init__(self, model, max_batch: int, max_images: int, compile: str | bool = "auto",
                  context_tokens: int | None = None, banned_ids: list[int] | None = None,
-                 bank_width: int = ADAPTER_BANK_RANK, backend="inductor"):
+                 bank_rank: int = ADAPTER_BANK_RANK, backend="inductor"):
         """`compile`: "auto" (on CUDA), "on", "off" or a bool; `banned_ids`: never picked (the image tokens)."""
         base = self.base = unwrap(model)  # the same object once PEFT wraps the model
         # Frozen now, as PEFT will: the compiled step's guards check `requires_grad`, a change would recompile.
@@ -77,7 +77,7 @@ class FastDecoder(LayerByLayer):
         self.banned = torch.tensor(banned_ids or [], dtype=torch.long, device=self.device)
         compiled, self.step_mode_reason = compile_decision(base, compile)
         self.step_mode = "compiled" if compiled else "eager"
-        self.lora = RowLora(decode_linears(base.model), max_batch, bank_width, self.device, self.dtype,
+        self.lora = RowLora(decode_linears(base.model), max_batch, bank_rank, self.device, self.dtype,
                             static=compiled)
         static = (self.keys, self.values, self.image_keys, self.image_values, self.image_mask, self.image_gate,
                   self.ids, self.positions, self.banned)
@@ -86,7 +86,7 @@ class FastDecoder(LayerByLayer):
     @classmethod
     def sized(cls, model, max_batch: int, max_images: int, fraction: float, **options) -> "FastDecoder":
         """A decoder whose KV cache fits the memory left on the model's device."""
-        banks = RowLora.bytes(unwrap(model), options.get("bank_width", ADAPTER_BANK_RANK), max_batch)
+        banks = RowLora.bytes(unwrap(model), options.get("bank_rank", ADAPTER_BANK_RANK), max_batch)
         plan = kv_cache_plan(model, max_batch, max_images, fraction, banks)
         log.info("key/value cache: %s", plan)
         decoder = cls(model, plan.slots, max_images, context_tokens=plan.context_tokens, **options)
@@ -103,7 +103,7 @@ class FastDecoder(LayerByLayer):
         shapes = buckets(self.max_batch, self.max_len)
         # Three graphs: the first shape, then batch and length dynamic, and the step without the LoRA banks.
         # CUDA graphs are recorded at a shape's second run: two runs each.
-        for columns in (self.lora.width, 0):
+        for columns in (self.lora.bank_rank, 0):
             for batch, length in [shapes[0], *shapes[:0:-1]] * 2:
                 self._hold([0] * batch, [length - 1] * batch)
                 self._run(batch, length, columns)

@@ -28,20 +28,20 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, model, processor, device: torch.device, decode_path: str = "auto", max_batch: int = 16,
                  max_images: int = 8, gpu_memory_fraction: float = DEFAULT_FRACTION,
-                 generation_thread: "TorchThread | None" = None, compile: str = "auto",
-                 bank_width: int = ADAPTER_BANK_RANK):
-        """`generation_thread`: the thread that loaded `model`, if any."""
+                 torch_thread: "TorchThread | None" = None, compile: str = "auto",
+                 bank_rank: int = ADAPTER_BANK_RANK):
+        """`torch_thread`: the thread that loaded `model`, if any."""
         self.model, self.processor, self.device = model, processor, device
         self.tokenizer = processor.tokenizer
         self.dtype = model.dtype  # the compute dtype, also for 8-bit and 4-bit weights
         self.last_stats: Stats | None = None
-        self.generation_thread = generation_thread or TorchThread()
+        self.torch_thread = torch_thread or TorchThread()
         self.model_context_tokens = model.config.max_position_embeddings
         self.gpu_memory_fraction = gpu_memory_fraction
         ids = self.tokenizer.convert_tokens_to_ids
         self.eos_token_ids = [ids(END_OF_UTTERANCE), self.tokenizer.eos_token_id]
         self.banned_ids = [ids(IMAGE_TOKEN), ids(FAKE_IMAGE_TOKEN)]  # never generated
-        self.scheduler = self.run(Scheduler, self, decode_path, max_batch, max_images, compile, bank_width)
+        self.scheduler = self.run(Scheduler, self, decode_path, max_batch, max_images, compile, bank_rank)
         self.decode_path = self.scheduler.decode_path  # the one in use: "fast" or "transformers"
         # Prompt + new tokens of one request: a fast-path slot may be shorter than the model's context.
         decoder = self.scheduler.decoder
@@ -50,7 +50,7 @@ class Engine:
     @classmethod
     def load(cls, path: Path, device: str = "auto", quantization: str = "none", decode_path: str = "auto",
              max_batch: int = 16, max_images: int = 8, gpu_memory_fraction: float = DEFAULT_FRACTION,
-             compile: str = "auto", bank_width: int = ADAPTER_BANK_RANK) -> "Engine":
+             compile: str = "auto", bank_rank: int = ADAPTER_BANK_RANK) -> "Engine":
         device = pick_device(device)
         dtype = compute_dtype(device)
         # Beside the weights: the fast path's smallest KV cache, or one full-context cache for model.generate.
@@ -61,11 +61,11 @@ class Engine:
         model = thread.run(load_model, path, device, quantization, ACTIVATIONS + kv_cache,
                            fraction=gpu_memory_fraction).eval()
         return cls(model, load_processor(path), model.device, decode_path, max_batch, max_images,
-                   gpu_memory_fraction, thread, compile, bank_width)
+                   gpu_memory_fraction, thread, compile, bank_rank)
 
     def run(self, work: Callable, *args, **kwargs):
-        """Torch work on the generation thread; its result."""
-        return self.generation_thread.run(work, *args, **kwargs)
+        """Torch work on the torch thread; its result."""
+        return self.torch_thread.run(work, *args, **kwargs)
 
     def encode(self, segments: list[Segment], images: list[Image.Image]) -> Encoded:
         return self.run(encode, segments, images, self.processor)

@@ -24,25 +24,25 @@ def decode_linears(inner) -> dict[str, torch.nn.Module]:
 
 
 class RowLora:
-    def __init__(self, linears: dict[str, torch.nn.Module], max_batch: int, width: int, device: torch.device,
+    def __init__(self, linears: dict[str, torch.nn.Module], max_batch: int, bank_rank: int, device: torch.device,
                  dtype: torch.dtype, static: bool = False):
-        self.linears, self.width, self.static = linears, width, static
+        self.linears, self.bank_rank, self.static = linears, bank_rank, static
         self.index = {path: i for i, path in enumerate(linears)}
-        self.a = {path: self._static(torch.zeros(width, m.in_features, device=device, dtype=dtype))
+        self.a = {path: self._static(torch.zeros(bank_rank, m.in_features, device=device, dtype=dtype))
                   for path, m in linears.items()}
-        self.b = {path: self._static(torch.zeros(m.out_features, width, device=device, dtype=dtype))
+        self.b = {path: self._static(torch.zeros(m.out_features, bank_rank, device=device, dtype=dtype))
                   for path, m in linears.items()}
         # Per layer, row and column: the row's adapter's scaling on that adapter's columns, else 0.
-        self.weights = self._static(torch.zeros(len(linears), max_batch, width, device=device, dtype=dtype))
+        self.weights = self._static(torch.zeros(len(linears), max_batch, bank_rank, device=device, dtype=dtype))
         self.owners: dict[tuple, tuple] = {}  # (name, id of its A) -> (A, its columns, the layers it adapts)
         self.row_owner: list[tuple | None] = [None] * max_batch
         self.peft_layers: dict[str, LoraLayer] = {}
         self.adapters_seen: tuple = ()
 
     @staticmethod
-    def bytes(base, width: int, max_batch: int) -> int:
+    def bytes(base, bank_rank: int, max_batch: int) -> int:
         linears = decode_linears(base.model)
-        values = width * (sum(m.in_features + m.out_features for m in linears.values()) + len(linears) * max_batch)
+        values = bank_rank * (sum(m.in_features + m.out_features for m in linears.values()) + len(linears) * max_batch)
         return values * base.dtype.itemsize
 
     def _static(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -86,7 +86,7 @@ class RowLora:
         if selected is None or self._key(selected) in self.owners:
             return True
         rank = self._rank(base, selected[0])  # wider than the banks: `capture` refuses it, its request fails
-        return rank > self.width or rank <= self.width - self._held(rows)
+        return rank > self.bank_rank or rank <= self.bank_rank - self._held(rows)
 
     def capture(self, base, row: int) -> None:
         """After `row`'s prefill: the selected adapter and scale for its decode steps; rows 0..row-1 keep theirs."""
@@ -123,14 +123,14 @@ class RowLora:
     def _add(self, base, key: tuple, name: str, weight: torch.Tensor, row: int) -> None:
         """Columns no running row uses are freed first; a failure leaves the banks without the adapter."""
         rank = self._rank(base, name)
-        if rank > self.width:
-            raise ValueError(f"an adapter of rank {rank} does not fit the decode banks' {self.width} columns "
+        if rank > self.bank_rank:
+            raise ValueError(f"an adapter of rank {rank} does not fit the decode banks' {self.bank_rank} columns "
                              f"(IDEFICS_ADAPTER_BANK_RANK)")
         kept = self._keys(row)
         for old in [k for k in self.owners if k not in kept]:
             del self.owners[old]
         taken = {column for _, columns, _ in self.owners.values() for column in columns}
-        free = [column for column in range(self.width) if column not in taken]
+        free = [column for column in range(self.bank_rank) if column not in taken]
         if rank > len(free):
             raise RuntimeError(f"no room in the decode banks for a rank-{rank} adapter (Scheduler checks `fits`)")
         columns = free[:rank]

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 
 _WAIT = object()  # _start: the job's adapter finds no room in the decode banks yet
 # Prompt tokens prefilled between two decode steps: about one step's time on each device.
-PREFILL_CHUNK = {"cuda": 256}
-PREFILL_CHUNK_OTHER = 32
+CHUNK_TOKENS = {"cuda": 256}
+CHUNK_TOKENS_OTHER = 32
 BURST_TOKENS = 2048  # packed into one forward for a burst at an idle server: bounds its masks and activations
 # Requests sent together arrive tens of ms apart: those arriving before the first stream has this many tokens
 BURST_WINDOW = 16  # are prefilled whole with the rest
@@ -28,7 +28,7 @@ BURST_WINDOW = 16  # are prefilled whole with the rest
 
 class Scheduler:
     def __init__(self, engine, decode_path: str, max_batch: int, max_images: int, compile: str = "auto",
-                 bank_width: int = ADAPTER_BANK_RANK):
+                 bank_rank: int = ADAPTER_BANK_RANK):
         self.engine = engine
         self.decode_path = "fast" if decode_path in ("auto", "fast") else "transformers"
         devices = set(getattr(engine.model, "hf_device_map", {}).values())
@@ -37,16 +37,16 @@ class Scheduler:
                         "support; decoding with model.generate", decode_path, len(devices))
             self.decode_path = "transformers"
         self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.gpu_memory_fraction,
-                                          compile=compile, banned_ids=engine.banned_ids, bank_width=bank_width)
+                                          compile=compile, banned_ids=engine.banned_ids, bank_rank=bank_rank)
                         if self.decode_path == "fast" else None)
         self.sampler = (BatchSampler(self.decoder.max_batch, engine.banned_ids, engine.device) if self.decoder
                         else None)
         self.waiting: deque = deque()
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()
-        self.running = False  # a `_serve` loop is on the generation thread
+        self.running = False  # a `_serve` loop is on the torch thread
         self.rows: list[Row] = []  # the running batch; rows[i] lives in KV cache slot i
-        self.prefill_chunk = PREFILL_CHUNK.get(engine.device.type, PREFILL_CHUNK_OTHER)
+        self.chunk_tokens = CHUNK_TOKENS.get(engine.device.type, CHUNK_TOKENS_OTHER)
         self.prefilling: Prefill | None = None  # starting[0]'s long prompt, prefilled chunk by chunk
         self.fallbacks_logged: set[str] = set()
         self.largest_batch = 0  # for tests and benchmarks
@@ -62,7 +62,7 @@ class Scheduler:
             if self.running:
                 return
             self.running = True
-        self.engine.generation_thread.submit(self._serve)
+        self.engine.torch_thread.submit(self._serve)
 
     def _serve(self) -> None:
         """Run until no request is active or waiting. The catch-all is for a bug in the loop: it ends the active
@@ -108,10 +108,10 @@ class Scheduler:
 
     def _gather(self, whole: bool) -> tuple[list, bool]:
         """Admitted jobs for one forward: one adapter (PEFT's selection applies to the whole forward), at most
-        `prefill_chunk` prompt tokens (BURST_TOKENS when `whole`); a longer prompt goes alone, in chunks unless
+        `chunk_tokens` prompt tokens (BURST_TOKENS when `whole`); a longer prompt goes alone, in chunks unless
         `whole`. Returns the group and whether more may start now."""
         group, tokens = [], 0  # (row, encoded) each
-        room = BURST_TOKENS if whole else self.prefill_chunk
+        room = BURST_TOKENS if whole else self.chunk_tokens
         while len(self.starting) > len(group):
             job = self.starting[len(group)]
             if group and job.adapter != group[0][0].job.adapter:
@@ -151,7 +151,7 @@ class Scheduler:
                 del self.starting[len(group)]
                 end_job(job, failure("prefilling the prompt", exc))
                 continue
-            if encoded.num_tokens > self.prefill_chunk and not whole:  # alone, in chunks
+            if encoded.num_tokens > self.chunk_tokens and not whole:  # alone, in chunks
                 self.prefilling = Prefill(row, encoded)
                 return group, False
             group.append((row, encoded))
@@ -202,7 +202,7 @@ class Scheduler:
             self._emit([row], logits)
 
     def _prefill_next(self) -> None:
-        """The next chunk of the prefill in progress: the images first, then `prefill_chunk` prompt tokens."""
+        """The next chunk of the prefill in progress: the images first, then `chunk_tokens` prompt tokens."""
         work = self.prefilling
         row, model = work.row, self.engine.model
         if row.job.cancelled.is_set():
@@ -212,7 +212,7 @@ class Scheduler:
                 self.decoder.prefill_images(model, row.slot, work.encoded)
                 work.done = 0
                 return
-            end = min(work.done + self.prefill_chunk, work.encoded.num_tokens)
+            end = min(work.done + self.chunk_tokens, work.encoded.num_tokens)
             logits = self.decoder.prefill_chunk(model, row.slot, work.encoded, work.done, end)
             work.done = end
         except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
