@@ -171,7 +171,7 @@ def recipe_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bo
 def engine_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bool = True) -> Run:
     with PeakMemory(engine.device) as peak:
         start = time.perf_counter()
-        job = Job(prepare=engine.encode(request.segments, request.images),
+        job = Job(encoded=engine.encode(request.segments, request.images),
                   sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=ignore_eos))
         for _ in engine.stream(job):
             pass
@@ -197,7 +197,7 @@ def stream_together(engine: Engine, jobs: list[Job]) -> float:
 
 def concurrent_run(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, int, list[list[int]]]:
     """Every prompt at once: aggregate new tokens/s, peak memory growth, each request's tokens."""
-    jobs = [Job(prepare=p, sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
+    jobs = [Job(encoded=p, sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
     with PeakMemory(engine.device) as peak:
         wall = stream_together(engine, jobs)
     return sum(len(job.stats.ids) for job in jobs) / wall, peak.bytes, [job.stats.ids for job in jobs]

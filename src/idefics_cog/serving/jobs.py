@@ -56,7 +56,7 @@ def whole(name: str, value: int | float) -> int:
 
 @dataclass(eq=False)
 class Job:
-    prepare: Encoded | Callable[[], Encoded]  # a callable runs on the torch thread
+    encoded: Encoded | Callable[[], Encoded]  # a callable runs on the torch thread
     sampling: Sampling
     adapter: Hashable = None  # a label of the adapter and scale it asks for
     select_adapter: Callable[[], object] | None = None  # runs on the torch thread

@@ -273,7 +273,7 @@ class Scheduler:
                     self.told_to_wait = job
                 return _WAIT
             stage = "encoding the prompt"
-            encoded = job.request_context.run(job.prepare) if callable(job.prepare) else job.prepare
+            encoded = job.request_context.run(job.encoded) if callable(job.encoded) else job.encoded
             job.stats.prompt_tokens = encoded.num_tokens
             max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
         except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only

@@ -232,7 +232,7 @@ class Service:
 
         # The request's adapter as a label: lora_weights wins over adapter; `none` ignores the scale.
         key = (lora_weights, lora_scale) if lora_weights else (NONE,) if adapter == NONE else (adapter, lora_scale)
-        return Job(prepare=lambda: encode(request.segments, pictures, self.engine.processor, ids),
+        return Job(encoded=lambda: encode(request.segments, pictures, self.engine.processor, ids),
                    sampling=request.sampling, adapter=key, select_adapter=select_adapter)
 
 
