@@ -1,12 +1,5 @@
-"""Cog predictor for IDEFICS: interleaved images and text in, streamed text out.
-
-Every `Input(...)` argument is a literal: `cog build` reads this file statically to make the API schema.
-`run` is async so that Cog runs up to `concurrency.max` predictions at once (cog.yaml, COG_MAX_CONCURRENCY);
-the service batches the requests that arrive together into one decode. It returns a plain generator rather than
-being an async generator: coglet 0.23.1 streams the chunks of a returned generator as they come, but collects an
-async generator's until it ends; a cancel or a client that goes away reaches that generator only through the hook
-that setup installs (idefics_cog/serving/live.py; README, "Concurrency").
-"""
+"""Cog predictor for IDEFICS: interleaved images and text in, streamed text out. Every `Input(...)` argument is a
+literal: `cog build` reads this file statically. `run` returns a plain generator: coglet 0.23.1 streams only that."""
 
 import sys
 from pathlib import Path as _Path
@@ -23,14 +16,11 @@ from idefics_cog.serving.service import Service  # noqa: E402
 
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
-        """Resolve (downloading into weights/ if needed) and load the base model and the default adapter once
-        (`IDEFICS_BASE_WEIGHTS`, `IDEFICS_ADAPTER_WEIGHTS`, `IDEFICS_QUANTIZATION`; see README).
-        `weights`: COG_WEIGHTS, which cog 0.23.1 passes (as the string set, None when unset) only to a setup that
-        takes it; Replicate sets it to the training's output .tar URL in a version made by `cog train`. Its adapter
-        then becomes the default (`adapter=medical`) in place of IDEFICS_ADAPTER_WEIGHTS."""
+        """`weights`: COG_WEIGHTS, a training's output .tar in a version made by `cog train` (cog 0.23.1 passes it
+        only to a setup that takes it); its adapter then replaces IDEFICS_ADAPTER_WEIGHTS as `medical`."""
         self.service = Service.from_env(weights)
-        self.service.receive_cog_files()  # file inputs: only what Cog received for each request (serving/files.py)
-        install_cancel_hook()  # a cancel or a client that goes away stops the generation (idefics_cog/serving/live.py)
+        self.service.receive_cog_files()
+        install_cancel_hook()
 
     @cog.streaming
     @cog.concurrent(max=16)  # newer Cog reads it; cog 0.23.1 takes concurrency.max from cog.yaml (keep them equal)
@@ -94,11 +84,8 @@ class Predictor(BaseRunner):
             default=1.0,
         ),
     ) -> ConcatenateIterator[str]:
-        """Answer the prompt about the images, streaming the text as it is generated (batched with the requests
-        running at the same time). Bad inputs fail the prediction before its first chunk."""
-        # This prediction's metric scope, taken here where coglet has set it, so that recording does not depend on
-        # the thread or context that later reads the generator. coglet keeps it open until it has read the
-        # generator to its end (or cancelled it): the metrics are recorded then (input/output_token_count, ...).
+        """Bad inputs fail the prediction before its first text piece."""
+        # Taken here, where coglet has set it; coglet keeps it open until the generator has been read to its end.
         scope = cog.current_scope()
         pieces = self.service.astream(
             record_metric=scope.record_metric,

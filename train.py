@@ -1,9 +1,5 @@
-"""`cog train` for IDEFICS: fine-tune a new LoRA adapter on the base model from an image-question-answer dataset.
-
-The output `weights` is a .tar of the adapter in the standard PEFT layout, which predict's `lora_weights` takes
-as it is (served from any https URL). Every `Input(...)` argument is a literal: `cog build` reads this file
-statically to make the API schema.
-"""
+"""`cog train` for IDEFICS: a new LoRA adapter (a PEFT .tar that predict's `lora_weights` takes) from a dataset.
+Every `Input(...)` argument is a literal: `cog build` reads this file statically."""
 
 import asyncio
 import sys
@@ -63,11 +59,8 @@ async def train(
         "examples remain to train on).", ge=0.0, le=0.5, default=0.05,
     ),
 ) -> TrainingOutput:
-    """Train a new LoRA adapter on the base model (IDEFICS_BASE_WEIGHTS) and return it as a .tar.
-
-    `async` because the image's COG_MAX_CONCURRENCY (cog.yaml `concurrency.max`, for predictions) applies to
-    `cog train` too, and coglet 0.23.1 refuses a synchronous handler when it is above 1. The training itself runs
-    on a worker thread, one training at a time; cancelling stops it after the current step."""
+    """`async`: coglet 0.23.1 refuses a synchronous handler when COG_MAX_CONCURRENCY (set for predictions) is
+    above 1. The training runs on a worker thread; cancelling stops it after the current step."""
     import logging
     import tempfile
 

@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     folder = tiny.build(ROOT / "weights" / "bench-small", "bench-small")
-    engine = Engine.load(folder / "base", "cpu", engine="fast", max_batch=max(BATCHES), compile="off")
+    engine = Engine.load(folder / "base", "cpu", decode_path="fast", max_batch=max(BATCHES), compile="off")
     with tempfile.TemporaryDirectory() as cache:
         adapters = Adapters(engine, Path(cache))
         adapters.load_default(str(folder / "adapter"))
@@ -97,7 +97,7 @@ def whole_banks(engine: Engine) -> FastDecoder:
     """An eager step doing the compiled step's work: every bank column on every decode layer (the production eager
     step computes only the columns and layers its rows' adapters use)."""
     decoder = FastDecoder(engine.model, max(BATCHES), 1, compile="off", banned_ids=engine.banned_ids)
-    decoder.lora.in_use = lambda rows: (decoder.lora.width, None)
+    decoder.lora.in_use = lambda rows: (decoder.lora.bank_rank, None)
     return decoder
 
 

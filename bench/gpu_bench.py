@@ -13,8 +13,8 @@ that a run stopped by its time limit keeps what was done. Run by bench/gpu.sh, w
           (`model.generate`) in the same run, its share of the memory-bandwidth floor, 16 concurrent requests
           against one stream, and 16 rows with 4 different LoRA adapters against 16 rows of one adapter.
 
-Every phase reports the decode path that ran (`decoder.path`/`path_reason`, or whether `decoder.compiled` is set),
-the graphs compiled and graph breaks (torch._dynamo's counters) and the recompilations logged during the phase.
+Every phase reports the decode step that ran (`decoder.step_mode`/`step_mode_reason`, or whether `decoder.compiled`
+is set), the graphs compiled and graph breaks (torch._dynamo's counters) and the recompilations logged during the phase.
 
     python bench/gpu_bench.py check|speed --out DIR [--device cuda|cpu] [--size real|tiny] [--deadline UNIX_TIME]
 
@@ -136,14 +136,14 @@ class Compiles:
 
 
 def path_of(engine) -> dict:
-    """The decode path in use: the decoder's own words where it has them (`path`, `path_reason`), else whether its
-    compiled step is set."""
+    """The decode step in use: the decoder's own words where it has them (`step_mode`, `step_mode_reason`), else
+    whether its compiled step is set."""
     decoder = engine.scheduler.decoder
     if decoder is None:
-        return dict(path="model.generate", reason="no fast decoder (engine='transformers')")
-    path = getattr(decoder, "path", None) or ("compiled" if getattr(decoder, "compiled", None) is not None else
+        return dict(path="model.generate", reason="no fast decoder (decode_path='transformers')")
+    path = getattr(decoder, "step_mode", None) or ("compiled" if getattr(decoder, "compiled", None) is not None else
                                               "eager")
-    return dict(path=path, reason=getattr(decoder, "path_reason", "(decoder.path_reason not available)"))
+    return dict(path=path, reason=getattr(decoder, "step_mode_reason", "(not available)"))
 
 
 def compile_line(found: dict, path: dict) -> str:
@@ -157,7 +157,7 @@ def compile_line(found: dict, path: dict) -> str:
 def engine_for(model, processor, kind: str, max_batch: int, compile: str):
     """An engine on the benchmark's torch thread; `compile` goes to it where the engine takes it (the decoder's
     contract: "auto", "on" or "off"), else the engine's default (compiled on CUDA)."""
-    options = dict(engine=kind, max_batch=max_batch)
+    options = dict(decode_path=kind, max_batch=max_batch)
     from idefics_cog.serving.engine import Engine
 
     if "compile" in inspect.signature(Engine.__init__).parameters:
@@ -255,7 +255,7 @@ def floor_of(device: str, read: dict, rate: float) -> tuple[dict, str]:
         return data, line + " (no datasheet bandwidth for this device)"
     data.update(floor_weights=peak / read["weights"], floor=peak / total, share=rate * total / peak)
     return data, line + (f": at {peak / 1e12:.2f} TB/s at most {peak / total:.0f} tokens/s "
-                         f"({peak / read['weights']:.0f} counting the weights alone); engine='fast' decodes at "
+                         f"({peak / read['weights']:.0f} counting the weights alone); decode_path='fast' decodes at "
                          f"**{rate * total / peak:.0%}** of it")
 
 
@@ -306,7 +306,7 @@ def speed(args, report: Report) -> bool:
     name = "batch 1"
     if report.fits(name, args.slack + 2 * n / 25 * (args.repeats + 1)):
         paths = {"recipe (model.generate)": lambda: recipe_run(baseline, request, n),
-                 "engine='fast'": lambda: engine_run(fast, request, n)}
+                 "decode_path='fast'": lambda: engine_run(fast, request, n)}
         for run in paths.values():
             run()  # warm-up
         runs = {key: [] for key in paths}
@@ -315,7 +315,7 @@ def speed(args, report: Report) -> bool:
                 runs[key].append(run())
         rate = {key: med([r.rate for r in values]) for key, values in runs.items()}
         ttft = {key: med([1000 * r.ttft for r in values]) for key, values in runs.items()}
-        fast_rate, recipe_rate = rate["engine='fast'"], rate["recipe (model.generate)"]
+        fast_rate, recipe_rate = rate["decode_path='fast'"], rate["recipe (model.generate)"]
         prompt_tokens = baseline.encode(request.segments, request.images).num_tokens
         floor, floor_text = floor_of(args.device, bytes_per_token(model, prompt_tokens, n), fast_rate)
         found, path = compiles.since(), path_of(fast)
@@ -326,7 +326,7 @@ def speed(args, report: Report) -> bool:
                      ["", f"| batch 1, {prompt_tokens} prompt tokens, {n} new tokens | decode tokens/s | "
                       f"time to first token ms | / recipe |", "|---|---:|---:|---:|"]
                      + [f"| {k} | {rate[k]:.1f} | {ttft[k]:.1f} | {rate[k] / recipe_rate:.2f}x |" for k in paths]
-                     + ["", f"- engine='fast' {floor_text}.", f"- {compile_line(found, path)}"])
+                     + ["", f"- decode_path='fast' {floor_text}.", f"- {compile_line(found, path)}"])
 
     name = f"{args.concurrent} concurrent"
     tokens = args.concurrent_tokens
@@ -341,7 +341,7 @@ def speed(args, report: Report) -> bool:
         one, many = med(rates[1]), med(rates[args.concurrent])
         found, path = compiles.since(), path_of(fast)
         report.phase(name, dict(new_tokens=tokens, rates=rates, ratio=many / one, path=path, **found),
-                     [f"- **{args.concurrent} concurrent requests** ({tokens} new tokens each, engine='fast'): "
+                     [f"- **{args.concurrent} concurrent requests** ({tokens} new tokens each, decode_path='fast'): "
                       f"{many:.1f} tokens/s in all against {one:.1f} for one stream: **{many / one:.2f}x**; "
                       f"{compile_line(found, path)}"])
 

@@ -76,7 +76,7 @@ def main() -> None:
     engine = Engine.load(built / "base", args.device)  # logs the placement decision
     rows = [f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, torch {torch.__version__}",
             f"tiny model (float): dtype {engine.dtype}, device map {getattr(engine.model, 'hf_device_map', None)}, "
-            f"engine {engine.kind}"]
+            f"decode path {engine.decode_path}"]
     del engine
     rows += sampler_facts(args.device)
     with tempfile.TemporaryDirectory() as scratch:

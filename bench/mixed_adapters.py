@@ -2,8 +2,8 @@
 
 On the `bench-small` random IDEFICS (float32, CPU), with a random LoRA as `medical` (r=16 on q/k/v, like
 MedIDEFICS) and four random custom adapters (local directories, loaded as `lora_weights` are). 16 requests (the
-speed bench's prompts: one 224 px image, about 60 prompt tokens) go to engine='fast' at once, read by one event loop,
---new-tokens new tokens each (ignore_eos), in these mixes:
+speed bench's prompts: one 224 px image, about 60 prompt tokens) go to decode_path='fast' at once, read by one event
+loop, --new-tokens new tokens each (ignore_eos), in these mixes:
 
   all medical        the baseline
   medical/none       alternating
@@ -77,7 +77,7 @@ def main() -> None:
         tmp = Path(tmp)
         folders = [str(TORCH.run(random_lora, model, tmp / f"adapter{seed}", seed, std=0.02))
                    for seed in range(5)]
-        engine = new_engine(model, processor, engine="fast", max_batch=REQUESTS)
+        engine = new_engine(model, processor, decode_path="fast", max_batch=REQUESTS)
         adapters = Adapters(engine, tmp / "cache", max_loaded=4)
         adapters.load_default(folders[0])
         prompts = [engine.encode(r.segments, r.images)

@@ -7,7 +7,7 @@ three ways:
              the PIL image is decoded once, outside the timer; the engine's processor, from
              idefics_cog.model.tokenizer.load_processor, so the release-era tokens)
   predictor  predict.py's Predictor.run in-process: input checks, image file decode, encoding, the
-             generation thread and the streamed text
+             torch thread and the streamed text
   server     the real Cog server (coglet) over HTTP with the image as a data URI: client-side wall time of the
              POST /predictions (the readiness poll before it is not timed), and the server's metrics.predict_time
 
@@ -69,10 +69,10 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     data_uri = f"data:image/png;base64,{base64.b64encode(IMAGE.read_bytes()).decode()}"
 
     def recipe():
-        # On the engine's own generation thread: torch ops on two threads of one process use two OpenMP teams
+        # On the engine's own torch thread: torch ops on two threads of one process use two OpenMP teams
         # that spin against each other on a small CPU, which would slow whichever path ran second.
         start = time.perf_counter()
-        text, ids = engine.generation_thread.submit(
+        text, ids = engine.torch_thread.submit(
             model_card_generate, engine.model, engine.processor, items, max_new_tokens, **GREEDY).result()
         return time.perf_counter() - start, text, ids, None
 

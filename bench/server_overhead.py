@@ -173,7 +173,7 @@ def part_model(args) -> dict:
 
     def engine_burst(n: int) -> float:
         """bench/speed.py's way: n prompts already encoded, submitted at the same instant, read by one event loop."""
-        jobs = [Job(prepare=p, sampling=Sampling(max_new_tokens=args.new_tokens, ignore_eos=True)) for p in prompts[:n]]
+        jobs = [Job(encoded=p, sampling=Sampling(max_new_tokens=args.new_tokens, ignore_eos=True)) for p in prompts[:n]]
 
         async def read(job):
             async for _ in engine.astream(job):

@@ -1,17 +1,17 @@
-"""Decode speed: the fast engine against the model-card recipe and the plain transformers engine (issue 6).
+"""Decode speed: the fast path against the model-card recipe and the plain transformers path (issue 6).
 
 Three paths serve the same requests (instruct template, one 224 px image, about 60 prompt tokens, greedy):
 
   recipe        idefics_dev.recipe.model_card_generate: processor -> model.generate -> decode (the baseline)
-  transformers  Engine(engine="transformers"): the project's engine on model.generate, one request at a time
-  fast          Engine(engine="fast"): static KV cache, image keys/values computed once, concurrent requests
+  transformers  Engine(decode_path="transformers"): the project's engine on model.generate, one request at a time
+  fast          Engine(decode_path="fast"): static KV cache, image keys/values computed once, concurrent requests
                 decoded as one batch (torch.compile on CUDA)
 
 Every path encodes with the processor from idefics_cog.model.tokenizer.load_processor: the release-era tokens
 (transformers 4.32's), the recipe's `processor(text=...)` included.
 
 First, in float32, the fast path's greedy tokens must equal model.generate's on the benchmark prompt: the recipe's
-(stopping at the end of the turn) and the transformers engine's over all new tokens with ignore_eos; if not, the
+(stopping at the end of the turn) and the transformers path's over all new tokens with ignore_eos; if not, the
 script exits 1. Then, after a warm-up run of each path, the paths run round-robin; every figure is a median:
 
   time to first token  request (PIL image + text) -> first new token: encoding, prefill, first sample
@@ -78,7 +78,7 @@ TORCH = TorchThread()
 
 
 def new_engine(model, processor, **options) -> Engine:
-    return Engine(model, processor, model.device, generation_thread=TORCH, **options)
+    return Engine(model, processor, model.device, torch_thread=TORCH, **options)
 
 
 # --- the requests ---------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def recipe_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bo
     forced = dict(min_new_tokens=new_tokens) if ignore_eos else {}  # the recipe's way to go past the end of turn
     with PeakMemory(engine.device) as peak:
         start = time.perf_counter()
-        _, ids = engine.generation_thread.submit(
+        _, ids = engine.torch_thread.submit(
             model_card_generate, engine.model, engine.processor, request.items, new_tokens, streamer=clock,
             **GREEDY, **forced).result()
     return Run(times[0] - start, decode_rate(len(ids), times[0], times[-1]), peak.bytes, ids)
@@ -171,7 +171,7 @@ def recipe_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bo
 def engine_run(engine: Engine, request: Request, new_tokens: int, ignore_eos: bool = True) -> Run:
     with PeakMemory(engine.device) as peak:
         start = time.perf_counter()
-        job = Job(prepare=engine.encode(request.segments, request.images),
+        job = Job(encoded=engine.encode(request.segments, request.images),
                   sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=ignore_eos))
         for _ in engine.stream(job):
             pass
@@ -197,7 +197,7 @@ def stream_together(engine: Engine, jobs: list[Job]) -> float:
 
 def concurrent_run(engine: Engine, prompts: list, new_tokens: int) -> tuple[float, int, list[list[int]]]:
     """Every prompt at once: aggregate new tokens/s, peak memory growth, each request's tokens."""
-    jobs = [Job(prepare=p, sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
+    jobs = [Job(encoded=p, sampling=Sampling(max_new_tokens=new_tokens, ignore_eos=True)) for p in prompts]
     with PeakMemory(engine.device) as peak:
         wall = stream_together(engine, jobs)
     return sum(len(job.stats.ids) for job in jobs) / wall, peak.bytes, [job.stats.ids for job in jobs]
@@ -217,7 +217,7 @@ def prefill_seconds(engine: Engine, encoded) -> float:
         synchronize(engine.device)
         return time.perf_counter() - start
 
-    return engine.generation_thread.submit(run).result()
+    return engine.torch_thread.submit(run).result()
 
 
 # --- the greedy check -----------------------------------------------------------------------------------------------
@@ -229,15 +229,16 @@ def first_difference(a: list[int], b: list[int]) -> int:
 
 def check_greedy(model, processor, new_tokens: int) -> int:
     """Exit 1 unless the fast path decodes model.generate's greedy tokens. Returns how many were compared."""
-    baseline = new_engine(model, processor, engine="transformers")
-    fast = new_engine(model, processor, engine="fast", max_batch=1)
-    if fast.kind != "fast":
-        sys.exit(f"engine='fast' gave kind {fast.kind!r}: nothing to benchmark")
+    baseline = new_engine(model, processor, decode_path="transformers")
+    fast = new_engine(model, processor, decode_path="fast", max_batch=1)
+    if fast.decode_path != "fast":
+        sys.exit(f"decode_path='fast' gave {fast.decode_path!r}: nothing to benchmark")
     request = make_request(baseline, 0)
     compared = 0
     for reference, expected, ignore_eos in (
         ("model_card_generate (stops at the end of turn)", recipe_run(baseline, request, new_tokens, False).ids, False),
-        ("model.generate (engine='transformers', ignore_eos)", engine_run(baseline, request, new_tokens).ids, True),
+        ("model.generate (decode_path='transformers', ignore_eos)", engine_run(baseline, request, new_tokens).ids,
+         True),
     ):
         got = engine_run(fast, request, new_tokens, ignore_eos).ids
         if got != expected:
@@ -347,7 +348,8 @@ def concurrency(engines: dict, prompts: list, new_tokens: int, repeats: int, str
 
 # --- the report -----------------------------------------------------------------------------------------------------
 
-NAMES = {"recipe": "recipe (model_card_generate)", "transformers": "engine='transformers'", "fast": "engine='fast'"}
+NAMES = {"recipe": "recipe (model_card_generate)", "transformers": "decode_path='transformers'",
+         "fast": "decode_path='fast'"}
 FORWARD = "model forward (recipe, transformers)"
 
 
@@ -367,8 +369,8 @@ def single_tables(single: dict, prefill: dict, new_tokens: int) -> list[str]:
 
 def concurrency_table(conc: dict, new_tokens: int) -> str:
     rates, single = conc["rates"], median(conc["rates"]["fast", 1])
-    lines = [f"| concurrent requests, {new_tokens} new tokens each | engine='transformers' tokens/s | "
-             f"engine='fast' tokens/s | fast / transformers | fast / fast at 1 | same tokens |",
+    lines = [f"| concurrent requests, {new_tokens} new tokens each | decode_path='transformers' tokens/s | "
+             f"decode_path='fast' tokens/s | fast / transformers | fast / fast at 1 | same tokens |",
              "|---|---:|---:|---:|---:|---:|"]
     for n in CONCURRENCY:
         base, fast = median(rates["transformers", n]), median(rates["fast", n])
@@ -379,7 +381,7 @@ def concurrency_table(conc: dict, new_tokens: int) -> str:
 
 def memory_table(single: dict, conc: dict, engines: dict) -> str:
     mib = lambda values: f"{median(values) / MiB:.1f}"  # noqa: E731
-    lines = ["| peak memory growth, MiB (median) | recipe | engine='transformers' | engine='fast' |",
+    lines = ["| peak memory growth, MiB (median) | recipe | decode_path='transformers' | decode_path='fast' |",
              "|---|---:|---:|---:|",
              f"| making the engine (its static caches) | - | {mib([engines['transformers']])} | "
              f"{mib([engines['fast']])} |",
@@ -416,13 +418,13 @@ def floor_line(info: dict, single: dict) -> str:
         return line + " (no datasheet bandwidth for this device)."
     floor = info["bandwidth"] / info["decode_bytes"]
     return line + (f"; at {info['bandwidth'] / 1e12:.2f} TB/s that is at most {floor:.0f} tokens/s, and "
-                   f"engine='fast' decodes at {fast / floor:.0%} of it.")
+                   f"decode_path='fast' decodes at {fast / floor:.0%} of it.")
 
 
 def header(args, info: dict, compared: int) -> str:
     smoke = "  \n(smoke: the real-size code path scaled down on CPU; its figures are not the targets' subject)" \
         if args.real_size and args.smoke else ""
-    return (f"# Decode speed: engine='fast' against model.generate\n\n"
+    return (f"# Decode speed: decode_path='fast' against model.generate\n\n"
             f"{info['model']}, {info['parameters'] / 1e6:.1f} M parameters in {info['dtype']} on {info['device']} "
             f"({info['cpu']}, {info['cpus']} CPUs, {info['torch_threads']} torch threads); torch {info['torch']}, "
             f"transformers {info['transformers']}, Python {info['python']}.{smoke}  \n"
@@ -444,7 +446,7 @@ def progress(message: str) -> None:
 
 
 def concurrent_repeats(args) -> int:
-    """Fewer rounds than single-stream: 16 requests one after another on engine='transformers' take long."""
+    """Fewer rounds than single-stream: 16 requests one after another on decode_path='transformers' take long."""
     return (args.repeats + 1) // 2
 
 
@@ -481,7 +483,7 @@ def main() -> None:
     engines, engine_memory = {}, {}
     for kind in ("transformers", "fast"):
         with PeakMemory(device) as peak:
-            engines[kind] = new_engine(model, processor, engine=kind, max_batch=max(CONCURRENCY))
+            engines[kind] = new_engine(model, processor, decode_path=kind, max_batch=max(CONCURRENCY))
         engine_memory[kind] = peak.bytes
     baseline, fast = engines["transformers"], engines["fast"]
 

@@ -1,6 +1,6 @@
-"""Stalls and host work of the fast engine's decode loop (issue 13, points 2 and 3).
+"""Stalls and host work of the fast path's decode loop (issue 13, points 2 and 3).
 
-Two measurements, each on the fast engine (`Engine(engine="fast")`, 16 slots), in float32 on CPU:
+Two measurements, each on the fast path (`Engine(decode_path="fast")`, 16 slots), in float32 on CPU:
 
   arrivals   4 running streams (one 224 px image, about 60 prompt tokens, --stream-tokens new tokens each,
              greedy, ignore_eos) while 8 requests with two images and a long prompt (about --long-tokens tokens,
@@ -75,9 +75,9 @@ SAMPLED = dict(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.1)
 
 def load(preset: str) -> Engine:
     base = tiny.build(ROOT / "weights" / preset, preset) / "base"
-    engine = Engine.load(base, "cpu", engine="fast", max_batch=16)  # as the server: all torch work on its thread
-    if ARGS.prefill_chunk and hasattr(engine.scheduler, "prefill_chunk"):
-        engine.scheduler.prefill_chunk = ARGS.prefill_chunk
+    engine = Engine.load(base, "cpu", decode_path="fast", max_batch=16)  # as the server: all torch work on its thread
+    if ARGS.prefill_chunk and hasattr(engine.scheduler, "chunk_tokens"):
+        engine.scheduler.chunk_tokens = ARGS.prefill_chunk
     return engine
 
 
@@ -101,7 +101,7 @@ def percentile(values: list[float], q: float) -> float:
 def hold(engine: Engine) -> threading.Event:
     """Hold the engine's thread until the returned event is set (so that jobs submitted meanwhile arrive together)."""
     gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
+    engine.torch_thread.submit(gate.wait)
     return gate
 
 
@@ -174,7 +174,7 @@ def arrivals() -> dict:
         result = arrivals_run(engine, running, arriving)
         gaps += result["gaps"]
         ttft += result["ttft"]
-    engine.generation_thread.shutdown()
+    engine.torch_thread.shutdown()
     median = statistics.median(gaps)
     return dict(gaps=gaps, ttft=ttft, median=median, p99=percentile(gaps, 99), largest=max(gaps),
                 ratio=percentile(gaps, 99) / median, ttft_median=statistics.median(ttft), ttft_max=max(ttft),
@@ -218,7 +218,7 @@ def burst() -> dict:
                 results[mode].append(dict(median=statistics.median(ttft), last=max(ttft)))
     if packed is not None:
         scheduler.BURST_TOKENS = packed
-    engine.generation_thread.shutdown()
+    engine.torch_thread.shutdown()
     return dict(size=len(prompts), tokens=sum(e.num_tokens for e in prompts),
                 modes={mode: dict(median=statistics.median(r["median"] for r in runs),
                                   last=statistics.median(r["last"] for r in runs), runs=runs)
@@ -275,7 +275,7 @@ def host() -> dict:
             results[name] = dict(host=[1000 * (s - f) for _, s, f in full], forward=[1000 * f for _, _, f in full],
                                  step=[1000 * s for _, s, _ in full])
             progress(f"host: {name}: {len(full)} steps")
-    engine.generation_thread.shutdown()
+    engine.torch_thread.shutdown()
     return results
 
 

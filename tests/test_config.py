@@ -179,9 +179,9 @@ def test_cache_memory_fraction_and_warmup_are_read_and_checked():
     from idefics_cog.config import Settings
 
     defaults = Settings.from_env({})
-    assert defaults.cache_memory_fraction == 0.9 and defaults.warmup is True
+    assert defaults.gpu_memory_fraction == 0.9 and defaults.warmup is True
     chosen = Settings.from_env({"IDEFICS_CACHE_MEMORY_FRACTION": "0.5", "IDEFICS_WARMUP": "0"})
-    assert chosen.cache_memory_fraction == 0.5 and chosen.warmup is False
+    assert chosen.gpu_memory_fraction == 0.5 and chosen.warmup is False
     for bad, message in (("1.5", "must be at most 1"), ("0", "must be positive"), ("x", "is not a number")):
         with pytest.raises(ValueError, match=f"IDEFICS_CACHE_MEMORY_FRACTION=.* {message}"):
             Settings.from_env({"IDEFICS_CACHE_MEMORY_FRACTION": bad})

@@ -1,4 +1,4 @@
-"""Settings read once from the environment; every knob is documented in README.md (and set in cog.yaml)."""
+"""Settings read once from the environment (documented in README.md, set in cog.yaml)."""
 
 import os
 from dataclasses import dataclass
@@ -8,13 +8,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BASE_WEIGHTS = "HuggingFaceM4/idefics-9b-instruct"
 DEFAULT_ADAPTER_WEIGHTS = "WinterSchool/Midefics-lora-v3"
 QUANTIZATIONS = ("none", "8bit", "4bit")
-ENGINES = ("auto", "fast", "transformers")
+DECODE_PATHS = ("auto", "fast", "transformers")
 COMPILE = ("auto", "on", "off")
-MAX_IMAGE_PIXELS = 40_000_000  # IDEFICS_MAX_IMAGE_PIXELS: width x height of one image (one frame)
-MAX_IMAGE_BYTES = 50_000_000  # IDEFICS_MAX_IMAGE_BYTES: size of one file
-MAX_ASPECT_RATIO = 20.0  # IDEFICS_MAX_ASPECT_RATIO: long side / short side
-MAX_ADAPTER_RANK = 64  # IDEFICS_MAX_ADAPTER_RANK: a LoRA rank (MedIDEFICS: 16)
-ADAPTER_BANK_RANK = 128  # IDEFICS_ADAPTER_BANK_RANK: the ranks of the adapters decoding at once, added up
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_IMAGE_BYTES = 50_000_000
+MAX_ASPECT_RATIO = 20.0  # long side / short side
+MAX_ADAPTER_RANK = 64  # MedIDEFICS: 16
+ADAPTER_BANK_RANK = 128  # the ranks of the adapters decoding at once, added up
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,12 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may send before any work is done for it: each is checked first, at a cost that does not
-    grow with what was sent (README, "Limits")."""
+    """Checked before any work is done for a request."""
 
-    prompt_chars: int = 100_000  # prompt + system_prompt, before tokenization (2048 tokens are ~10,000 characters)
-    stop_sequences: int = 16  # how many
-    stop_sequence_chars: int = 256  # each
-    lora_weights_chars: int = 2048  # a URL (signed ones are long) or a hub id
+    prompt_chars: int = 100_000  # prompt + system_prompt (2048 tokens are ~10,000 characters)
+    stop_sequences: int = 16
+    stop_sequence_chars: int = 256
+    lora_weights_chars: int = 2048  # signed URLs are long
     image_download_seconds: int = 60  # for all of a request's image URLs
 
     @classmethod
@@ -55,27 +54,27 @@ class RequestLimits:
 @dataclass(frozen=True)
 class Settings:
     base_weights: str  # a local directory, an https URL of a .tar/.zip, or a hub id (`owner/name@revision`)
-    adapter_weights: str  # the `medical` adapter, the same kinds of source; "" when disabled (`none`)
-    trained_weights: str  # COG_WEIGHTS, a version made by `cog train`: its adapter replaces adapter_weights; or ""
-    quantization: str  # none | 8bit | 4bit (bitsandbytes)
-    cache_dir: Path  # where downloaded weights are kept (`weights/`, which `cog predict` mounts)
-    max_images: int  # images per request
-    max_loaded_adapters: int  # custom adapters kept loaded in memory (besides `medical`)
-    adapter_cache_bytes: int  # disk budget for downloaded custom adapters
-    max_adapter_bytes: int  # largest custom adapter download
-    adapter_download_seconds: int  # deadline for a custom adapter's whole download
-    device: str  # "auto" (cuda when available, else cpu), "cuda" or "cpu"
-    engine: str  # decode path: fast (static cache, batching) | transformers (model.generate) | auto (fast if supported)
-    max_batch: int  # concurrent requests decoded together by the fast engine (at most: its cache may hold fewer)
-    cache_memory_fraction: float = 0.9  # of each GPU's memory for weights, cache and activations (model/memory.py)
-    warmup: bool = True  # setup ends with a short prediction (and on CUDA the compiled decode shapes)
-    weights_lock: Path = ROOT / "weights.lock"  # Cog's managed weights (`cog weights import`); see managed.py
-    image_limits: ImageLimits = ImageLimits()  # bytes, pixels and aspect ratio of each image
-    request_limits: RequestLimits = RequestLimits()  # the sizes of a request's inputs
-    max_adapter_rank: int = MAX_ADAPTER_RANK  # largest LoRA rank of any adapter
-    adapter_fetch_threads: int = 4  # custom adapters fetched at once (their own pool: no other request waits)
-    compile: str = "auto"  # the fast path's decode step compiled: auto (on CUDA), on, off
-    adapter_bank_rank: int = ADAPTER_BANK_RANK  # rank columns of the decode step's LoRA banks (serving/rowlora.py)
+    adapter_weights: str  # the `medical` adapter; "" when disabled
+    trained_weights: str  # COG_WEIGHTS (a version made by `cog train`), replacing adapter_weights; or ""
+    quantization: str
+    cache_dir: Path  # downloaded weights (IDEFICS_CACHE_DIR)
+    max_images: int
+    max_loaded_adapters: int  # besides `medical`
+    adapter_disk_bytes: int  # downloaded custom adapters (IDEFICS_ADAPTER_CACHE_BYTES)
+    max_adapter_bytes: int
+    adapter_download_seconds: int
+    device: str
+    decode_path: str  # IDEFICS_ENGINE: fast | transformers (model.generate) | auto
+    max_batch: int
+    gpu_memory_fraction: float = 0.9  # IDEFICS_CACHE_MEMORY_FRACTION: weights, KV cache and activations
+    warmup: bool = True
+    weights_lock: Path = ROOT / "weights.lock"  # Cog's managed weights (`cog weights import`)
+    image_limits: ImageLimits = ImageLimits()
+    request_limits: RequestLimits = RequestLimits()
+    max_adapter_rank: int = MAX_ADAPTER_RANK
+    adapter_fetch_threads: int = 4
+    compile: str = "auto"
+    adapter_bank_rank: int = ADAPTER_BANK_RANK
 
     def __post_init__(self):
         if self.adapter_bank_rank < self.max_adapter_rank:
@@ -85,7 +84,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env=os.environ, trained_weights: str | None = None) -> "Settings":
-        """`trained_weights`: what Cog passes to setup's `weights` (COG_WEIGHTS), or None."""
+        """`trained_weights`: setup's `weights` (COG_WEIGHTS), or None."""
         adapter = env.get("IDEFICS_ADAPTER_WEIGHTS", DEFAULT_ADAPTER_WEIGHTS)
         return cls(
             base_weights=env.get("IDEFICS_BASE_WEIGHTS", DEFAULT_BASE_WEIGHTS),
@@ -95,13 +94,13 @@ class Settings:
             cache_dir=Path(env.get("IDEFICS_CACHE_DIR", ROOT / "weights")),
             max_images=_positive_int(env, "IDEFICS_MAX_IMAGES", 8),
             max_loaded_adapters=_positive_int(env, "IDEFICS_MAX_LOADED_ADAPTERS", 4),
-            adapter_cache_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
+            adapter_disk_bytes=_positive_int(env, "IDEFICS_ADAPTER_CACHE_BYTES", 4 << 30),
             max_adapter_bytes=_positive_int(env, "IDEFICS_MAX_ADAPTER_BYTES", 1 << 30),
             adapter_download_seconds=_positive_int(env, "IDEFICS_ADAPTER_DOWNLOAD_SECONDS", 300),
             device=env.get("IDEFICS_DEVICE", "auto"),
-            engine=_choice(env, "IDEFICS_ENGINE", ENGINES),
+            decode_path=_choice(env, "IDEFICS_ENGINE", DECODE_PATHS),
             max_batch=_positive_int(env, "IDEFICS_MAX_BATCH", 16),
-            cache_memory_fraction=_fraction(env, "IDEFICS_CACHE_MEMORY_FRACTION", 0.9),
+            gpu_memory_fraction=_fraction(env, "IDEFICS_CACHE_MEMORY_FRACTION", 0.9),
             warmup=_flag(env, "IDEFICS_WARMUP", True),
             weights_lock=Path(env.get("IDEFICS_WEIGHTS_LOCK", ROOT / "weights.lock")),
             image_limits=ImageLimits.from_env(env),
@@ -121,7 +120,7 @@ def _positive_int(env, name: str, default: int) -> int:
 
 
 def _positive(env, name: str, default, kind):
-    """A positive number of `kind` (int or float); unset or empty: `default`."""
+    """Unset or empty: `default`."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -135,7 +134,7 @@ def _positive(env, name: str, default, kind):
 
 
 def _fraction(env, name: str, default: float) -> float:
-    """A number in (0, 1]; unset or empty: `default`."""
+    """In (0, 1]; unset or empty: `default`."""
     value = _positive(env, name, default, float)
     if value > 1:
         raise ValueError(f"{name}={value!r} must be at most 1 (a fraction of the GPU's memory)")

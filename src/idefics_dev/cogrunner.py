@@ -1,11 +1,5 @@
-"""The local Cog runtime: what `cog predict` does, without Docker or the cog CLI.
-
-It regenerates `.cog/openapi_schema.json`, runs the real Cog server (`python -m cog.server.http`, coglet) from
-the repository root, waits for READY, and sends predictions with the same `-i name=value` / `-i name=@file`
-syntax as `cog predict`. `script/serve` and `script/predict` are thin wrappers around `main`. Like the image
-`cog build` makes, a predict server runs cog.yaml's `concurrency.max` predictions at once (COG_MAX_CONCURRENCY,
-unless the caller's environment sets it).
-"""
+"""The local Cog runtime: what `cog predict` does, without Docker or the cog CLI: the real Cog server (coglet) run
+from the repository root, and `-i name=value` / `-i name=@file` inputs as `cog predict` takes them."""
 
 import argparse
 import base64
@@ -169,9 +163,8 @@ class CogServer:
         return self._run("/trainings", inputs, timeout)
 
     def follow_training(self, inputs: dict, timeout: float = 24 * 3600) -> Iterator[dict]:
-        """One training, followed as it runs: yields each state the server reports (status, the logs so far), the
-        last one final (succeeded, failed or canceled). coglet 0.23.1 neither streams /trainings (406) nor answers
-        GET /trainings/{id} (405), so, like Replicate, this asks for webhooks, received on 127.0.0.1."""
+        """Each state the server reports, by webhook: coglet 0.23.1 neither streams /trainings (406) nor answers
+        GET /trainings/{id} (405)."""
         with WebhookReceiver() as hooks:
             response = self._post("/trainings", inputs, 60, body={"webhook": hooks.url},
                                   headers={"Prefer": "respond-async"})
@@ -197,12 +190,9 @@ class CogServer:
 
     def _post(self, route: str, inputs: dict, timeout: float, wait: float = 30, body: dict | None = None,
               **kwargs) -> requests.Response:
-        """POST a request, waiting up to `wait` seconds for a free slot: coglet answers 409 while every slot is busy
-        (COG_MAX_CONCURRENCY of them), and for a moment after each response until that slot is free again
-        (post_prediction)."""
+        """Waits up to `wait` seconds for a free slot (post_prediction)."""
         self.wait_ready(wait)  # READY: at least one slot is free (BUSY: all of them are taken)
-        # Before each retry, fail at once if the server is UNHEALTHY (it answers 409 to everything once its worker
-        # has crashed) or gone.
+        # An UNHEALTHY server (its worker crashed) answers 409 to everything: fail at once.
         return post_prediction(f"{self.url}{route}", {"input": inputs, **(body or {})}, retry_for=wait,
                                before_retry=lambda _: self._check_alive(), timeout=timeout, **kwargs)
 

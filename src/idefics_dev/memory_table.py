@@ -1,22 +1,16 @@
-"""README's memory table ("Checkpoints, precision and GPU memory"), computed with the serving rule itself
-(idefics_cog.model.memory.plan_cache) for the real idefics-9b and idefics-80b architectures at bf16, 8-bit and
-4-bit on GPUs of 16, 24, 40 and 80 GB. `python -m idefics_dev.memory_table` prints it; a test checks README has it.
-
-Assumptions, stated in README under the table: a GPU of "N GB" has N x 10^9 bytes; before loading, CUDA and
-torch take `CUDA_CONTEXT`; the weights take what placement.weight_bytes estimates; the defaults of the settings
-(IDEFICS_CACHE_MEMORY_FRACTION 0.9, IDEFICS_MAX_BATCH 16, IDEFICS_MAX_IMAGES 8).
-"""
+"""README's GPU memory table, computed with the serving rule itself for idefics-9b and -80b (a GPU of "N GB" has
+N x 10^9 bytes; default settings). `python -m idefics_dev.memory_table` prints it; a test checks README has it."""
 
 from accelerate import init_empty_weights
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.model.memory import DEFAULT_FRACTION, GiB, cache_budget, plan_cache
+from idefics_cog.model.memory import DEFAULT_FRACTION, GiB, kv_cache_budget, plan_kv_cache
 from idefics_cog.model.placement import parameter_counts, weight_bytes
 from idefics_dev.tiny import idefics_9b_config
 
 GPUS_GB = (16, 24, 40, 80)
 PRECISIONS = {"bf16": "none", "8-bit": "8bit", "4-bit": "4bit"}
-CUDA_CONTEXT = GiB // 2  # the CUDA context and torch's own buffers, in use before the weights
+CUDA_RESERVED = GiB // 2  # CUDA's context and torch's own buffers, before the weights
 MAX_BATCH, MAX_IMAGES = 16, 8
 
 
@@ -37,14 +31,14 @@ def parameters(config) -> tuple[int, int]:
 
 
 def cell(config, weights: int, gb: int) -> str:
-    """What the fast engine gets on one GPU of `gb` GB: slots x context, or why it does not fit."""
+    """What the fast path gets on one GPU of `gb` GB: slots x context, or why it does not fit."""
     total = gb * 10**9
-    budget = cache_budget(total - CUDA_CONTEXT - weights, total, DEFAULT_FRACTION)
+    budget = kv_cache_budget(total - CUDA_RESERVED - weights, total, DEFAULT_FRACTION)
     try:
-        plan = plan_cache(config, MAX_BATCH, MAX_IMAGES, 2, budget)
+        plan = plan_kv_cache(config, MAX_BATCH, MAX_IMAGES, 2, budget)
     except ValueError:
         return "no"
-    return f"{plan.slots} x {plan.context}"
+    return f"{plan.slots} x {plan.context_tokens}"
 
 
 def table() -> str:

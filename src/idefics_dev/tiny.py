@@ -1,10 +1,6 @@
 """An embedded tiny IDEFICS: deterministic random weights, a trained tiny BPE tokenizer and a LoRA adapter.
 
-`python -m idefics_dev.tiny --out DIR` writes `DIR/base` (a checkpoint laid out exactly like a hub snapshot:
-config, safetensors, tokenizer, processor) and `DIR/adapter` (standard PEFT layout). Everything that runs on
-real weights runs on this, on CPU, through the same code paths. `--preset bench-small` writes a larger random
-IDEFICS of the same layout for speed benchmarks on CPU; `idefics_9b_config` + `random_model` make a random
-idefics-9b in memory for benchmarks on a GPU.
+`python -m idefics_dev.tiny --out DIR` writes `DIR/base` (laid out like a hub snapshot) and `DIR/adapter` (PEFT).
 """
 
 import argparse
@@ -38,7 +34,7 @@ class Preset:
     layers: int = 2
     heads: int = 2
     cross_layer_interval: int = 1
-    context: int = 512
+    context_tokens: int = 512
     image_size: int = 30
     patch_size: int = 15
     vision_hidden: int = 64
@@ -186,7 +182,7 @@ def build_config(p: Preset):
         num_hidden_layers=p.layers,
         num_attention_heads=p.heads,
         cross_layer_interval=p.cross_layer_interval,
-        max_position_embeddings=p.context,
+        max_position_embeddings=p.context_tokens,
         qk_layer_norms=True,
         # "zeros" (the default) makes the gated cross-attention a no-op: images would change nothing.
         # ("normal" crashes in transformers 5.23 with alpha_type="float").

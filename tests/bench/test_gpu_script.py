@@ -31,11 +31,11 @@ def test_every_phase_runs_on_the_cpu_and_writes_its_results(tmp_path):
     assert list(phases) == ["build", "first request", "warm-up", "batch 1", "2 concurrent", "mixed adapters"]
     assert not any("skipped" in phase for name, phase in phases.items() if name != "warm-up")
     assert phases["batch 1"]["path"]["path"] == "eager"  # compile="auto": CUDA only
-    assert set(phases["batch 1"]["rates"]) == {"recipe (model.generate)", "engine='fast'"}
+    assert set(phases["batch 1"]["rates"]) == {"recipe (model.generate)", "decode_path='fast'"}
     assert phases["batch 1"]["floor"]["weights"] > 0 and phases["batch 1"]["floor"]["cache"] > 0
     assert phases["mixed adapters"]["largest_batch"] == 2
     assert phases["2 concurrent"]["graphs_compiled"] == 0
-    assert "engine='fast'" in (tmp_path / "speed.md").read_text()
+    assert "decode_path='fast'" in (tmp_path / "speed.md").read_text()
 
 
 def test_a_phase_past_the_deadline_is_skipped_and_recorded(tmp_path):

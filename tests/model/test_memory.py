@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from idefics_cog.model.memory import (
-    ACTIVATIONS, GiB, MIN_CONTEXT, cache_budget, cache_bytes, minimum_cache_bytes, plan_cache, slot_bytes)
+    ACTIVATIONS, GiB, MIN_CONTEXT, kv_cache_budget, kv_cache_bytes, minimum_kv_cache_bytes, plan_kv_cache, slot_bytes)
 from idefics_cog.model.placement import decide
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_dev import memory_table
@@ -29,63 +29,63 @@ def test_a_9b_slot_of_the_full_context_is_its_published_size():
 
 
 def test_the_budget_is_the_fraction_of_the_total_less_what_is_in_use_and_the_activations():
-    assert cache_budget(free=60 * GiB, total=80 * GiB, fraction=0.9) == 72 * GiB - 20 * GiB - ACTIVATIONS
-    assert cache_budget(free=60 * GiB, total=80 * GiB, fraction=0.25) < 0  # more in use than the fraction allows
+    assert kv_cache_budget(free=60 * GiB, total=80 * GiB, fraction=0.9) == 72 * GiB - 20 * GiB - ACTIVATIONS
+    assert kv_cache_budget(free=60 * GiB, total=80 * GiB, fraction=0.25) < 0  # more in use than the fraction allows
 
 
 def test_room_for_every_slot_keeps_the_full_context():
-    plan = plan_cache(NINE_B, 16, 8, BF16, budget=40 * GiB)
-    assert (plan.slots, plan.context) == (16, 2048) and plan.bytes == cache_bytes(NINE_B, 16, 8, BF16)
+    plan = plan_kv_cache(NINE_B, 16, 8, BF16, budget=40 * GiB)
+    assert (plan.slots, plan.context_tokens) == (16, 2048) and plan.bytes == kv_cache_bytes(NINE_B, 16, 8, BF16)
     assert plan.bytes <= 40 * GiB
 
 
 def test_less_room_shortens_the_context_of_every_slot_to_a_multiple_of_256():
-    plan = plan_cache(NINE_B, 16, 8, BF16, budget=12 * GiB)
-    assert plan.slots == 16 and MIN_CONTEXT <= plan.context < 2048 and plan.context % 256 == 0
-    assert plan.bytes <= 12 * GiB < cache_bytes(NINE_B, 16, 8, BF16, plan.context + 256)
+    plan = plan_kv_cache(NINE_B, 16, 8, BF16, budget=12 * GiB)
+    assert plan.slots == 16 and MIN_CONTEXT <= plan.context_tokens < 2048 and plan.context_tokens % 256 == 0
+    assert plan.bytes <= 12 * GiB < kv_cache_bytes(NINE_B, 16, 8, BF16, plan.context_tokens + 256)
     assert "shortened from 2048" in plan.reason
 
 
 def test_still_less_room_gives_fewer_slots_of_the_shortest_context():
-    plan = plan_cache(NINE_B, 16, 8, BF16, budget=3 * GiB)
-    assert plan.context == MIN_CONTEXT and plan.slots == 3 * GiB // slot_bytes(NINE_B, MIN_CONTEXT, 8, BF16) == 5
+    plan = plan_kv_cache(NINE_B, 16, 8, BF16, budget=3 * GiB)
+    assert plan.context_tokens == MIN_CONTEXT and plan.slots == 3 * GiB // slot_bytes(NINE_B, MIN_CONTEXT, 8, BF16) == 5
     assert "5 of IDEFICS_MAX_BATCH=16" in plan.reason and "wait" in plan.reason
 
 
 def test_no_room_for_one_slot_fails_naming_the_numbers_and_the_settings():
     with pytest.raises(ValueError, match=r"0\.30 GiB for the cache .* needs 0\.56 GiB; quantize "
                                          r"\(IDEFICS_QUANTIZATION\), raise IDEFICS_CACHE_MEMORY_FRACTION"):
-        plan_cache(NINE_B, 16, 8, BF16, budget=int(0.3 * GiB))
+        plan_kv_cache(NINE_B, 16, 8, BF16, budget=int(0.3 * GiB))
     with pytest.raises(ValueError, match="not enough GPU memory"):
-        plan_cache(NINE_B, 16, 8, BF16, budget=-GiB)
+        plan_kv_cache(NINE_B, 16, 8, BF16, budget=-GiB)
 
 
 def test_without_a_budget_it_is_max_batch_slots_of_the_full_context():
-    plan = plan_cache(NINE_B, 4, 8, BF16, budget=None)
-    assert (plan.slots, plan.context) == (4, 2048)
+    plan = plan_kv_cache(NINE_B, 4, 8, BF16, budget=None)
+    assert (plan.slots, plan.context_tokens) == (4, 2048)
 
 
 def test_a_model_context_below_the_minimum_is_kept_and_fewer_slots_taken():
     small = idefics_9b_config(smoke=True)
     small.max_position_embeddings = 512
     budget = 5 * slot_bytes(small, 512, 8, BF16)
-    plan = plan_cache(small, 16, 8, BF16, budget)
-    assert (plan.slots, plan.context) == (5, 512)
+    plan = plan_kv_cache(small, 16, 8, BF16, budget)
+    assert (plan.slots, plan.context_tokens) == (5, 512)
 
 
 @pytest.mark.parametrize("gb", memory_table.GPUS_GB)
 @pytest.mark.parametrize("precision", memory_table.PRECISIONS.values())
 def test_placement_keeps_a_model_on_one_gpu_exactly_when_the_cache_rule_finds_a_slot_there(gb, precision, sizes):
     """placement.py's "fits one GPU" (weights + activations + the smallest cache within the fraction) and
-    plan_cache's budget after loading are the same inequality."""
+    plan_kv_cache's budget after loading are the same inequality."""
     config, counts = sizes
     weights = memory_table.weight_bytes(*counts, precision)
     total = gb * 10**9
-    usable = int(0.9 * total) - memory_table.CUDA_CONTEXT  # memory.usable_memory before loading
-    placement = decide(weights, ACTIVATIONS + minimum_cache_bytes(config, 8, BF16), {0: usable, 1: usable})
-    budget = cache_budget(total - memory_table.CUDA_CONTEXT - weights, total)
+    usable = int(0.9 * total) - memory_table.CUDA_RESERVED  # memory.usable_memory before loading
+    placement = decide(weights, ACTIVATIONS + minimum_kv_cache_bytes(config, 8, BF16), {0: usable, 1: usable})
+    budget = kv_cache_budget(total - memory_table.CUDA_RESERVED - weights, total)
     try:
-        plan_cache(config, 16, 8, BF16, budget)
+        plan_kv_cache(config, 16, 8, BF16, budget)
         fits = True
     except ValueError:
         fits = False
@@ -113,13 +113,14 @@ def test_readme_no_longer_offers_the_9b_on_16gb_in_bf16():
 
 
 def test_the_decoder_allocates_what_the_plan_says(engine):
-    decoder = FastDecoder(engine.model, max_batch=3, max_images=2, compile=False, context=128)
+    decoder = FastDecoder(engine.model, max_batch=3, max_images=2, compile=False, context_tokens=128)
     allocated = sum(t.nbytes for t in (decoder.keys, decoder.values, decoder.image_keys, decoder.image_values))
-    assert decoder.max_len == 128 and allocated == cache_bytes(engine.model.config, 3, 2, 4, context=128)
+    assert decoder.max_len == 128 and allocated == kv_cache_bytes(engine.model.config, 3, 2, 4, context_tokens=128)
 
 
 def test_on_cpu_the_engine_keeps_max_batch_slots_of_the_full_context(engine, caplog):
-    assert engine.scheduler.decoder.max_batch == 16 and engine.context == engine.model.config.max_position_embeddings
+    assert engine.scheduler.decoder.max_batch == 16
+    assert engine.context_tokens == engine.model.config.max_position_embeddings
     with caplog.at_level("INFO", logger="idefics_cog.serving.decoder"):
         decoder = FastDecoder.sized(engine.model, 4, 8, fraction=0.9)
     assert (decoder.max_batch, decoder.max_len) == (4, engine.model.config.max_position_embeddings)
@@ -131,7 +132,7 @@ def test_a_shortened_context_gives_the_tokens_of_model_generate(engine):
     text, images = CASES["one image"]
     enc = encoded(engine, text, images)
     new = 128 - enc.num_tokens
-    decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=False, context=128)
+    decoder = FastDecoder(engine.model, max_batch=2, max_images=2, compile=False, context_tokens=128)
     tokens = []
     with torch.inference_mode():
         logits = decoder.prefill(engine.model, 1, enc)
@@ -149,7 +150,7 @@ def test_a_prompt_over_a_shortened_context_is_refused_naming_the_setting(engine)
     from idefics_cog.serving.engine import Engine
 
     shortened = Engine(engine.model, engine.processor, engine.device, max_batch=1)
-    shortened.context = 128  # what a GPU with little memory left gives
+    shortened.context_tokens = 128  # what a GPU with little memory left gives
     assert shortened.fit_to_context(100, 256) == 28
     with pytest.raises(InputError, match=r"prompt: 130 tokens .* do not fit the context per request that this "
                                          r"server's GPU memory allows \(IDEFICS_CACHE_MEMORY_FRACTION\) of 128"):

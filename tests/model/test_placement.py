@@ -10,7 +10,7 @@ from accelerate import init_empty_weights
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
 from idefics_cog.model.loading import quantization_config
-from idefics_cog.model.memory import cache_bytes, minimum_cache_bytes
+from idefics_cog.model.memory import kv_cache_bytes, minimum_kv_cache_bytes
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.model.placement import ACTIVATIONS, checkpoint_shapes, decide, parameter_counts, place, weight_bytes
 
@@ -32,7 +32,7 @@ def idefics_config(size: str) -> IdeficsConfig:
 
 @pytest.fixture(scope="module")
 def sizes():
-    """(weights in bf16, weights in 4-bit, fast-engine working bytes: activations and its smallest cache) of the
+    """(weights in bf16, weights in 4-bit, fast-path working bytes: activations and its smallest cache) of the
     real architectures,
     counted on models built on the meta device (no memory, no download)."""
     found = {}
@@ -42,7 +42,7 @@ def sizes():
             model = IdeficsForVisionText2Text(config)
         counts = parameter_counts({key: tuple(t.shape) for key, t in model.state_dict().items()})
         found[size] = dict(bf16=weight_bytes(*counts, "none"), nf4=weight_bytes(*counts, "4bit"),
-                           working=ACTIVATIONS + minimum_cache_bytes(config, 8, 2), parameters=sum(counts))
+                           working=ACTIVATIONS + minimum_kv_cache_bytes(config, 8, 2), parameters=sum(counts))
     return found
 
 
@@ -68,7 +68,7 @@ def test_80b_in_bf16_on_two_80gb_gpus_is_spread_and_says_what_it_costs(sizes):
     placement = decide(sizes["80b"]["bf16"], sizes["80b"]["working"], free, cpu=400 * GB)
     assert placement.spread and placement.device_map == "auto"
     assert placement.max_memory == {0: 80 * GB - ACTIVATIONS, 1: 80 * GB - ACTIVATIONS, "cpu": 400 * GB}
-    assert "fast engine is off" in placement.reason and "model.generate" in placement.reason
+    assert "fast path is off" in placement.reason and "model.generate" in placement.reason
     assert "CPU memory" in placement.reason  # 160 GB of weights do not fit 2 x 80 GB with room to run
 
 
@@ -140,4 +140,4 @@ def test_sizes_from_the_checkpoint_headers_match_the_loaded_model(tiny_dir, quan
 def test_cache_bytes_is_what_the_fast_decoder_allocates(engine):
     decoder = FastDecoder(engine.model, max_batch=3, max_images=2, compile=False)
     allocated = sum(t.nbytes for t in (decoder.keys, decoder.values, decoder.image_keys, decoder.image_values))
-    assert cache_bytes(engine.model.config, 3, 2, 4) == allocated
+    assert kv_cache_bytes(engine.model.config, 3, 2, 4) == allocated

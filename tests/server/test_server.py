@@ -101,9 +101,9 @@ def test_idefics_engine_selects_the_decode_path_and_both_give_the_same_answer(se
     inputs = {"image": XRAY, "prompt": "What does this X-ray show?", "max_new_tokens": 24}
     env = {**tiny_env(tiny_dir), "IDEFICS_MAX_ADAPTER_BYTES": str(ADAPTER_LIMIT), "IDEFICS_ENGINE": "transformers"}
     with CogServer(env=env) as plain:
-        assert "transformers engine" in plain.health()["setup"]["logs"]
+        assert "transformers decode path" in plain.health()["setup"]["logs"]
         assert answer(plain, inputs) == answer(server, inputs)
-    assert "fast engine" in server.health()["setup"]["logs"]
+    assert "fast decode path" in server.health()["setup"]["logs"]
 
 
 def test_a_bad_idefics_engine_is_refused_naming_it():

@@ -132,12 +132,12 @@ def test_a_burst_is_split_into_forwards_of_bounded_size(served, monkeypatch):
 
 
 def test_short_arrivals_behind_a_stream_share_a_forward_within_the_chunk(served, monkeypatch):
-    """While a request streams, short prompts that fit one piece (`prefill_chunk` tokens) in all go together;
+    """While a request streams, short prompts that fit one chunk (`chunk_tokens` tokens) in all go together;
     the stall bound holds: no forward between two decode steps holds more prompt tokens than the piece."""
     engine, adapters = served
     adapters.select("none")
     chunk = 64
-    monkeypatch.setattr(engine.scheduler, "prefill_chunk", chunk)
+    monkeypatch.setattr(engine.scheduler, "chunk_tokens", chunk)
     streaming = encoded(engine, "Hi?")
     short = [encoded(engine, f"Why {i}?", [noise_image(i)] if i % 2 else []) for i in range(4)]
     assert 2 * max(enc.num_tokens for enc in short) <= chunk

@@ -50,7 +50,7 @@ class CheckedBackend:
 
 @pytest.fixture(scope="module")
 def served(tiny_dir):
-    """A fast engine whose decode step is compiled and warmed up while the model has no adapter: PEFT wraps it only
+    """A fast path whose decode step is compiled and warmed up while the model has no adapter: PEFT wraps it only
     later (tests below), as a server started without a default adapter does at its first custom one."""
     torch._dynamo.reset()
     counters.clear()
@@ -64,7 +64,7 @@ def served(tiny_dir):
 
 def test_the_warm_up_compiles_one_graph_a_cuda_graph_can_hold(served):
     _, decoder, backend, warm = served
-    assert decoder.path == "compiled" and decoder.compiled is not None
+    assert decoder.step_mode == "compiled" and decoder.compiled is not None
     assert warm.shapes == len(buckets(decoder.max_batch, decoder.max_len)) == 4  # batches 2, 4; lengths 256, 512
     # The first shape's graph, then one with batch and length dynamic that every other shape reuses, and the same
     # without the LoRA banks.
@@ -115,7 +115,7 @@ def test_nothing_recompiles_after_the_warm_up(served, tiny_dir, tmp_path):
     lengths = [6, 20, 9, 14, 25, 12]  # rows end at different steps: the batch shrinks and rows move
     expected = [alone(engine, adapters, enc, Sampling(max_new_tokens=n, ignore_eos=True), choice)
                 for enc, n, choice in zip(encs, lengths, rows)]
-    engine.scheduler.prefill_chunk = 16  # behind a stream, the long prompt runs in pieces between decode steps
+    engine.scheduler.chunk_tokens = 16  # behind a stream, the long prompt runs in chunks between decode steps
     jobs = [Job(enc, Sampling(max_new_tokens=n, ignore_eos=True), adapter=choice,
                 select_adapter=selecting(adapters, *choice)) for enc, n, choice in zip(encs, lengths, rows)]
     cancelled = Job(encs[0], Sampling(max_new_tokens=40, ignore_eos=True))
@@ -145,7 +145,7 @@ def test_nothing_recompiles_after_the_warm_up(served, tiny_dir, tmp_path):
     assert [tokens_of(items) for items in received[:-1]] == expected
     assert 3 <= len(tokens_of(received[-1])) < 40
     assert tokens_of(behind[1]) == expected[3] and len(pieces) > 1
-    assert len(backend.refused) == graphs and decoder.path == "compiled"
+    assert len(backend.refused) == graphs and decoder.step_mode == "compiled"
 
 
 def test_a_failing_compiled_step_fails_its_requests_and_keeps_the_path(served, monkeypatch, caplog):
@@ -165,7 +165,7 @@ def test_a_failing_compiled_step_fails_its_requests_and_keeps_the_path(served, m
     monkeypatch.setattr(decoder, "compiled", compiled)
     with caplog.at_level(logging.INFO, logger="idefics_cog.serving.scheduler"):
         "".join(engine.stream(enc, sampling))
-    assert len(engine.last_stats.ids) == 6 and decoder.path == "compiled"
+    assert len(engine.last_stats.ids) == 6 and decoder.step_mode == "compiled"
     assert "decoded by the fast path, its decode step compiled" in caplog.text
 
 

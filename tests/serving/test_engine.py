@@ -93,13 +93,13 @@ def test_closing_the_stream_stops_the_generation(engine):
 
 
 def test_prompt_longer_than_the_context_is_refused(engine):
-    text = "lung " * engine.context
-    with pytest.raises(InputError, match=rf"prompt: \d+ tokens .* context of {engine.context} tokens"):
+    text = "lung " * engine.context_tokens
+    with pytest.raises(InputError, match=rf"prompt: \d+ tokens .* context of {engine.context_tokens} tokens"):
         run(engine, text, [], max_new_tokens=4)
 
 
 def test_max_new_tokens_is_lowered_to_fit_the_context(engine):
-    assert engine.fit_to_context(engine.context - 10, 500) == 10
+    assert engine.fit_to_context(engine.context_tokens - 10, 500) == 10
 
 
 def test_integer_and_float_json_numbers_give_the_same_answer(engine):

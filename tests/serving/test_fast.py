@@ -33,8 +33,8 @@ def with_adapter(tiny_dir, tmp_path_factory):
 
 
 def test_the_default_engine_is_fast_and_transformers_can_be_chosen(engine, tiny_dir):
-    assert engine.kind == "fast"
-    assert Engine.load(tiny_dir / "base", "cpu", engine="transformers").kind == "transformers"
+    assert engine.decode_path == "fast"
+    assert Engine.load(tiny_dir / "base", "cpu", decode_path="transformers").decode_path == "transformers"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -150,7 +150,7 @@ def test_cancelling_one_request_leaves_the_others_unchanged(engine):
             jobs[1].cancel()
 
     gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
+    engine.torch_thread.submit(gate.wait)
     outputs = [[], None, []]
     engine.submit(jobs[0], outputs[0].append)
     engine.submit(jobs[1], cancel_after_five)
@@ -205,7 +205,7 @@ def test_quantized_models_give_the_same_greedy_tokens(tiny_dir, tmp_path, quanti
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes warns about casts on CPU at every matmul
         "".join(engine.stream(enc, sampling))
-        assert engine.kind == "fast" and engine.last_stats.ids == generate(engine, enc, sampling)
+        assert engine.decode_path == "fast" and engine.last_stats.ids == generate(engine, enc, sampling)
 
 
 def test_an_out_of_memory_prefill_fails_that_request_alone(tiny_dir, monkeypatch):

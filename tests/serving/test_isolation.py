@@ -37,7 +37,7 @@ def requests_(tiny_dir):
 def outcomes(engine, jobs: list[Job], sinks=None) -> list[tuple[list[int], BaseException | None]]:
     """Submit all jobs at once (the scheduler's thread held meanwhile); each job's (tokens, error)."""
     gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
+    engine.torch_thread.submit(gate.wait)
     received = [[] for _ in jobs]
     for index, (job, items) in enumerate(zip(jobs, received)):
         engine.submit(job, sinks[index] if sinks and sinks[index] else items.append)
@@ -245,7 +245,7 @@ def test_a_device_side_assert_ends_the_process_with_the_reason_logged(tiny_dir):
 def test_a_fault_in_model_generate_fails_that_request_alone(tiny_dir, monkeypatch):
     """The transformers path (IDEFICS_ENGINE=transformers, and requests the fast path cannot hold): one request's
     `model.generate` fails, the requests queued behind it get their own tokens."""
-    engine = Engine.load(tiny_dir / "base", "cpu", engine="transformers")
+    engine = Engine.load(tiny_dir / "base", "cpu", decode_path="transformers")
     encs = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(3)]
     sampling = [Sampling(max_new_tokens=10)] * 3
     expected = [generate(engine, enc, s) for enc, s in zip(encs, sampling)]

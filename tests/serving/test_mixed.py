@@ -21,7 +21,7 @@ from tests.support.helpers import negated_adapter, noise_image
 
 @pytest.fixture(scope="module")
 def served(tiny_dir, tmp_path_factory):
-    """A fast engine with the medical adapter, and two custom adapters (local directories, as the tools load)."""
+    """A fast path with the medical adapter, and two custom adapters (local directories, as the tools load)."""
     engine = Engine.load(tiny_dir / "base", "cpu")
     adapters = Adapters(engine, tmp_path_factory.mktemp("cache"))
     adapters.load_default(str(tiny_dir / "adapter"))
@@ -63,7 +63,7 @@ def test_prompts_prefilled_in_pieces_between_other_adapters_keep_their_own_adapt
     """Chunked prefill in a mixed batch: each prompt's pieces run between decode steps of rows with other adapters
     and scales (which read their adapters from their slots), and each request still gets its tokens alone."""
     engine, adapters, customs = served
-    monkeypatch.setattr(engine.scheduler, "prefill_chunk", 5)
+    monkeypatch.setattr(engine.scheduler, "chunk_tokens", 5)
     rows = choices(customs)
     encs = prompts(engine, len(rows))
     assert all(enc.num_tokens > 5 for enc in encs)  # every prompt runs in several pieces
@@ -102,7 +102,7 @@ def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_an_adapter_waits
     with it: that request keeps its adapter's columns and its tokens. The banks hold 16 + 8 rank columns: medical
     (16) decodes beside the rank-8 adapter, the negated one (16) waits until medical's request ends."""
     _, _, customs = served
-    engine = Engine.load(tiny_dir / "base", "cpu", bank_width=24)
+    engine = Engine.load(tiny_dir / "base", "cpu", bank_rank=24)
     adapters = Adapters(engine, tmp_path / "cache", max_loaded=1)
     adapters.load_default(str(tiny_dir / "adapter"))
     rows = [("medical", "", 1.0), ("", customs[1], 1.0), ("", customs[0], 1.0)]

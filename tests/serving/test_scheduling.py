@@ -17,7 +17,7 @@ ARRIVALS = 4
 @pytest.mark.parametrize("chunk", [128, 8], ids=["whole prompts", "prompts in pieces of 8 tokens"])
 def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk):
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
-    engine.scheduler.prefill_chunk = chunk
+    engine.scheduler.chunk_tokens = chunk
     decoder, events = engine.scheduler.decoder, []
     prefill, decode = decoder.prefill, decoder.decode
     images, piece = decoder.prefill_images, decoder.prefill_chunk
@@ -65,7 +65,7 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk
     jobs = [Job(enc, long) for enc in running]
     received = {job: [] for job in jobs + arrival_jobs}
     gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
+    engine.torch_thread.submit(gate.wait)
     engine.submit(jobs[0], lambda item: (received[jobs[0]].append(item), first_sink(item)))
     for job in jobs[1:]:
         engine.submit(job, received[job].append)
@@ -95,7 +95,7 @@ def test_a_burst_reaching_an_idle_server_is_prefilled_whole_first(tiny_dir, monk
     (`prefill_together`), before the first decode step (prompts longer than a piece too). Each keeps the tokens of
     model.generate."""
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
-    engine.scheduler.prefill_chunk = 8
+    engine.scheduler.chunk_tokens = 8
     decoder, events = engine.scheduler.decoder, []
     for name in ("prefill", "prefill_together", "prefill_images", "prefill_chunk", "decode"):
         original = getattr(decoder, name)
@@ -115,7 +115,7 @@ def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, mon
     decoded together: each request's tokens equal model.generate's for it alone, whatever the size of the
     prefill's pieces."""
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=4)
-    engine.scheduler.prefill_chunk = chunk
+    engine.scheduler.chunk_tokens = chunk
     decoder, pieces = engine.scheduler.decoder, []
     piece = decoder.prefill_chunk
     monkeypatch.setattr(decoder, "prefill_chunk", lambda *args: (pieces.append(args[2]), piece(*args))[1])
@@ -136,7 +136,7 @@ def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monk
     """A long prompt's prefill fails in its second piece while others run and wait: it alone ends, with the
     stage named; the others keep their tokens, and the next request takes its slot."""
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
-    engine.scheduler.prefill_chunk = 8
+    engine.scheduler.chunk_tokens = 8
     encs = [encoded(engine, f"Question {i}? Describe it in detail.", [noise_image(i)]) for i in range(4)]
     sampling = Sampling(max_new_tokens=10, ignore_eos=True)
     expected = [generate(engine, enc, sampling) for enc in encs]
@@ -158,7 +158,7 @@ def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monk
 def test_a_request_cancelled_during_its_prefill_ends_there(tiny_dir, monkeypatch):
     """Cancelled after its images' piece: no token, its prefill stops, the running request keeps its tokens."""
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
-    engine.scheduler.prefill_chunk = 8
+    engine.scheduler.chunk_tokens = 8
     encs = [encoded(engine, f"Question {i}? Describe it in detail.", [noise_image(i)]) for i in range(2)]
     sampling = Sampling(max_new_tokens=12, ignore_eos=True)
     expected = generate(engine, encs[0], sampling)
@@ -186,7 +186,7 @@ def test_a_request_cancelled_during_its_prefill_ends_there(tiny_dir, monkeypatch
 
 def test_a_request_cancelled_during_its_last_piece_ends_once_without_a_token(tiny_dir, monkeypatch):
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
-    engine.scheduler.prefill_chunk = 8
+    engine.scheduler.chunk_tokens = 8
     enc = encoded(engine, "Question? Describe it in detail, please.", [noise_image(3)])
     other, job = (Job(e, Sampling(max_new_tokens=12, ignore_eos=True)) for e in (encoded(engine, "Hi?"), enc))
     piece = engine.scheduler.decoder.prefill_chunk

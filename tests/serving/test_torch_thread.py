@@ -39,10 +39,10 @@ def test_loading_the_adapter_the_warm_up_and_predictions_share_the_generation_th
     for adapter in ("medical", "none"):
         assert "".join(service.answer(prompt="What does this X-ray show?", image=picture, max_new_tokens=4,
                                       adapter=adapter))
-    generation_thread = service.engine.run(threading.get_ident)
-    assert seen == {name: {generation_thread} for name in
+    torch_thread = service.engine.run(threading.get_ident)
+    assert seen == {name: {torch_thread} for name in
                     ("load_model", "Scheduler", "_load", "select", "prefill", "decode")}
-    assert generation_thread != threading.get_ident()
+    assert torch_thread != threading.get_ident()
 
 
 def test_work_sent_to_the_torch_thread_from_itself_runs_there_at_once():

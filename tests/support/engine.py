@@ -58,7 +58,7 @@ def submit_together(engine, jobs, sinks=None, timeout: float = 120) -> list[list
     received (lists of token ids, then END or the exception that ended it). `sinks[i](items)`, when given, makes
     job i's sink from its list."""
     gate = threading.Event()
-    engine.generation_thread.submit(gate.wait)
+    engine.torch_thread.submit(gate.wait)
     received = [[] for _ in jobs]
     for index, (job, items) in enumerate(zip(jobs, received)):
         engine.submit(job, (sinks or {}).get(index, lambda items: items.append)(items))

@@ -21,7 +21,7 @@ class Predictor(Served):
         def job(request, fetched):
             made = prepare(request, fetched)
             if any(MARKER in segment for segment in request.segments if isinstance(segment, str)):
-                made.prepare = fault  # run by the scheduler, where the prompt would be encoded
+                made.encoded = fault  # run by the scheduler, where the prompt would be encoded
             return made
 
         self.service.prepare = job

@@ -30,7 +30,7 @@ def forced_logits(engine, continuation: list[int]) -> torch.Tensor:
         with torch.inference_mode():  # as the scheduler runs it (bitsandbytes repacks only without autograd)
             return engine.model(**inputs).logits[0].float()
 
-    return engine.generation_thread.submit(forward).result()
+    return engine.torch_thread.submit(forward).result()
 
 
 def quantized_bytes(model) -> dict[str, list[torch.Tensor]]:

@@ -136,7 +136,7 @@ def test_download_load_and_warm_cache(hub, tiny_dir, tmp_path, caplog, digests):
     assert any(f"{total} bytes" in r.getMessage() and "fetched" in r.getMessage() for r in caplog.records)
 
     engine = Engine.load(path, "cpu")
-    assert engine.context == 512
+    assert engine.context_tokens == 512
     original = load_file(base / "model.safetensors")
     loaded = engine.model.state_dict()
     assert all((loaded[key] == tensor).all() for key, tensor in original.items() if key in loaded)

@@ -1,1 +1,1 @@
-"""`python -m idefics_cog.evaluation.run`: medical VQA metrics over a dataset in the training format."""
+"""Medical VQA metrics over a dataset in the training format."""

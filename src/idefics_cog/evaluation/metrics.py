@@ -1,19 +1,5 @@
-"""The standard medical VQA metrics (the LLaVA-Med recipe): pure functions of (prediction, reference) texts,
-computed on normalised text (`normalize`).
-
-- closed questions (the reference is `yes` or `no`): accuracy. The answer's verdict is its FIRST whole word
-  `yes` or `no` ("no" inside "normal", "not" or "know" is not a word "no"): "Yes, there is no fracture." says yes,
-  and a hedge such as "yes or no" is right only when the reference is yes (no better than always saying yes).
-  An answer with neither word (an empty one included) is wrong.
-- open questions (every other reference): recall, the share of the reference's tokens found in the answer.
-- every question: token F1, exact match, and sentence BLEU-4 with add-one smoothing of the 2- to 4-gram
-  precisions (Lin & Och 2004), written out below instead of adding a dependency (no BLEU library is installed).
-  An n-gram order the answer is too short for counts as (0 + 1) / (0 + 1), so a one-word answer equal to a
-  one-word reference scores 1; other implementations (NLTK's `method2`) may differ on such short answers.
-
-Tokens count as a multiset (a reference word found once in the answer matches once). When the reference has no
-tokens (an empty answer in the data), recall, F1 and BLEU are 1 if the answer is empty too, else 0.
-"""
+"""The standard medical VQA metrics (LLaVA-Med's): closed (yes/no) accuracy by the answer's first whole yes/no
+word, open recall, and token F1, exact match and smoothed sentence BLEU-4 on normalised text."""
 
 import math
 import re
@@ -26,8 +12,7 @@ _NOT_A_WORD = re.compile(r"[\W_]+")
 
 
 def normalize(text: str) -> str:
-    """Lowercase; apostrophes dropped ("don't" -> "dont"); other punctuation becomes a space ("x-ray" -> "x ray",
-    "no," -> "no"); whitespace collapsed."""
+    """Lowercase; "don't" -> "dont", "x-ray" -> "x ray", "no," -> "no"."""
     return " ".join(_NOT_A_WORD.sub(" ", _APOSTROPHE.sub("", text.lower())).split())
 
 
@@ -36,13 +21,13 @@ def tokens(text: str) -> list[str]:
 
 
 def closed_answer(reference: str) -> str | None:
-    """`yes` or `no` when the question is closed (its reference is one of them), else None."""
+    """`yes` or `no` for a closed question, else None."""
     answer = normalize(reference)
     return answer if answer in YES_NO else None
 
 
 def verdict(prediction: str) -> str | None:
-    """The first whole word `yes` or `no` of the prediction, or None."""
+    """The first whole word `yes` or `no` ("no" in "normal" is not one)."""
     return next((token for token in tokens(prediction) if token in YES_NO), None)
 
 
@@ -77,8 +62,7 @@ def _ngrams(words: list[str], n: int) -> Counter:
 
 
 def bleu(prediction: str, reference: str, max_n: int = 4) -> float:
-    """Sentence BLEU: brevity penalty x geometric mean of the n-gram precisions, n = 1..max_n, with add-one
-    smoothing for n >= 2, so that a short answer equal to a short reference scores 1."""
+    """Add-one smoothing for n >= 2 (Lin & Och 2004), so a short answer equal to a short reference scores 1."""
     pred, ref = tokens(prediction), tokens(reference)
     if not pred or not ref:
         return float(pred == ref)
@@ -94,7 +78,7 @@ def bleu(prediction: str, reference: str, max_n: int = 4) -> float:
 
 
 def score(prediction: str, reference: str) -> dict:
-    """The per-question scores; `correct` only for closed questions (None for open ones)."""
+    """`correct` is None for open questions."""
     expected = closed_answer(reference)
     return {
         "closed": expected is not None,
@@ -111,7 +95,6 @@ def _mean(values: list) -> float | None:
 
 
 def aggregate(records: list[dict]) -> dict:
-    """Closed accuracy over closed questions, open recall over open ones, F1 / exact match / BLEU over all."""
     closed = [r for r in records if r["closed"]]
     opened = [r for r in records if not r["closed"]]
     return {

@@ -1,13 +1,5 @@
-"""Evaluate the model on a dataset (data.jsonl + images, training/data.py) in one or two configurations, side by side.
-
-    python -m idefics_cog.evaluation.run data.zip --base weights/tiny/base --adapter none \
-        --compare-lora-weights https://example.com/trained.tar --json out.json --markdown out.md
-
-Each example is asked its last question, after the earlier turns of its conversation (with their reference
-answers), through the same code path as a prediction (`Adapters.select`, `Engine.encode`, `Engine.stream`), with
-greedy decoding; the base model is loaded once and only the adapter changes between configurations.
-The scores are the standard medical VQA metrics (metrics.py).
-"""
+"""Evaluate the model on a dataset in the training format, in one or two adapter configurations side by side, each
+example's last question asked through a prediction's code path with greedy decoding."""
 
 import argparse
 import json
@@ -22,16 +14,12 @@ from idefics_cog.errors import InputError, WeightsError
 from idefics_cog.evaluation.metrics import aggregate, score
 from idefics_cog.weights.base import HUB_ID, is_url
 
-# The model-side modules (torch, transformers, peft) are imported where they are used, so that `--help` loads
-# quickly.
+# torch, transformers and peft are imported where used, so that `--help` is quick.
 
 log = logging.getLogger(__name__)
 
 ADAPTERS = ("medical", "none")  # as adapters.MEDICAL and adapters.NONE
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The runner.
 
 
 @dataclass(frozen=True)
@@ -49,15 +37,14 @@ class Configuration:
 
 
 def _short(source: str) -> str:
-    """The last part of a URL or path (`.../trained.tar#sha256=...` -> `trained.tar`); a hub id stays whole."""
+    """`.../trained.tar#sha256=...` -> `trained.tar`; a hub id stays whole."""
     if HUB_ID.match(source) and not Path(source).exists():
         return source
     return source.split("#")[0].split("?")[0].rstrip("/").rsplit("/", 1)[-1] if is_url(source) else Path(source).name
 
 
 def select(adapters, config: Configuration) -> str:
-    """Point the model at `config`'s adapter, on the generation thread as a prediction does. Unlike a request,
-    the operator may name a local directory as `lora_weights` (a training run's output)."""
+    """Unlike a request, the operator may name a local directory as `lora_weights`."""
     return adapters.engine.run(adapters.select, config.adapter, config.lora_weights, config.lora_scale, True)
 
 
@@ -70,7 +57,6 @@ def predict(engine, example, max_new_tokens: int) -> str:
 
 
 def evaluate(engine, adapters, examples, configurations: list[Configuration], max_new_tokens: int) -> list[dict]:
-    """One result per configuration: its settings, the adapter in use, the aggregate metrics and every prediction."""
     results = []
     for config in configurations:
         active = select(adapters, config)
@@ -101,7 +87,7 @@ def _percent(value: float | None) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """Metric rows (in %), one column per configuration, and the difference (last minus first, in points)."""
+    """Metric rows in %, one column per configuration, and the difference in points."""
     labels = [r["label"] for r in results]
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({index})" for index, label in enumerate(labels, start=1)]
@@ -124,9 +110,6 @@ def markdown_table(results: list[dict]) -> str:
                      + " |")
     return "\n".join(lines) + "\n"
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The command line.
 
 
 EXAMPLE = """example, the tiny model before and after `make train` (which writes examples/data.zip and trained.tar):

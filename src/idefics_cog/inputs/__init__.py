@@ -1,2 +1,1 @@
-"""A request's inputs made ready for the model: images decoded and checked (images.py), the prompt built and encoded
-(prompt.py)."""
+"""A request's images and prompt made ready for the model."""

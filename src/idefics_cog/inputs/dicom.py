@@ -1,12 +1,5 @@
-"""DICOM files to the RGB PIL images the vision tower expects, through pydicom's own display pipeline.
-
-Grayscale (MONOCHROME1/2): the first frame's stored values go through pydicom's `apply_modality_lut` (Modality LUT
-Sequence, else RescaleSlope/RescaleIntercept), then `apply_voi_lut` with the first view (VOI LUT Sequence, else
-WindowCenter/WindowWidth with its VOI LUT Function: LINEAR, LINEAR_EXACT or SIGMOID); the result is scaled from the
-VOI's output range to 0-255 (without a VOI, from the image's own minimum to maximum) and MONOCHROME1 is inverted.
-PALETTE COLOR goes through `apply_color_lut`. RGB and YBR (converted to RGB by pydicom) are kept, 8 bits per sample.
-A deflated dataset (Deflated Explicit VR Little Endian) is inflated here, a step at a time, under the byte limit.
-"""
+"""DICOM files to the RGB images the vision tower expects, through pydicom's own display pipeline (modality LUT,
+first VOI, palette), a deflated dataset inflated here under the byte limit."""
 
 import io
 import logging
@@ -26,9 +19,7 @@ INFLATE_STEP = 1 << 16  # bytes read, and at most bytes inflated, at a time
 
 
 def load_dicom(name: str, path: Path, check_size: Callable[[int, int], None], max_bytes: int) -> Image.Image:
-    """Read the header, let `check_size(width, height)` refuse the image before any pixel is decoded, then decode
-    the first frame to RGB. A deflated file is refused once it inflates past `max_bytes` (the limit the file itself
-    met). Every refusal is an InputError that names the input (`name`)."""
+    """`check_size(width, height)` runs before any pixel is decoded; every refusal is an InputError naming `name`."""
     source = undeflated(name, path, max_bytes)
     dataset = read_header(name, source, path)
     check_size(int(dataset.Columns), int(dataset.Rows))
@@ -44,15 +35,14 @@ def load_dicom(name: str, path: Path, check_size: Callable[[int, int], None], ma
         if photometric == "PALETTE COLOR":
             return palette_image(pixels, dataset)
         return grayscale_image(name, pixels, dataset, invert=photometric == "MONOCHROME1")
-    except Exception as exc:  # pydicom and numpy raise many kinds (bad tables, OverflowError, MemoryError)
+    except Exception as exc:  # pydicom and numpy raise many kinds
         raise InputError(f"{name}: the file is a DICOM image whose lookup tables cannot be applied "
                          f"({reason(exc, path)})") from None
 
 
 def undeflated(name: str, path: Path, max_bytes: int) -> Path | io.BytesIO:
-    """The file to read: `path` itself, or for a deflated dataset the same file uncompressed, in memory. pydicom's
-    dcmread inflates a whole dataset at once with no cap (a 600 kB file took 1.5 GB) and its pixel_array does not
-    inflate at all."""
+    """`path`, or a deflated dataset inflated in memory: pydicom's dcmread inflates with no cap (a 600 kB file took
+    1.5 GB) and its pixel_array not at all."""
     try:
         with open(path, "rb") as file:
             start = uncompressed_start(file)
@@ -68,9 +58,8 @@ def undeflated(name: str, path: Path, max_bytes: int) -> Path | io.BytesIO:
 
 
 def uncompressed_start(file) -> bytes | None:
-    """For a deflated dataset, the start of the same file uncompressed: the preamble, the file meta naming Explicit
-    VR Little Endian, any command set; `file` is left at the deflated data. None for any other file. What precedes
-    the dataset is never deflated, and is read here as dcmread reads it."""
+    """For a deflated dataset, the file's start rewritten as Explicit VR Little Endian, `file` left at the deflated
+    data; None for any other file."""
     from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_preamble
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -92,12 +81,11 @@ def uncompressed_start(file) -> bytes | None:
 
 
 def inflate(file, start: bytes, max_bytes: int) -> io.BytesIO | None:
-    """`start` followed by the rest of `file` inflated, or None as soon as that passes `max_bytes`: no step inflates
-    more than INFLATE_STEP bytes, so a bomb costs `max_bytes` at most, not its inflated size."""
+    """None as soon as the output passes `max_bytes`: a bomb costs `max_bytes` at most."""
     output = io.BytesIO(start)
     output.seek(0, io.SEEK_END)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    while not inflater.eof:  # bytes after the end of the stream (pydicom pads to an even length) are ignored
+    while not inflater.eof:  # bytes after the stream (pydicom pads to an even length) are ignored
         data = inflater.unconsumed_tail or file.read(INFLATE_STEP)
         chunk = inflater.decompress(data, INFLATE_STEP)
         if not data and not chunk:
@@ -110,7 +98,6 @@ def inflate(file, start: bytes, max_bytes: int) -> io.BytesIO | None:
 
 
 def read_header(name: str, source: Path | io.BytesIO, path: Path):
-    """Every element before the pixel data: the size, the photometric interpretation and the lookup tables."""
     import pydicom
 
     try:
@@ -122,13 +109,13 @@ def read_header(name: str, source: Path | io.BytesIO, path: Path):
 
 
 def first_frame(name: str, source: Path | io.BytesIO, path: Path, dataset) -> np.ndarray:
-    """The stored values of the first frame (the only one shown; a multi-frame file is logged as such)."""
+    """The only frame shown."""
     from pydicom.pixels import pixel_array
 
     try:
         frames = int(dataset.get("NumberOfFrames", 1) or 1)
         pixels = pixel_array(source, index=0 if frames > 1 else None)
-    except Exception as exc:  # pydicom raises many kinds (missing decoder, short pixel data, bad attributes)
+    except Exception as exc:  # pydicom raises many kinds
         transfer = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         syntax = f" (transfer syntax {transfer.name})" if transfer is not None else ""
         raise InputError(f"{name}: the file is a DICOM file whose pixels cannot be decoded{syntax}: "
@@ -145,11 +132,10 @@ def rgb_image(pixels: np.ndarray, bits_stored: int) -> Image.Image:
 
 
 def palette_image(pixels: np.ndarray, dataset) -> Image.Image:
-    """Each stored value looked up in the Red/Green/Blue Palette Color LUTs (plain or segmented); 16-bit entries
-    scaled to 8 bits, and an Alpha Palette composited on white (the model never saw transparency)."""
+    """An Alpha Palette is composited on white: the model never saw transparency."""
     from pydicom.pixels import apply_color_lut
 
-    entries = apply_color_lut(pixels, dataset)  # uint8 or uint16, as the palette's data is stored
+    entries = apply_color_lut(pixels, dataset)  # uint8 or uint16
     colors = entries.astype(np.float64) / np.iinfo(entries.dtype).max
     if colors.shape[-1] == 4:
         alpha = colors[..., 3:]
@@ -179,30 +165,26 @@ def grayscale_image(name: str, pixels: np.ndarray, dataset, invert: bool) -> Ima
 
 
 def has_voi_lut_sequence(dataset) -> bool:
-    """As pydicom's apply_voi_lut decides: a first item with both a descriptor and data (then preferred to a window)."""
+    """As pydicom's apply_voi_lut decides (then preferred to a window)."""
     sequence = dataset.get("VOILUTSequence")
     return bool(sequence) and "LUTDescriptor" in sequence[0] and "LUTData" in sequence[0]
 
 
 def widen_8_bit_lut(item) -> None:
-    """pydicom 3.0.2's apply_voi indexes a LUT with integers of the LUT's own type, so an 8-bit LUT of more than 256
-    entries (a 12-bit image's) wraps around; declared as 16-bit it holds the same values and is indexed right.
-    Done after `voi_output_range` has read the 8-bit output range."""
+    """pydicom 3.0.2: apply_voi indexes an 8-bit LUT of more than 256 entries with uint8, which wraps around."""
     entries, first, bits = item.LUTDescriptor
     if bits == 8:
         item.LUTDescriptor = [entries, first, 16]
 
 
 def voi_output_range(name: str, dataset) -> tuple[float, float] | None:
-    """The darkest and brightest values the dataset's first VOI gives, which become 0 and 255; None when it has no
-    VOI to apply. A VOI LUT Sequence outputs 0 .. 2^bits - 1 (its descriptor's third value); a window outputs what
-    pydicom's windowing gives for the lowest and highest possible inputs. A window pydicom refuses (a width below 1,
-    an unknown VOI LUT Function) is skipped, as it was before pydicom did the windowing."""
+    """The first VOI's darkest and brightest outputs (to become 0 and 255); None without a VOI, or for a window
+    pydicom refuses."""
     from pydicom.pixels import apply_windowing
 
     if has_voi_lut_sequence(dataset):
         return 0.0, float(2 ** int(dataset.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-    if any(dataset.get(key) in (None, "") for key in ("WindowCenter", "WindowWidth")):  # absent or empty
+    if any(dataset.get(key) in (None, "") for key in ("WindowCenter", "WindowWidth")):
         return None
     try:
         low, high = apply_windowing(np.array([-np.inf, np.inf]), dataset, index=0)

@@ -1,11 +1,5 @@
-"""Read the request's image files into the RGB PIL images the vision tower expects.
-
-Accepted: every format Pillow decodes (PNG, JPEG, WebP, GIF, TIFF, BMP, ...) except EPS (which would run
-Ghostscript), and DICOM through pydicom. Limits on bytes, pixels and aspect ratio are checked before any pixel is
-decoded, so a decompression bomb costs nothing. Given the processor's `Reduction`, each image is resized right after
-decoding to the size the vision tower takes, exactly as the processor would resize it later, so a request waiting in
-the queue holds a few hundred kilobytes per image rather than a full-resolution picture.
-"""
+"""The request's image files to RGB images: every format Pillow decodes but EPS (Ghostscript), and DICOM; limits
+checked before any pixel is decoded, and each image resized at once as the processor would."""
 
 import logging
 import re
@@ -22,26 +16,22 @@ from idefics_cog.inputs.dicom import load_dicom
 
 log = logging.getLogger(__name__)
 
-# Pillow's own guard (DecompressionBombError at twice this many pixels, raised by Image.open itself) as a second
-# line of defence behind the explicit check in `load_image`; it follows the limit in use at each call.
+# Pillow's own guard (DecompressionBombError at twice this), behind the explicit check in `load_image`.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
-PILLOW_FORMATS = None  # every format Pillow can open, EPS excluded; filled on first use
+PILLOW_FORMATS = None  # filled on first use
 
 
 @dataclass(frozen=True)
 class Reduction:
-    """The IDEFICS image processor's resize step (width, height, PIL filter), to be done as soon as an image is
-    decoded. The processor resizes 8-bit RGB pictures with Pillow straight to this size; Pillow returns an image
-    already at the target size unchanged, so the processor's own resize later leaves the pixels bit-identical."""
+    """The image processor's Pillow resize, done at decoding: its own resize later leaves the pixels unchanged."""
     width: int
     height: int
     resample: int
 
     @classmethod
     def of(cls, image_processor) -> "Reduction | None":
-        """The processor's resize, or None when it is not a fixed height x width Pillow resize (then images are
-        left at full size for the processor, as before)."""
+        """None when the processor's resize is not a fixed height x width Pillow resize."""
         size = getattr(image_processor, "size", None)
         height, width = getattr(size, "height", None), getattr(size, "width", None)
         if (not getattr(image_processor, "do_resize", False) or not height or not width
@@ -54,7 +44,7 @@ class Reduction:
 
 
 def image_inputs(image: Path | None, images: list[Path] | None) -> list[tuple[str, Path]]:
-    """The request's images in binding order (`image` first, then `images`), each with the input name to report."""
+    """(input name, path), `image` first."""
     named = [("image", image)] if image is not None else []
     return named + [(f"images[{i}]", path) for i, path in enumerate(images or [])]
 
@@ -73,10 +63,7 @@ NOT_IMAGES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive", b"PK\x0
 
 def load_image(name: str, path: Path, limits: ImageLimits | None = None,
                reduce: Reduction | None = None) -> Image.Image:
-    """Check the file against the limits, decode it fully (so a truncated file fails here, not in the model),
-    convert it to RGB and, given `reduce`, resize it at once as the processor would. Every refusal is an
-    InputError that names the input (`name`). `limits`: the server's (Settings.image_limits, read at setup); by
-    default read from the environment now (the command-line tools, training data)."""
+    """Decoded fully, so a truncated file fails here, not in the model. `limits`: by default from the environment."""
     picture = decode_image(name, path, limits or ImageLimits.from_env())
     return reduce.apply(picture) if reduce else picture
 
@@ -126,15 +113,14 @@ def load_pillow(name: str, path: Path, limits: ImageLimits) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(path, formats=pillow_formats())
         with opened:
-            # The header alone gives the size: refuse a bomb before a single pixel is decoded.
             check_dimensions(name, *opened.size, limits)
             if getattr(opened, "n_frames", 1) > 1:
                 log.info("%s: the file has %d frames; using the first", name, opened.n_frames)
             opened.load()
             return to_rgb(ImageOps.exif_transpose(opened))  # a copy: `opened` is unusable once closed
-    except InputError:  # a ValueError itself: not to be wrapped by the catch-all below
+    except InputError:  # a ValueError itself
         raise
-    except Image.DecompressionBombError as exc:  # Pillow's guard, raised by Image.open for 2x the limit
+    except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{found.group(1)} pixels" if found else "too many pixels"
         raise InputError(f"{name}: the file is {size} (a decompression bomb?); the limit is {limits.max_pixels} "
@@ -144,8 +130,7 @@ def load_pillow(name: str, path: Path, limits: ImageLimits) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with more than 8 bits per sample scaled to 8 and any transparency composited on white (the model
-    never saw alpha)."""
+    """Transparency is composited on white: the model never saw alpha."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return gray_to_rgb(np.asarray(image), 65535 if image.mode.startswith("I;16") else None)
     if image.mode == "P" and "transparency" in image.info:
@@ -161,8 +146,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def gray_to_rgb(pixels: np.ndarray, full_scale: float | None = None) -> Image.Image:
-    """High-bit-depth grayscale to 8 bits: the darkest pixel becomes 0 and the brightest 255 (linear), so a 12- or
-    16-bit image keeps its whole contrast. A uniform image keeps its level relative to `full_scale`."""
+    """Darkest to 0, brightest to 255, so a 12- or 16-bit image keeps its contrast; a uniform one its level."""
     values = pixels.astype(np.float64)
     low, high = float(values.min()), float(values.max())
     if high > low:

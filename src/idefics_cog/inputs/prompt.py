@@ -1,9 +1,5 @@
-"""Interleaved prompts: bind images to `<image>` placeholders, apply the chat template, and encode for IDEFICS.
-
-A prompt is a list of segments: text (`str`) and images (`int`, the index of the image in request order).
-`encode` turns segments into model inputs exactly as `IdeficsProcessor` does, except that text is never
-looked at as a possible image URL: images reach the model only as the PIL images the request carried.
-"""
+"""Interleaved prompts: segments of text (`str`) and images (`int`, index in request order), encoded as
+`IdeficsProcessor` does, except that text is never fetched as an image URL."""
 
 import re
 from dataclasses import dataclass
@@ -24,42 +20,36 @@ TEMPLATES = ("instruct", "raw")
 
 Segment = str | int
 _PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN))
-# Tokens that only the template may write: typed by a user they would forge turns, image markers or sequence ends.
+# Only the template may write these: typed by a user they would forge turns, image markers or sequence ends.
 CONTROL_TOKENS = (END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, "<s>", "</s>", "<unk>")
 
 
 def as_plain_text(text: str, tokens: tuple[str, ...] = CONTROL_TOKENS) -> str:
-    """Keep control tokens in user text as visible text that no longer matches the tokenizer's special tokens
-    (a zero-width space after the `<`)."""
+    """A zero-width space after the `<`: visible text that no special token matches."""
     for token in tokens:
         text = text.replace(token, f"<\u200b{token[1:]}")
     return text
 
 
 def build_segments(text: str, num_images: int, template: str = "instruct", system_prompt: str = "") -> list[Segment]:
-    """Lay out the text and `num_images` images as the model expects.
-
-    `<image>` placeholders bind the images in order; there must be one per image. Without placeholders the images
-    follow the user's text in the first user turn (`instruct`, and `raw` transcripts with `<end_of_utterance>`),
-    or lead the text (`raw` without turns: base-model captioning and few-shot prompts). With `instruct`, other
-    control tokens in the text stay text (`as_plain_text`): only `raw` may write turns.
-    """
+    """`<image>` placeholders bind the images in order, one per image; without them the images end the first user
+    turn, or lead a `raw` prompt without turns. Only `raw` may write control tokens."""
     if template not in TEMPLATES:
         raise InputError(f"template: must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    if template == "instruct":  # `raw` is for writing turns and markers yourself
+    if template == "instruct":
         text, system_prompt = as_plain_text(text), as_plain_text(system_prompt)
     system_prompt = as_plain_text(system_prompt, (IMAGE_TOKEN,))  # images bind to the prompt's placeholders only
-    pieces = _PLACEHOLDER.split(text)
-    placeholders = len(pieces) - 1
+    parts = _PLACEHOLDER.split(text)
+    placeholders = len(parts) - 1
     if placeholders and placeholders != num_images:
         raise InputError(
             f"prompt: has {placeholders} {IMAGE_TOKEN} placeholder(s) but {num_images} image(s) were given "
             f"(image, then images); use one placeholder per image, or none to place them automatically"
         )
     if placeholders:
-        user: list[Segment] = [pieces[0]]
-        for index, piece in enumerate(pieces[1:]):
-            user += [index, piece]
+        user: list[Segment] = [parts[0]]
+        for index, part in enumerate(parts[1:]):
+            user += [index, part]
     else:
         user = [text]
     user = [s for s in user if s != ""]
@@ -67,7 +57,7 @@ def build_segments(text: str, num_images: int, template: str = "instruct", syste
 
     if template == "raw":
         segments = _place_in_first_turn(user, images) if images else user
-    else:  # the IDEFICS-instruct / MedIDEFICS turn: "User: {text}", <images>, "<end_of_utterance>", "\nAssistant:"
+    else:  # IDEFICS-instruct / MedIDEFICS: "User: {text}", <images>, "<end_of_utterance>", "\nAssistant:"
         if user and isinstance(user[0], str):
             user = [f"User: {user[0]}", *user[1:]]
         else:
@@ -79,7 +69,6 @@ def build_segments(text: str, num_images: int, template: str = "instruct", syste
 
 
 def _place_in_first_turn(user: list[Segment], images: list[int]) -> list[Segment]:
-    """Raw template without placeholders: images end the first user turn, or lead a prompt that has no turns."""
     (text,) = user or [""]
     head, marker, tail = text.partition(END_OF_UTTERANCE)
     if not marker:
@@ -110,7 +99,7 @@ class Encoded:
 
 
 def render(segments: list[Segment]) -> str:
-    """The text the tokenizer sees, built as IdeficsProcessor builds it (text items stripped of spaces)."""
+    """Built as IdeficsProcessor builds it (text items stripped of spaces)."""
     full_text, last_was_image = "", False
     for segment in segments:
         if isinstance(segment, int):
@@ -124,13 +113,12 @@ def render(segments: list[Segment]) -> str:
 
 
 def tokenize(segments: list[Segment], tokenizer) -> list[int]:
-    """The prompt's token ids. The tokenizer releases the GIL: a server runs this in the request's thread, so a
-    long prompt never holds the torch thread or the event loop."""
+    """Releases the GIL: run off the torch thread and the event loop."""
     return tokenizer(tokenizer.bos_token + render(segments), add_special_tokens=False)["input_ids"]
 
 
 def encode(segments: list[Segment], images: list[Image.Image], processor, ids: list[int] | None = None) -> Encoded:
-    """Model inputs for the prompt; `ids`: its tokens, when `tokenize` has already made them."""
+    """`ids`: when `tokenize` has already made them."""
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     ordered = [images[s] for s in segments if isinstance(s, int)]
     input_ids = torch.tensor([tokenize(segments, tokenizer) if ids is None else ids], dtype=torch.long)

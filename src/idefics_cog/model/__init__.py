@@ -1,2 +1,1 @@
-"""The model itself: loading (loading.py, for serving and training), placement on GPUs (placement.py), the tokenizer
-and processor (tokenizer.py)."""
+"""The model: loading, placement on GPUs, KV cache sizes, tokenizer."""

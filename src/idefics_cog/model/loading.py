@@ -1,5 +1,4 @@
-"""Loading the IDEFICS model, for serving (Engine.load) and for training: the device, the dtype (bf16 on GPU,
-float32 on CPU), 8-bit or 4-bit with MedIDEFICS's bitsandbytes settings, and where the layers go (placement.py)."""
+"""Loading the IDEFICS model for serving and training: bf16 on GPU, float32 on CPU, optionally 8-bit or 4-bit."""
 
 from pathlib import Path
 
@@ -34,9 +33,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 
 def load_model(path: Path, device: torch.device, quantization: str, working: int = ACTIVATIONS,
                placement: Placement | None = None, fraction: float = DEFAULT_FRACTION):
-    """The checkpoint at `path` on `device`, quantized as asked. On one GPU when it fits there with `working` bytes
-    beside the weights (activations, caches) within `fraction` of its memory; spread over several only when not;
-    `placement` overrides that."""
+    """`working`: bytes needed beside the weights; `placement` overrides placement.py's decision."""
     dtype = compute_dtype(device)
     placement = placement or place(path, device, quantization, working, fraction)
     no_loading_bars()

@@ -1,13 +1,5 @@
-"""Where the model goes: on one GPU whenever it fits there, spread over several GPUs only when it does not.
-
-transformers' `device_map="auto"` is balanced: it splits even a model that fits one GPU over every GPU it sees,
-and a spread model cannot use the fast engine (serving/scheduler.py falls back to `model.generate`, one request at a
-time). So the decision is made here, from sizes known before loading: the weights (parameter counts from the
-checkpoint's safetensors headers, at the bytes per parameter the quantization gives) plus what the engine needs
-beside them (the smallest key/value cache the fast engine starts with, and room for activations), within the
-share of each GPU that IDEFICS_CACHE_MEMORY_FRACTION allows. The fast engine then sizes its cache from what is left
-on that GPU (memory.py), by the same fraction.
-"""
+"""Where the model goes: on one GPU whenever it fits there, spread over several only when not. transformers'
+`device_map="auto"` would spread even a model that fits one GPU, and a spread model cannot use the fast path."""
 
 import logging
 import math
@@ -20,8 +12,7 @@ from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, GiB, usable_
 
 log = logging.getLogger(__name__)
 
-# bytes per parameter of the layers bitsandbytes quantizes: int8; or 4-bit nf4 plus one 8-bit absmax per block
-# of 64 (double quantization) and its small second-level state.
+# Bytes per quantized parameter: int8; or nf4 plus an 8-bit absmax per block of 64 and its second-level state.
 QUANTIZED_BYTES = {"none": None, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 0.002}
 
 
@@ -37,7 +28,7 @@ class Placement:
 
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in a checkpoint directory, from its safetensors headers (no weight is read)."""
+    """From the safetensors headers: no weight is read."""
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise ValueError(f"{path}: no .safetensors files to size the model from")
@@ -49,8 +40,7 @@ def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def parameter_counts(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
-    """(parameters bitsandbytes quantizes, all other parameters): the quantized ones are the 2-D weights of Linear
-    layers, which is every 2-D weight but the embeddings and the output layer."""
+    """(parameters bitsandbytes quantizes: 2-D weights but the embeddings and lm_head, all other parameters)."""
     quantizable = other = 0
     for key, shape in shapes.items():
         count = math.prod(shape)
@@ -61,15 +51,13 @@ def parameter_counts(shapes: dict[str, tuple[int, ...]]) -> tuple[int, int]:
 
 
 def weight_bytes(quantizable: int, other: int, quantization: str, dtype_bytes: int = 2) -> int:
-    """The weights' size in memory: everything in the compute dtype, or the Linear weights quantized."""
     per_parameter = QUANTIZED_BYTES[quantization] or dtype_bytes
     return int(quantizable * per_parameter + other * dtype_bytes)
 
 
 def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Placement:
-    """Placement for a model of `weights` bytes that needs `working` more bytes on the GPU that runs it (caches,
-    activations), given each GPU's free bytes (`free`, GPU index -> bytes; empty for CPU) and the CPU memory that
-    may hold what the GPUs cannot (`cpu` bytes; without it accelerate would send the rest to disk)."""
+    """`working`: bytes needed beside the weights (KV cache, activations); `free`: GPU index -> usable bytes; `cpu`:
+    CPU memory for what the GPUs cannot hold (without it accelerate would send the rest to disk)."""
     if not free:
         return Placement({"": "cpu"}, None, "no GPU: on the CPU")
     best = max(free, key=lambda index: free[index])
@@ -81,20 +69,19 @@ def decide(weights: int, working: int, free: dict[int, int], cpu: int = 0) -> Pl
         return Placement({"": best}, None, f"on GPU {best} ({free[best] / GiB:.1f} GiB usable) alone: "
                          f"{weights / GiB:.1f} GiB of weights + {working / GiB:.1f} GiB of caches and "
                          f"activations{fits}")
-    # Spread: accelerate balances the layers under these limits, leaving each GPU room for its activations and
-    # key/value cache (model.generate's, which grows with the request instead of being preallocated).
+    # Each GPU keeps room for activations and model.generate's growing KV cache.
     max_memory = {index: max(0, room - ACTIVATIONS) for index, room in free.items()}
     over = "" if weights <= sum(max_memory.values()) else (
         "; even all GPUs together are too small, the rest goes to CPU memory (very slow)")
     max_memory["cpu"] = cpu
     return Placement("auto", max_memory, f"spread over {len(free)} GPUs: {weights / GiB:.1f} GiB of weights + "
                      f"{working / GiB:.1f} GiB of caches and activations do not fit the largest free GPU "
-                     f"({free[best] / GiB:.1f} GiB). Cost: the fast engine is off (model.generate, one request "
+                     f"({free[best] / GiB:.1f} GiB). Cost: the fast path is off (model.generate, one request "
                      f"at a time, no batching; slower){over}")
 
 
 def free_memory(fraction: float = DEFAULT_FRACTION) -> tuple[dict[int, int], int]:
-    """Usable bytes of each visible GPU (empty without CUDA; memory.usable_memory), and the CPU's available memory."""
+    """Usable bytes of each visible GPU (empty without CUDA), and the CPU's available memory."""
     import torch
     from accelerate.utils import get_max_memory
 
@@ -106,8 +93,7 @@ def free_memory(fraction: float = DEFAULT_FRACTION) -> tuple[dict[int, int], int
 
 
 def place(path: Path, device, quantization: str, working: int, fraction: float = DEFAULT_FRACTION) -> Placement:
-    """The placement for checkpoint `path` on `device` (a torch.device): an explicit GPU (`cuda:1`) is taken as
-    given; `cuda` chooses among all GPUs. Logs the decision and what it costs."""
+    """An explicit GPU (`cuda:1`) is taken as given; `cuda` chooses among all GPUs."""
     if device.type != "cuda":
         placement = Placement({"": str(device)}, None, f"on {device}")
     elif device.index is not None:

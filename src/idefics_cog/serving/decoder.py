@@ -1,30 +1,6 @@
-"""Fast IDEFICS decoding: the transformers model's own modules and weights, called the gpt-fast way (layers.py).
-
-`model.generate` recomputes the image keys/values of every gated cross-attention block at every step, grows a
-dynamic cache, and cannot be compiled. `FastDecoder` keeps the model (so LoRA, quantization and loading stay as
-they are) but runs its layers itself with
-- a preallocated key/value cache with one slot per concurrent request, sized from the memory left after loading
-  (`FastDecoder.sized`, model/memory.py: up to `max_batch` slots, the full context or a shorter one);
-- the image keys/values of every cross-attention block computed once, at prefill, and kept in the slot;
-- a decode step that is one graph (`_step`: tensors only, the cache written in place, its inputs kept on the device,
-  the greedy choice made inside): on CUDA compiled at setup (its first shape, then batch and length dynamic, with
-  and without the LoRA banks: 3 graphs) and captured as a CUDA graph per bucket, so that nothing compiles while
-  serving (compiled.py).
-
-Active requests occupy slots 0..n-1 (a finished request's slot is refilled by moving the last one), and each
-slot holds its own tokens from column 0: no padding token is ever computed, and a request sees exactly the
-positions and keys it would see alone; other slots only ever meet it as masked-out columns.
-
-Prefill: one prompt (`prefill`), a long one in pieces (`prefill_images`, `prefill_chunk`), or several in one forward
-(`prefill_together`): the prompts packed into one sequence without padding, a block-diagonal causal mask, positions
-from 0 in each prompt, each token cross-attending only to its own prompt's images, all their images through the
-vision tower at once, and each prompt's keys/values written into its own slot (the slots end as `prefill` leaves
-them; float32 logits equal to about 1e-5).
-
-LoRA: a prefill runs with the adapter the model has selected (PEFT; one for all the prompts of a `prefill_together`);
-the slot then keeps that adapter and scale for its decode steps (rowlora.py), so one decode step serves rows with
-different adapters and scales.
-"""
+"""The fast path: the model's own modules and weights run layer by layer (gpt-fast's way) with a preallocated KV
+cache of one slot per request, image keys/values computed once at prefill, and a decode step that is one graph
+(compiled and captured on CUDA), serving rows with different adapters (rowlora.py)."""
 
 import logging
 import time
@@ -34,7 +10,7 @@ from torch._dynamo.utils import counters
 
 from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.inputs.prompt import Encoded
-from idefics_cog.model.memory import ACTIVATIONS, CachePlan, cache_budget, image_tokens, plan_cache
+from idefics_cog.model.memory import ACTIVATIONS, KVCachePlan, kv_cache_budget, image_tokens, plan_kv_cache
 from idefics_cog.serving.compiled import (
     Step,
     WarmUp,
@@ -52,63 +28,56 @@ log = logging.getLogger(__name__)
 
 
 def unwrap(model):
-    """The IdeficsForVisionText2Text inside a PeftModel (LoRA layers are injected into it in place)."""
+    """The IdeficsForVisionText2Text inside a PeftModel (PEFT injects LoRA layers into it in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def cache_plan(model, max_batch: int, max_images: int, fraction: float, banks: int = 0) -> CachePlan:
-    """Slots and context per slot on `model`'s device: from the GPU memory left after loading (`fraction` of the
-    total, memory.py) less the LoRA banks' `banks` bytes; on the CPU `max_batch` slots of the full context."""
+def kv_cache_plan(model, max_batch: int, max_images: int, fraction: float, banks: int = 0) -> KVCachePlan:
+    """From the GPU memory left after loading, less the LoRA banks' `banks` bytes; no budget on the CPU."""
     base, budget = unwrap(model), None
     if base.device.type == "cuda":
-        budget = cache_budget(*torch.cuda.mem_get_info(base.device), fraction, ACTIVATIONS + banks)
-    return plan_cache(base.config, max_batch, max_images, base.dtype.itemsize, budget)
+        budget = kv_cache_budget(*torch.cuda.mem_get_info(base.device), fraction, ACTIVATIONS + banks)
+    return plan_kv_cache(base.config, max_batch, max_images, base.dtype.itemsize, budget)
 
 
 class FastDecoder(LayerByLayer):
     def __init__(self, model, max_batch: int, max_images: int, compile: str | bool = "auto",
-                 context: int | None = None, banned_ids: list[int] | None = None, bank_width: int = ADAPTER_BANK_RANK,
-                 backend="inductor"):
-        """`max_batch` slots of `context` tokens each (default: the model's full context). `compile`: "auto" (on
-        CUDA), "on", "off" (or a bool), with torch.compile's `backend`; `banned_ids`: never picked (the image
-        tokens)."""
+                 context_tokens: int | None = None, banned_ids: list[int] | None = None,
+                 bank_rank: int = ADAPTER_BANK_RANK, backend="inductor"):
+        """`compile`: "auto" (on CUDA), "on", "off" or a bool; `banned_ids`: never picked (the image tokens)."""
         base = self.base = unwrap(model)  # the same object once PEFT wraps the model
-        # Frozen now, as PEFT freezes the base model when a first adapter wraps it later: the compiled step's guards
-        # check `requires_grad`, and a change would compile it again while serving.
+        # Frozen now, as PEFT will: the compiled step's guards check `requires_grad`, a change would recompile.
         base.requires_grad_(False)
         config, self.device, self.dtype = base.config, base.device, base.dtype
         self.heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.heads
-        self.max_len, self.max_batch = min(context or config.max_position_embeddings,
+        self.max_len, self.max_batch = min(context_tokens or config.max_position_embeddings,
                                            config.max_position_embeddings), max_batch
         self.cross_interval = config.cross_layer_interval
         per_image = image_tokens(config)
         self.per_image, self.image_capacity = per_image, max_images * per_image  # image tokens per slot
         layers, cross_layers = config.num_hidden_layers, config.num_hidden_layers // self.cross_interval
-        # One spare column past the context: the padding rows of a compiled step write there, never into a prompt
-        # or a row (and no step attends to the whole cache: one graph serves every length).
+        # One spare column past the context, where the padding rows of a compiled step write.
         shape = (self.max_batch, self.heads, self.max_len + 1, self.head_dim)
         self.keys = torch.zeros(layers, *shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros_like(self.keys)
         shape = (self.max_batch, self.heads, self.image_capacity, self.head_dim)
         self.image_keys = torch.zeros(cross_layers, *shape, device=self.device, dtype=self.dtype)
         self.image_values = torch.zeros_like(self.image_keys)
-        # What a decoded token attends to (the images of the prompt's last token), as an additive mask, and
-        # whether it attends to any image at all (a text-only prompt's cross-attention output is zeroed).
+        # A decoded token sees the images of its prompt's last token; a text-only prompt's cross-attention is zeroed.
         self.masked = torch.finfo(self.dtype).min
         self.image_mask = torch.full((self.max_batch, 1, 1, self.image_capacity), self.masked, device=self.device,
                                      dtype=self.dtype)
         self.image_gate = torch.zeros(self.max_batch, dtype=torch.bool, device=self.device)
         self.image_lengths = [0] * self.max_batch
-        # The step's inputs, kept on the device: each row's last token and its position. A step's new tokens are
-        # written there on the device (`advance`); the host copies them in only when the batch changes.
+        # The step's inputs, kept on the device; the host copies them in only when the batch changes.
         self.ids = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.full((self.max_batch,), self.max_len, dtype=torch.long, device=self.device)
         self.held: tuple[list, list] = ([], [])  # what `ids` and `positions` hold for the rows, as the host knows it
         self.banned = torch.tensor(banned_ids or [], dtype=torch.long, device=self.device)
-        compiled, self.path_reason = compile_decision(base, compile)
-        self.path = "compiled" if compiled else "eager"
-        self.lora = RowLora(decode_linears(base.model), max_batch, bank_width, self.device, self.dtype,
+        compiled, self.step_mode_reason = compile_decision(base, compile)
+        self.step_mode = "compiled" if compiled else "eager"
+        self.lora = RowLora(decode_linears(base.model), max_batch, bank_rank, self.device, self.dtype,
                             static=compiled)
         static = (self.keys, self.values, self.image_keys, self.image_values, self.image_mask, self.image_gate,
                   self.ids, self.positions, self.banned)
@@ -116,26 +85,25 @@ class FastDecoder(LayerByLayer):
 
     @classmethod
     def sized(cls, model, max_batch: int, max_images: int, fraction: float, **options) -> "FastDecoder":
-        """A decoder whose cache fits the memory left on the model's device (`cache_plan`); logs what it chose."""
-        banks = RowLora.bytes(unwrap(model), options.get("bank_width", ADAPTER_BANK_RANK), max_batch)
-        plan = cache_plan(model, max_batch, max_images, fraction, banks)
+        """A decoder whose KV cache fits the memory left on the model's device."""
+        banks = RowLora.bytes(unwrap(model), options.get("bank_rank", ADAPTER_BANK_RANK), max_batch)
+        plan = kv_cache_plan(model, max_batch, max_images, fraction, banks)
         log.info("key/value cache: %s", plan)
-        decoder = cls(model, plan.slots, max_images, context=plan.context, **options)
-        log.info("decode step: %s (%s)", decoder.path, decoder.path_reason)
+        decoder = cls(model, plan.slots, max_images, context_tokens=plan.context_tokens, **options)
+        log.info("decode step: %s (%s)", decoder.step_mode, decoder.step_mode_reason)
         return decoder
 
     @torch.inference_mode()  # as `decode` runs: grad mode is part of the compiled step's guards
     def warm_up(self, model) -> "WarmUp":
-        """Compile the decode step and run it at every batch and length bucket (on CUDA each records its CUDA
-        graph): no request waits for a compilation, none happens after setup. Run it with every slot free."""
+        """Compile and run the decode step at every batch and length bucket, with every slot free, so that
+        nothing compiles while serving."""
         if self.compiled is None:
             return WarmUp(0, 0, 0.0)
         started, graphs = time.perf_counter(), counters["stats"]["unique_graphs"]
         shapes = buckets(self.max_batch, self.max_len)
-        # The first call compiles for its shape; the second changes batch and length at once, and torch compiles
-        # once more with both dynamic: a graph that every other shape reuses; the step without the LoRA banks (no
-        # row has an adapter) is a third. On CUDA a shape's CUDA graph is recorded at its second run: two runs each.
-        for columns in (self.lora.width, 0):
+        # Three graphs: the first shape, then batch and length dynamic, and the step without the LoRA banks.
+        # CUDA graphs are recorded at a shape's second run: two runs each.
+        for columns in (self.lora.bank_rank, 0):
             for batch, length in [shapes[0], *shapes[:0:-1]] * 2:
                 self._hold([0] * batch, [length - 1] * batch)
                 self._run(batch, length, columns)
@@ -146,14 +114,14 @@ class FastDecoder(LayerByLayer):
         return warm
 
     def fits(self, encoded: Encoded) -> bool:
-        """Whether the request's images fit a slot (else it is served by `model.generate`)."""
+        """Whether the request's images fit a slot (else model.generate serves it)."""
         return encoded.pixel_values.shape[1] * self.per_image <= self.image_capacity
 
     # ---- prefill: one request, into `slot` ----
 
     @torch.inference_mode()
     def prefill(self, model, slot: int, encoded: Encoded) -> torch.Tensor:
-        """Run the prompt, fill `slot`'s caches, and return the logits for the first new token (1, vocab)."""
+        """The logits for the first new token (1, vocab)."""
         base = unwrap(model)
         inputs = encoded.to(self.device, self.dtype)
         ids = inputs["input_ids"]
@@ -181,11 +149,8 @@ class FastDecoder(LayerByLayer):
 
     @torch.inference_mode()
     def prefill_together(self, model, slots: list[int], encodeds: list[Encoded]) -> list[torch.Tensor]:
-        """`prefill` of each prompt into its slot, all in one forward: the prompts packed into one sequence (no
-        padding), each token attending causally to its own prompt's tokens only, at positions from 0 in each prompt,
-        and cross-attending to its own prompt's images only (as its image_attention_mask says); every image of the
-        prompts through the vision tower (and perceiver) at once. Each slot ends as `prefill` leaves it (the adapter
-        the model has selected: one for all). Returns each prompt's logits for its first new token (1, vocab)."""
+        """`prefill` of each prompt into its slot in one forward: packed without padding, a block-diagonal causal
+        mask, each token cross-attending to its own prompt's images only."""
         base = unwrap(model)
         inputs = [encoded.to(self.device, self.dtype) for encoded in encodeds]
         lengths = [x["input_ids"].shape[1] for x in inputs]
@@ -202,8 +167,7 @@ class FastDecoder(LayerByLayer):
         with_images = [i for i, p in enumerate(per_token) if p.any()]  # the others' cross-attention is zeroed
         cross = self._image_keys_values(base, torch.cat([inputs[i]["pixel_values"] for i in with_images], 1)
                                         ) if with_images else []
-        # Each prompt's image tokens are one range of the images' sequence: store them in its slot, and let its
-        # tokens see only that range.
+        # Each prompt's image tokens are one range of the images' sequence.
         allowed = torch.zeros(total, max(cross[0][0].shape[2], 1) if cross else 1, dtype=torch.bool,
                               device=self.device)
         image_start, images = 0, [0] * len(inputs)
@@ -236,20 +200,18 @@ class FastDecoder(LayerByLayer):
             results.append(logits[:, start + length - 1].float())
         return results
 
-    # ---- chunked prefill: a long prompt run in pieces between decode steps (the same cache, the same positions) ----
+    # ---- chunked prefill: a long prompt in chunks between decode steps ----
 
     @torch.inference_mode()
     def prefill_images(self, model, slot: int, encoded: Encoded) -> None:
-        """The first piece of a chunked prefill: the images' keys/values of every cross-attention block, into `slot`."""
+        """The first chunk of a chunked prefill: the images' keys/values."""
         inputs = encoded.to(self.device, self.dtype)
         per_token = inputs["image_attention_mask"].bool()
         self._store_images(slot, self._image_keys_values(unwrap(model), inputs["pixel_values"], per_token))
 
     @torch.inference_mode()
     def prefill_chunk(self, model, slot: int, encoded: Encoded, start: int, end: int) -> torch.Tensor | None:
-        """Prompt tokens start..end into `slot`, after tokens 0..start and `prefill_images`: they attend to the
-        cached keys of the earlier tokens and to themselves causally. The logits for the first new token (1, vocab)
-        once the prompt's last token has run, else None."""
+        """Prompt tokens start..end into `slot`; the first new token's logits after the last chunk, else None."""
         base = unwrap(model)
         inputs = encoded.to(self.device, self.dtype)
         images = self.image_lengths[slot]
@@ -266,8 +228,8 @@ class FastDecoder(LayerByLayer):
         def cross_inputs(block):
             if not images:
                 return None, None, mask, gate
-            return (self.image_keys[block, slot:slot + 1, :, :images], self.image_values[block, slot:slot + 1, :, :images],
-                    mask, gate)
+            return (self.image_keys[block, slot:slot + 1, :, :images],
+                    self.image_values[block, slot:slot + 1, :, :images], mask, gate)
 
         ids = inputs["input_ids"][:, start:end]
         logits = self._forward(ids, positions, attend, cross_inputs, causal=False)[:, -1]
@@ -277,7 +239,7 @@ class FastDecoder(LayerByLayer):
         return logits.float()
 
     def _store_images(self, slot: int, cross: list) -> int:
-        """Each cross-attention block's image keys/values into `slot`; returns their length (0: no image)."""
+        """Returns their length (0: no image)."""
         images = cross[0][0].shape[2] if cross else 0
         self.image_lengths[slot] = images
         for block, (keys, values) in enumerate(cross):
@@ -286,8 +248,7 @@ class FastDecoder(LayerByLayer):
         return images
 
     def _image_attention(self, per_token: torch.Tensor, images: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For prompt tokens whose `per_token` (1, tokens, images) says which images each sees: the additive mask
-        (1, 1, tokens, image tokens) of their cross-attention, and whether each sees any image (1, tokens)."""
+        """The additive cross-attention mask (1, 1, tokens, image tokens) and whether each token sees any image."""
         if images:
             allowed = per_token.repeat_interleave(self.per_image, dim=2)[:, None]
         else:
@@ -295,12 +256,11 @@ class FastDecoder(LayerByLayer):
         return self._additive(~allowed), allowed.any(-1)[:, 0]
 
     def _additive(self, hidden: torch.Tensor) -> torch.Tensor:
-        """An additive attention mask: 0 where attended, the dtype's minimum where `hidden`."""
+        """0 where attended, the dtype's minimum where `hidden`."""
         return torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill(hidden, self.masked)
 
     def _ready(self, base, slot: int, mask: torch.Tensor, gate: torch.Tensor, images: int) -> None:
-        """After a prompt's last token: a decoded token attends to the images that token attends to, and the slot
-        keeps the adapter the model has selected (the request's, selected before its prefill: Scheduler._start)."""
+        """After a prompt's last token: the slot keeps that token's images and the adapter the model has selected."""
         self.image_mask[slot] = self.masked
         if images:
             self.image_mask[slot, 0, 0, :images] = mask[0, 0, -1]
@@ -308,8 +268,7 @@ class FastDecoder(LayerByLayer):
         self.lora.capture(base, slot)
 
     def _image_keys_values(self, base, pixel_values: torch.Tensor, per_token: torch.Tensor | None = None) -> list:
-        """Per cross-attention block, the image keys and values (1, heads, image tokens, head_dim); none when no
-        token attends to an image (text only: the output of those blocks is zeroed anyway)."""
+        """Per cross-attention block (keys, values); none when no token attends to an image."""
         if per_token is not None and not per_token.any():
             return []
         inner = base.model
@@ -332,26 +291,24 @@ class FastDecoder(LayerByLayer):
 
     @torch.inference_mode()
     def decode(self, model, tokens: list[int], positions: list[int]) -> "Step":
-        """The next token's logits (n, vocab; float32, the banned ids at -inf) and argmax of slots 0..n-1, given their
-        last token and its position. Whether the step runs compiled was decided at setup (`path`): a failing step
-        fails its rows (the scheduler's to handle) and never changes the path."""
+        """Float32 logits (banned ids at -inf) and argmax of slots 0..n-1. A failing step fails its rows; it never
+        changes `step_mode`."""
         count = len(tokens)
         self._hold(tokens, positions)
         return self._run(count, max(positions) + 1, *self.lora.in_use(count))
 
     def _run(self, count: int, length: int, columns: int, layers: set | None = None) -> "Step":
-        """The step of rows 0..count-1 (their inputs held), with the LoRA banks' first `columns` (0: none)."""
+        """With the LoRA banks' first `columns` (0: none)."""
         if self.compiled is None:  # no padding, no bucket, only the bank columns and layers in use
             return Step(*self._step(count, length, max(max(self.image_lengths[:count]), 1), columns, layers))
         cuda_graphs_on_this_thread()  # the banks whole (None) or not at all: two graphs
         logits, picked = self.compiled(batch_bucket(count, self.max_batch), length_bucket(length, self.max_len),
                                        self.image_capacity, None if columns else 0)
-        # The graph's outputs are overwritten by its next replay, and the sampler processes the logits in place.
+        # The next replay overwrites the graph's outputs, and the sampler works on the logits in place.
         return Step(logits[:count].clone(), picked[:count])
 
     def _hold(self, tokens: list[int], positions: list[int]) -> None:
-        """The device's `ids` and `positions` made to hold these rows (copied in only when the batch changed since
-        the last `advance`); rows past them write their slot's spare column."""
+        """Rows past these write their slot's spare column."""
         if self.held == (tokens, positions):
             return
         padding = self.max_batch - len(tokens)
@@ -361,8 +318,7 @@ class FastDecoder(LayerByLayer):
         self.held = (list(tokens), list(positions))
 
     def advance(self, tokens: torch.Tensor, picked: list) -> None:
-        """After a step: its new tokens (`tokens` on the device, `picked` on the host) become the rows' inputs, one
-        position on, written on the device (an unchanged batch's next step copies nothing in)."""
+        """A step's new tokens become the rows' next inputs, on the device."""
         count = len(picked)
         self.ids[:count, 0].copy_(tokens[:count])
         self.positions[:count] += 1
@@ -370,8 +326,7 @@ class FastDecoder(LayerByLayer):
 
     def _step(self, batch: int, length: int, images: int, columns: int | None = None,
               layers: set | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step of rows 0..batch-1 over `length` cache columns and `images` image tokens, tensors only (one
-        graph, no host sync): the float32 logits, banned ids at -inf, and their argmax."""
+        """Tensors only (one graph, no host sync)."""
         ids, positions = self.ids[:batch], self.positions[:batch]
         rows = torch.arange(batch, device=self.device)
         later = torch.arange(length, device=self.device)[None] > positions[:, None]  # cache columns not yet seen
@@ -392,9 +347,8 @@ class FastDecoder(LayerByLayer):
         return logits, logits.argmax(-1)
 
     def move(self, source: int, target: int) -> None:
-        """Slot `source`'s request continues in slot `target` (after `target`'s request finished)."""
-        for cache in (self.keys, self.values, self.image_keys, self.image_values):
-            cache[:, target] = cache[:, source]
+        for kv_cache in (self.keys, self.values, self.image_keys, self.image_values):
+            kv_cache[:, target] = kv_cache[:, source]
         self.image_mask[target], self.image_gate[target] = self.image_mask[source], self.image_gate[source]
         self.image_lengths[target] = self.image_lengths[source]
         self.lora.move(source, target)

@@ -1,5 +1,5 @@
-"""How one request's failure stays its own: the error it ends with, named by the stage that failed; an out-of-memory
-error concerns the request that asked for the memory; an error that leaves the device unusable ends the worker."""
+"""A request's failure stays its own (named by the stage that failed); an error that leaves the device unusable
+ends the worker."""
 
 import logging
 import os
@@ -10,14 +10,14 @@ import torch
 
 from idefics_cog.errors import WeightsError
 
-log = logging.getLogger("idefics_cog.serving.scheduler")
+log = logging.getLogger(__name__)
 
 DEVICE_LOST_EXIT = 70  # the worker's exit status when the device is unusable
-EXIT_GRACE_S = 1.0  # how long the worker waits for its last log line to be sent before it ends
+EXIT_GRACE_S = 1.0  # for the last log line to be sent
 
 
 class GenerationError(RuntimeError):
-    """An error of the server while generating one request's answer (its stage in the message)."""
+    """The server's error while generating one request's answer."""
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -25,8 +25,7 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def device_lost(exc: BaseException) -> bool:
-    """Whether `exc` leaves the device unusable for every later request (CUDA's sticky errors); an out-of-memory
-    error does not: it concerns the request that asked for the memory."""
+    """CUDA's sticky errors; an out-of-memory error concerns only the request that asked for the memory."""
     if out_of_memory(exc):
         return False
     return isinstance(exc, torch.AcceleratorError) or isinstance(exc, RuntimeError) and any(
@@ -34,23 +33,21 @@ def device_lost(exc: BaseException) -> bool:
 
 
 def exit_worker(exc: BaseException) -> None:
-    """End this process at once (coglet then reports the server UNHEALTHY and the platform restarts it)."""
+    """coglet then reports the server UNHEALTHY and the platform restarts it."""
     log.critical("the device is unusable after %s: %s; ending the worker process", type(exc).__name__, exc)
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
-    time.sleep(EXIT_GRACE_S)  # coglet forwards the worker's logs from a thread of this process: let it send this one
+    time.sleep(EXIT_GRACE_S)  # coglet forwards the worker's logs from a thread of this process
     os._exit(DEVICE_LOST_EXIT)
 
 
 def explained(exc: Exception) -> bool:
-    """Errors that already tell the client what was wrong with its request (InputError, AdapterError, ...)."""
+    """Errors that already tell the client what was wrong with its request."""
     return isinstance(exc, (ValueError, WeightsError)) and not device_lost(exc)
 
 
 def failure(stage: str, exc: Exception) -> Exception:
-    """The error a request ends with when `stage` failed for it: a device-fatal error ends the worker; an
-    out-of-memory error or a bug is reported as the server's, naming the stage."""
     if device_lost(exc):
         exit_worker(exc)
     if out_of_memory(exc):

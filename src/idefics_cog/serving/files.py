@@ -1,22 +1,6 @@
-"""A request's file inputs (`image`, `images`): exactly the files Cog received for it, and image URLs fetched under
-the rules a stranger's `lora_weights` meets.
-
-coglet 0.23.1 makes each file input given as a URL (http(s), or a data: URI holding the file) a `cog.types.URLPath`
-and calls its `convert()` before `run` starts; any other string it hands to `run` as a path on the server, which
-would then be opened (`/etc/passwd`, another request's file). It fetches http(s) URLs itself with no address rule
-and no size cap, and a failed fetch leaves its empty temporary file behind. `install` (setup) replaces `convert`:
-- a data: URI is written to a temporary file, as Cog writes it;
-- an http(s) URL is not fetched there: its temporary file is made empty, and `Files.fetch` fills it later from the
-  request, where a cancel reaches it and an error can name the input: https to public addresses only (sources.py;
-  IDEFICS_ALLOW_PRIVATE_URLS=1 lifts both), the image byte limit counted on the bytes as they arrive, the request's
-  download deadline (IDEFICS_IMAGE_DOWNLOAD_SECONDS);
-and remembers each file it returns (a bounded map). `Files.claim` gives a request its own files, each once, and
-refuses any other path with one message, whatever the path. coglet removes the temporary files when the prediction
-ends, failed or not (`URLPath.unlink`, which forgets them here too).
-coglet converts all of a prediction's files on a thread pool of the prediction's own, before `run` can count them:
-a 1 MB request of 100,000 tiny data: URIs would write 100,000 files. So `convert` counts per pool, and past the
-image limit refuses at once, writing nothing.
-"""
+"""A request's file inputs (`image`, `images`): only the files Cog received for it, its image URLs fetched later
+under the rules a stranger's `lora_weights` meets. `install` replaces coglet 0.23.1's `URLPath.convert`, which
+fetches URLs unguarded and hands any other string to `run` as a server path."""
 
 import logging
 import tempfile
@@ -40,21 +24,19 @@ log = logging.getLogger(__name__)
 REMEMBERED_FILES = 4096  # files converted and not yet claimed nor removed (16 requests of 8 images use 128)
 NOT_RECEIVED = ("must be a file sent with the request (an upload, an http(s) URL or a data: URI); "
                 "paths on the server are not read")
-_received = Recent(REMEMBERED_FILES)  # path of a converted file -> its URL (fetched later), or None (written)
+_received = Recent(REMEMBERED_FILES)  # path of a converted file -> its URL (fetched later), or None
 _HOOKED = "_idefics_received"
 
 
 class Files:
-    """The file inputs of the requests of a server that has `install`ed the hook."""
 
     def __init__(self, limits: ImageLimits, download_seconds: float):
         self.limits, self.download_seconds = limits, download_seconds
 
     def claim(self, named: list[tuple[str, object]]) -> list[tuple[str, Path, str | None]]:
-        """For each (input name, path): (name, path, the URL it is still to be fetched from or None), when Cog
-        converted every path for a request and no request has claimed it yet; else an InputError naming the first
-        input that is a path on the server, and only that."""
-        for name, path in named:  # coglet 0.23.1 leaves a list that mixes URLs and paths unconverted: name the path
+        """(name, path, URL still to fetch or None) for files Cog converted and no request claimed yet; else an
+        InputError naming the first path on the server."""
+        for name, path in named:  # coglet 0.23.1 leaves a list mixing URLs and paths unconverted
             if not isinstance(path, cog.types.URLPath) and _received.get(str(path), _MISSING) is _MISSING:
                 raise InputError(f"{name}: {NOT_RECEIVED}")
         claimed = []
@@ -66,7 +48,7 @@ class Files:
         return claimed
 
     def fetch(self, name: str, path: Path, url: str, deadline: float, cancel: Cancel | None = None) -> None:
-        """Fill `path` with the image at `url` (a blocking download: run it where it holds no other request)."""
+        """Blocking: run it where it holds no other request."""
         try:
             fetch_file(url, path, max_bytes=self.limits.max_bytes, deadline=deadline, session=guarded_session(),
                        cancel=cancel, settings=("IDEFICS_IMAGE_DOWNLOAD_SECONDS", "IDEFICS_MAX_IMAGE_BYTES"))
@@ -83,7 +65,7 @@ _MISSING = object()
 
 
 def install(max_images: int) -> None:
-    """Replace Cog's `URLPath.convert` and `unlink` as the module docstring says. Idempotent."""
+    """Idempotent."""
     if getattr(cog.types.URLPath.convert, _HOOKED, False):
         return
     original_convert, original_unlink = cog.types.URLPath.convert, cog.types.URLPath.unlink
@@ -111,9 +93,8 @@ def install(max_images: int) -> None:
 
 
 class _Pool:
-    """The files converted on one of coglet's per-prediction pools (threads `ThreadPoolExecutor-<pool>_<n>` in
-    coglet 0.23.1). Past the image limit (plus one, so that the request itself can say how many it sent) a file is
-    refused unwritten, and those written before are removed: coglet removes none of a prediction whose files fail."""
+    """Files converted on one of coglet 0.23.1's per-prediction pools: past the image limit (plus one, so that the
+    request can say how many it sent) refused unwritten, and those written removed (coglet would remove none)."""
 
     _pools = Recent(1024)
     _lock = threading.Lock()
@@ -126,7 +107,7 @@ class _Pool:
     def of_this_thread(cls, max_images: int) -> "_Pool | None":
         name = threading.current_thread().name
         if not name.startswith("ThreadPoolExecutor-"):
-            if not cls._warned:  # a newer coglet names its threads otherwise: the limit no longer applies
+            if not cls._warned:
                 cls._warned = True
                 log.warning("a file input was converted on thread %r, not on one of coglet 0.23.1's pools: files "
                             "past the image limit are no longer refused before they are written", name)
@@ -147,7 +128,7 @@ class _Pool:
 
     def written(self, path) -> None:
         with self._lock:
-            if self.refused:  # refused while this one was written
+            if self.refused:
                 _discard(path)
             else:
                 self.paths.append(path)

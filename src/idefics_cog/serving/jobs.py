@@ -1,5 +1,5 @@
-"""The scheduler's vocabulary: a request (`Job`), how it picks tokens (`Sampling`), what it did (`Stats`), and its
-place in the scheduler (`Row` in the running batch, `Prefill` in pieces, `end_job`, model.generate's hooks)."""
+"""A request (`Job`), how it picks tokens (`Sampling`), what it did (`Stats`), and its place in the scheduler (`Row`
+in the running batch, a chunked `Prefill`, model.generate's hooks)."""
 
 import contextvars
 import logging
@@ -36,11 +36,10 @@ class Sampling:
     ignore_eos: bool = False  # benchmarks: always decode max_new_tokens tokens
 
     def __post_init__(self):
-        # JSON clients send `1` for 1.0 and may send `24.0` for 24 (the schema allows both): coerced once, here,
-        # because transformers' logits processors refuse an int and range() refuses a float.
+        # JSON sends 1 for 1.0 and 24.0 for 24: transformers' logits processors refuse an int, range() a float.
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         if 0 < self.temperature < MIN_TEMPERATURE:
-            # Logits divided by 1e-40 overflow to inf, and the draw becomes NaN; vLLM raises small ones the same way.
+            # Logits divided by 1e-40 overflow to inf and the draw becomes NaN (vLLM raises them the same way).
             log.info("temperature %g raised to %g, the smallest that samples without overflow", self.temperature,
                      MIN_TEMPERATURE)
             self.temperature = MIN_TEMPERATURE
@@ -50,7 +49,6 @@ class Sampling:
 
 
 def whole(name: str, value: int | float) -> int:
-    """`value` as an int; a float with a fraction is refused (the input's schema type is integer)."""
     if isinstance(value, float) and not value.is_integer():
         raise InputError(f"{name}: {value} is not a whole number")
     return int(value)
@@ -58,23 +56,20 @@ def whole(name: str, value: int | float) -> int:
 
 @dataclass(eq=False)
 class Job:
-    """One request for the scheduler."""
-
-    prepare: Encoded | Callable[[], Encoded]  # the encoded prompt, or how to make it (run on the torch thread)
+    encoded: Encoded | Callable[[], Encoded]  # a callable runs on the torch thread
     sampling: Sampling
-    adapter: Hashable = None  # which adapter and scale it asks for (a label: any adapters share a batch)
-    select_adapter: Callable[[], object] | None = None  # points the model at `adapter` (run on the torch thread)
+    adapter: Hashable = None  # a label of the adapter and scale it asks for
+    select_adapter: Callable[[], object] | None = None  # runs on the torch thread
     stats: "Stats" = field(init=False)
     sink: Callable | None = None  # set by Engine.submit
-    # The submitter's context: the scheduler runs the job's own work in it, so that its log lines stay the
-    # prediction's (coglet attributes logs through it).
-    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    # The submitter's contextvars: coglet attributes log lines to a prediction through them.
+    request_context: contextvars.Context = field(default_factory=contextvars.copy_context)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)  # the scheduler is done with it
 
     def __post_init__(self):
         seed = self.sampling.seed if self.sampling.seed is not None else random.randrange(2**32)
-        self.stats = Stats(prompt_tokens=0, seed=seed)  # prompt_tokens: set once the scheduler has encoded it
+        self.stats = Stats(prompt_tokens=0, seed=seed)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -82,7 +77,7 @@ class Job:
 
 @dataclass
 class Stats:
-    """What the last generation did: its token ids and its speed (logged, and read by tests and benchmarks)."""
+    """A generation's token ids and speed (logged, and read by tests and benchmarks)."""
 
     prompt_tokens: int
     seed: int
@@ -96,9 +91,7 @@ class Stats:
         self.ids.extend(ids)
 
     def metrics(self, started: float) -> dict:
-        """The prediction's metrics as Replicate's models report them (replicate/cog-vllm): the prompt's tokens as
-        the model saw them (3 per image), the tokens generated (the end-of-turn token too), and the seconds from
-        `started` (a perf_counter time) to the first of them, when there was one."""
+        """The metrics Replicate's models report (replicate/cog-vllm); `started` is a perf_counter time."""
         metrics = {"input_token_count": self.prompt_tokens, "output_token_count": len(self.ids)}
         if self.first_token_at is not None:
             metrics["time_to_first_token"] = self.first_token_at - started
@@ -115,8 +108,6 @@ class Stats:
                  self.prompt_tokens, 1000 * (self.first_token_at - self.started), len(self.ids), rate, self.seed)
 
 
-# ---- the scheduler's view of a job: its end, its row in the running batch, and model.generate's hooks ----
-
 def end_job(job, error: BaseException | None = None) -> None:
     try:
         job.sink(error if error is not None else END)
@@ -128,19 +119,17 @@ def end_job(job, error: BaseException | None = None) -> None:
 
 @dataclass(eq=False)
 class Row:
-    """A request in the running batch: its tokens so far, and its own generator when it samples."""
-
     job: object
     ids: list[int]  # prompt and generated tokens
     remaining: int  # tokens still allowed
     engine: object
     slot: int
-    started: bool = False  # the sampler has marked its prompt's tokens (for the repetition penalty)
+    started: bool = False  # the sampler has marked its prompt's tokens as seen
     generator: torch.Generator | None = field(init=False, default=None)
 
     def __post_init__(self):
         if self.sampling.temperature > 0:
-            # Its own generator: a request's samples depend on its seed only, never on its batch.
+            # A request's samples depend on its seed only, never on its batch.
             self.generator = torch.Generator(self.engine.device).manual_seed(self.job.stats.seed)
 
     @property
@@ -148,19 +137,17 @@ class Row:
         return self.job.sampling
 
     def streaming(self, window: int) -> bool:
-        """Past its first `window` tokens: a stream whose gaps the scheduler protects from other prompts' prefill
-        (Scheduler.burst_window)."""
+        """Past its first `window` tokens (Scheduler.burst_window)."""
         return len(self.ids) > self.job.stats.prompt_tokens + window
 
     def draw(self, noise: torch.Tensor) -> None:
-        """Fill `noise` (vocab,) with the Exp(1) draws `torch.multinomial` makes for one sample (`model.generate`'s
-        draw), from this row's generator (BatchSampler.pick)."""
+        """The Exp(1) draws `torch.multinomial` makes for one sample, from this row's generator."""
         noise.exponential_(generator=self.generator)
 
 
 @dataclass(eq=False)
 class Prefill:
-    """A long prompt's prefill in progress."""
+    """A long prompt's chunked prefill in progress."""
 
     row: Row
     encoded: object
@@ -168,7 +155,7 @@ class Prefill:
 
 
 class NewTokens(BaseStreamer):
-    """Hands `generate`'s new tokens (not the prompt it passes first) to `sink`, a list of ids per step."""
+    """`generate`'s new tokens (not the prompt it passes first) to `sink`, a list of ids per step."""
 
     def __init__(self, sink):
         self.sink, self.prompt_seen = sink, False

@@ -1,25 +1,22 @@
-"""The IDEFICS model layer by layer, as IdeficsModel.forward computes it, from the transformers model's own modules
-and weights (gpt-fast's way: a few fused ops, the caches and each Linear layer given by the caller), and the lookups
-that keep a decode step one graph: the embedding without its `nonzero`, the cache written in place."""
+"""IdeficsModel.forward layer by layer from the model's own modules and weights (gpt-fast's way: the KV cache and each
+Linear given by the caller), with the lookups that keep a decode step one graph."""
 
 import torch
 import torch.nn.functional as F
 
 
 class LayerByLayer:
-    """The forward pass; a subclass has `base` (the IdeficsForVisionText2Text), `heads`, `head_dim` and
-    `cross_interval`."""
+    """A subclass has `base` (the IdeficsForVisionText2Text), `heads`, `head_dim` and `cross_interval`."""
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
     def _forward(self, ids, positions, attend, cross_inputs, causal: bool, linear=None) -> torch.Tensor:
-        """`linear(path, x)` applies the Linear layer at `path` (default: the model's own, as PEFT has it now: the
-        selected adapter applied; decode: the base layer with each row's adapter, rowlora.py)."""
+        """`linear(path, x)`: the Linear layer at `path` (default: the model's own, with PEFT's selected adapter)."""
         inner = self.base.model
         linear = linear or (lambda path, x: inner.get_submodule(path)(x))
         x = embed(inner.embed_tokens, ids)
-        # Every layer's rotary embedding is the same function of the positions: computed once, not per layer.
+        # The same rotary embedding for every layer: computed once.
         cos, sin = (t[:, None] for t in inner.layers[0].self_attn.rotary_emb(x, positions))
         for index, layer in enumerate(inner.layers):
             if index % self.cross_interval == 0:
@@ -53,8 +50,7 @@ class LayerByLayer:
 
 
 def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """IdeficsRMSNorm `norm` applied to `x` with the fused kernel (one op instead of seven, the same arithmetic:
-    normalized in float32, cast to the weight's dtype, scaled by the weight)."""
+    """IdeficsRMSNorm with the fused kernel: one op instead of seven, the same arithmetic."""
     if x.dtype == norm.weight.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
     normalized = F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon)
@@ -63,28 +59,26 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """IDEFICS's rotary position embedding (`apply_rotary_pos_emb`, the same arithmetic in fewer ops)."""
+    """`apply_rotary_pos_emb`, the same arithmetic in fewer ops."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 def mlp(at: str, x: torch.Tensor, act_fn, linear) -> torch.Tensor:
-    """IdeficsMLP, with each projection applied by `linear`."""
     gate, up = linear(f"{at}gate_proj", x), linear(f"{at}up_proj", x)
     return linear(f"{at}down_proj", act_fn(gate) * up)
 
 
-def write_rows(cache: torch.Tensor, layer: int, rows: torch.Tensor, positions: torch.Tensor,
+def write_rows(kv_cache: torch.Tensor, layer: int, rows: torch.Tensor, positions: torch.Tensor,
                new: torch.Tensor) -> None:
-    """cache[layer, rows[i], :, positions[i]] = new[i], in place: indexed on the whole cache, not on a view of it
-    (inductor writes a view's update back by copying the cache: gigabytes per token for a 9b; tests/serving/
-    test_compiled.py reads inductor's code for it)."""
-    cache[torch.full_like(rows, layer), rows, :, positions] = new
+    """kv_cache[layer, rows[i], :, positions[i]] = new[i], indexed on the whole cache: inductor writes a view's
+    update back by copying the whole cache."""
+    kv_cache[torch.full_like(rows, layer), rows, :, positions] = new
 
 
 def embed(embedding, ids: torch.Tensor) -> torch.Tensor:
-    """IdeficsDecoupledEmbedding's lookup without its `nonzero` (a data-dependent shape and a host sync): both tables
-    looked up with clamped ids, the right one chosen per id (a lookup is a copy: the same vectors, bit for bit)."""
+    """IdeficsDecoupledEmbedding without its `nonzero` (a data-dependent shape and a host sync): both tables looked
+    up with clamped ids, the right one chosen per id."""
     if not embedding.num_additional_embeddings:
         return F.embedding(ids, embedding.weight)
     first = embedding.num_embeddings

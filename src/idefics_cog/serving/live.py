@@ -1,14 +1,8 @@
-"""A request's pieces as the plain generator coglet streams live, and the cancel that stops it.
+"""A request's text pieces as the plain generator coglet streams live, and the cancel that stops it.
 
-coglet 0.23.1 streams the chunks of a plain generator returned by an async `predict` as they come (an async
-generator's it collects until the end), iterating it on a thread of its own. But it cancels an async prediction
-only with `future.cancel()` on the `concurrent.futures.Future` of `predict`'s coroutine, which has already finished
-once `predict` returned the generator: that cancel changes nothing, and the generator would run to its end.
-`install_cancel_hook` makes that call reach the stream: when `Future.cancel` is called on a finished future whose
-result is a stream made here, the stream is stopped (the request leaves its batch within one decode step) and
-raises Cog's `CancelationException`, which coglet reports as `canceled`. A client that drops its server-sent
-events takes the same path. It relies on coglet's internals: tests/server/test_server_faults.py fails with a message
-saying so if it no longer fires; then a cancelled request runs to its end, as it would without the hook.
+coglet 0.23.1 streams only a plain generator live, and cancels an async prediction with `Future.cancel()` on the
+already finished future of `predict`'s coroutine, which would change nothing: `install_cancel_hook` routes that call
+to the stream (relies on coglet internals; tests/server/test_server_faults.py says so if it stops firing).
 """
 
 import asyncio
@@ -26,15 +20,13 @@ from cog import CancelationException
 
 log = logging.getLogger(__name__)
 
-# Each live generator handed to coglet, and its stream. Weak: a generator coglet has let go of is forgotten.
+# Weak: a generator coglet has let go of is forgotten.
 _streams: "weakref.WeakKeyDictionary[Iterator[str], _Stream]" = weakref.WeakKeyDictionary()
 
 
 def live(pieces: AsyncIterator[str], first: Optional[str]) -> Iterator[str]:
-    """`first`, then the rest of `pieces`, as a plain generator for coglet. Called on the event loop that runs
-    `pieces`; each piece is then read there, in the caller's context (the prediction's logs stay its own).
-    Closing the generator early, dropping it, or a cancel (see `install_cancel_hook`) closes `pieces`, which
-    stops the request's generation."""
+    """`first`, then the rest of `pieces`, read on the calling event loop in the caller's contextvars. Closing,
+    dropping or cancelling the generator closes `pieces`, which stops the generation."""
     stream = _Stream(pieces)
     generator = stream.iterate(first)
     _streams[generator] = stream
@@ -44,12 +36,12 @@ def live(pieces: AsyncIterator[str], first: Optional[str]) -> Iterator[str]:
 class _Stream:
     def __init__(self, pieces: AsyncIterator[str]):
         self.pieces, self.loop = pieces, asyncio.get_running_loop()
-        self.context, self.loop_thread = contextvars.copy_context(), threading.get_ident()
-        # Read and written on the loop's thread only, so a cancel and the next read cannot miss each other.
+        self.request_context, self.loop_thread = contextvars.copy_context(), threading.get_ident()
+        # Loop's thread only, so a cancel and the next read cannot miss each other.
         self.cancelled, self.reading = False, None  # reading: the task waiting for the next piece
 
     def cancel(self) -> None:
-        """Stop the stream (from any thread): the piece being waited for, or else the next one, is never read."""
+        """From any thread: the piece being waited for, or else the next one, is never read."""
         self.loop.call_soon_threadsafe(self._cancel)
 
     def _cancel(self) -> None:
@@ -67,7 +59,7 @@ class _Stream:
             self.reading = None
 
     def _on_loop(self, coroutine) -> concurrent.futures.Future:
-        return self.context.run(asyncio.run_coroutine_threadsafe, coroutine, self.loop)
+        return self.request_context.run(asyncio.run_coroutine_threadsafe, coroutine, self.loop)
 
     def iterate(self, first: Optional[str]) -> Iterator[str]:
         sent = 0
@@ -79,10 +71,10 @@ class _Stream:
                 try:
                     piece = self._on_loop(self._next()).result()
                 except concurrent.futures.CancelledError:
-                    log.info("cancelled after %d chunks: generation stopped", sent)
+                    log.info("cancelled after %d pieces: generation stopped", sent)
                     raise CancelationException("prediction cancelled") from None
         finally:
-            # Stops the generation (a read cancelled in `pieces` has already ended it: then this does nothing).
+            # A no-op when a cancelled read has already ended the generation.
             closed = self._on_loop(self.pieces.aclose())
             if threading.get_ident() != self.loop_thread:  # waiting on the loop's thread (a GC there) would block it
                 closed.result()
@@ -92,8 +84,7 @@ _HOOKED = "_idefics_cancels_streams"  # marks the hooked Future.cancel
 
 
 def install_cancel_hook() -> None:
-    """Make `concurrent.futures.Future.cancel`, called on a finished future whose result is a generator made by
-    `live`, cancel that stream (module docstring). Other futures behave exactly as before. Idempotent."""
+    """`Future.cancel` on a finished future whose result came from `live` cancels that stream; idempotent."""
     original = concurrent.futures.Future.cancel
     if getattr(original, _HOOKED, False):
         return
@@ -114,8 +105,7 @@ def hook_installed() -> bool:
 
 
 def _cancel_stream_of(future: concurrent.futures.Future) -> None:
-    """Cancel the stream that `future` resolved to, if it is one of ours. Never raises: a cancel that cannot reach
-    a stream leaves it running to its end, as without the hook."""
+    """Never raises: a cancel that cannot reach its stream leaves it running to its end, as without the hook."""
     try:
         if not future.done() or future.cancelled() or future.exception() is not None:
             return

@@ -1,27 +1,7 @@
-"""The scheduler: every request's torch work, on one thread, with concurrent requests decoded as one batch.
-
-Fast path (`FastDecoder`): a request is prefilled into a free cache slot, at most one piece of prefill work between
-two decode steps (one forward over short prompts of `prefill_chunk` tokens in all, or the images or `prefill_chunk`
-tokens of a longer one), so that new requests never freeze running streams; a burst reaching an idle server (no
-stream runs yet) is prefilled whole first, its prompts packed into forwards of up to BURST_TOKENS tokens
-(`FastDecoder.prefill_together`: all their images through the vision tower at once). Prompts share a forward only
-when consecutive with the same adapter; a forward of several that fails is retried one prompt at a time, so only a
-prompt that fails alone ends. Then they join the running batch. Requests with different adapters and
-scales share a batch: a request's adapter is selected before its prefill, and its slot keeps that adapter for its
-decode steps (decoder.py, rowlora.py); only decode steps, which read each row's adapter from its slot, run between
-the pieces of one prompt. Each decode step makes one token for every active request; `BatchSampler` picks them for
-the whole batch at once, each request with its own settings and generator, and each ends on its own (end of turn,
-max_new_tokens, a stop sequence, cancelation).
-`transformers` path, and requests the fast path cannot take: `model.generate`, one request at a time, each with its
-own adapter selected.
-
-Isolation: an error while admitting, encoding, selecting the adapter of, prefilling, sampling or streaming one
-request ends that request alone (an out-of-memory error too, and its slot is freed); the others go on with
-unchanged tokens. An error in the shared decode step ends the rows of that step, never the waiting requests. An
-error that leaves the device unusable (a CUDA device-side assert, an illegal memory access) ends the worker
-process, so that Cog reports it unhealthy instead of failing every later request.
+"""The scheduler: every request's torch work on one thread, concurrent requests decoded as one batch (fast path),
+or one at a time with model.generate (transformers path, and requests the fast path cannot hold). One request's
+error ends that request alone; one that leaves the device unusable ends the worker (failures.py).
 """
-
 import logging
 import threading
 from collections import deque
@@ -37,46 +17,44 @@ from idefics_cog.serving.sampler import BatchSampler
 
 log = logging.getLogger(__name__)
 
-_WAIT = object()  # _start: the job waits (its adapter finds no room in the decode banks yet)
-# Prompt tokens prefilled between two decode steps, about one step's time: hundreds on a GPU, far fewer on a CPU
-# (BENCHMARKS.md: on bench-small, pieces of 64 tokens let running streams' p99 gap reach 3x their median).
-PREFILL_CHUNK = {"cuda": 256}
-PREFILL_CHUNK_OTHER = 32
+_WAIT = object()  # _start: the job's adapter finds no room in the decode banks yet
+# Prompt tokens prefilled between two decode steps: about one step's time on each device.
+CHUNK_TOKENS = {"cuda": 256}
+CHUNK_TOKENS_OTHER = 32
 BURST_TOKENS = 2048  # packed into one forward for a burst at an idle server: bounds its masks and activations
-# Requests sent together arrive tens of ms apart (coglet starts 16 over ~50 ms): those arriving before the first
-BURST_WINDOW = 16  # stream has this many tokens are prefilled whole with the rest (BENCHMARKS.md)
+# Requests sent together arrive tens of ms apart: those arriving before the first stream has this many tokens
+BURST_WINDOW = 16  # are prefilled whole with the rest
 
 
 class Scheduler:
-    def __init__(self, engine, kind: str, max_batch: int, max_images: int, compile: str = "auto",
-                 bank_width: int = ADAPTER_BANK_RANK):
+    def __init__(self, engine, decode_path: str, max_batch: int, max_images: int, compile: str = "auto",
+                 bank_rank: int = ADAPTER_BANK_RANK):
         self.engine = engine
-        self.kind = "fast" if kind in ("auto", "fast") else "transformers"
+        self.decode_path = "fast" if decode_path in ("auto", "fast") else "transformers"
         devices = set(getattr(engine.model, "hf_device_map", {}).values())
-        if self.kind == "fast" and len(devices) > 1:
+        if self.decode_path == "fast" and len(devices) > 1:
             log.warning("IDEFICS_ENGINE=%s: the model is spread over %d devices, which the fast path does not "
-                        "support; decoding with model.generate", kind, len(devices))
-            self.kind = "transformers"
-        self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.cache_fraction,
-                                          compile=compile, banned_ids=engine.banned_ids, bank_width=bank_width)
-                        if self.kind == "fast" else None)
+                        "support; decoding with model.generate", decode_path, len(devices))
+            self.decode_path = "transformers"
+        self.decoder = (FastDecoder.sized(engine.model, max_batch, max_images, engine.gpu_memory_fraction,
+                                          compile=compile, banned_ids=engine.banned_ids, bank_rank=bank_rank)
+                        if self.decode_path == "fast" else None)
         self.sampler = (BatchSampler(self.decoder.max_batch, engine.banned_ids, engine.device) if self.decoder
                         else None)
         self.waiting: deque = deque()
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()
-        self.running = False  # a `_serve` loop is on the generation thread
-        self.rows: list[Row] = []  # the running batch; rows[i] lives in cache slot i
-        self.prefill_chunk = PREFILL_CHUNK.get(engine.device.type, PREFILL_CHUNK_OTHER)
-        self.prefilling: Prefill | None = None  # a long prompt being prefilled piece by piece (starting[0]'s)
+        self.running = False  # a `_serve` loop is on the torch thread
+        self.rows: list[Row] = []  # the running batch; rows[i] lives in KV cache slot i
+        self.chunk_tokens = CHUNK_TOKENS.get(engine.device.type, CHUNK_TOKENS_OTHER)
+        self.prefilling: Prefill | None = None  # starting[0]'s long prompt, prefilled chunk by chunk
         self.fallbacks_logged: set[str] = set()
-        self.largest_batch = 0  # the most requests decoded together so far (for tests and benchmarks)
-        self.burst_window = BURST_WINDOW  # a stream younger than this many tokens is still part of its burst
-        self.told_to_wait = None  # the job last told that its adapter waits for room in the decode banks
-        # starting[0] when its adapter was selected and its prompt encoded but it did not fit the last forward:
-        # (job, encoded, max_new_tokens), so that it is not selected and encoded twice
+        self.largest_batch = 0  # for tests and benchmarks
+        self.burst_window = BURST_WINDOW
+        self.told_to_wait = None
+        # (job, encoded, max_new_tokens) of starting[0] when prepared but left out of the last forward
         self.prepared: tuple | None = None
-        self.reselect = False  # a job refused while a group gathered: the group's adapter must be selected again
+        self.reselect = False  # a job refused while a group gathered may have changed the selected adapter
 
     def submit(self, job) -> None:
         with self.lock:
@@ -84,11 +62,11 @@ class Scheduler:
             if self.running:
                 return
             self.running = True
-        self.engine.generation_thread.submit(self._serve)
+        self.engine.torch_thread.submit(self._serve)
 
     def _serve(self) -> None:
-        """Run until no request is active or waiting; a new submit starts it again. Each stage handles its own
-        errors; the catch-all below is for a bug in the loop itself: it ends the active requests only."""
+        """Run until no request is active or waiting. The catch-all is for a bug in the loop: it ends the active
+        requests only."""
         with torch.inference_mode():
             while True:
                 try:
@@ -111,11 +89,9 @@ class Scheduler:
                     self._fail_active(failure("decoding", exc) if isinstance(exc, Exception) else exc)
 
     def _start_next(self) -> None:
-        """One piece of prefill work between two decode steps (running streams wait a bounded time per token): one
-        forward over admitted prompts of `prefill_chunk` tokens in all (`_gather`), model.generate for a request the
-        fast path cannot hold, or the next piece of a longer prompt. While no stream is past its burst window (a
-        burst) admitted prompts run whole, packed into forwards of up to BURST_TOKENS tokens, about BURST_TOKENS per
-        step, as vLLM's prefill-first scheduler serves a burst."""
+        """One chunk of prefill work between two decode steps, so running streams wait a bounded time per token.
+        In a burst (no stream past its burst window) prompts run whole, up to BURST_TOKENS per forward, as vLLM's
+        prefill-first scheduler does."""
         if self.prefilling is not None:
             return self._prefill_next()
         whole = not any(row.streaming(self.burst_window) for row in self.rows)
@@ -125,20 +101,17 @@ class Scheduler:
             if group:
                 self._prefill_group(group)
                 spent += sum(encoded.num_tokens for _, encoded in group)
-            if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last piece
+            if self.prefilling is not None:  # a long prompt: it stays in `starting` until its last chunk
                 return self._prefill_next()
             if not (whole and more) or (self.rows and spent >= BURST_TOKENS):
                 return
 
     def _gather(self, whole: bool) -> tuple[list, bool]:
-        """Admitted jobs for one forward, in order: their adapter selected and prompt encoded, rows given the next
-        slots (they stay in `starting` until their prefill). One adapter per forward (the one PEFT has selected is
-        the one every prompt of it runs with), at most `prefill_chunk` prompt tokens in all (BURST_TOKENS when
-        `whole`; one longer prompt goes alone: whole, or in pieces from `_prefill_next` when not `whole`). A job the
-        fast path cannot hold runs model.generate here, when no prompt is gathered yet. Returns the group and
-        whether more may start now (False: a job waits for room in the LoRA banks, or model.generate ran)."""
+        """Admitted jobs for one forward: one adapter (PEFT's selection applies to the whole forward), at most
+        `chunk_tokens` prompt tokens (BURST_TOKENS when `whole`); a longer prompt goes alone, in chunks unless
+        `whole`. Returns the group and whether more may start now."""
         group, tokens = [], 0  # (row, encoded) each
-        room = BURST_TOKENS if whole else self.prefill_chunk
+        room = BURST_TOKENS if whole else self.chunk_tokens
         while len(self.starting) > len(group):
             job = self.starting[len(group)]
             if group and job.adapter != group[0][0].job.adapter:
@@ -148,12 +121,12 @@ class Scheduler:
             else:
                 self.prepared = None
                 prepared = self._start(job)
-            if prepared is _WAIT:  # its adapter waits for room in the decode banks
+            if prepared is _WAIT:
                 return group, False
             if prepared is None:  # it ended (cancelled, refused): nothing ran
                 del self.starting[len(group)]
-                if group and job.select_adapter and not job.cancelled.is_set():  # refused: a failed selection may
-                    self.reselect = True  # have left another adapter selected: the group's select theirs again
+                if group and job.select_adapter and not job.cancelled.is_set():  # a failed selection may have
+                    self.reselect = True  # left another adapter selected
                 continue
             encoded, max_new_tokens = prepared
             fast = self.decoder is not None and self.decoder.fits(encoded)
@@ -163,20 +136,22 @@ class Scheduler:
             if not fast:
                 self.starting.popleft()
                 if self.decoder is not None:
-                    job.context.run(self._log_fallback, f"{encoded.pixel_values.shape[1]} images do not fit a slot")
-                job.context.run(log.info, "decoded by model.generate, one request at a time")
+                    job.request_context.run(self._log_fallback,
+                                            f"{encoded.pixel_values.shape[1]} images do not fit a slot")
+                job.request_context.run(log.info, "decoded by model.generate, one request at a time")
                 self._generate(job, encoded, max_new_tokens)
                 return group, False
-            job.context.run(log.info, "decoded by the fast path, its decode step %s", self.decoder.path)
+            job.request_context.run(log.info, "decoded by the fast path, its decode step %s",
+                                    self.decoder.step_mode)
             try:
                 row = Row(job, encoded.input_ids[0].tolist(), max_new_tokens, self.engine,
                            len(self.rows) + len(group))
             except Exception as exc:
-                job.context.run(log.exception, "prefill failed")
+                job.request_context.run(log.exception, "prefill failed")
                 del self.starting[len(group)]
                 end_job(job, failure("prefilling the prompt", exc))
                 continue
-            if encoded.num_tokens > self.prefill_chunk and not whole:  # alone (`room` is the chunk): in pieces
+            if encoded.num_tokens > self.chunk_tokens and not whole:  # alone, in chunks
                 self.prefilling = Prefill(row, encoded)
                 return group, False
             group.append((row, encoded))
@@ -184,9 +159,8 @@ class Scheduler:
         return group, True
 
     def _prefill_group(self, group: list) -> None:
-        """Prefill the gathered prompts (their adapter selected) in one forward (`prefill` for one alone); their rows
-        join the batch with their first tokens. A forward of several that fails (out of memory, a fault one prompt
-        brings) is retried a prompt at a time: only a prompt that fails alone ends, never its neighbours."""
+        """One forward for the group; if it fails it is retried a prompt at a time, so only a prompt that fails alone
+        ends."""
         model, deselected, self.reselect = self.engine.model, self.reselect, False
         if len(group) > 1 and not deselected:
             try:
@@ -194,8 +168,8 @@ class Scheduler:
                                                        [encoded for _, encoded in group])
             except Exception as exc:
                 failure("prefilling the prompts of a burst", exc)  # a device-fatal error ends the worker here
-                group[0][0].job.context.run(log.exception, "prefilling %d prompts together failed; each is retried "
-                                                           "alone", len(group))
+                group[0][0].job.request_context.run(
+                    log.exception, "prefilling %d prompts together failed; each is retried alone", len(group))
             else:
                 for _ in group:
                     self.starting.popleft()
@@ -210,13 +184,13 @@ class Scheduler:
             stage = "selecting the adapter"
             try:
                 if deselected and job.select_adapter:  # a failure before it deselected the group's adapter
-                    job.context.run(job.select_adapter)
+                    job.request_context.run(job.select_adapter)
                 deselected, stage = False, "prefilling the prompt"
                 row.slot = len(self.rows)  # the first free slot (rows may have ended at their first token)
                 logits = self.decoder.prefill(model, row.slot, encoded)
             except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
-                job.context.run(log.exception, "prefill failed" if stage == "prefilling the prompt" else
-                                "selecting the adapter again failed")
+                job.request_context.run(log.exception, "prefill failed" if stage == "prefilling the prompt" else
+                                        "selecting the adapter again failed")
                 self._deselect()
                 deselected = True
                 error = exc if explained(exc) and stage != "prefilling the prompt" else failure(stage, exc)
@@ -228,8 +202,7 @@ class Scheduler:
             self._emit([row], logits)
 
     def _prefill_next(self) -> None:
-        """The next piece of the chunked prefill in progress: the images first, then `prefill_chunk` prompt tokens
-        at a time; after the last one the request joins the batch with its first token."""
+        """The next chunk of the prefill in progress: the images first, then `chunk_tokens` prompt tokens."""
         work = self.prefilling
         row, model = work.row, self.engine.model
         if row.job.cancelled.is_set():
@@ -239,15 +212,15 @@ class Scheduler:
                 self.decoder.prefill_images(model, row.slot, work.encoded)
                 work.done = 0
                 return
-            end = min(work.done + self.prefill_chunk, work.encoded.num_tokens)
+            end = min(work.done + self.chunk_tokens, work.encoded.num_tokens)
             logits = self.decoder.prefill_chunk(model, row.slot, work.encoded, work.done, end)
             work.done = end
         except Exception as exc:  # the slot was never taken: the next request's prefill overwrites it
-            row.job.context.run(log.exception, "prefill failed")
+            row.job.request_context.run(log.exception, "prefill failed")
             self._deselect()
             return self._prefilled(failure("prefilling the prompt", exc))
         if logits is not None:
-            if self._prefilled():  # cancelled while its last piece ran: it ends without a token
+            if self._prefilled():  # cancelled while its last chunk ran: it ends without a token
                 return
             if row.slot != len(self.rows):  # rows ended meanwhile: take the first free slot
                 self.decoder.move(row.slot, len(self.rows))
@@ -256,8 +229,7 @@ class Scheduler:
             self._emit([row], logits)
 
     def _prefilled(self, error: BaseException | None = None) -> bool:
-        """The chunked prefill in progress is over: its job leaves `starting`, and ends (True) on an error or a
-        cancel; else it joins the batch."""
+        """The chunked prefill is over; True when its job ended (an error or a cancel)."""
         job = self.prefilling.row.job
         self.prefilling = None
         self.starting.popleft()
@@ -267,7 +239,7 @@ class Scheduler:
         return False
 
     def _fail_active(self, error: BaseException) -> None:
-        """End the running and starting requests with `error`; the waiting ones are served next."""
+        """The waiting requests are served next."""
         for job in [row.job for row in self.rows] + list(self.starting):
             if not job.finished.is_set():
                 end_job(job, error)
@@ -277,31 +249,31 @@ class Scheduler:
         self.prepared = None
 
     def _admit(self) -> list:
-        """Waiting jobs that may start now, in arrival order, as many as there are free slots."""
+        """As many waiting jobs as there are free slots, in arrival order."""
         for job in [job for job in self.waiting if job.cancelled.is_set()]:
             self.waiting.remove(job)
             end_job(job)
         room = self.decoder.max_batch - len(self.rows) if self.decoder else 1 - len(self.rows)
-        # Any adapter joins the running batch: each row decodes with its own.
         return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
 
     def _start(self, job):
-        """Select the job's adapter and encode its prompt: (encoded, max_new_tokens), None when it ended (cancelled,
-        refused), or _WAIT when its adapter finds no room in the decode banks yet (it starts once rows end)."""
+        """(encoded, max_new_tokens), None when the job ended, or _WAIT while its adapter finds no room in the decode
+        banks."""
         if job.cancelled.is_set():
             return end_job(job)
         engine = self.engine
         stage = "selecting the adapter"
         try:
             if job.select_adapter:
-                job.context.run(job.select_adapter)
+                job.request_context.run(job.select_adapter)
             if self.decoder is not None and not self.decoder.lora.fits(self.decoder.base, len(self.rows)):
                 if self.told_to_wait is not job:  # said once
-                    job.context.run(log.info, "waiting for room in the LoRA banks (IDEFICS_ADAPTER_BANK_RANK)")
+                    job.request_context.run(log.info,
+                                            "waiting for room in the LoRA banks (IDEFICS_ADAPTER_BANK_RANK)")
                     self.told_to_wait = job
                 return _WAIT
             stage = "encoding the prompt"
-            encoded = job.context.run(job.prepare) if callable(job.prepare) else job.prepare
+            encoded = job.request_context.run(job.encoded) if callable(job.encoded) else job.encoded
             job.stats.prompt_tokens = encoded.num_tokens
             max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
         except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only
@@ -320,26 +292,24 @@ class Scheduler:
             try:
                 step = self.decoder.decode(self.engine.model, [row.ids[-1] for row in rows],
                                            [len(row.ids) - 1 for row in rows])
-            except Exception as exc:  # shared by every row: it cannot be pinned on one, so the step's rows end
+            except Exception as exc:  # cannot be pinned on one row: the step's rows end
                 log.exception("decode step failed")
                 return self._fail_active(failure("decoding (a step shared by the requests of one batch)", exc))
             self._emit(rows, step.logits, step.tokens)
 
     def _log_batch(self, rows: list) -> None:
-        """A new largest batch: how many requests, and how many different adapters and scales they decode with
-        (logged as the newest request's, so that it reaches the server's log)."""
-        settings = len({row.job.adapter for row in rows})
-        rows[-1].job.context.run(log.info, "decoding %d requests together (the most so far), with %d different "
-                                 "adapter settings", len(rows), settings)
+        """Logged as the newest request's, so that it reaches the server's log."""
+        distinct = len({row.job.adapter for row in rows})
+        rows[-1].job.request_context.run(log.info, "decoding %d requests together (the most so far), with %d "
+                                         "different adapter settings", len(rows), distinct)
 
     def _emit(self, rows: list, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
-        """Pick every row's next token (on the device, for the whole batch at once; `greedy`: a decode step's argmax,
-        which greedy rows take as it is), hand each to its job, and drop the rows that are done (or failed)."""
+        """Pick, hand on and drop the finished rows; `greedy`: the decode step's argmax, which greedy rows take."""
         try:
             tokens, failed = self.sampler.pick(rows, logits, greedy)
-            if greedy is not None:  # the step's inputs for the next one, on the device
+            if greedy is not None:
                 self.decoder.advance(self.sampler.tokens, tokens)
-        except Exception as exc:  # the batch's shared sampling: it cannot be pinned on one row, so its rows end
+        except Exception as exc:  # cannot be pinned on one row
             log.exception("sampling a step failed")
             error = failure("sampling the next token", exc)
             return self._drop([row.slot for row in rows], {row.slot: error for row in rows})
@@ -361,8 +331,7 @@ class Scheduler:
             self._drop(done + list(errors), errors)
 
     def _drop(self, slots: list[int], errors: dict | None = None) -> None:
-        """End the rows in `slots` (with their error, if any); the last rows move into the freed slots, so slots
-        0..n-1 stay active."""
+        """The last rows move into the freed slots, so slots 0..n-1 stay active."""
         for slot in sorted(slots, reverse=True):
             end_job(self.rows[slot].job, (errors or {}).get(slot))
             last = self.rows.pop()
@@ -373,12 +342,11 @@ class Scheduler:
                 self.rows[slot] = last
 
     def _generate(self, job, encoded, max_new_tokens: int) -> None:
-        """The plain transformers recipe: `model.generate`, streaming through the job's sink."""
         engine = self.engine
         kwargs = engine.generate_kwargs(encoded, job.sampling, max_new_tokens)
         kwargs.update(streamer=NewTokens(job.sink), stopping_criteria=StoppingCriteriaList([Cancelled(job)]))
         try:
-            torch.manual_seed(job.stats.seed)  # sampling draws from the global generator in `generate`
+            torch.manual_seed(job.stats.seed)  # `generate` draws from the global generator
             engine.model.generate(**kwargs)
         except Exception as exc:
             self._deselect()
@@ -386,13 +354,11 @@ class Scheduler:
         end_job(job)
 
     def _deselect(self) -> None:
-        """After a request's prefill failed, no adapter stays selected: every request selects its own before its
-        prefill, and rows decode with their own (rowlora.py), so nothing reads the selection in between; this keeps
-        a failure's state from outliving it all the same."""
+        """After a failed prefill no adapter stays selected, so a failure's state never outlives it."""
         base = getattr(self.engine.model, "base_model", None)
         if hasattr(base, "disable_adapter_layers"):
             base.disable_adapter_layers()
-        self.prepared = None  # its adapter must be selected again (and its prompt encoded again)
+        self.prepared = None  # its adapter must be selected again
 
     def _log_fallback(self, reason: str) -> None:
         if reason not in self.fallbacks_logged:

@@ -29,7 +29,7 @@ from idefics_cog.weights.cancel import Cancel
 
 log = logging.getLogger(__name__)
 
-WARMUP_TOKENS = 4  # the warm-up prediction's new tokens: enough for a prefill and a few decode steps
+WARMUP_TOKENS = 4  # enough for a prefill and a few decode steps
 
 
 class WarmUpError(RuntimeError):
@@ -37,8 +37,7 @@ class WarmUpError(RuntimeError):
 
 
 def check_trained_base(trained_on: str | None, base_weights: str) -> None:
-    """Warn when the trained adapter names another base (`owner/name` and `owner/name@revision` are the same
-    repo): its shapes fit (they were checked), but it was tuned against other weights, so its answers may be off."""
+    """Warn when the trained adapter names another base repo: its shapes fit, but its answers may be off."""
     if trained_on and trained_on.partition("@")[0] != base_weights.partition("@")[0]:
         log.warning("the trained adapter was trained on %s, this version serves %s (IDEFICS_BASE_WEIGHTS)",
                     trained_on, base_weights)
@@ -46,8 +45,7 @@ def check_trained_base(trained_on: str | None, base_weights: str) -> None:
 
 @contextmanager
 def other_sources(variable: str, value: str, local: str, lock: Lock | None = None):
-    """Weights the hub cannot give now (offline, no network): say which setting chose them and what else works
-    (and why the managed weights mounted for it were not used, when they did not match weights.lock)."""
+    """Unreachable hub weights: name the setting, what else works, and why managed weights were refused."""
     try:
         yield
     except UnreachableError as exc:
@@ -75,13 +73,11 @@ class Service:
 
     @classmethod
     def from_env(cls, trained_weights: str | None = None) -> "Service":
-        """`trained_weights`: setup's `weights` (COG_WEIGHTS, a training's output), or None."""
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         return cls.from_settings(Settings.from_env(trained_weights=trained_weights))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Service":
-        """Resolve (downloading if needed) and load the base model, then the default adapter."""
         started = time.perf_counter()
         lock = Lock.read(settings.weights_lock, settings.cache_dir)  # managed weights mounted by Cog, if any
         with other_sources("IDEFICS_BASE_WEIGHTS", settings.base_weights, "a checkpoint directory", lock):
@@ -89,16 +85,15 @@ class Service:
         log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,
                  time.perf_counter() - started)
         started = time.perf_counter()
-        engine = Engine.load(path, settings.device, settings.quantization, settings.engine, settings.max_batch,
-                             settings.max_images, settings.cache_memory_fraction, settings.compile,
+        engine = Engine.load(path, settings.device, settings.quantization, settings.decode_path, settings.max_batch,
+                             settings.max_images, settings.gpu_memory_fraction, settings.compile,
                              settings.adapter_bank_rank)
-        log.info("model loaded on %s (%s, quantization %s, %s engine) in %.1f s", engine.device, engine.dtype,
-                 settings.quantization, engine.kind, time.perf_counter() - started)
-        adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_cache_bytes,
+        log.info("model loaded on %s (%s, quantization %s, %s decode path) in %.1f s", engine.device, engine.dtype,
+                 settings.quantization, engine.decode_path, time.perf_counter() - started)
+        adapters = Adapters(engine, settings.cache_dir, settings.max_loaded_adapters, settings.adapter_disk_bytes,
                             settings.max_adapter_bytes, settings.adapter_download_seconds, settings.max_adapter_rank,
                             settings.adapter_fetch_threads)
         if settings.trained_weights:
-            # A version made by `cog train`: the trained adapter is its default, in place of MedIDEFICS.
             log.info("a version made from a training: the default adapter is the trained one (COG_WEIGHTS), "
                      "not IDEFICS_ADAPTER_WEIGHTS (%s)", settings.adapter_weights or "none")
             trained_on = adapters.load_default(settings.trained_weights, "COG_WEIGHTS, the training's output")
@@ -113,11 +108,8 @@ class Service:
         return service
 
     def warm_up(self) -> None:
-        """The compiled decode step (when the path is compiled) at every batch and length bucket, then a short
-        prediction through the whole path (an image, the default adapter, prefill, a few decode steps): the first
-        users pay for neither, and nothing compiles after setup. The answer is thrown away and leaves nothing behind
-        (every slot is free again, each request selects its own adapter). Raises WarmUpError, so that setup fails,
-        when it fails."""
+        """Compile the decode step at every bucket and run one short prediction, so that no user pays for either;
+        it leaves every slot free. Raises WarmUpError, which fails setup."""
         started = time.perf_counter()
         try:
             decoder = self.engine.scheduler.decoder
@@ -134,24 +126,18 @@ class Service:
         log.info("warm-up: a %d-token prediction in %.2f s", WARMUP_TOKENS, time.perf_counter() - started)
 
     def receive_cog_files(self) -> None:
-        """In a Cog server: file inputs are the files Cog received for each request, image URLs fetched here
-        (files.py)."""
         files.install(self.settings.max_images)
         limits = self.settings.request_limits
         self.files = files.Files(self.settings.image_limits, limits.image_download_seconds)
 
     def answer(self, **inputs) -> Iterator[str]:
-        """Stream the answer to one request (predict's inputs as keyword arguments). Input errors are raised
-        when iteration starts."""
+        """Input errors are raised when iteration starts."""
         yield from self.engine.stream(self.job(**inputs))
 
     async def astream(self, record_metric: Callable[[str, object], None] | None = None,
                       **inputs) -> AsyncIterator[str]:
-        """`answer` for the concurrent (async) predictor: requests arriving together are decoded as one batch.
-        `record_metric(name, value)` receives the request's token metrics when it ends (`Stats.metrics`; timed from
-        here), also when it fails or is cancelled after its inputs were read.
-        Downloads wait on threads of their own (no other request waits for them) and stop when the request is
-        cancelled; image decoding and tokenization run on the default pool, off the event loop and the torch thread."""
+        """`answer` for the async predictor. `record_metric` gets the token metrics at the end, also on failure or
+        cancel. Downloads wait on threads of their own; decoding and tokenization run on the default pool."""
         started = time.perf_counter()
         request, cancel = self.check(**inputs), Cancel()
         try:
@@ -161,7 +147,7 @@ class Service:
             cancel.set()
             raise
         try:
-            async with aclosing(self.engine.astream(job)) as pieces:  # its end counted before the metrics are read
+            async with aclosing(self.engine.astream(job)) as pieces:  # ended before the metrics are read
                 async for piece in pieces:
                     yield piece
         finally:
@@ -170,7 +156,7 @@ class Service:
 
     @staticmethod
     def report(metrics: dict, record_metric: Callable[[str, object], None]) -> None:
-        """Hand `metrics` on; a failure there is logged, never the prediction's (the answer is already sent)."""
+        """A failure here is logged, never the prediction's: the answer is already sent."""
         try:
             for name, value in metrics.items():
                 record_metric(name, value)
@@ -178,14 +164,12 @@ class Service:
             log.exception("the prediction's metrics could not be recorded")
 
     def read_images(self, files: list[tuple[str, Path]]) -> list:
-        """Decode each (name, path) and resize it at once to the vision tower's size, exactly as the processor
-        would later: the queue holds small pictures, not 40-megapixel ones."""
+        """Resized at once as the processor would later: the queue holds small pictures, not 40-megapixel ones."""
         reduce = image_files.Reduction.of(self.engine.processor.image_processor)
         limits = self.settings.image_limits
         return [image_files.load_image(name, path, limits, reduce) for name, path in files]
 
     def job(self, **inputs) -> Job:
-        """`check`, `fetch` and `prepare` one after the other, blocking (astream does each where it belongs)."""
         request = self.check(**inputs)
         return self.prepare(request, self.fetch(request))
 
@@ -194,8 +178,7 @@ class Service:
               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
               seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
               lora_scale: float = 1.0) -> Request:
-        """Every input checked against its limits before any work is done for it (README, "Limits"): sizes
-        first, at a cost that does not grow with what was sent."""
+        """Sizes first, at a cost that does not grow with what was sent."""
         limits = self.settings.request_limits
         if len(prompt) + len(system_prompt) > limits.prompt_chars:
             raise InputError(f"prompt, system_prompt: {len(prompt) + len(system_prompt)} characters; the limit is "
@@ -215,8 +198,6 @@ class Service:
         return Request(received, segments, sampling, adapter, lora_weights, float(lora_scale))
 
     def fetch(self, request: Request) -> Fetched | None:
-        """The request's image URLs into their files, and its custom adapter fetched and checked (blocking).
-        Returns the checked adapter, if it asked for one."""
         self.fetch_images(request)
         return self.adapters.start_fetch(request.lora_weights).result() if request.lora_weights else None
 
@@ -227,8 +208,7 @@ class Service:
             self.files.fetch(name, path, url, deadline, cancel)
 
     async def afetch(self, request: Request, cancel: Cancel) -> Fetched | None:
-        """`fetch`, awaited: image URLs on a thread of the request's own, the adapter on the adapters' fetch pool
-        (shared by the requests that name it, stopped when none waits), neither on a thread another request needs."""
+        """Image URLs on a thread of the request's own, the adapter on the adapters' fetch pool."""
         if any(url for _, _, url in request.files):
             await asyncio.wrap_future(own_thread(self.fetch_images, request, cancel))
         if not request.lora_weights:
@@ -240,9 +220,7 @@ class Service:
             waiter.leave()
 
     def prepare(self, request: Request, fetched: Fetched | None) -> Job:
-        """Decode the images and tokenize the prompt (blocking: astream runs it in a thread; the tokenizer releases
-        the GIL), refusing a prompt that does not fit the context now; tensors and the adapter's loading are the
-        scheduler's (torch) work."""
+        """Decode images and tokenize (off the torch thread), refusing a prompt that does not fit now."""
         pictures = self.read_images([(name, path) for name, path, _ in request.files])
         ids = tokenize(request.segments, self.engine.tokenizer)
         self.engine.check_prompt(len(ids))
@@ -254,20 +232,19 @@ class Service:
 
         # The request's adapter as a label: lora_weights wins over adapter; `none` ignores the scale.
         key = (lora_weights, lora_scale) if lora_weights else (NONE,) if adapter == NONE else (adapter, lora_scale)
-        return Job(prepare=lambda: encode(request.segments, pictures, self.engine.processor, ids),
+        return Job(encoded=lambda: encode(request.segments, pictures, self.engine.processor, ids),
                    sampling=request.sampling, adapter=key, select_adapter=select_adapter)
 
 
 def own_thread(work: Callable, *args) -> concurrent.futures.Future:
-    """`work(*args)` on a new thread, in the caller's context (its log lines stay the prediction's): a download
-    that waits on a slow server holds no pool's thread."""
+    """`work(*args)` on a new thread in the caller's contextvars: a slow download holds no pool's thread."""
     future: concurrent.futures.Future = concurrent.futures.Future()
-    context = contextvars.copy_context()
+    request_context = contextvars.copy_context()
 
     def run() -> None:
         if future.set_running_or_notify_cancel():
             try:
-                future.set_result(context.run(work, *args))
+                future.set_result(request_context.run(work, *args))
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
                 future.set_exception(exc)
 

@@ -1,4 +1,4 @@
-"""Turn generated token ids into streamed text: whole words only, and stop sequences cut without leaking."""
+"""Generated token ids to streamed text pieces: whole words only, stop sequences cut without leaking."""
 
 from collections.abc import Sequence
 
@@ -7,14 +7,12 @@ from tokenizers.decoders import DecodeStream
 from idefics_cog.config import RequestLimits
 from idefics_cog.errors import InputError, shorten
 
-# A tokenizer decodes an incomplete multi-byte character to this; wait for the rest before emitting.
+# An incomplete multi-byte character decodes to this: wait for the rest.
 _INCOMPLETE = "\ufffd"
 
 
 def parse_stop_sequences(value: str, limits: RequestLimits = RequestLimits()) -> list[str]:
-    """`stop_sequences` input: comma-separated; empty items are ignored. At most `limits.stop_sequences` of at most
-    `limits.stop_sequence_chars` characters each, checked before the text is split: the check of each token's text
-    against them costs at most their total length."""
+    """Comma-separated; sizes checked before the text is split, so each token's check costs at most their length."""
     count, longest = limits.stop_sequences, limits.stop_sequence_chars
     if len(value) > count * (longest + 1):
         raise InputError(f"stop_sequences: {len(value)} characters; the limit is {count} sequences of at most "
@@ -30,26 +28,19 @@ def parse_stop_sequences(value: str, limits: RequestLimits = RequestLimits()) ->
 
 
 class _Incremental:
-    """The answer's text through the `tokenizers` library's `DecodeStream`: each token decodes a window of a few
-    tokens, not the whole answer. Special ids are dropped first, as `ReleaseTokenizer.decode` does, so the text is
-    the same as `tokenizer.decode(all ids, skip_special_tokens=True)`.
-
-    A run of byte-fallback tokens (`<0xE2>`...) goes to the stream only with the token that ends it: the decoder
-    turns the whole run into U+FFFD, one per byte, when the run is not valid UTF-8, so a byte that arrives later
-    can change how the earlier ones read ("j" then `<0xE5>` alone reads "\ufffd\ufffd", not "j\ufffd").
-    """
+    """`tokenizers`' `DecodeStream` (a window of a few tokens per step). A run of byte-fallback tokens (`<0xE2>`...)
+    goes to it only with the token that ends the run: a later byte can change how the earlier ones read."""
 
     def __init__(self, tokenizer, redecode: bool = False):
         self.tokenizer = tokenizer
         self.backend = tokenizer.backend_tokenizer
         self.special = set(tokenizer.all_special_ids)
         self.stream = DecodeStream(skip_special_tokens=True)
-        self.ids: list[int] = []  # kept for `finish`, which may have to decode them all once
+        self.ids: list[int] = []  # `finish` may have to decode them all once
         self.run: list[int] = []  # the byte-fallback tokens not yet given to the stream
-        self.pending = False  # ids given since the stream's last chunk (it waits on incomplete characters)
+        self.pending = False  # the stream waits on an incomplete character
         self.text, self.start = "", 0  # the decoded text from character `start` on
-        # Decode the whole answer (up to an open byte run) at each push instead: for a decode that cleans up spaces
-        # over the whole text, and from the moment the stream refuses a step ("Invalid prefix encountered").
+        # Decode the whole answer at each push: when spaces are cleaned up, or once the stream refused a step.
         self.redecode = redecode
 
     def push(self, ids: Sequence[int]) -> None:
@@ -77,7 +68,6 @@ class _Incremental:
         return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
     def finish(self) -> None:
-        # An open byte run, or a trailing incomplete character the stream waits on: decode the answer once.
         if self.pending or self.run or self.redecode:
             self.run = []
             self.text = self._decoded()
@@ -89,14 +79,13 @@ class _Incremental:
         return self.text
 
     def _decoded(self) -> str:
-        """The full decode from character `start` on, without an open byte run (a later byte can change it)."""
+        """Without an open byte run (a later byte can change it)."""
         ids = self.ids[:len(self.ids) - len(self.run)]
         return self.tokenizer.decode(ids, skip_special_tokens=True)[self.start:]
 
 
 class _Redecoded:
-    """Any tokenizer with a `decode` and no fast backend: the whole answer decoded again at each push (quadratic in
-    its length)."""
+    """A tokenizer without a fast backend: the whole answer decoded again at each push."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids = tokenizer, []
@@ -119,14 +108,8 @@ def _source(tokenizer):
 
 
 class TextStream:
-    """Feed token ids with `push`, get the text that is safe to show; `finish` returns the rest.
-
-    The joined stream equals `tokenizer.decode(all ids, skip_special_tokens=True)`. Three kinds of tail are held
-    back until the next token settles them: trailing whitespace (so that pieces are whole words), an incomplete
-    character, and any text that could be the start of a stop sequence. Only the text not yet released is searched
-    for stop sequences: a stop that began in released text would have been held back.
-    Once a stop sequence appears, `stopped` is set and the text before it is all that is ever released.
-    """
+    """`push` token ids, get the text safe to show; `finish` returns the rest. Held back until the next token:
+    trailing whitespace, an incomplete character, a possible start of a stop sequence."""
 
     def __init__(self, tokenizer, stop_sequences: Sequence[str] = ()):
         self.stop_sequences = [s for s in stop_sequences if s]
@@ -141,7 +124,6 @@ class TextStream:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """The remaining text once generation has ended."""
         if self.stopped:
             return ""
         self.source.finish()
@@ -161,8 +143,7 @@ class TextStream:
         return text[:safe]
 
     def _stop_prefix_length(self, text: str) -> int:
-        """Length of the longest tail of `text` that is a proper prefix of a stop sequence. Only a tail shorter than
-        the stop can be one, and only where the stop's first character is: a few C-level searches per token."""
+        """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
         longest = 0
         for stop in self.stop_sequences:
             tail = text[max(0, len(text) - len(stop) + 1):] if len(stop) > 1 else ""

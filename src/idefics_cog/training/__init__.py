@@ -1,2 +1,1 @@
-"""`cog train`: the dataset format (data.py), examples to labelled tokens (examples.py), batches and loss
-(collator.py), log lines (callbacks.py), the adapter's .tar (packing.py), the run (run.py)."""
+"""`cog train`: a new LoRA adapter from a dataset of images and answers."""

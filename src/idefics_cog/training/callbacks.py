@@ -1,5 +1,4 @@
-"""The training's log lines (step, loss, learning rate, speed, validation loss) and its cancellation, as a
-transformers TrainerCallback."""
+"""The training's log lines and its cancellation, as a transformers TrainerCallback."""
 
 import logging
 import time
@@ -11,8 +10,7 @@ def trainer_callback():
     from transformers import TrainerCallback
 
     class LogCallback(TrainerCallback):
-        """One line per logging step (step, loss, learning rate, samples/s over those steps) and per
-        evaluation (validation loss); they go to the training's logs. Keeps the Trainer's log entries."""
+        """Keeps the Trainer's log entries."""
 
         def __init__(self, samples_per_step: int, stop=None):
             self.samples_per_step, self.stop = samples_per_step, stop

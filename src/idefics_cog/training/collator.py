@@ -1,5 +1,4 @@
-"""Batches and the loss: right-padding of tokens and images, and next-token cross-entropy over the whole output
-vocabulary (IDEFICS's own loss in transformers 5.23 leaves out the additional tokens and fails)."""
+"""Training batches and the loss (transformers 5.23's IDEFICS loss leaves out the additional tokens and fails)."""
 
 import torch
 
@@ -7,8 +6,7 @@ from idefics_cog.training.examples import IGNORE
 
 
 class Collator:
-    """Right-pads a batch: tokens with the pad id (attention 0, label IGNORE), images with blank images that no
-    token attends to, up to the largest image count in the batch."""
+    """Right-pads tokens, and images with blank ones that no token attends to."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -37,9 +35,8 @@ class Collator:
 
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """Next-token cross-entropy over the whole output vocabulary (base plus additional tokens), on labelled
-    tokens only; summed and divided by the labelled tokens of the whole accumulated batch when the Trainer
-    gives that count (so gradient accumulation weighs every token alike)."""
+    """Cross-entropy over the whole output vocabulary, per labelled token of the whole accumulated batch when the
+    Trainer gives that count (so gradient accumulation weighs every token alike)."""
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
     logits = logits[:, :-1].float()
     targets = labels[:, 1:].to(logits.device)

@@ -1,12 +1,5 @@
-"""Image-question-answer datasets for training and evaluation: a zip or tar holding `data.jsonl` and its images.
-
-Each line of data.jsonl is one example, either
-    {"images": ["img/1.png"], "question": "...", "answer": "..."}
-or
-    {"images": ["img/1.png"], "conversation": [{"user": "...", "assistant": "..."}, ...]}
-with image paths relative to the archive root. The images go with the first user turn, unless its text places
-them with `<image>` placeholders (one per image). Anything wrong fails fast with the file and line number.
-"""
+"""Datasets for training and evaluation: a zip or tar holding `data.jsonl` (one example a line: `images` and either
+`question`/`answer` or a `conversation` of user/assistant turns) and its images."""
 
 import json
 import tempfile
@@ -24,7 +17,7 @@ DATA_FILE = "data.jsonl"
 
 
 class DatasetError(InputError):
-    """A dataset that cannot be used; the message names the file and line."""
+    """The message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -40,14 +33,11 @@ class Example:
     line: int  # in data.jsonl, for error messages
 
     def load_images(self) -> list[Image.Image]:
-        # The name inside the archive means something here (unlike Cog's temporary name for a request's image).
         return [load_image(f"{DATA_FILE} line {self.line}: {path.name}", path) for path in self.images]
 
     def transcript(self, answer_last: bool = True) -> tuple[list[Segment], list[tuple[int, int]]]:
-        """The conversation in the instruct format (as MedIDEFICS was trained), as prompt segments, and the
-        character spans, in `render(segments)`, of the assistant's answers with their `<end_of_utterance>`:
-        what training learns, and nothing else. With `answer_last=False` the last answer is left out, so the
-        transcript ends with `Assistant:` (the prompt for evaluation)."""
+        """Instruct-format segments and the spans in `render(segments)` of the answers with their
+        `<end_of_utterance>`: all that training learns. `answer_last=False`: the prompt for evaluation."""
         segments = build_segments(self.turns[0].user, len(self.images), "instruct")  # ends with "\nAssistant:"
         spans = []
         for index, turn in enumerate(self.turns):
@@ -63,7 +53,7 @@ class Example:
 
 
 def load_dataset(archive: Path, workdir: Path | None = None) -> list[Example]:
-    """Extract the archive safely into `workdir` (a new temporary directory by default) and read data.jsonl."""
+    """Extracted safely into `workdir` (by default a new temporary directory)."""
     if not Path(archive).is_file():
         raise DatasetError(f"dataset: {archive} is not a file")
     root = Path(workdir or tempfile.mkdtemp(prefix="dataset-"))

@@ -31,7 +31,7 @@ class Prepared:
     labels: torch.Tensor  # (tokens,)
 
 
-def prepare(example: Example, processor, context: int) -> Prepared:
+def prepare(example: Example, processor, context_tokens: int) -> Prepared:
     """Tokens and labels of one example; its images are decoded once here, so a bad file fails before training."""
     tokenizer = processor.tokenizer
     segments, spans = example.transcript()
@@ -39,9 +39,9 @@ def prepare(example: Example, processor, context: int) -> Prepared:
     ids, labels = answer_labels(bos + render(segments), [(s + len(bos), e + len(bos)) for s, e in spans], tokenizer)
     example.load_images()  # raises InputError naming data.jsonl and the line
     where = f"{DATA_FILE} line {example.line}"
-    if len(ids) > context:
+    if len(ids) > context_tokens:
         raise DatasetError(f"{where}: {len(ids)} tokens (text plus 3 per image) do not fit the model's context "
-                           f"of {context} tokens")
+                           f"of {context_tokens} tokens")
     if all(label == IGNORE for label in labels):
         raise DatasetError(f"{where}: no answer tokens to learn from")
     return Prepared(example, segments, torch.tensor(ids), torch.tensor(labels))

@@ -1,18 +1,5 @@
-"""Fine-tune a new LoRA adapter on the base IDEFICS model (`cog train`): transformers' `Trainer` and PEFT.
-
-Data: a zip/tar with `data.jsonl` and its images (data.py). Each example becomes the instruct transcript that
-predict.py serves (`prompt.encode`: `<s>` + the rendered segments, the pixel values and the image attention
-mask), and its labels: the token ids of the assistant's answers with their `<end_of_utterance>`, -100 everywhere
-else (the prompt, the image tokens, padding). A token is an answer token when its character offsets overlap
-an answer's span in the text (the leading space that the tokenizer folds into the answer's first word goes
-with it).
-
-The loss is computed here, not by the model: IDEFICS's own loss in transformers 5.23 reshapes the logits with
-`vocab_size`, which leaves out the additional vocabulary (`<end_of_utterance>` and the image tokens), and fails.
-
-The output is the adapter in the standard PEFT layout (adapter_config.json + adapter_model.safetensors), with
-`base_model_name_or_path` set to the base weight source, packed as a .tar that predict's `lora_weights` takes.
-"""
+"""Fine-tune a new LoRA adapter (`cog train`) with transformers' `Trainer` and PEFT; the output is a PEFT adapter
+packed as a .tar that predict's `lora_weights` takes."""
 
 import logging
 import math
@@ -45,7 +32,7 @@ QUANTIZATIONS = ("auto", "none", "4bit", "8bit")
 
 @dataclass
 class TrainConfig:
-    """The knobs of one training run; train.py's inputs. Defaults as MedIDEFICS (r=16, alpha=32, q/k/v, 2e-4)."""
+    """train.py's inputs; defaults as MedIDEFICS (r=16, alpha=32, q/k/v, 2e-4)."""
 
     num_train_epochs: int = 1
     max_steps: int = 0  # > 0: this many optimizer steps, whatever the number of epochs
@@ -60,7 +47,6 @@ class TrainConfig:
     seed: int = 42
     validation_fraction: float = 0.05
     logging_steps: int = 1
-    warmup_ratio: float = 0.0
     device: str = "auto"  # auto | cuda | cpu
 
     @staticmethod
@@ -72,7 +58,7 @@ class TrainConfig:
 
 
 class TrainingCancelled(Exception):
-    """The training was cancelled (`train_adapter`'s `stop`): nothing was written."""
+    """Nothing was written."""
 
 
 @dataclass
@@ -95,8 +81,7 @@ class TrainResult:
 
 
 def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(train, validation): `fraction` of the items (at least one when fraction > 0), seeded; no split when it
-    would leave no training example."""
+    """(train, validation), seeded; at least one held out when fraction > 0, unless none would be left to train."""
     if fraction <= 0:
         return list(items), []
     count = max(1, round(len(items) * fraction))
@@ -119,8 +104,7 @@ def resolve_quantization(quantization: str, device: torch.device) -> str:
 
 
 def _one_gpu_per_process(device: torch.device) -> Placement | None:
-    """Under a distributed launcher (accelerate/torchrun) each process holds the whole model on its own GPU;
-    otherwise None: one GPU when the model fits it, as for serving (placement.py)."""
+    """Under accelerate/torchrun each process holds the whole model on its own GPU; else None (placement.py)."""
     local_rank = os.environ.get("LOCAL_RANK")
     if device.type == "cuda" and local_rank is not None:
         return Placement({"": int(local_rank)}, None, f"on GPU {local_rank} (LOCAL_RANK, one process per GPU)")
@@ -144,14 +128,11 @@ def add_lora(model, config: TrainConfig, quantization: str):
         raise InputError(f"target_modules: {exc}") from None
 
 
-# --- the run -----------------------------------------------------------------------------------------------------
-
 
 def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: TrainConfig,
                   out_dir: Path | None = None, stop: threading.Event | None = None) -> TrainResult:
-    """Train a new LoRA on the base model `base_source` (any weight source, resolved into `cache_dir`) on the
-    dataset `archive`; write the adapter and its .tar under `out_dir`. Setting `stop` ends the training after the
-    current step with `TrainingCancelled`, writing nothing."""
+    """Write the adapter and its .tar under `out_dir`. Setting `stop` ends the training after the current step
+    with `TrainingCancelled`, writing nothing."""
     from transformers import AutoConfig, PrinterCallback, ProgressCallback, Trainer, TrainingArguments, set_seed
 
 
@@ -166,8 +147,8 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
     path = resolve(base_source, cache_dir)
     log.info("base weights %s resolved to %s", base_source, path)
     processor = load_processor(path)
-    context = AutoConfig.from_pretrained(path).max_position_embeddings
-    prepared = [prepare(example, processor, context) for example in examples]
+    context_tokens = AutoConfig.from_pretrained(path).max_position_embeddings
+    prepared = [prepare(example, processor, context_tokens) for example in examples]
     train_items, eval_items = split(prepared, config.validation_fraction, config.seed)
     labelled = sum(int((p.labels != IGNORE).sum()) for p in train_items)
     log.info("training on %d examples (%d answer tokens), validating on %d", len(train_items), labelled,
@@ -192,7 +173,6 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        warmup_steps=config.warmup_ratio,
         lr_scheduler_type="linear",
         optim="adamw_torch",
         logging_steps=config.logging_steps,
@@ -207,7 +187,6 @@ def train_adapter(archive: Path, base_source: str, cache_dir: Path, config: Trai
         bf16=device.type == "cuda",
         use_cpu=device.type == "cpu",
         dataloader_pin_memory=device.type == "cuda",
-        # (gradient checkpointing, for 8/4-bit, is set up by prepare_model_for_kbit_training)
     )
     trainer = Trainer(
         model=model, args=args, data_collator=Collator(processor.tokenizer.pad_token_id),
