@@ -8,6 +8,7 @@ import sys
 import sysconfig
 import time
 
+import psutil
 import pytest
 import requests
 
@@ -78,17 +79,34 @@ def test_script_predict_streams_the_answer(tiny_dir, engine, tmp_path):
     assert "tokens/s" in done.stderr  # the model's logs arrive on stderr
 
 
-def cog_servers() -> int:
-    return len(subprocess.run(["pgrep", "-f", "cog.server.http"], capture_output=True, text=True).stdout.split())
+def cog_servers(mark: str) -> int:
+    """Cog servers started with RUNNER_TEST_MARK=mark: this test's only (other test workers run servers too)."""
+    count = 0
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "cog.server.http" in " ".join(process.info["cmdline"] or []) and \
+                    process.environ().get("RUNNER_TEST_MARK") == mark:
+                count += 1
+        except psutil.Error:  # ended, or not ours to read
+            pass
+    return count
 
 
 def test_script_predict_fails_with_the_server_error_and_stops_the_server(tiny_dir, tmp_path):
     image = save_png(noise_image(1), tmp_path / "xray.png")
-    servers_before = cog_servers()
-    done = script("predict", "-i", f"image=@{image}", "-i", "prompt=<image><image>", env=tiny_env(tiny_dir))
-    assert done.returncode == 1
-    assert "prediction failed" in done.stderr and "2 <image> placeholder(s) but 1 image(s)" in done.stderr
-    assert cog_servers() == servers_before
+    mark = tmp_path.name
+    running = subprocess.Popen([str(ROOT / "script" / "predict"), "-i", f"image=@{image}", "-i", "prompt=<image><image>"],
+                               env={**os.environ, **tiny_env(tiny_dir), "RUNNER_TEST_MARK": mark}, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = 0
+    while running.poll() is None and not seen:
+        seen = cog_servers(mark)
+        time.sleep(0.05)
+    _, stderr = running.communicate(timeout=300)
+    assert seen == 1  # the script's server was there (so the count below can see one left behind)
+    assert running.returncode == 1
+    assert "prediction failed" in stderr and "2 <image> placeholder(s) but 1 image(s)" in stderr
+    assert cog_servers(mark) == 0
 
 
 def test_script_predict_reports_a_setup_failure(tmp_path):

@@ -9,6 +9,7 @@ import os
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,8 +34,8 @@ TRICKLE_S = 20.0
 
 
 class Hostile:
-    def __init__(self, server: CogServer, files: FileServer, cache: str):
-        self.server, self.files, self.cache = server, files, cache
+    def __init__(self, server: CogServer, files: FileServer, cache: str, temp: Path):
+        self.server, self.files, self.cache, self.temp = server, files, cache, temp
         self.good = files.url("/good.tgz")
         self.baseline = [succeeded(send(server, self.neighbour(i))) for i in range(len(NEIGHBOURS))]
         self.digest = self.checksum()
@@ -70,13 +71,14 @@ def error_of(result: dict) -> str:
 @pytest.fixture(scope="module")
 def hostile(tiny_dir, tmp_path_factory):
     made, cache = tmp_path_factory.mktemp("hostile"), tmp_path_factory.mktemp("cache")
-    env = {"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(tiny_dir / "adapter"),
+    temp = tmp_path_factory.mktemp("server-temp")  # the server's own TMPDIR: other test workers write to /tmp
+    env = {"TMPDIR": str(temp), "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(tiny_dir / "adapter"),
            "COG_PREDICT_TYPE_STUB": "tests/support/checksum_predict.py:Predictor", ALLOW_PRIVATE: "1",
            "IDEFICS_CACHE_DIR": str(cache), "IDEFICS_ADAPTER_FETCH_THREADS": str(THREADS),
            "IDEFICS_MAX_IMAGE_BYTES": "3000000"}
     with FileServer() as files, CogServer(env=env) as server:
         files.add("/good.tgz", tar_bytes(adapter_copy(tiny_dir / "adapter", made / "good")))
-        yield Hostile(server, files, str(cache))
+        yield Hostile(server, files, str(cache), temp)
 
 
 def adapter_url(hostile, tiny_dir, tmp_path, name, config=None, tensors=None) -> str:
@@ -179,7 +181,7 @@ def test_paths_on_the_server_are_refused_with_one_message(hostile, tiny_dir):
     """coglet hands a string that is no URL to predict as a path: an existing file answered, and errors told
     whether a path existed, was a directory or how large it was."""
     paths = [str(tiny_dir.parents[1] / "examples" / "xray.png"), "/nonexistent/secret.png", "/etc",
-             "/proc/self/environ", tempfile.gettempdir()]
+             "/proc/self/environ", tempfile.gettempdir(), str(hostile.temp)]
     results = hostile.beside_neighbours([{"prompt": PROMPT, "image": path} for path in paths] +
                                         [{"prompt": PROMPT, "images": [data_uri(IMAGE), paths[0]]}])
     errors = {error_of(result).rpartition("InputError: ")[2] for result in results[:-1]}
@@ -189,9 +191,10 @@ def test_paths_on_the_server_are_refused_with_one_message(hostile, tiny_dir):
                                           "URL or a data: URI); paths on the server are not read")
 
 
-def coglet_temp_files() -> set[str]:
-    """The temporary files Cog writes file inputs to (`tempfile.NamedTemporaryFile`: tmp<random><file name>)."""
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith("tmp")}
+def coglet_temp_files(hostile) -> set[str]:
+    """The temporary files the server writes file inputs to (`tempfile.NamedTemporaryFile`: tmp<random><file name>),
+    in its own TMPDIR."""
+    return {name for name in os.listdir(hostile.temp) if name.startswith("tmp")}
 
 
 def test_image_urls_are_fetched_under_rules_and_leave_nothing_behind(hostile):
@@ -202,7 +205,7 @@ def test_image_urls_are_fetched_under_rules_and_leave_nothing_behind(hostile):
     url = hostile.files.add("/x.png", png.getvalue())
     huge = hostile.files.add("/huge.png", b"\x89PNG" + b"\0" * 50_000_000)
     missing = hostile.files.url("/missing.png")
-    before = coglet_temp_files()
+    before = coglet_temp_files(hostile)
     ok, too_big, not_found = hostile.beside_neighbours([{**NEIGHBOURS[0], "image": u} for u in (url, huge, missing)])
     assert succeeded(ok) == hostile.baseline[0]  # the same answer as the same picture sent as a data URI
     assert (f"image: {huge}: more than the limit of 3000000 bytes received; stopped (IDEFICS_MAX_IMAGE_BYTES)"
@@ -210,15 +213,15 @@ def test_image_urls_are_fetched_under_rules_and_leave_nothing_behind(hostile):
     assert hostile.files.bytes_served("/huge.png") == 0  # cut off, not read to its end
     assert f"image: {missing}: HTTP 404 Not Found" in error_of(not_found)
     time.sleep(0.5)  # coglet removes a prediction's files just after its response
-    assert coglet_temp_files() - before == set()
+    assert coglet_temp_files(hostile) - before == set()
 
 
 def test_thousands_of_tiny_files_are_refused_before_they_are_written(hostile):
-    before = coglet_temp_files()
+    before = coglet_temp_files(hostile)
     (result,) = hostile.beside_neighbours([{"prompt": PROMPT, "images": ["data:,x"] * 2000}])
     assert "image, images: more than 9 files given; the limit is 8 per request (IDEFICS_MAX_IMAGES)" in error_of(result)
     time.sleep(0.5)
-    assert coglet_temp_files() - before == set()
+    assert coglet_temp_files(hostile) - before == set()
 
 
 def test_slow_adapter_sources_hold_no_other_request_and_a_cancel_frees_their_threads(hostile, tiny_dir, tmp_path):
