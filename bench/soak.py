@@ -15,6 +15,7 @@ loopback file server), and reports the worker's peak resident memory (VmHWM) ove
 
 import argparse
 import io
+import shutil
 import statistics
 import sys
 import tempfile
@@ -102,13 +103,14 @@ def large_images(server: CogServer, files: FileServer, requests: int, per_reques
             "worker peak before large MB": before / 2**20, "worker peak after large MB": worker_peak(server) / 2**20}
 
 
-def temp_files() -> int:
-    return sum(1 for _ in Path(tempfile.gettempdir()).iterdir())
+def temp_files(folder: Path) -> int:
+    return sum(1 for _ in folder.iterdir())
 
 
 def soak(count: int, large_requests: int = 0) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="soak-cache-"))
-    env = {"IDEFICS_BASE_WEIGHTS": str(TINY / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(TINY / "adapter"),
+    temp = Path(tempfile.mkdtemp(prefix="soak-tmp-"))  # the server's own TMPDIR: nobody else's files counted
+    env = {"TMPDIR": str(temp), "IDEFICS_BASE_WEIGHTS": str(TINY / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(TINY / "adapter"),
            "IDEFICS_CACHE_DIR": str(cache), "IDEFICS_ALLOW_PRIVATE_URLS": "1"}  # adapters from a loopback server
     results = {"succeeded": 0, "failed as expected": 0, "unexpected": []}
     rss, latencies = [], []
@@ -125,7 +127,7 @@ def soak(count: int, large_requests: int = 0) -> dict:
             else:
                 results["unexpected"].append((index, result["status"], result.get("error")))
             if index == WARMUP - 1:
-                baseline_rss, baseline_temp = worker_rss(server), temp_files()
+                baseline_rss, baseline_temp = worker_rss(server), temp_files(temp)
             if index >= WARMUP - 1:
                 rss.append(worker_rss(server))
         report = {
@@ -133,13 +135,15 @@ def soak(count: int, large_requests: int = 0) -> dict:
             "unexpected": results["unexpected"],
             "rss after warm-up MB": baseline_rss / 2**20, "rss max after warm-up MB": max(rss) / 2**20,
             "rss growth MB": (rss[-1] - baseline_rss) / 2**20,
-            "temp entries growth": temp_files() - baseline_temp,
+            "temp entries growth": temp_files(temp) - baseline_temp,
             "adapter cache bytes": directory_bytes(cache / "adapters"),
             "latency median ms": statistics.median(latencies), "health": server.health()["status"], **large,
         }
     report["ok"] = (not results["unexpected"] and rss[-1] - baseline_rss <= RSS_GROWTH_LIMIT
                     and report["temp entries growth"] <= 5 and report["health"] == "READY"
                     and large.get("large succeeded", 0) == large_requests)
+    for folder in (cache, temp):
+        shutil.rmtree(folder, ignore_errors=True)
     return report
 
 

@@ -286,11 +286,11 @@ def test_a_short_soak_answers_everything_without_growing(tiny_dir):
     from idefics_cog.config import ROOT
 
     out = tiny_dir.parent / f"soak-{os.getpid()}.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--requests", "40", "--large-requests",
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "soak.py"), "--requests", "30", "--large-requests",
                            "0", "--json", str(out)], capture_output=True, text=True, timeout=600, check=False)
     report = json.loads(out.read_text())
     out.unlink()
-    assert report["unexpected"] == [] and report["succeeded"] == 32 and report["failed as expected"] == 8
+    assert report["unexpected"] == [] and report["succeeded"] == 24 and report["failed as expected"] == 6
     assert report["ok"] and done.returncode == 0, (report, done.stderr[-2000:])
 
 
