@@ -136,7 +136,7 @@ def soak(count: int, large_requests: int = 0) -> dict:
             "rss after warm-up MB": baseline_rss / 2**20, "rss max after warm-up MB": max(rss) / 2**20,
             "rss growth MB": (rss[-1] - baseline_rss) / 2**20,
             "temp entries growth": temp_files(temp) - baseline_temp,
-            "adapter cache bytes": directory_bytes(cache / "adapters"),
+            "adapter downloads bytes": directory_bytes(cache / "adapters"),
             "latency median ms": statistics.median(latencies), "health": server.health()["status"], **large,
         }
     report["ok"] = (not results["unexpected"] and rss[-1] - baseline_rss <= RSS_GROWTH_LIMIT
