@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from idefics_cog.weights.cancel import Cancel, Cancelled
+from idefics_cog.weights.stream import Cancel, Cancelled
 
 
 @dataclass(eq=False)

@@ -1,7 +1,6 @@
-"""An adapter's files, written by a stranger: the standard PEFT layout, its config by allow-list, every LoRA matrix
-checked against the base model's adaptable layers, the rank limit and for finite values before anything touches the
-model, and PEFT's older adapter_model.bin read with torch's weights-only unpickler (any object other than tensors and
-containers is refused before it is built) and written once as safetensors."""
+"""An adapter's files, written by a stranger, checked before anything touches the model: the PEFT layout, its config
+by allow-list, every LoRA matrix against the base model's adaptable layers, the rank limit, finite values; an
+adapter_model.bin read by torch's weights-only unpickler only, and written once as safetensors."""
 
 import dataclasses
 import hashlib
@@ -23,7 +22,7 @@ from safetensors.torch import save_file
 
 from idefics_cog.config import MAX_ADAPTER_RANK
 from idefics_cog.errors import AdapterError, shorten
-from idefics_cog.weights.base import ADAPTER_PICKLE, PICKLE_SUFFIXES
+from idefics_cog.weights.source import ADAPTER_PICKLE, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +284,9 @@ def lora_key(key: str) -> tuple[str, str]:
     return match["module"], match["part"]
 
 
-def with_safetensors(path: Path, cache: Path) -> Path:
+def with_safetensors(path: Path, download_dir: Path) -> Path:
     """`path` itself, unless it holds an adapter published as adapter_model.bin only: then a directory under
-    `cache/converted/` with its config and its tensors as adapter_model.safetensors, made once (atomically) and
+    `download_dir/converted/` with its config and its tensors as adapter_model.safetensors, made once (atomically) and
     found again by the sha256 of the config and the .bin. The source directory is never written to: it may be the
     operator's own folder, a verified hub snapshot or a complete archive entry."""
     if not (path / PICKLED_FILE).is_file() or (path / WEIGHTS_FILE).exists():
@@ -298,7 +297,7 @@ def with_safetensors(path: Path, cache: Path) -> Path:
     with open(path / PICKLED_FILE, "rb") as stream:
         while chunk := stream.read(8 << 20):
             digest.update(chunk)
-    target = cache / "converted" / digest.hexdigest()[:32]
+    target = download_dir / "converted" / digest.hexdigest()[:32]
     if target.is_dir():
         return target
     started = time.perf_counter()

@@ -1,17 +1,6 @@
-"""Cog's managed weights: use the weight set `cog push` shipped as its own layers, mounted at its `target`, when
-its files match `weights.lock`; otherwise the setting is resolved (downloaded) exactly as without a lock.
-
-`cog weights import -f cog.managed.yaml` writes weights.lock from that file's `weights:` entries (format version 1
-of replicate/cog's `pkg/weights/lockfile/lockfile.go`): for each weight its `name`, `target`, `sources` (`uri` such as
-`hf://owner/name`, `fingerprint` `commit:<sha>` for the hub), `setDigest` and `files` (`path`, `size`, `digest`
-as `sha256:<hex>`). A setting uses an entry when the entry's only source is the same hub repo (`owner/name` in the
-setting, `hf://owner/name` in the lock) and the setting pins no other revision: the lock pins the commit.
-
-Every file is checked against the lock (present, its size, its sha256); weight files in the target that the lock
-does not list are refused too (the loader could pick them). A marker under `<cache>/managed-verified/` remembers
-each file verified, keyed on its size and mtime, so a warm start does not hash 18 GB again (hub.py does the same).
-A target that does not match is never loaded: the log says which file, and the setting is resolved as usual.
-"""
+"""Cog's managed weights: the weight set `cog push` shipped as image layers, mounted at its `target`, is used when every
+file matches weights.lock (present, its size, its sha256, no unlisted weight file); otherwise the setting is
+downloaded as without a lock. A record under `<download folder>/managed-verified/` spares a warm start the hashing."""
 
 import hashlib
 import json
@@ -24,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from idefics_cog.errors import WeightsError
-from idefics_cog.weights.base import HUB_ID, PICKLE_SUFFIXES
-from idefics_cog.weights.checksums import digest, write_marker
+from idefics_cog.weights.hub import digest, write_record
+from idefics_cog.weights.source import HUB_ID, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +60,20 @@ def set_digest(files) -> str:
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-class Lock:
+class WeightsLock:
     """The weights of a weights.lock (none when the file does not exist), and which setting may use which."""
 
-    def __init__(self, path: Path, weights: list[LockedWeight], cache_dir: Path):
-        self.path, self.weights, self.cache_dir = Path(path), weights, Path(cache_dir)
+    def __init__(self, path: Path, weights: list[LockedWeight], download_dir: Path):
+        self.path, self.weights, self.download_dir = Path(path), weights, Path(download_dir)
         self.refused: dict[str, str] = {}  # setting variable -> why its mounted target was not used
 
     @classmethod
-    def read(cls, path: Path, cache_dir: Path) -> "Lock":
+    def read(cls, path: Path, download_dir: Path) -> "WeightsLock":
         """Raises WeightsError naming the file when it exists but is not a version-1 weights.lock."""
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            return cls(path, [], cache_dir)
+            return cls(path, [], download_dir)
         except (OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable weights.lock ({exc})") from exc
         if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
@@ -92,7 +81,7 @@ class Lock:
             raise WeightsError(f"{path}: unsupported weights.lock version {found!r} (this project reads version "
                                f"{LOCK_VERSION}, as written by `cog weights import`)")
         try:
-            return cls(path, [_entry(entry) for entry in data.get("weights") or []], cache_dir)
+            return cls(path, [_entry(entry) for entry in data.get("weights") or []], download_dir)
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{path}: malformed weights.lock entry ({type(exc).__name__}: {exc})") from exc
 
@@ -106,7 +95,7 @@ class Lock:
             log.info("%s: %s is in %s, but its target %s is not mounted here; resolving %s=%s as usual",
                      weight.name, weight.uri, self.path.name, weight.target, variable, setting)
             return setting
-        problem = verify(weight, self.cache_dir)
+        problem = check_against_lock(weight, self.download_dir)
         if problem:
             self.refused[variable] = f"the mounted {weight.target} does not match {self.path.name}: {problem}"
             log.warning("%s=%s: %s; not loading it, resolving the setting as without a lock", variable, setting,
@@ -149,9 +138,9 @@ def _entry(entry: dict) -> LockedWeight:
                         files=files)
 
 
-def verify(weight: LockedWeight, cache_dir: Path) -> str | None:
+def check_against_lock(weight: LockedWeight, download_dir: Path) -> str | None:
     """None when every file of `weight` in its target matches the lock, else the first problem found.
-    Presence and sizes first (cheap), then sha256 of the files the marker does not vouch for."""
+    Presence and sizes first (cheap), then sha256 of the files the record does not vouch for."""
     if weight.set_digest != set_digest(weight.files):
         return f"its setDigest {weight.set_digest} is not that of the files it lists ({set_digest(weight.files)})"
     listed = {file.path for file in weight.files}
@@ -167,8 +156,8 @@ def verify(weight: LockedWeight, cache_dir: Path) -> str | None:
             return f"{file.path} is missing"
         if states[file.path].st_size != file.size:
             return f"{file.path} is {states[file.path].st_size} bytes, the lock says {file.size}"
-    marker = cache_dir / "managed-verified" / f"{weight.name}.json"
-    known = _read_marker(marker, weight)
+    record = download_dir / "managed-verified" / f"{weight.name}.json"
+    known = _read_record(record, weight)
     todo = [file for file in weight.files if known.get(file.path) != _stamp(file, states[file.path])]
     started, hashed = time.monotonic(), sum(file.size for file in todo)
     with ThreadPoolExecutor(HASH_THREADS) as pool:
@@ -182,8 +171,7 @@ def verify(weight: LockedWeight, cache_dir: Path) -> str | None:
     if todo:
         log.info("%s: hashed %d files (%d bytes) in %.1f s", weight.name, len(todo), hashed,
                  time.monotonic() - started)
-    write_marker(marker, {"setDigest": weight.set_digest, "target": str(weight.target), "files": known},
-                 weight.name)
+    write_record(record, {"setDigest": weight.set_digest, "target": str(weight.target), "files": known}, weight.name)
     return problem
 
 
@@ -191,9 +179,9 @@ def _stamp(file: LockedFile, state: os.stat_result) -> dict:
     return {"digest": file.digest, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
 
 
-def _read_marker(marker: Path, weight: LockedWeight) -> dict:
+def _read_record(record: Path, weight: LockedWeight) -> dict:
     try:
-        data = json.loads(marker.read_text())
+        data = json.loads(record.read_text())
     except (OSError, ValueError):
         return {}
     same = isinstance(data, dict) and data.get("setDigest") == weight.set_digest
