@@ -2,7 +2,7 @@ import pytest
 
 from idefics_dev import tiny
 from idefics_cog.config import ROOT
-from idefics_cog.weights.sources import ALLOW_PRIVATE
+from idefics_cog.weights.url_guard import ALLOW_PRIVATE
 
 
 ADAPTER_LIMIT = 3_000_000  # above the tiny base model archive (refused as "not an adapter"), below a padded one

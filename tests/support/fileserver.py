@@ -37,7 +37,7 @@ class Fault:
     accept_ranges: Optional[bool] = None  # send `Accept-Ranges: bytes` (None: when ranges are honoured)
     gather: Optional[int] = None  # hold each request until this many are in flight at once (a parallel client)
     trickle: float = 0.0  # send the body in small pieces spread over this many seconds (a slow server)
-    head_size: Optional[int] = None  # a HEAD announces this Content-Length (a server that lies about the size)
+    no_length: bool = False  # a GET announces no Content-Length (the body ends when the connection closes)
     location: Optional[str] = None  # with a 3xx `status`: where it redirects
     times: Optional[int] = None  # apply to this many GET requests only (None: every one)
     skip: int = 0  # let this many GET requests through untouched first
@@ -174,8 +174,11 @@ def _handler(server: FileServer):
                     return
             self.send_response(206 if partial else 200)
             self.send_header("Content-Type", "application/octet-stream")
-            announced = fault.head_size if fault.head_size is not None and not send_body else end - start
-            self.send_header("Content-Length", str(announced))
+            if fault.no_length and send_body:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(end - start))
             self.send_header("ETag", f'"{zlib.crc32(data):08x}"')
             advertise = not fault.ignore_range if fault.accept_ranges is None else fault.accept_ranges
             if advertise:

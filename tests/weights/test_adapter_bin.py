@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from idefics_cog.serving.engine import Engine
-from idefics_cog.weights.base import WeightsError
+from idefics_cog.errors import WeightsError
 from tests.support.helpers import bin_adapter, hostile_adapter
 from tests.support.engine import answer
 

@@ -1,7 +1,6 @@
 """Adapters on the tiny model: validation, switching, scaling, rollback, caches (quantized bases: test_quantized.py)."""
 
 import json
-import os
 import shutil
 
 import pytest
@@ -9,9 +8,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from idefics_cog.errors import AdapterError, InputError
-from idefics_cog.weights.lora import DEFAULTS, check_adapter, check_values, layer_shapes
+from idefics_cog.weights.adapter_files import DEFAULTS, check_adapter, check_values, layer_shapes
 from tests.support.helpers import adapter_copy, adapter_with_config
 from tests.support.engine import answer
 from tests.support.hostile import not_finite, settings_beyond_plain_lora, shared_digest, with_layer
@@ -116,7 +115,7 @@ def test_matrices_of_another_rank_than_the_config_are_refused_before_loading(wit
 @pytest.fixture
 def fails_half_way(monkeypatch):
     """Loading fails once PEFT has made the new layers and the matrices were copied in."""
-    from idefics_cog.weights import adapters as module
+    from idefics_cog.serving import adapters as module
 
     copy = module.load_lora_matrices
 
@@ -143,18 +142,6 @@ def test_failed_first_adapter_leaves_the_plain_model(fresh, tiny_dir, tmp_path, 
         adapters._load(copy_adapter(tiny_dir, tmp_path), "broken")
     assert not isinstance(fresh.model, PeftModel)
     assert answer(fresh) == alone["none"]
-
-
-def test_disk_cache_drops_the_least_recently_used_beyond_its_budget(fresh, tmp_path):
-    adapters = Adapters(fresh, tmp_path, cache_bytes=2500)
-    for age, name in enumerate(["old", "middle", "new"]):
-        entry = adapters.cache_dir / name
-        entry.mkdir(parents=True)
-        (entry / "weights").write_bytes(b"x" * 1000)
-        (entry / ".last_used").touch()
-        os.utime(entry / ".last_used", (1000 + age, 1000 + age))
-    adapters._trim_disk_cache(keep=adapters.cache_dir / "old")  # the one in use stays, whatever its age
-    assert sorted(p.name for p in adapters.cache_dir.iterdir()) == ["new", "old"]
 
 
 def test_adapter_missing_some_matrices_is_refused_and_rolled_back(with_medical, tiny_dir, tmp_path, alone):
@@ -331,7 +318,7 @@ def test_pattern_keys_are_matched_as_peft_matches_them_and_loaded_at_their_ranks
 def test_a_pickled_adapter_whose_tensors_are_views_larger_than_its_data_is_refused(tiny_dir, tmp_path, fresh):
     """A stride-0 view of a one-element storage is a valid tensor of any size: copying it would allocate it all
     (an 1.8 kB adapter_model.bin grew a server by 1 GB)."""
-    from idefics_cog.weights.lora import load_pickled_lora
+    from idefics_cog.weights.adapter_files import load_pickled_lora
 
     huge = torch.zeros(1).expand(16, 1 << 20)  # 64 MB as a copy, 4 bytes of data
     folder = tmp_path / "bin"

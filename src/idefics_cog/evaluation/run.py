@@ -20,7 +20,7 @@ from pathlib import Path
 from idefics_cog.config import Settings
 from idefics_cog.errors import InputError, WeightsError
 from idefics_cog.evaluation.metrics import aggregate, score
-from idefics_cog.weights.base import HUB_ID, is_url
+from idefics_cog.weights.source import HUB_ID, is_url
 
 # The model-side modules (torch, transformers, peft) are imported where they are used, so that `--help` loads
 # quickly.

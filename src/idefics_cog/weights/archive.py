@@ -150,7 +150,7 @@ def _download(entry: ArchiveEntry, stream: dict) -> None:
             output = (result.stderr or result.stdout).strip()[-2000:]
             raise WeightsError(f"{entry.url}: pget failed (exit {result.returncode}): {output}")
     else:
-        fetch_file(entry.url, entry.part, **stream)
+        fetch_file(entry.url, entry.part, announced=True, **stream)
     seconds, size = time.monotonic() - started, entry.part.stat().st_size
     log.info("%s: downloaded %s in %.1f s (%.1f MB/s)", entry.url, mb(size), seconds, size / 1e6 / max(seconds, 1e-3))
 

@@ -79,13 +79,14 @@ RETRYABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.Chu
 
 def fetch_file(url: str, target: Path, *, max_bytes: int | None = None, deadline: float | None = None,
                session: requests.Session | None = None, cancel: Cancel | None = None,
-               settings: tuple[str, str | None] = (DEADLINE_SETTING, None), retries: int = RETRIES,
-               read_timeout: float = READ_TIMEOUT, retry_wait: float = RETRY_WAIT) -> None:
+               settings: tuple[str, str | None] = (DEADLINE_SETTING, None), announced: bool = False,
+               retries: int = RETRIES, read_timeout: float = READ_TIMEOUT, retry_wait: float = RETRY_WAIT) -> None:
     """`url` into `target`; `target` appears only when whole, and a failed transfer leaves nothing behind.
-    `max_bytes` caps the bytes announced and received; `deadline` (a time.monotonic() value) ends the whole
+    `max_bytes` caps the bytes received (and with `announced`, a larger Content-Length is refused before the body
+    is read); `deadline` (a time.monotonic() value) ends the whole
     transfer; `session` sends it (url_guard.guarded_session for a stranger's URL); `settings` name the variables of
     the deadline and of the byte cap in errors."""
-    stream = _Stream(url, max_bytes, deadline, session, cancel, settings, read_timeout)
+    stream = _Stream(url, max_bytes, deadline, session, cancel, settings, read_timeout, announced)
     partial = target.with_name(target.name + ".part")
     try:
         for number in range(retries + 1):
@@ -106,10 +107,10 @@ def fetch_file(url: str, target: Path, *, max_bytes: int | None = None, deadline
 
 
 class _Stream:
-    def __init__(self, url, max_bytes, deadline, session, cancel, settings, read_timeout):
+    def __init__(self, url, max_bytes, deadline, session, cancel, settings, read_timeout, announced):
         self.url, self.max_bytes, self.deadline, self.session, self.cancel = url, max_bytes, deadline, session, cancel
         self.deadline_setting, self.bytes_setting = settings
-        self.read_timeout = read_timeout
+        self.read_timeout, self.announced = read_timeout, announced
 
     def into(self, path: Path) -> None:
         self.check()
@@ -130,7 +131,7 @@ class _Stream:
                 raise WeightsError(f"{shorten(self.url)}: {problem}")
             length = response.headers.get("Content-Length", "")
             size = int(length) if length.isdigit() else None
-            if self.max_bytes is not None and size is not None and size > self.max_bytes:
+            if self.announced and self.max_bytes is not None and size is not None and size > self.max_bytes:
                 raise WeightsError(f"{shorten(self.url)}: {size} bytes, over the limit of {self.max_bytes} bytes; "
                                    f"not downloaded{self.named(self.bytes_setting)}")
             received, started = 0, time.monotonic()
