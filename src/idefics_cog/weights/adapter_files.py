@@ -27,7 +27,7 @@ from idefics_cog.weights.source import ADAPTER_PICKLE, PICKLE_SUFFIXES
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PICKLED_FILE = ADAPTER_PICKLE  # PEFT's older format: read with the weights-only unpickler, never by PEFT
+PICKLED_FILE = ADAPTER_PICKLE
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is about 1 kB
 MAX_HEADER_BYTES = 8 << 20  # the safetensors header (names and shapes): MedIDEFICS's is about 70 kB
 NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}  # BF16, numpy lacks: by its bits
@@ -36,10 +36,8 @@ MAX_ALPHA = 1e6  # lora_alpha and alpha_pattern values: MedIDEFICS's is 32
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>[\w.-]+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
 _PLAIN_NAME = re.compile(r"^[\w.-]{1,200}$")  # a module name or suffix: no regular-expression operators
 
-# The layers an adapter may adapt: the Linear layers of the text model, of the gated cross-attention blocks, of the
-# perceiver and of the vision encoder. A request's adapter reaches only its own rows there: at prefill through PEFT
-# with that adapter selected, in decode steps through each row's bank (serving/rowlora.py). Never lm_head, the
-# embeddings or the vision embeddings: the decode step calls them directly, so a LoRA there would reach every row.
+# Where a request's adapter reaches only its own rows (serving/rowlora.py); never lm_head or the embeddings, which the
+# decode step calls directly for every row.
 ADAPTABLE = ("model.layers.", "model.gated_cross_attn_layers.", "model.perceiver_resampler.",
              "model.vision_model.encoder.")
 
@@ -70,10 +68,9 @@ def adaptable(name: str, layers: dict[str, tuple[int, int] | None]) -> bool:
 
 def check_adapter(path: Path, layers: dict[str, tuple[int, int] | None],
                   max_rank: int = MAX_ADAPTER_RANK) -> LoraConfig:
-    """Refuse anything but a LoRA adapter in the standard PEFT layout whose matrices fit the base model's adaptable
-    layers (`layers`: layer_shapes of the base), with ranks up to `max_rank`, before anything touches the model.
-    Returns the LoraConfig to load it with: built here from the checked settings, with the exact layers and ranks
-    of the file, so that PEFT matches no pattern of the stranger's and initialises nothing."""
+    """Refuse anything but a PEFT LoRA adapter whose matrices fit the base's adaptable `layers` (layer_shapes), ranks
+    up to `max_rank`. Returns the LoraConfig to load it with, built from the checked settings with the file's exact
+    layers and ranks, so that PEFT matches no pattern of the stranger's and initialises nothing."""
     files = {p.name for p in path.iterdir()} if path.is_dir() else set()
     if WEIGHTS_FILE not in files:
         pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
@@ -109,8 +106,7 @@ def check_adapter(path: Path, layers: dict[str, tuple[int, int] | None],
         # One pattern per value, of the exact names: PEFT matches every key against every layer it adapts.
         rank_pattern={exactly(modules): value for value, modules in ranks.items() if value != r},
         alpha_pattern={exactly(modules): value for value, modules in alphas.items() if value != alpha},
-        # Every matrix comes from the file (load_lora_matrices), so PEFT initialises nothing: some of its
-        # initialisations (PiSSA, OLoRA, ...) rewrite the base model's weights, which other requests share.
+        # PiSSA, OLoRA, ... would rewrite the shared base weights: every matrix comes from the file instead.
         init_lora_weights=False, inference_mode=True,
         base_model_name_or_path=shorten(raw.get("base_model_name_or_path") or "", 200) or None)
 
@@ -255,10 +251,8 @@ VALUES_AT_ONCE = 1 << 24
 
 
 def check_values(path: Path) -> None:
-    """Refuse matrices whose values are not all finite (NaN or infinite matrices gave their requests empty answers),
-    read with numpy from the file's own bytes, a slice at a time: no torch operation, so a thread other than the
-    torch thread may run it (a second OpenMP team would slow every decode step). check_adapter has checked the
-    header."""
+    """Refuse matrices with NaN or infinite values (their requests got empty answers), read with numpy a slice at a
+    time: no torch operation, so it runs off the torch thread (a second OpenMP team would slow every decode step)."""
     file = path / WEIGHTS_FILE
     with open(file, "rb") as stream:
         size = struct.unpack("<Q", stream.read(8))[0]
@@ -285,10 +279,8 @@ def lora_key(key: str) -> tuple[str, str]:
 
 
 def with_safetensors(path: Path, download_dir: Path) -> Path:
-    """`path` itself, unless it holds an adapter published as adapter_model.bin only: then a directory under
-    `download_dir/converted/` with its config and its tensors as adapter_model.safetensors, made once (atomically) and
-    found again by the sha256 of the config and the .bin. The source directory is never written to: it may be the
-    operator's own folder, a verified hub snapshot or a complete archive entry."""
+    """`path` itself, unless it holds an adapter_model.bin only: then `download_dir/converted/<sha256>/` with its config
+    and its tensors as safetensors, made once, atomically. The source folder is never written to."""
     if not (path / PICKLED_FILE).is_file() or (path / WEIGHTS_FILE).exists():
         return path  # check_adapter says what is wrong with anything else
     if not (path / CONFIG_FILE).is_file():

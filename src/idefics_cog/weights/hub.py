@@ -51,7 +51,7 @@ class TerminalOnlyBar(hf_tqdm):
 class Hub:
     """One repo at one revision, where it is stored, and how to reach the hub (read from the environment now)."""
 
-    def __init__(self, repo_id: str, revision: str | None, download_dir: Path, timeout: float | None = None):
+    def __init__(self, repo_id: str, revision: str | None, download_dir: Path):
         self.repo_id, self.revision = repo_id, revision
         self.with_pickle = False  # also fetch (and check) an adapter's adapter_model.bin
         self.listing: tuple[str, dict] | None = None  # (commit, {path: RepoSibling}): the hub's sizes and checksums
@@ -61,8 +61,7 @@ class Hub:
         self.checked_dir = download_dir / "hub-verified" / self.storage.name
         self.endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
         self.shown_endpoint = self.endpoint or constants.ENDPOINT
-        self.timeout = timeout if timeout is not None else float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or
-                                                                  DEFAULT_TIMEOUT)
+        self.timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_TIMEOUT)
         # huggingface_hub read HF_HUB_OFFLINE at import; it still blocks every request when it was set then.
         self.offline = env_flag("HF_HUB_OFFLINE") or env_flag("TRANSFORMERS_OFFLINE") or constants.is_offline_mode()
         self.online = not self.offline
