@@ -89,7 +89,7 @@ def fetch_archive(url: str, download_dir: Path, *, max_bytes: int | None = None,
     entry = ArchiveEntry.of(url, download_dir)
     found = entry.lookup()
     if found is not None:
-        log.info("%s: already downloaded, at %s", entry.url, found)
+        log.info("%s: cached at %s", entry.url, found)
         return found
     if offline():
         raise UnreachableError(f"{entry.url}: not in the cache at {download_dir}, and HF_HUB_OFFLINE=1 forbids "

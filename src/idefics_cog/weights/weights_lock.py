@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1  # lockfile.Version in replicate/cog
 HF = "hf://"
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 HASH_THREADS = 4  # shards hash in parallel (hashlib releases the GIL), bounded by the disk anyway
 
