@@ -81,11 +81,10 @@ def fetch_file(url: str, target: Path, *, max_bytes: int | None = None, deadline
                session: requests.Session | None = None, cancel: Cancel | None = None,
                settings: tuple[str, str | None] = (DEADLINE_SETTING, None), announced: bool = False,
                retries: int = RETRIES, read_timeout: float = READ_TIMEOUT, retry_wait: float = RETRY_WAIT) -> None:
-    """`url` into `target`; `target` appears only when whole, and a failed transfer leaves nothing behind.
-    `max_bytes` caps the bytes received (and with `announced`, a larger Content-Length is refused before the body
-    is read); `deadline` (a time.monotonic() value) ends the whole
-    transfer; `session` sends it (url_guard.guarded_session for a stranger's URL); `settings` name the variables of
-    the deadline and of the byte cap in errors."""
+    """`url` into `target`, which appears only when whole; a failed transfer leaves nothing behind. `max_bytes` caps
+    the bytes received (`announced`: a larger Content-Length is refused before the body); `deadline` (a
+    time.monotonic() value) ends the transfer; `session` sends it (url_guard.guarded_session for a stranger's URL);
+    `settings` name the variables of the deadline and of the byte cap in errors."""
     stream = _Stream(url, max_bytes, deadline, session, cancel, settings, read_timeout, announced)
     partial = target.with_name(target.name + ".part")
     try:
@@ -107,6 +106,8 @@ def fetch_file(url: str, target: Path, *, max_bytes: int | None = None, deadline
 
 
 class _Stream:
+    """One attempt at a time, and what to say about its failure."""
+
     def __init__(self, url, max_bytes, deadline, session, cancel, settings, read_timeout, announced):
         self.url, self.max_bytes, self.deadline, self.session, self.cancel = url, max_bytes, deadline, session, cancel
         self.deadline_setting, self.bytes_setting = settings
