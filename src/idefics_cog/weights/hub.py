@@ -1,7 +1,6 @@
-"""Hub ids `owner/name[@revision]` to a snapshot folder under `<download folder>/hub`, through huggingface_hub's
-snapshot_download, adding what it lacks: each weight file checked against the hub's sha256, a timeout on resolving
-the revision, HF_ENDPOINT and HF_HUB_OFFLINE read at each call, partial files of killed runs removed. A request's
-adapter (fetch_request_adapter) is listed, then streamed under its byte cap and deadline."""
+"""Hub ids `owner/name[@revision]` to snapshot folders through huggingface_hub, plus what it lacks: weight files checked
+against the hub's sha256, a timeout on the repo-info request, the environment read at each call. A request's adapter
+is listed first, then streamed under its byte cap and deadline."""
 
 import hashlib
 import json
@@ -11,14 +10,13 @@ import re
 import shutil
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_url, snapshot_download
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
-                                    OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                    RevisionNotFoundError)
+from huggingface_hub.errors import (HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
+                                    OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -123,22 +121,15 @@ def describe(exc: Exception, hub: Hub) -> str:
     where, status = hub.shown_endpoint, getattr(getattr(exc, "response", None), "status_code", "error")
     if isinstance(exc, RevisionNotFoundError):
         return f"revision {hub.revision!r} not found in {hub.repo_id} on {where}"
-    if isinstance(exc, GatedRepoError):
-        return f"the repo is gated on {where}: accept its terms and set HF_TOKEN"
-    if isinstance(exc, RepositoryNotFoundError):
-        return f"repo not found on {where} (HTTP {status}); check the id, or set HF_TOKEN if it is private"
-    if isinstance(exc, RemoteEntryNotFoundError):
-        return f"a file listed in the repo is missing on {where} ({exc.response.url})"
+    if isinstance(exc, RepositoryNotFoundError):  # GatedRepoError too
+        return (f"repo not found on {where} (HTTP {status}); check the id, or set HF_TOKEN if it is private or "
+                f"gated (and accept its terms)")
     if isinstance(exc, HfHubHTTPError):
         return f"the hub at {where} answered HTTP {status} ({(str(exc).strip().splitlines() or [''])[0]})"
     if isinstance(exc, httpx2.TimeoutException):
         return f"the hub at {where} did not answer within {hub.timeout:g} s ({type(exc).__name__})"
     if isinstance(exc, httpx2.TransportError):
         return f"the hub at {where} could not be reached ({type(exc).__name__}: {exc})"
-    if isinstance(exc, OfflineModeIsEnabled):
-        return "offline mode is enabled (HF_HUB_OFFLINE)"
-    if isinstance(exc, LocalEntryNotFoundError):
-        return f"not (completely) in the cache {hub.hub_dir} and the hub cannot be used ({exc})"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -149,14 +140,7 @@ def fetch_hub(repo_id: str, revision: str | None, download_dir: Path, *, adapter
     that fails its checksum twice)."""
     started = time.monotonic()
     hub = Hub(repo_id, revision, Path(download_dir))
-    before = _blob_states(hub.storage)
-    for partial in (hub.storage / "blobs").glob("*.incomplete"):  # a SIGKILLed snapshot_download leaves these
-        try:
-            if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
-                partial.unlink()
-                log.info("removed %s, a partial download left by an interrupted run", partial)
-        except OSError:
-            continue
+    before = _blob_states(hub.storage, remove_partial_older_than=STALE_PARTIAL_S)
     with hub.errors():
         snapshot = hub.snapshot()
         if adapter and not (snapshot / "adapter_model.safetensors").exists():
@@ -190,14 +174,9 @@ def _listing(hub: Hub, commit: str) -> dict | None:
 
 
 def check_hub_checksums(hub: Hub, snapshot: Path, commit: str) -> int:
-    """Hash each weight file not checked before against the hub's checksum (huggingface_hub checks sizes only);
-    fetch a mismatching one again once. A record per commit, keyed on each blob's size and mtime, spares a warm
-    start the hashing. Returns the bytes hashed."""
-    record_path = hub.record_path(commit)
-    try:
-        checked = json.loads(record_path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        checked = {}
+    """Hash each weight file the record does not vouch for against the hub's checksum (huggingface_hub checks sizes
+    only); a mismatching one is removed and fetched again once. Returns the bytes hashed."""
+    record = CheckedFiles(hub.record_path(commit), repo=hub.repo_id, commit=commit)
     listing = _listing(hub, commit) or {}
     hashed = 0
 
@@ -211,20 +190,19 @@ def check_hub_checksums(hub: Hub, snapshot: Path, commit: str) -> int:
                 log.warning("%s: no checksum known for %s; not checked", hub.label, rel)
             elif not file.exists():
                 bad.append((rel, expected[1], "missing"))
-            elif checked.get(rel) != (stamp := _stamp(expected[1], os.stat(file))):
+            elif not record.vouches(rel, expected[1], state := os.stat(file)):
                 actual = digest(file, expected[0])
-                hashed += stamp["size"]
+                hashed += state.st_size
                 if actual == expected[1]:
-                    checked[rel] = stamp
+                    record.add(rel, expected[1], state)
                     continue
-                checked.pop(rel, None)
+                record.files.pop(rel, None)
                 blob = Path(os.path.realpath(file))  # a bad blob must not serve another snapshot either
                 file.unlink(missing_ok=True)
                 blob.unlink(missing_ok=True)
                 bad.append((rel, expected[1], actual))
         return bad
 
-    started = time.monotonic()
     bad = check(sorted(path.relative_to(snapshot).as_posix() for path in _weight_files(hub, snapshot)))
     if bad and hub.online:
         log.warning("%s: %s did not match the hub's checksum; removed, downloading again", hub.label,
@@ -232,19 +210,13 @@ def check_hub_checksums(hub: Hub, snapshot: Path, commit: str) -> int:
         with hub.errors():
             hub.download(commit)  # a commit sha: no repo-info request; only the removed files are fetched
         bad = check([rel for rel, _, _ in bad])
-    write_record(record_path, {"format": 1, "repo": hub.repo_id, "commit": commit, "files": checked}, hub.label)
+    record.save()
     if bad:
         rel, expected, actual = bad[0]
         again = "after downloading it twice" if hub.online else "in the cache (offline: not downloaded again)"
         raise WeightsError(f"Hugging Face repo {hub.label}: {rel} does not match the hub's checksum {again} "
                            f"(expected {expected}, got {actual}); the file was removed")
-    if hashed:
-        log.info("%s: checked %d bytes of weights in %.1f s", hub.label, hashed, time.monotonic() - started)
     return hashed
-
-
-def _stamp(expected: str, state: os.stat_result) -> dict:
-    return {"digest": expected, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
 
 
 def expected_digest(file: Path, entry) -> tuple[str, str] | None:
@@ -271,14 +243,31 @@ def digest(file: Path, algorithm: str = "sha256") -> str:
         return found.hexdigest()
 
 
-def write_record(path: Path, data: dict, label: str) -> None:
-    """A record of the files checked, written whole or not at all. Best effort: without it (a read-only folder),
-    the next start only hashes the files again."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(data))
-    except OSError as exc:
-        log.warning("%s: could not record the check in %s (%s)", label, path, exc)
+class CheckedFiles:
+    """A record of the files of one set hashed before, keyed on size and mtime, so that a warm start hashes only what
+    changed; `identity` must match for it to count. Best effort: without it the next start only hashes again."""
+
+    def __init__(self, path: Path, **identity):
+        self.path, self.identity = path, identity
+        try:
+            data = json.loads(path.read_text())
+            same = all(data.get(key) == value for key, value in identity.items())
+            self.files: dict = dict(data["files"]) if same else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.files = {}
+
+    def vouches(self, rel: str, digest: str, state: os.stat_result) -> bool:
+        return self.files.get(rel) == {"digest": digest, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
+
+    def add(self, rel: str, digest: str, state: os.stat_result) -> None:
+        self.files[rel] = {"digest": digest, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
+
+    def save(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, json.dumps({**self.identity, "files": self.files}))
+        except OSError as exc:
+            log.warning("could not record the files checked in %s (%s)", self.path, exc)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -349,13 +338,16 @@ def fetch_request_adapter(repo_id: str, revision: str | None, folder: Path, max_
     return snapshot
 
 
-def _blob_states(storage: Path) -> dict[str, tuple[int, int]]:
-    """(size, mtime_ns) of each complete blob: new or changed ones after a fetch were downloaded by it."""
+def _blob_states(storage: Path, remove_partial_older_than: float | None = None) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of each complete blob, to tell what a fetch downloaded; optionally removing the partial files
+    that a SIGKILLed snapshot_download leaves."""
     states = {}
-    for entry in (list(os.scandir(storage / "blobs")) if (storage / "blobs").is_dir() else []):
-        try:
-            if not entry.name.endswith(".incomplete"):
-                states[entry.name] = (entry.stat().st_size, entry.stat().st_mtime_ns)
-        except OSError:
-            continue
+    for blob in (storage / "blobs").iterdir() if (storage / "blobs").is_dir() else ():
+        with suppress(OSError):
+            state = blob.stat()
+            if not blob.name.endswith(".incomplete"):
+                states[blob.name] = (state.st_size, state.st_mtime_ns)
+            elif remove_partial_older_than is not None and time.time() - state.st_mtime > remove_partial_older_than:
+                blob.unlink()
+                log.info("removed %s, a partial download left by an interrupted run", blob)
     return states

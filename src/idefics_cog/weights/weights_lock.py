@@ -1,6 +1,5 @@
-"""Cog's managed weights: the weight set `cog push` shipped as image layers, mounted at its `target`, is used when every
-file matches weights.lock (present, its size, its sha256, no unlisted weight file); otherwise the setting is
-downloaded as without a lock. A record under `<download folder>/managed-verified/` spares a warm start the hashing."""
+"""Cog's managed weights: the set `cog push` shipped as image layers, mounted at its `target`, is used when every file
+matches weights.lock (present, its size, its sha256, no unlisted weight file); else the setting is downloaded."""
 
 import hashlib
 import json
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from idefics_cog.errors import WeightsError
-from idefics_cog.weights.hub import digest, write_record
+from idefics_cog.weights.hub import CheckedFiles, digest
 from idefics_cog.weights.source import HUB_ID, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -154,33 +153,20 @@ def check_against_lock(weight: LockedWeight, download_dir: Path) -> str | None:
             return f"{file.path} is missing"
         if states[file.path].st_size != file.size:
             return f"{file.path} is {states[file.path].st_size} bytes, the lock says {file.size}"
-    record = download_dir / "managed-verified" / f"{weight.name}.json"
-    known = _read_record(record, weight)
-    todo = [file for file in weight.files if known.get(file.path) != _stamp(file, states[file.path])]
-    started, hashed = time.monotonic(), sum(file.size for file in todo)
+    record = CheckedFiles(download_dir / "managed-verified" / f"{weight.name}.json", setDigest=weight.set_digest,
+                          target=str(weight.target))
+    todo = [file for file in weight.files if not record.vouches(file.path, file.digest, states[file.path])]
+    started = time.monotonic()
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        digests = list(pool.map(lambda file: "sha256:" + digest(weight.target / file.path, "sha256"), todo))
+        digests = list(pool.map(lambda file: "sha256:" + digest(weight.target / file.path), todo))
     problem = None
     for file, actual in zip(todo, digests):
         if actual == file.digest:
-            known[file.path] = _stamp(file, states[file.path])
+            record.add(file.path, file.digest, states[file.path])
         elif problem is None:
             problem = f"{file.path} has sha256 {actual}, the lock says {file.digest}"
     if todo:
-        log.info("%s: hashed %d files (%d bytes) in %.1f s", weight.name, len(todo), hashed,
+        log.info("%s: hashed %d files (%d bytes) in %.1f s", weight.name, len(todo), sum(f.size for f in todo),
                  time.monotonic() - started)
-    write_record(record, {"setDigest": weight.set_digest, "target": str(weight.target), "files": known}, weight.name)
+    record.save()
     return problem
-
-
-def _stamp(file: LockedFile, state: os.stat_result) -> dict:
-    return {"digest": file.digest, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
-
-
-def _read_record(record: Path, weight: LockedWeight) -> dict:
-    try:
-        data = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return {}
-    same = isinstance(data, dict) and data.get("setDigest") == weight.set_digest
-    return data.get("files", {}) if same and data.get("target") == str(weight.target) else {}
