@@ -1,12 +1,6 @@
-"""Archive URLs (.tar, .tar.gz/.tgz or .zip, optionally ending in `#sha256=<hex>`): downloaded once into the download
-folder by `pget` when it is on PATH (cog.yaml installs it) or else one streamed GET, checked against the sha256,
-extracted safely.
-
-Per URL, under `<download folder>/archives/` (`<key>`: the file's stem and a short sha256 of the URL):
-    <key>/        the extracted archive, complete: its MARKER is written last, in a staging folder renamed into place
-    <key>.part    the download (removed once extracted, or when it fails)
-    <key>.claim   a file lock: two processes wanting the same URL download it once
-"""
+"""Archive URLs (.tar, .tar.gz/.tgz or .zip, optionally ending in `#sha256=<hex>`): downloaded once by `pget` when it is
+on PATH (cog.yaml installs it) or one streamed GET, checked against the sha256, extracted safely into
+`<download folder>/archives/<key>/`, whose marker file is written last; a `<key>.claim` file makes one process fetch."""
 
 import hashlib
 import json
@@ -15,13 +9,12 @@ import re
 import shutil
 import subprocess
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import requests
-from filelock import FileLock, Timeout
+from filelock import FileLock
 
 from idefics_cog.errors import UnreachableError, WeightsError
 from idefics_cog.weights.safe_extract import extract_archive
@@ -69,7 +62,6 @@ class ArchiveEntry:
 
 
 def entry_key(url: str) -> str:
-    """`<stem>-<16 hex of sha256(url)>`: unique per URL, readable in a listing."""
     name = PurePosixPath(urlsplit(url).path).name
     for suffix in SUFFIXES:
         if name.lower().endswith(suffix):
@@ -82,10 +74,9 @@ def entry_key(url: str) -> str:
 def fetch_archive(url: str, download_dir: Path, *, max_bytes: int | None = None, deadline: float | None = None,
                   session: requests.Session | None = None, cancel: Cancel | None = None,
                   read_timeout: float = READ_TIMEOUT, retries: int = RETRIES, retry_wait: float = RETRY_WAIT) -> Path:
-    """The folder holding the extracted archive at `url` (its single top-level folder, if it has one), downloaded
-    into `download_dir` once. For a request's adapter: `max_bytes` caps the bytes announced, received and
-    extracted, `deadline` (a time.monotonic() value) ends the transfer, `session` sends it (pget, which would
-    bypass the session's checks, is not used then), `cancel` stops it."""
+    """The folder of the extracted archive at `url` (its single top-level folder, if it has one), downloaded once.
+    For a request's adapter: `max_bytes` caps the bytes announced, received and extracted; with a `session` (which
+    pget would bypass), pget is not used."""
     entry = ArchiveEntry.of(url, download_dir)
     found = entry.lookup()
     if found is not None:
@@ -97,30 +88,15 @@ def fetch_archive(url: str, download_dir: Path, *, max_bytes: int | None = None,
     entry.folder.parent.mkdir(parents=True, exist_ok=True)
     stream = dict(max_bytes=max_bytes, deadline=deadline, session=session, cancel=cancel, read_timeout=read_timeout,
                   retries=retries, retry_wait=retry_wait)
-    with _claimed(entry):
+    with FileLock(entry.claim):
         try:
             return entry.lookup() or _install(entry, stream)  # another process may have finished it meanwhile
         finally:
             entry.part.unlink(missing_ok=True)
 
 
-@contextmanager
-def _claimed(entry: ArchiveEntry):
-    claim = FileLock(entry.claim)
-    try:
-        claim.acquire(timeout=0)
-    except Timeout:
-        log.info("%s: another process is downloading it; waiting for %s", entry.url, entry.claim)
-        claim.acquire()
-    try:
-        yield
-    finally:
-        claim.release()
-
-
 def _install(entry: ArchiveEntry, stream: dict) -> Path:
-    """Download, check and extract the archive (its claim held); a download with the wrong sha256 is fetched again
-    once."""
+    """Download, check and extract; a download with the wrong sha256 is fetched again once."""
     for attempt in (1, 2):
         _download(entry, stream)
         started = time.monotonic()
@@ -156,7 +132,6 @@ def _download(entry: ArchiveEntry, stream: dict) -> None:
 
 
 def _extract(entry: ArchiveEntry, sha256: str, size: int, max_bytes: int | None) -> None:
-    """Extract into a staging folder beside the entry's, mark it complete, then rename it into place."""
     started = time.monotonic()
     staging = entry.folder.with_name(entry.key + ".staging")
     shutil.rmtree(staging, ignore_errors=True)  # left by a process that died while extracting
@@ -167,11 +142,8 @@ def _extract(entry: ArchiveEntry, sha256: str, size: int, max_bytes: int | None)
         children = list(staging.iterdir())  # `tar czf x.tgz mymodel/` has one top-level folder: that is the model
         root = children[0].name if len(children) == 1 and children[0].is_dir() else "."
         (staging / MARKER).write_text(json.dumps({"url": entry.url, "sha256": sha256, "size": size, "root": root}))
-        if entry.folder.exists():  # a stale entry (the URL now expects another sha256): set it aside first
-            old = entry.folder.with_name(entry.key + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            entry.folder.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
+        (entry.folder / MARKER).unlink(missing_ok=True)  # a stale entry (the URL now expects another sha256):
+        shutil.rmtree(entry.folder, ignore_errors=True)  # unmarked first, so that no half-removed copy is ever used
         staging.rename(entry.folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

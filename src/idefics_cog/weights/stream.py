@@ -1,10 +1,9 @@
-"""A file over http(s) by one streamed GET: retried from the start after a dropped connection, with a byte cap, a
-deadline and a cancel for a request's files; the target appears only when whole."""
+"""A file over http(s) by one streamed GET, retried from the start after a dropped connection, with a byte cap, a
+deadline and a cancel; the target appears only when whole."""
 
 import logging
 import threading
 import time
-from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -19,7 +18,7 @@ CONNECT_TIMEOUT = 10.0  # seconds
 READ_TIMEOUT = 60.0  # seconds without a byte from the server
 RETRIES = 5  # after a dropped connection, a timeout, a 5xx or a 429
 RETRY_WAIT = 1.0  # seconds; the n-th retry waits (n - 1) times this
-BLOCK = 1 << 20  # bytes read at a time
+BLOCK = 1 << 20
 PROGRESS_EVERY = 5.0  # seconds between two progress lines
 DEADLINE_SETTING = "IDEFICS_ADAPTER_DOWNLOAD_SECONDS"
 
@@ -56,12 +55,12 @@ class Cancel:
             raise Cancelled(f"{what}: the request was cancelled; the download stopped")
 
     @contextmanager
-    def interrupting(self, interrupt: Callable[[], None]):
-        """Call `interrupt` if the cancel comes while the block runs."""
+    def interrupting(self, interrupt):
+        """Call `interrupt` if the cancel comes while the block runs (or came just before it)."""
         with self._lock:
             self._interrupts.append(interrupt)
             cancelled = self._event.is_set()
-        if cancelled:  # set between the last check and now: the read about to start is interrupted all the same
+        if cancelled:
             interrupt()
         try:
             yield
@@ -81,112 +80,99 @@ def fetch_file(url: str, target: Path, *, max_bytes: int | None = None, deadline
                session: requests.Session | None = None, cancel: Cancel | None = None,
                settings: tuple[str, str | None] = (DEADLINE_SETTING, None), announced: bool = False,
                retries: int = RETRIES, read_timeout: float = READ_TIMEOUT, retry_wait: float = RETRY_WAIT) -> None:
-    """`url` into `target`, which appears only when whole; a failed transfer leaves nothing behind. `max_bytes` caps
-    the bytes received (`announced`: a larger Content-Length is refused before the body); `deadline` (a
-    time.monotonic() value) ends the transfer; `session` sends it (url_guard.guarded_session for a stranger's URL);
-    `settings` name the variables of the deadline and of the byte cap in errors."""
-    stream = _Stream(url, max_bytes, deadline, session, cancel, settings, read_timeout, announced)
-    partial = target.with_name(target.name + ".part")
-    try:
-        for number in range(retries + 1):
-            try:
-                stream.into(partial)
-                break
-            except RETRYABLE as exc:
-                problem = stream.describe(exc)
-                if number == retries:
-                    raise WeightsError(f"{shorten(url)}: {problem} (after {retries} retries)") from exc
-                log.warning("%s: %s; retrying (%d of %d)", url, problem, number + 1, retries)
-                (cancel.wait if cancel is not None else time.sleep)(number * retry_wait)
-        if cancel is not None:  # its request may be gone, and its folder removed: nothing is written after that
-            cancel.check(shorten(url))
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+    """`url` into `target`; a failed transfer leaves nothing behind. `max_bytes` caps the bytes received (`announced`:
+    a larger Content-Length is refused before the body); `deadline` is a time.monotonic() value; `session` sends it
+    (url_guard.guarded_session for a stranger's URL); `settings` name the deadline's and the cap's variables."""
+    shown, (deadline_setting, bytes_setting) = shorten(url), (f" ({name})" if name else "" for name in settings)
 
+    def check() -> None:
+        if cancel is not None:
+            cancel.check(shown)
+        if deadline is not None and time.monotonic() > deadline:
+            raise WeightsError(f"{shown}: the download did not finish within its deadline{deadline_setting}; stopped")
 
-class _Stream:
-    """One attempt at a time, and what to say about its failure."""
-
-    def __init__(self, url, max_bytes, deadline, session, cancel, settings, read_timeout, announced):
-        self.url, self.max_bytes, self.deadline, self.session, self.cancel = url, max_bytes, deadline, session, cancel
-        self.deadline_setting, self.bytes_setting = settings
-        self.read_timeout, self.announced = read_timeout, announced
-
-    def into(self, path: Path) -> None:
-        self.check()
-        remaining = self.deadline - time.monotonic() if self.deadline is not None else float("inf")
+    def attempt(path: Path) -> None:
+        check()
+        remaining = deadline - time.monotonic() if deadline is not None else float("inf")
         try:  # identity: a server that gzips on the fly would make the sizes meaningless
-            response = (self.session or requests).get(
-                self.url, headers={"Accept-Encoding": "identity"}, stream=True, allow_redirects=True,
-                timeout=(min(CONNECT_TIMEOUT, remaining), min(self.read_timeout, remaining)))
+            response = (session or requests).get(
+                url, headers={"Accept-Encoding": "identity"}, stream=True, allow_redirects=True,
+                timeout=(min(CONNECT_TIMEOUT, remaining), min(read_timeout, remaining)))
         except RETRYABLE:
             raise
         except requests.RequestException as exc:  # too many redirects, an invalid URL: not worth a retry
-            raise WeightsError(f"{shorten(self.url)}: {type(exc).__name__} ({shorten(_reason(exc), 200)})") from None
+            raise WeightsError(f"{shown}: {type(exc).__name__} ({shorten(_reason(exc), 200)})") from None
         with response, open(path, "wb") as file:
             if response.status_code >= 400:
                 problem = f"HTTP {response.status_code} {response.reason or ''}".rstrip()
                 if response.status_code >= 500 or response.status_code == 429:
                     raise _ServerError(problem)
-                raise WeightsError(f"{shorten(self.url)}: {problem}")
+                raise WeightsError(f"{shown}: {problem}")
             length = response.headers.get("Content-Length", "")
             size = int(length) if length.isdigit() else None
-            if self.announced and self.max_bytes is not None and size is not None and size > self.max_bytes:
-                raise WeightsError(f"{shorten(self.url)}: {size} bytes, over the limit of {self.max_bytes} bytes; "
-                                   f"not downloaded{self.named(self.bytes_setting)}")
+            if announced and max_bytes is not None and size is not None and size > max_bytes:
+                raise WeightsError(f"{shown}: {size} bytes, over the limit of {max_bytes} bytes; not downloaded"
+                                   f"{bytes_setting}")
             received, started = 0, time.monotonic()
             logged = started
-            for block in self.blocks(response):
-                self.check()
+            for block in _blocks(response, cancel, shown):
+                check()
                 received += len(block)
-                if self.max_bytes is not None and received > self.max_bytes:  # whatever was announced
-                    raise WeightsError(f"{shorten(self.url)}: more than the limit of {self.max_bytes} bytes received; "
-                                       f"stopped{self.named(self.bytes_setting)}")
+                if max_bytes is not None and received > max_bytes:  # whatever was announced
+                    raise WeightsError(f"{shown}: more than the limit of {max_bytes} bytes received; stopped"
+                                       f"{bytes_setting}")
                 file.write(block)
                 if time.monotonic() - logged >= PROGRESS_EVERY:
                     logged = time.monotonic()
-                    rate = received / 1e6 / max(logged - started, 1e-3)
-                    log.info("%s: %s of %s (%.1f MB/s)", self.url, mb(received), mb(size), rate)
+                    log.info("%s: %s of %s (%.1f MB/s)", url, mb(received), mb(size),
+                             received / 1e6 / max(logged - started, 1e-3))
         if size is not None and received != size:
             raise requests.ConnectionError(f"the body ended after {received} of {size} bytes")
 
-    def blocks(self, response: requests.Response):
-        """The body as it arrives (read1: a trickling server cannot hold a block back past the deadline checks), with
-        urllib3's errors raised as requests raises them (retryable). A cancel interrupts the read it waits in."""
-        cancel = self.cancel
-        with cancel.interrupting(response.raw.shutdown) if cancel is not None else nullcontext():
-            while True:
-                try:
-                    block = response.raw.read1(BLOCK)
-                except (ProtocolError, ReadTimeoutError, OSError) as exc:
-                    if cancel is not None:
-                        cancel.check(shorten(self.url))
-                    raise requests.ConnectionError(exc) from exc
+    partial = target.with_name(target.name + ".part")
+    try:
+        for number in range(retries + 1):
+            try:
+                attempt(partial)
+                break
+            except RETRYABLE as exc:
+                problem = _describe(exc, read_timeout)
+                if number == retries:
+                    raise WeightsError(f"{shown}: {problem} (after {retries} retries)") from exc
+                log.warning("%s: %s; retrying (%d of %d)", url, problem, number + 1, retries)
+                (cancel.wait if cancel is not None else time.sleep)(number * retry_wait)
+        if cancel is not None:  # its request may be gone, and its folder removed: nothing is written after that
+            cancel.check(shown)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _blocks(response: requests.Response, cancel: Cancel | None, shown: str):
+    """The body as it arrives (read1: a trickling server cannot hold a block back past the deadline checks), urllib3's
+    errors raised as requests raises them (retryable); a cancel interrupts the read it waits in."""
+    with cancel.interrupting(response.raw.shutdown) if cancel is not None else nullcontext():
+        while True:
+            try:
+                block = response.raw.read1(BLOCK)
+            except (ProtocolError, ReadTimeoutError, OSError) as exc:
                 if cancel is not None:
-                    cancel.check(shorten(self.url))  # an interrupted read ends like the body
-                if not block:
-                    return
-                yield block
+                    cancel.check(shown)
+                raise requests.ConnectionError(exc) from exc
+            if cancel is not None:
+                cancel.check(shown)  # an interrupted read ends like the body
+            if not block:
+                return
+            yield block
 
-    def check(self) -> None:
-        if self.cancel is not None:
-            self.cancel.check(shorten(self.url))
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            raise WeightsError(f"{shorten(self.url)}: the download did not finish within its deadline"
-                               f"{self.named(self.deadline_setting)}; stopped")
 
-    @staticmethod
-    def named(setting: str | None) -> str:
-        return f" ({setting})" if setting else ""
-
-    def describe(self, exc: Exception) -> str:
-        if isinstance(exc, requests.ConnectTimeout):
-            return f"connecting timed out after {CONNECT_TIMEOUT:g} s"
-        # requests raises a read timeout in the middle of a body as a ConnectionError around urllib3's error.
-        if isinstance(exc, requests.Timeout) or (exc.args and isinstance(exc.args[0], ReadTimeoutError)):
-            return f"timed out after {self.read_timeout:g} s without data"
-        return str(exc) if isinstance(exc, _ServerError) else f"connection failed ({_reason(exc)})"
+def _describe(exc: Exception, read_timeout: float) -> str:
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"connecting timed out after {CONNECT_TIMEOUT:g} s"
+    # requests raises a read timeout in the middle of a body as a ConnectionError around urllib3's error.
+    if isinstance(exc, requests.Timeout) or (exc.args and isinstance(exc.args[0], ReadTimeoutError)):
+        return f"timed out after {read_timeout:g} s without data"
+    return str(exc) if isinstance(exc, _ServerError) else f"connection failed ({_reason(exc)})"
 
 
 def _reason(exc: BaseException) -> str:
