@@ -1,6 +1,5 @@
-"""A custom adapter's files, fetched and checked before the model sees them. A request's source (url_guard's rules)
-gets a byte cap, a deadline and a cancel, on a bounded pool where requests for one source share one fetch; what is
-remembered of sources is bounded; downloads stay in `<download folder>/adapters/` within a byte budget."""
+"""Custom adapters fetched and checked before the model sees them: a request's source by url_guard's rules, under a
+byte cap, a deadline and a cancel, on a bounded pool; downloads kept in `<download folder>/adapters/` within a budget."""
 
 import hashlib
 import logging
@@ -8,8 +7,8 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from peft import LoraConfig
 
@@ -30,12 +29,9 @@ REMEMBERED_SOURCES = 256  # sources remembered as fetched, and as failed (each m
 MAX_MESSAGE_CHARS = 600  # of an error given to the requester
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """An adapter's checked files, and the LoraConfig to load them with."""
-
-    path: Path
-    config: LoraConfig
+class Fetched(NamedTuple):
+    path: Path  # the adapter's checked files
+    config: LoraConfig  # to load them with
 
 
 def source_key(source: str) -> str:
@@ -63,25 +59,22 @@ class AdapterDownloads:
         self._trim_lock = threading.Lock()
 
     def operators(self, source: str) -> Fetched:
-        """The operator's adapter (any weight source, local folders included), checked."""
         return self.checked(resolve(source, self.download_dir, adapter=True))
 
     def checked(self, path: Path, folder: Path | None = None) -> Fetched:
-        """The adapter at `path` (an adapter_model.bin converted first, under `folder`) with every check of its files:
-        on a fetch thread or in setup, never on the torch thread (a whole adapter's values are read)."""
+        """Every check of the adapter at `path` (an adapter_model.bin converted first, under `folder`): on a fetch
+        thread or in setup, never on the torch thread (a whole adapter's values are read)."""
         path = with_safetensors(path, folder or self.download_dir)
         config = check_adapter(path, self.layers, self.max_rank)
         check_values(path)
         return Fetched(path, config)
 
     def fetch(self, source: str, allow_local: bool = False) -> Path:
-        """The checked folder of `start_fetch(...)`, waited for here (for a caller that may block)."""
         return self.start_fetch(source, allow_local).result().path
 
     def start_fetch(self, source: str, allow_local: bool = False) -> Waiter:
-        """Download, extraction, conversion and checks on the fetch pool, so a slow source delays its own request
-        only. Requests for one source share one fetch; a source that failed is refused with the same message for
-        FAILURE_MEMORY_S seconds. `allow_local`: the operator's tools (any folder or URL), never a request."""
+        """Download and checks on the fetch pool, where a slow source delays its own request only; a source that failed
+        is refused with the same message for FAILURE_MEMORY_S seconds. `allow_local`: the operator's tools only."""
         found, failed = self.fetched.get(source), self.failures.get(source)
         if failed is not None or (found is not None and found.path.is_dir()):
             done: Future = Future()
@@ -125,8 +118,7 @@ class AdapterDownloads:
         raise InputError(message)
 
     def _fetch(self, source: str, operator: bool, deadline: float, cancel: Cancel) -> Fetched:
-        """`operator`: the freedom of the settings (local folders, any URL); else a request's, by url_guard's rules.
-        A folder this fetch made is removed again when it fails."""
+        """`operator`: the freedom of the settings (local folders, any URL); a folder this fetch made goes if it fails."""
         if operator and Path(source).expanduser().is_dir():
             return self.checked(Path(source).expanduser())
         kind = "operator" if operator else check_request_source(source)
@@ -165,8 +157,7 @@ class AdapterDownloads:
         return path
 
     def trim(self, keep: Path) -> None:
-        """Delete the least recently used adapter folders until they fit the budget (never `keep`, nor one being
-        filled)."""
+        """Delete the least recently used adapter folders (never `keep`, nor one being filled) to fit the budget."""
         with self._trim_lock:
             with self._lock:
                 busy = set(self._busy)

@@ -1,6 +1,5 @@
-"""Safe extraction of a tar (any compression) or zip: no member outside the target, no links, devices or sparse
-files, a cap on the bytes it expands to, and caps on what tarfile would hold in memory (pax and GNU long-name
-headers, global records, members) checked before it reads them. For weights archives, adapters and training data."""
+"""Safe extraction of a tar (any compression) or zip: no member outside the target, no links, devices or sparse files,
+a cap on the bytes it expands to, and caps on what tarfile would hold in memory, checked before it reads them."""
 
 import gzip
 import re
@@ -26,9 +25,8 @@ EXTENDED_HEADERS = {tarfile.XHDTYPE: "pax extended", tarfile.SOLARIS_XHDTYPE: "p
 
 def extract_archive(archive: Path, dest: Path, label: str, zip_name: bool = False,
                     max_bytes: int | None = None) -> None:
-    """Extract a tar (any compression) or zip into `dest`, refusing members that could land outside it, and
-    (`max_bytes`) an archive whose members add up to more than that (a small .tar.gz can expand enormously).
-    `label` names the archive in errors (its URL, or the input it came from)."""
+    """`max_bytes` caps what the members add up to (a small .tar.gz can expand enormously); `label` names the archive
+    in errors."""
     try:
         if zip_name or not _is_tar(archive):
             _extract_zip(label, archive, dest, max_bytes)
@@ -41,8 +39,7 @@ def extract_archive(archive: Path, dest: Path, label: str, zip_name: bool = Fals
 
 
 class _Refused(Exception):
-    """A refusal while tarfile reads a header: tarfile passes on exceptions other than its own unchanged. The message
-    lacks the archive's label, which extract_archive adds."""
+    """A refusal while tarfile reads a header (tarfile passes on exceptions other than its own unchanged)."""
 
 
 class _TarInfo(tarfile.TarInfo):
@@ -153,14 +150,12 @@ def _check_zip_directory(url: str, archive: Path) -> None:
                            f"{MAX_MEMBERS} members need; not extracted")
 
 
-def _check_name(url: str, name: str) -> None:
-    """Refuse a member that would land outside the target: absolute, `..`, or a Windows drive."""
+def _check_name(url: str, name: str) -> None:  # absolute, `..`, or a Windows drive
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", name):
         raise WeightsError(f"{url}: archive member {_shown(name)} points outside the archive; refusing to extract it")
 
 
-def _shown(name: str) -> str:
-    """A member's name as an error quotes it: shortened (a GNU long name can be megabytes)."""
+def _shown(name: str) -> str:  # shortened: a GNU long name can be megabytes
     return repr(shorten(name, SHOWN_NAME))
 

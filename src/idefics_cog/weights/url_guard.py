@@ -37,8 +37,8 @@ def is_public(address: str) -> bool:
 
 
 def check_url(url: str, allowed: Callable[[str], bool] | None = None, schemes: tuple[str, ...] = ("https",)) -> None:
-    """Refuse `url` unless its scheme is in `schemes` and its host resolves only to addresses `allowed` says yes to
-    (public ones by default). With IDEFICS_ALLOW_PRIVATE_URLS=1 (and no `allowed` given) any http(s) URL passes."""
+    """Refuse `url` unless its scheme is in `schemes` and its host resolves only to addresses `allowed` (public ones by
+    default). With IDEFICS_ALLOW_PRIVATE_URLS=1 (and no `allowed` given) any http(s) URL passes."""
     parts = urlsplit(url)
     if allowed is None and private_allowed():
         if parts.scheme not in ("http", "https"):
@@ -52,7 +52,6 @@ def check_url(url: str, allowed: Callable[[str], bool] | None = None, schemes: t
 
 
 def checked_addresses(what: str, host: str, port: int, allowed: Callable[[str], bool] | None) -> list[str]:
-    """The addresses `host` resolves to, all of them allowed (public by default), or SourceRefused naming `what`."""
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -89,7 +88,6 @@ class _PinnedConnection:
 
 
 def _pinned_pools(allowed: Callable[[str], bool] | None) -> dict:
-    """urllib3 connection pools whose connections are `_PinnedConnection`s checking with `allowed`."""
     check = staticmethod(allowed) if allowed is not None else None
     pools = {}
     for scheme, pool, connection in (("http", HTTPConnectionPool, HTTPConnection),
@@ -113,8 +111,8 @@ class _CheckedAdapter(HTTPAdapter):
 
 def guarded_session(allowed: Callable[[str], bool] | None = None,
                     schemes: tuple[str, ...] = ("https",)) -> requests.Session:
-    """A requests session that refuses URLs `check_url` refuses, redirects included, and connects only to an
-    address checked as it connects (`_PinnedConnection`)."""
+    """A session that refuses what `check_url` refuses, redirects included, and connects only to addresses checked as
+    it connects."""
     session = requests.Session()
     session.trust_env = False  # no proxy from the environment: the check must see the real destination
     adapter = _CheckedAdapter(allowed, schemes)

@@ -34,21 +34,9 @@ class LockedWeight:
     name: str
     target: Path
     uri: str  # the only source's uri: hf://owner/name[@ref], or another scheme
-    fingerprint: str  # "commit:<sha>" for hf://
+    commit: str  # of its fingerprint "commit:<sha>", for hf://
     set_digest: str
     files: tuple[LockedFile, ...]
-
-    @property
-    def repo_and_ref(self) -> tuple[str, str] | None:
-        """("owner/name", ref) of an hf:// source ("main" when the uri names none), else None."""
-        if not self.uri.startswith(HF):
-            return None
-        repo, _, ref = self.uri[len(HF):].partition("@")
-        return repo, ref or "main"
-
-    @property
-    def commit(self) -> str:
-        return self.fingerprint.removeprefix("commit:")
 
 
 def set_digest(files) -> str:
@@ -83,8 +71,7 @@ class WeightsLock:
             raise WeightsError(f"{path}: malformed weights.lock entry ({type(exc).__name__}: {exc})") from exc
 
     def source_for(self, variable: str, setting: str) -> str:
-        """The mounted target (as a source: a local directory) when it serves `setting` and matches the lock;
-        else `setting` itself, to be resolved as without a lock."""
+        """The mounted target when it serves `setting` and matches the lock; else `setting` itself."""
         weight = self.find(setting)
         if weight is None:
             return setting
@@ -109,10 +96,10 @@ class WeightsLock:
             return None  # a local directory or a URL: used as it is
         repo, _, revision = setting.partition("@")
         for weight in self.weights:
-            locked = weight.repo_and_ref
-            if locked is None or locked[0] != repo:
+            locked_repo, _, ref = weight.uri.removeprefix(HF).partition("@")
+            if not weight.uri.startswith(HF) or locked_repo != repo:
                 continue
-            if revision and revision not in (weight.commit, locked[1]):
+            if revision and revision not in (weight.commit, ref or "main"):
                 log.info("%s pins revision %s; %s has %s at commit %s: not using its target", setting, revision,
                          self.path.name, weight.uri, weight.commit)
                 return None
@@ -131,13 +118,14 @@ def _entry(entry: dict) -> LockedWeight:
             raise ValueError(f"weight {entry['name']!r}: {file.path} has digest {file.digest!r}, not sha256:<hex>")
     only = sources[0] if len(sources) == 1 else {}  # a multi-source weight never stands for one hub repo
     return LockedWeight(name=str(entry["name"]), target=Path(entry["target"]), uri=str(only.get("uri", "")),
-                        fingerprint=str(only.get("fingerprint", "")), set_digest=str(entry.get("setDigest", "")),
+                        commit=str(only.get("fingerprint", "")).removeprefix("commit:"),
+                        set_digest=str(entry.get("setDigest", "")),
                         files=files)
 
 
 def check_against_lock(weight: LockedWeight, download_dir: Path) -> str | None:
-    """None when every file of `weight` in its target matches the lock, else the first problem found.
-    Presence and sizes first (cheap), then sha256 of the files the record does not vouch for."""
+    """The first problem found (None: every file matches): presence and sizes first, then the sha256 of each file the
+    record does not vouch for."""
     if weight.set_digest != set_digest(weight.files):
         return f"its setDigest {weight.set_digest} is not that of the files it lists ({set_digest(weight.files)})"
     listed = {file.path for file in weight.files}
