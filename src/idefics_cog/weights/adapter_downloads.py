@@ -1,5 +1,5 @@
 """Custom adapters fetched and checked before the model sees them: a request's source by url_guard's rules, under a
-byte cap, a deadline and a cancel, on a bounded pool; downloads kept in `<download folder>/adapters/` within a budget."""
+byte cap, a deadline and a cancel, on a bounded pool; kept in `<download folder>/adapters/` within a budget."""
 
 import hashlib
 import logging
@@ -118,7 +118,7 @@ class AdapterDownloads:
         raise InputError(message)
 
     def _fetch(self, source: str, operator: bool, deadline: float, cancel: Cancel) -> Fetched:
-        """`operator`: the freedom of the settings (local folders, any URL); a folder this fetch made goes if it fails."""
+        """`operator`: the settings' freedom (local folders, any URL); a folder this fetch made goes if it fails."""
         if operator and Path(source).expanduser().is_dir():
             return self.checked(Path(source).expanduser())
         kind = "operator" if operator else check_request_source(source)
@@ -143,7 +143,8 @@ class AdapterDownloads:
                                      session=guarded_session(), cancel=cancel)
             elif kind == "hub":
                 repo_id, _, revision = source.partition("@")
-                path = fetch_request_adapter(repo_id, revision or None, folder, self.max_adapter_bytes, deadline, cancel)
+                path = fetch_request_adapter(repo_id, revision or None, folder, self.max_adapter_bytes, deadline,
+                                             cancel)
             else:
                 path = resolve(source, folder, max_bytes=self.max_adapter_bytes, adapter=True)
             if directory_bytes(folder) > self.max_adapter_bytes:  # a hub repo offline is only measured here

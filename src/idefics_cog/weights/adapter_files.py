@@ -68,9 +68,8 @@ def adaptable(name: str, layers: dict[str, tuple[int, int] | None]) -> bool:
 
 def check_adapter(path: Path, layers: dict[str, tuple[int, int] | None],
                   max_rank: int = MAX_ADAPTER_RANK) -> LoraConfig:
-    """Refuse anything but a PEFT LoRA adapter whose matrices fit the base's adaptable `layers` (layer_shapes), ranks
-    up to `max_rank`. Returns the LoraConfig to load it with, built from the checked settings with the file's exact
-    layers and ranks, so that PEFT matches no pattern of the stranger's and initialises nothing."""
+    """Refuse anything but a PEFT LoRA adapter whose matrices fit the base's adaptable `layers` (layer_shapes). The
+    LoraConfig returned names the file's exact layers and ranks: PEFT matches no pattern of the stranger's."""
     files = {p.name for p in path.iterdir()} if path.is_dir() else set()
     if WEIGHTS_FILE not in files:
         pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
@@ -117,8 +116,7 @@ def exactly(modules: list[str]) -> str:
 
 
 def targeted_layers(targets, layers: dict[str, tuple[int, int] | None]) -> list[str]:
-    """The layers PEFT's list form of target_modules names; AdapterError naming the first that an adapter may not
-    adapt (training refuses such targets too: their adapter could not be served)."""
+    """The layers target_modules names; refused if one may not be adapted (training refuses them too)."""
     targets = set(targets)
     found = [name for name in layers if targeted(name, targets)]
     for name in found:
@@ -150,8 +148,7 @@ def read_config(file: Path) -> dict:
 
 
 def checked_settings(raw: dict, max_rank: int) -> dict:
-    """The settings of `raw` (adapter_config.json), every key allowed and every value checked; missing ones at PEFT's
-    defaults."""
+    """The settings of adapter_config.json, every key allowed and every value checked; missing ones at PEFT's."""
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"only LoRA adapters are supported, this one is {shorten(repr(raw.get('peft_type')), 40)}")
     for key, value in raw.items():
@@ -196,15 +193,14 @@ def _rank(name: str, value, max_rank: int) -> None:
                            f"(IDEFICS_MAX_ADAPTER_RANK)")
 
 
-def _number(name: str, value, low: float = -MAX_ALPHA, high: float = MAX_ALPHA) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
-        bounds = f" from {low:g} to {high:g}"
-        raise AdapterError(f"{CONFIG_FILE}: {name} must be a finite number{bounds}, got {shorten(repr(value), 40)}")
+def _number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_ALPHA <= value <= MAX_ALPHA:  # NaN
+        raise AdapterError(f"{CONFIG_FILE}: {name} must be a finite number from {-MAX_ALPHA:g} to {MAX_ALPHA:g}, "
+                           f"got {shorten(repr(value), 40)}")
 
 
 def read_shapes(file: Path, layers: dict[str, tuple[int, int] | None]) -> dict[str, tuple[int, int]]:
-    """Each adapted module's (rank of A, rank of B), from the safetensors header alone: every tensor a LoRA A or B
-    matrix of a float type whose in/out sizes fit an adaptable layer of the base model."""
+    """Each module's (rank of A, rank of B), from the header alone: every tensor a float LoRA matrix that fits."""
     try:
         with open(file, "rb") as stream:
             head = stream.read(8)
@@ -235,10 +231,10 @@ def read_shapes(file: Path, layers: dict[str, tuple[int, int] | None]) -> dict[s
                                f"({in_features} in, {out_features} out)")
         if dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{shorten(key)} holds {dtype} values; LoRA matrices are floats")
-        ranks = matrices.setdefault(module, [None, None])
-        if ranks[0 if part == "A" else 1] is not None:
+        ranks, index = matrices.setdefault(module, [None, None]), "AB".index(part)
+        if ranks[index] is not None:
             raise AdapterError(f"{WEIGHTS_FILE} holds two lora_{part} matrices of {shorten(module)}")
-        ranks[0 if part == "A" else 1] = shape[0] if part == "A" else shape[1]
+        ranks[index] = shape[0] if part == "A" else shape[1]
     missing = [f"{module}.lora_{'AB'[ranks.index(None)]}" for module, ranks in matrices.items() if None in ranks]
     if missing:
         raise AdapterError(f"{WEIGHTS_FILE} lacks {len(missing)} of the {2 * len(matrices)} LoRA matrices of its "
@@ -287,8 +283,7 @@ def with_safetensors(path: Path, download_dir: Path) -> Path:
         raise AdapterError(f"not a PEFT adapter: {CONFIG_FILE} is missing")
     digest = hashlib.sha256((path / CONFIG_FILE).read_bytes())
     with open(path / PICKLED_FILE, "rb") as stream:
-        while chunk := stream.read(8 << 20):
-            digest.update(chunk)
+        hashlib.file_digest(stream, lambda: digest)  # the config's bytes, then the pickle's
     target = download_dir / "converted" / digest.hexdigest()[:32]
     if target.is_dir():
         return target
@@ -298,7 +293,8 @@ def with_safetensors(path: Path, download_dir: Path) -> Path:
         _write_converted(path / CONFIG_FILE, tensors, target)
     except OSError:  # the details name server paths: for the log, not for the requester
         log.exception("%s could not be converted into %s", PICKLED_FILE, target.parent)
-        raise AdapterError(f"{PICKLED_FILE} could not be converted (the server could not write it; see its log)") from None
+        raise AdapterError(f"{PICKLED_FILE} could not be converted (the server could not write it; see its log)"
+                           ) from None
     log.info("%s: %d LoRA tensors converted to safetensors in %s in %.1f s", PICKLED_FILE, len(tensors), target,
              time.perf_counter() - started)
     return target

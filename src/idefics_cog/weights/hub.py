@@ -15,8 +15,14 @@ from pathlib import Path
 
 import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_url, snapshot_download
-from huggingface_hub.errors import (HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
-                                    OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    IncompleteSnapshotError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import tqdm as hf_tqdm
 
@@ -58,7 +64,6 @@ class Hub:
         self.storage = self.hub_dir / repo_folder_name(repo_id=repo_id, repo_type="model")
         self.checked_dir = download_dir / "hub-verified" / self.storage.name
         self.endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
-        self.shown_endpoint = self.endpoint or constants.ENDPOINT
         self.timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_TIMEOUT)
         # huggingface_hub read HF_HUB_OFFLINE at import; it still blocks every request when it was set then.
         self.offline = env_flag("HF_HUB_OFFLINE") or env_flag("TRANSFORMERS_OFFLINE") or constants.is_offline_mode()
@@ -107,8 +112,7 @@ class Hub:
         return self.checked_dir / f"{commit}.json"
 
     @contextmanager
-    def errors(self):
-        """huggingface_hub and network errors as a WeightsError naming the repo and the problem."""
+    def errors(self):  # huggingface_hub's and the network's errors as a WeightsError naming the repo
         try:
             yield
         except WeightsError:
@@ -118,7 +122,7 @@ class Hub:
 
 
 def describe(exc: Exception, hub: Hub) -> str:
-    where, status = hub.shown_endpoint, getattr(getattr(exc, "response", None), "status_code", "error")
+    where, status = hub.endpoint or constants.ENDPOINT, getattr(getattr(exc, "response", None), "status_code", "error")
     if isinstance(exc, RevisionNotFoundError):
         return f"revision {hub.revision!r} not found in {hub.repo_id} on {where}"
     if isinstance(exc, RepositoryNotFoundError):  # GatedRepoError too
@@ -134,10 +138,8 @@ def describe(exc: Exception, hub: Hub) -> str:
 
 
 def fetch_hub(repo_id: str, revision: str | None, download_dir: Path, *, adapter: bool = False) -> Path:
-    """The snapshot folder of `repo_id` at `revision` (the default branch when None), downloaded first if needed.
-    `adapter`: a LoRA adapter repo, whose adapter_model.bin is fetched too when it has no .safetensors.
-    WeightsError names the repo when it cannot be had (not found, unreachable and not stored, pickles only, a file
-    that fails its checksum twice)."""
+    """The snapshot folder of `repo_id` at `revision` (None: the default branch), downloaded first if needed.
+    `adapter`: a LoRA adapter repo, whose adapter_model.bin is fetched too when it has no .safetensors."""
     started = time.monotonic()
     hub = Hub(repo_id, revision, Path(download_dir))
     before = _blob_states(hub.storage, remove_partial_older_than=STALE_PARTIAL_S)
@@ -281,17 +283,14 @@ def write_atomically(path: Path, text: str) -> None:
 
 def fetch_request_adapter(repo_id: str, revision: str | None, folder: Path, max_bytes: int,
                           deadline: float | None = None, cancel: Cancel | None = None) -> Path:
-    """A hub adapter a request named, as `folder/<commit>/` holding its two adapter files only: without the
-    operator's HF_TOKEN, refused when the hub's listing puts them over `max_bytes`, each streamed under the byte cap
-    and the deadline (snapshot_download has neither) and checked against the hub's checksum. Offline: the commit
-    last fetched."""
+    """`folder/<commit>/` with the two adapter files of a request's hub adapter, fetched without the operator's
+    HF_TOKEN, refused when the listing puts them over `max_bytes`, streamed under the cap and the deadline (which
+    snapshot_download lacks), checked against the hub's checksums. Offline: the commit last fetched."""
     folder = Path(folder)
     hub = Hub(repo_id, revision, folder)
     if not hub.online:
-        try:
-            snapshot = folder / (folder / CURRENT).read_text().strip()
-        except OSError:
-            snapshot = None
+        current = folder / CURRENT
+        snapshot = folder / current.read_text().strip() if current.is_file() else None
         if snapshot is None or not snapshot.is_dir():
             raise UnreachableError(f"Hugging Face repo {hub.label} is not in the cache ({folder}) and cannot be "
                                    f"downloaded: HF_HUB_OFFLINE is set")
