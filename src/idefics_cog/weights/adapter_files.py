@@ -111,7 +111,7 @@ def check_adapter(path: Path, layers: dict[str, tuple[int, int] | None],
 
 
 def exactly(modules: list[str]) -> str:
-    """A pattern that PEFT's `(.*\.)?(pattern)$` matches against these module names only."""
+    r"""A pattern that PEFT's `(.*\.)?(pattern)$` matches against these module names only."""
     return "|".join(re.escape(module) for module in sorted(modules))
 
 

@@ -4,7 +4,7 @@ rebinding); or a hub id, never a local path. IDEFICS_ALLOW_PRIVATE_URLS=1 lifts 
 
 import ipaddress
 import socket
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import requests
