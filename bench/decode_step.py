@@ -25,7 +25,7 @@ from torch._inductor.utils import run_and_get_code  # noqa: E402
 from idefics_cog.inputs.prompt import build_segments, encode  # noqa: E402
 from idefics_cog.serving.decoder import FastDecoder  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
-from idefics_cog.weights.adapters import Adapters  # noqa: E402
+from idefics_cog.serving.adapters import Adapters  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from tests.support.helpers import noise_image  # noqa: E402
 from tests.support.inductor import buffers_at_least  # noqa: E402

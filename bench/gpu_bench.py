@@ -362,7 +362,7 @@ def mixed_adapters(args, report: Report, compiles: Compiles, model, fast, baseli
     """16 rows of one LoRA adapter against 16 rows of 4 different ones (random LoRAs like MedIDEFICS: r=16, alpha
     32, q/k/v), loaded as a server loads `lora_weights`; the first round (warm-up) is where PEFT's wrapping of the
     layers shows as recompilations."""
-    from idefics_cog.weights.adapters import Adapters
+    from idefics_cog.serving.adapters import Adapters
 
     kinds = min(ADAPTERS, args.concurrent)
     started = time.perf_counter()

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from idefics_dev import tiny  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_cog.serving.sampler import BatchSampler  # noqa: E402
-from idefics_cog.weights.adapters import Adapters  # noqa: E402
+from idefics_cog.serving.adapters import Adapters  # noqa: E402
 from tests.support.helpers import negated_adapter  # noqa: E402
 from tests.support.quantized import answer, changed, forced_logits, quantized_bytes  # noqa: E402
 from tests.support.sampling import batched_against_alone  # noqa: E402

@@ -33,7 +33,7 @@ from bench.speed import TORCH, make_request, new_engine, preset_model, stream_to
 from bench.stats import machine, rate_table  # noqa: E402
 from idefics_cog.serving.engine import Engine  # noqa: E402
 from idefics_cog.serving.jobs import Job, Sampling  # noqa: E402
-from idefics_cog.weights.adapters import Adapters  # noqa: E402
+from idefics_cog.serving.adapters import Adapters  # noqa: E402
 from idefics_dev.tiny import random_lora  # noqa: E402
 
 REQUESTS = 16

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from idefics_cog.weights.adapters import directory_bytes  # noqa: E402
+from idefics_cog.weights.adapter_downloads import directory_bytes  # noqa: E402
 from bench.stats import report_and_exit  # noqa: E402
 from idefics_dev.cogrunner import CogServer  # noqa: E402
 from tests.support.fileserver import FileServer  # noqa: E402

@@ -6,7 +6,7 @@ Sources are served by a real HTTP server on 127.0.0.1 (tests/support/fileserver.
                verify, extract, load) and warm (the same cache again: load only)
   switch       Service.answer with one new token, switching medical -> none -> custom -> medical; the first
                custom request (download + load) against the same adapter again (loaded: no download, no load)
-  download     a large archive: our downloader (parallel ranges, sha256, extract) against `curl` then `tar -x`
+  download     a large archive: our download (one stream, or pget on PATH; sha256, extract) against `curl` then `tar -x`
                on the same file from the same server
 
     make tiny
@@ -105,7 +105,7 @@ def download_times(server: FileServer, mib: int, repeats: int) -> dict:
             f"curl -sf -o {target}/large.tar {url.split('#')[0]} && tar -xf {target}/large.tar -C {target}",
             shell=True, check=True)))
         shutil.rmtree(work)
-    return {"ours (ranges + sha256 + extract)": ours, "curl + tar -x": curl}, len(data)
+    return {"ours (stream + sha256 + extract)": ours, "curl + tar -x": curl}, len(data)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ import pytest
 
 from idefics_dev import tiny
 from idefics_cog.config import ROOT
-from idefics_cog.weights.sources import ALLOW_PRIVATE
+from idefics_cog.weights.url_guard import ALLOW_PRIVATE
 
 
 SERVER_TESTS = Path(__file__).parent / "server"
@@ -27,6 +27,30 @@ def engine(tiny_dir):
     from idefics_cog.serving.engine import Engine
 
     return Engine.load(tiny_dir / "base", "cpu")
+
+
+@pytest.fixture
+def fresh(tiny_dir):
+    """A newly loaded tiny engine (adapters change the model in place)."""
+    from idefics_cog.serving.engine import Engine
+
+    return Engine.load(tiny_dir / "base", "cpu")
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_dir):
+    """Reference answers: the base alone, and the tiny adapter loaded alone with plain PEFT."""
+    from peft import PeftModel
+    from transformers import IdeficsForVisionText2Text
+
+    from idefics_cog.serving.engine import Engine
+    from tests.support.engine import answer
+
+    base = Engine.load(tiny_dir / "base", "cpu")
+    plain = answer(base)
+    model = IdeficsForVisionText2Text.from_pretrained(tiny_dir / "base")
+    medical = Engine(PeftModel.from_pretrained(model, tiny_dir / "adapter").eval(), base.processor, base.device)
+    return {"none": plain, "medical": answer(medical)}
 
 
 @pytest.fixture(scope="session")

@@ -161,7 +161,7 @@ def test_cog_managed_yaml_is_cog_yaml_plus_the_managed_weights(cog_yaml):
 def test_cog_yaml_managed_weights_serve_the_default_settings(tmp_path):
     """A lock as `cog weights import -f cog.managed.yaml` would write it from its `weights:` is found for the
     default IDEFICS_BASE_WEIGHTS and IDEFICS_ADAPTER_WEIGHTS, at the declared targets."""
-    from idefics_cog.weights.managed import Lock, set_digest
+    from idefics_cog.weights.weights_lock import WeightsLock, set_digest
     from idefics_cog.config import Settings
 
     declared = yaml.safe_load((ROOT / "cog.managed.yaml").read_text())["weights"]
@@ -170,7 +170,7 @@ def test_cog_yaml_managed_weights_serve_the_default_settings(tmp_path):
     (tmp_path / "weights.lock").write_text(json.dumps({"version": 1, "weights": [
         {"name": entry["name"], "target": entry["target"], "setDigest": set_digest([]), "files": [],
          "sources": [{"uri": entry["source"]["uri"], "fingerprint": "commit:" + "0" * 40}]} for entry in declared]}))
-    lock, defaults = Lock.read(tmp_path / "weights.lock", tmp_path), Settings.from_env({})
+    lock, defaults = WeightsLock.read(tmp_path / "weights.lock", tmp_path), Settings.from_env({})
     found = [lock.find(defaults.base_weights), lock.find(defaults.adapter_weights)]
     assert [str(weight.target) for weight in found] == [entry["target"] for entry in declared]
 

@@ -45,7 +45,7 @@ def tokens(base: Path, prompt: str, images: list[Path], template: str = "instruc
 
 
 def _download(argv: list[str], prog: str) -> int:
-    from idefics_cog.weights.__main__ import main
+    from idefics_cog.weights.download import main
     return main(argv, prog)
 
 

@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from idefics_cog.evaluation import metrics as vqa, run as ev
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from idefics_cog.training.data import load_dataset
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Sampling

@@ -15,7 +15,7 @@ from bitsandbytes.functional import has_avx512bf16
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from idefics_cog.model.loading import quantization_config
 from idefics_cog.serving.engine import Engine
 from tests.support.helpers import negated_adapter

@@ -134,7 +134,7 @@ def test_script_predict_without_weights_or_hub_says_what_to_do(tmp_path):
 def test_an_unreachable_default_adapter_names_its_setting(tiny_dir, tmp_path, monkeypatch):
     from idefics_cog.serving.service import Service
     from idefics_cog.config import Settings
-    from idefics_cog.weights.base import WeightsError
+    from idefics_cog.errors import WeightsError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     settings = Settings.from_env({"IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_CACHE_DIR": str(tmp_path)})

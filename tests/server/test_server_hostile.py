@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from idefics_dev.cogrunner import CogServer
-from idefics_cog.weights.sources import ALLOW_PRIVATE
+from idefics_cog.weights.url_guard import ALLOW_PRIVATE
 from tests.support.fileserver import Fault, FileServer
 from tests.support.helpers import adapter_copy, data_uri, noise_image, tar_bytes
 from tests.support.hostile import not_finite, settings_beyond_plain_lora, with_layer, worker_rss

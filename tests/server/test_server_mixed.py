@@ -6,7 +6,7 @@ import re
 import pytest
 
 from idefics_dev.cogrunner import CogServer
-from idefics_cog.weights.sources import ALLOW_PRIVATE
+from idefics_cog.weights.url_guard import ALLOW_PRIVATE
 from tests.conftest import tiny_env
 from tests.support.fileserver import FileServer
 from tests.support.helpers import answer, data_uri, negated_adapter, noise_image, tar_bytes

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from idefics_dev.cogrunner import CogServer, ServerError
-from idefics_cog.weights.sources import ALLOW_PRIVATE
+from idefics_cog.weights.url_guard import ALLOW_PRIVATE
 from tests.conftest import ADAPTER_LIMIT, tiny_env
 from tests.support.fileserver import Fault, FileServer
 from tests.support.helpers import adapter_with_config, bin_adapter, hostile_adapter, negated_adapter, tar_bytes

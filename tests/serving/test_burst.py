@@ -8,7 +8,7 @@ from idefics_cog.serving import scheduler as scheduler_module
 from idefics_cog.serving.decoder import FastDecoder, unwrap
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from tests.support.engine import encoded, generate, submit_behind_a_stream, submit_together, tokens_of
 from tests.support.helpers import noise_image
 

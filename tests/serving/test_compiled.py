@@ -18,7 +18,7 @@ from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.layers import embed
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from tests.support.engine import (
     alone,
     encoded,

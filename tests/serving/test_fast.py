@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.decoder import FastDecoder

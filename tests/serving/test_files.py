@@ -11,7 +11,7 @@ import pytest
 from idefics_cog.config import ImageLimits
 from idefics_cog.errors import InputError
 from idefics_cog.serving import files
-from idefics_cog.weights.sources import ALLOW_PRIVATE
+from idefics_cog.weights.url_guard import ALLOW_PRIVATE
 from tests.support.fileserver import FileServer
 
 

@@ -265,7 +265,7 @@ def test_a_failed_prefill_leaves_no_adapter_selected(tiny_dir, tmp_path, monkeyp
     from peft.tuners.lora import LoraLayer
 
     from idefics_cog.serving.rowlora import active_adapter
-    from idefics_cog.weights.adapters import Adapters
+    from idefics_cog.serving.adapters import Adapters
 
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
     adapters = Adapters(engine, tmp_path)

@@ -6,7 +6,7 @@ import pytest
 
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from tests.support.engine import (
     alone,
     encoded,

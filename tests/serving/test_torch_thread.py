@@ -8,7 +8,7 @@ from idefics_cog.serving import engine as engine_module
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.engine import TorchThread
 from idefics_cog.serving.service import Service
-from idefics_cog.weights.adapters import Adapters
+from idefics_cog.serving.adapters import Adapters
 from tests.conftest import tiny_env
 from tests.support.helpers import noise_image
 

@@ -22,7 +22,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-GATHER_TIMEOUT = 10.0  # seconds a `gather` fault waits for the other requests
 TRICKLE_PIECES = 100  # a trickled body arrives in this many pieces
 FLIP = bytes(range(255, -1, -1))  # byte b -> 255 - b: corrupted, same length
 
@@ -35,9 +34,8 @@ class Fault:
     corrupt: bool = False  # serve the body with every byte flipped (same length)
     ignore_range: bool = False  # a Range request gets 200 with the whole body
     accept_ranges: Optional[bool] = None  # send `Accept-Ranges: bytes` (None: when ranges are honoured)
-    gather: Optional[int] = None  # hold each request until this many are in flight at once (a parallel client)
     trickle: float = 0.0  # send the body in small pieces spread over this many seconds (a slow server)
-    head_size: Optional[int] = None  # a HEAD announces this Content-Length (a server that lies about the size)
+    no_length: bool = False  # a GET announces no Content-Length (the body ends when the connection closes)
     location: Optional[str] = None  # with a 3xx `status`: where it redirects
     times: Optional[int] = None  # apply to this many GET requests only (None: every one)
     skip: int = 0  # let this many GET requests through untouched first
@@ -51,7 +49,6 @@ class FileServer:
         self.served: Counter = Counter()  # body bytes written per path
         self.abandoned: Counter = Counter()  # bodies whose client went away before their end, per path
         self._seen: Counter = Counter()  # requests each path's fault has considered
-        self._barriers: dict[str, threading.Barrier] = {}
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -90,11 +87,8 @@ class FileServer:
     def _set_fault(self, path: str, fault: Optional[Fault]) -> None:
         self._seen[path] = 0
         self.faults.pop(path, None)
-        self._barriers.pop(path, None)
         if fault is not None:
             self.faults[path] = fault
-            if fault.gather:
-                self._barriers[path] = threading.Barrier(fault.gather, timeout=GATHER_TIMEOUT)
 
     def count(self, path: str, method: Optional[str] = None) -> int:
         """Requests received for `path` (of one method, or all)."""
@@ -128,13 +122,6 @@ class FileServer:
             live = number > fault.skip and (fault.times is None or number <= fault.skip + fault.times)
             return fault if live else None
 
-    def _gather(self, path: str) -> bool:
-        try:
-            self._barriers[path].wait()
-            return True
-        except threading.BrokenBarrierError:
-            return False
-
 
 def _handler(server: FileServer):
     class Handler(BaseHTTPRequestHandler):
@@ -155,8 +142,6 @@ def _handler(server: FileServer):
             fault = server._record(self.command, path, range_header) or Fault()
             if fault.delay and server._closing.wait(fault.delay):
                 return
-            if send_body and fault.gather and not server._gather(path):
-                return self._send_status(503)  # the client never had `gather` requests open at once
             data = server.files.get(path)
             if fault.status is not None or data is None:
                 return self._send_status(fault.status or 404, fault.location)
@@ -174,8 +159,11 @@ def _handler(server: FileServer):
                     return
             self.send_response(206 if partial else 200)
             self.send_header("Content-Type", "application/octet-stream")
-            announced = fault.head_size if fault.head_size is not None and not send_body else end - start
-            self.send_header("Content-Length", str(announced))
+            if fault.no_length and send_body:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(end - start))
             self.send_header("ETag", f'"{zlib.crc32(data):08x}"')
             advertise = not fault.ignore_range if fault.accept_ranges is None else fault.accept_ranges
             if advertise:

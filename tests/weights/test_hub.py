@@ -16,9 +16,9 @@ import pytest
 from huggingface_hub import constants
 from safetensors.torch import load_file
 
-import idefics_cog.weights.checksums as checksums_module
-from idefics_cog.weights.base import WeightsError
-from idefics_cog.weights.resolve import resolve
+import idefics_cog.weights.hub as hub_module
+from idefics_cog.errors import WeightsError
+from idefics_cog.weights.download import resolve
 from tests.support.helpers import bin_adapter
 from tests.support.hubserver import Fault, HubServer
 from tests.support.engine import answer
@@ -98,13 +98,13 @@ def hub(hub_server, monkeypatch):
 def digests(monkeypatch):
     """The files idefics_cog.weights.hub hashes, in order."""
     hashed = []
-    digest = checksums_module.digest
+    digest = hub_module.digest
 
     def spy(file, algorithm):
         hashed.append(file.name)
         return digest(file, algorithm)
 
-    monkeypatch.setattr(checksums_module, "digest", spy)
+    monkeypatch.setattr(hub_module, "digest", spy)
     return hashed
 
 
@@ -149,7 +149,7 @@ def test_download_load_and_warm_cache(hub, tiny_dir, tmp_path, caplog, digests):
     assert resolve(f"{REPO}@main", tmp_path) == path
     assert hub.file_requests() == [] and len(hub.cdn.requests) == 0
     assert digests == ["model.safetensors"]
-    assert all("0 bytes (0 B) fetched" in r.getMessage() for r in caplog.records if "fetched" in r.getMessage())
+    assert all("0 bytes (0.0 MB) fetched" in r.getMessage() for r in caplog.records if "fetched" in r.getMessage())
 
 
 def test_no_progress_bar_off_a_terminal(hub, tmp_path, capfd):
@@ -332,7 +332,7 @@ def test_an_adapter_repo_gets_its_adapter_model_bin_and_no_other_pickle(hub, rep
 
 
 def test_a_hub_adapter_in_bin_form_serves_as_the_safetensors_one(hub, fresh, tmp_path, alone):
-    from idefics_cog.weights.adapters import Adapters
+    from idefics_cog.serving.adapters import Adapters
 
     adapters = Adapters(fresh, tmp_path)
     adapters.load_default(ADAPTER_BIN)
@@ -367,7 +367,7 @@ def test_a_requests_hub_adapter_is_measured_first_fetched_alone_and_without_the_
 
 def test_a_requests_hub_adapter_is_stopped_at_its_deadline_and_leaves_nothing(hub, fresh, tmp_path):
     """A total deadline on the adapter's bytes as they arrive: a CDN trickling the weights for 30 s is cut off."""
-    from idefics_cog.weights.adapters import Adapters
+    from idefics_cog.serving.adapters import Adapters
     from idefics_cog.weights.hub import fetch_request_adapter
     from idefics_cog.errors import InputError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from idefics_cog.config import Settings
 from idefics_cog.errors import InputError, WeightsError
 from idefics_cog.evaluation.metrics import aggregate, score
-from idefics_cog.weights.base import HUB_ID, is_url
+from idefics_cog.weights.source import HUB_ID, is_url
 
 # torch, transformers and peft are imported where used, so that `--help` is quick.
 

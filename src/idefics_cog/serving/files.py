@@ -12,12 +12,10 @@ from urllib.parse import urlsplit
 import cog.types
 
 from idefics_cog.config import ImageLimits
-from idefics_cog.errors import InputError, shorten
-from idefics_cog.weights.base import WeightsError
-from idefics_cog.weights.pool import Recent
-from idefics_cog.weights.sources import guarded_session
-from idefics_cog.weights.cancel import Cancel, Cancelled
-from idefics_cog.weights.transfer import fetch_file
+from idefics_cog.errors import InputError, WeightsError, shorten
+from idefics_cog.weights.fetch_pool import Recent
+from idefics_cog.weights.stream import Cancel, Cancelled, fetch_file
+from idefics_cog.weights.url_guard import guarded_session
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ from idefics_cog.errors import InputError, UnreachableError, WeightsError
 from idefics_cog.inputs import images as image_files
 from idefics_cog.inputs.prompt import Segment, build_segments, encode, tokenize
 from idefics_cog.serving import files
+from idefics_cog.serving.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.textstream import parse_stop_sequences
-from idefics_cog.weights.adapters import MEDICAL, NONE, Adapters, Fetched
-from idefics_cog.weights.managed import Lock
-from idefics_cog.weights.resolve import resolve
-from idefics_cog.weights.cancel import Cancel
+from idefics_cog.weights.adapter_downloads import Fetched
+from idefics_cog.weights.download import resolve
+from idefics_cog.weights.stream import Cancel
+from idefics_cog.weights.weights_lock import WeightsLock
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def check_trained_base(trained_on: str | None, base_weights: str) -> None:
 
 
 @contextmanager
-def other_sources(variable: str, value: str, local: str, lock: Lock | None = None):
+def other_sources(variable: str, value: str, local: str, lock: WeightsLock | None = None):
     """Unreachable hub weights: name the setting, what else works, and why managed weights were refused."""
     try:
         yield
@@ -79,7 +80,7 @@ class Service:
     @classmethod
     def from_settings(cls, settings: Settings) -> "Service":
         started = time.perf_counter()
-        lock = Lock.read(settings.weights_lock, settings.cache_dir)  # managed weights mounted by Cog, if any
+        lock = WeightsLock.read(settings.weights_lock, settings.cache_dir)  # managed weights mounted by Cog, if any
         with other_sources("IDEFICS_BASE_WEIGHTS", settings.base_weights, "a checkpoint directory", lock):
             path = resolve(lock.source_for("IDEFICS_BASE_WEIGHTS", settings.base_weights), settings.cache_dir)
         log.info("base weights %s resolved to %s in %.1f s", settings.base_weights, path,

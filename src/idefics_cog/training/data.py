@@ -11,7 +11,7 @@ from PIL import Image
 from idefics_cog.errors import InputError, WeightsError
 from idefics_cog.inputs.images import load_image
 from idefics_cog.inputs.prompt import END_OF_UTTERANCE, Segment, build_segments, render
-from idefics_cog.weights.extract import extract_archive
+from idefics_cog.weights.safe_extract import extract_archive
 
 DATA_FILE = "data.jsonl"
 

@@ -22,8 +22,8 @@ from idefics_cog.training.collator import Collator, causal_lm_loss
 from idefics_cog.training.data import load_dataset
 from idefics_cog.training.examples import IGNORE, ExampleDataset, prepare
 from idefics_cog.training.packing import pack, save_adapter
-from idefics_cog.weights.lora import layer_shapes, targeted_layers
-from idefics_cog.weights.resolve import resolve
+from idefics_cog.weights.adapter_files import layer_shapes, targeted_layers
+from idefics_cog.weights.download import resolve
 
 log = logging.getLogger(__name__)
 

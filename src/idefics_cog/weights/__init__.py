@@ -1,3 +1,2 @@
-"""Weights to local directories: `resolve` (resolve.py) over a local folder, a hub id (hub.py) or an archive URL
-(archive.py); LoRA adapters (adapters.py, lora.py); what a request may name (sources.py); `python -m
-idefics_cog.weights`."""
+"""Weights to local folders: the operator's downloads (download.py) from a hub (hub.py) or an archive URL (archive.py),
+a request's adapter (adapter_downloads.py), and the checks their files pass before anything loads them."""

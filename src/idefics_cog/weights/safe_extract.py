@@ -1,23 +1,14 @@
-"""Safe extraction of a tar (any compression) or zip: no member outside the target, no links, devices or sparse
-files, a cap on the bytes it expands to. Used for weights archives, request adapters and training data.
-
-A hostile archive must not make the process swell either. tarfile reads a pax or GNU long-name header's body whole,
-reads a run of such headers recursively, applies a global header's records to every member, and keeps every member
-it has read until the archive is closed: each of these is capped, checked before tarfile reads what a header
-announces; so is a zip's number of members. Errors quote a member's name shortened (a long name can be megabytes).
-"""
+"""Safe extraction of a tar (any compression) or zip: no member outside the target, no links, devices or sparse files,
+a cap on the bytes it expands to, and caps on what tarfile would hold in memory, checked before it reads them."""
 
 import gzip
 import re
-import shutil
 import tarfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Optional
 
-from idefics_cog.errors import shorten
-from idefics_cog.weights.base import WeightsError
+from idefics_cog.errors import WeightsError, shorten
 
 MAX_MEMBERS = 100_000
 MAX_HEADER_BYTES = 64 << 10  # one pax or GNU long-name header's body: a real one holds a path, a few kB at most
@@ -33,10 +24,9 @@ EXTENDED_HEADERS = {tarfile.XHDTYPE: "pax extended", tarfile.SOLARIS_XHDTYPE: "p
 
 
 def extract_archive(archive: Path, dest: Path, label: str, zip_name: bool = False,
-                    max_bytes: Optional[int] = None) -> None:
-    """Extract a tar (any compression) or zip into `dest`, refusing members that could land outside it, and
-    (`max_bytes`) an archive whose members add up to more than that (a small .tar.gz can expand enormously).
-    `label` names the archive in errors (its URL, or the input it came from)."""
+                    max_bytes: int | None = None) -> None:
+    """`max_bytes` caps what the members add up to (a small .tar.gz can expand enormously); `label` names the archive
+    in errors."""
     try:
         if zip_name or not _is_tar(archive):
             _extract_zip(label, archive, dest, max_bytes)
@@ -49,8 +39,7 @@ def extract_archive(archive: Path, dest: Path, label: str, zip_name: bool = Fals
 
 
 class _Refused(Exception):
-    """A refusal while tarfile reads a header: tarfile passes on exceptions other than its own unchanged. The message
-    lacks the archive's label, which extract_archive adds."""
+    """A refusal while tarfile reads a header (tarfile passes on exceptions other than its own unchanged)."""
 
 
 class _TarInfo(tarfile.TarInfo):
@@ -103,13 +92,13 @@ def _is_tar(archive: Path) -> bool:
     return True
 
 
-def _extract_tar(url: str, archive: Path, dest: Path, max_bytes: Optional[int] = None) -> None:
+def _extract_tar(url: str, archive: Path, dest: Path, max_bytes: int | None = None) -> None:
     with _TarFile.open(archive, "r:*") as tar:
         # Members are checked as they are read: one pass, even over a .tar.gz.
         tar.extractall(dest, members=_checked_members(url, tar, max_bytes), filter="data")
 
 
-def _check_total(url: str, total: int, max_bytes: Optional[int]) -> None:
+def _check_total(url: str, total: int, max_bytes: int | None) -> None:
     if max_bytes is not None and total > max_bytes:
         raise WeightsError(f"{url}: the archive's members add up to more than the limit of {max_bytes} bytes; "
                            f"not extracted")
@@ -120,7 +109,7 @@ def _check_count(url: str, count: int) -> None:
         raise WeightsError(f"{url}: the archive has more than {MAX_MEMBERS} members; not extracted")
 
 
-def _checked_members(url: str, tar: tarfile.TarFile, max_bytes: Optional[int] = None):
+def _checked_members(url: str, tar: tarfile.TarFile, max_bytes: int | None = None):
     total = 0
     for count, member in enumerate(tar, start=1):
         _check_count(url, count)  # tarfile keeps every member read: millions of empty headers would fill memory
@@ -134,7 +123,7 @@ def _checked_members(url: str, tar: tarfile.TarFile, max_bytes: Optional[int] = 
         yield member
 
 
-def _extract_zip(url: str, archive: Path, dest: Path, max_bytes: Optional[int] = None) -> None:
+def _extract_zip(url: str, archive: Path, dest: Path, max_bytes: int | None = None) -> None:
     try:
         _check_zip_directory(url, archive)
         with zipfile.ZipFile(archive) as zip_file:
@@ -161,30 +150,12 @@ def _check_zip_directory(url: str, archive: Path) -> None:
                            f"{MAX_MEMBERS} members need; not extracted")
 
 
-def _check_name(url: str, name: str) -> None:
-    """Refuse a member that would land outside the target: absolute, `..`, or a Windows drive."""
+def _check_name(url: str, name: str) -> None:  # absolute, `..`, or a Windows drive
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or re.match(r"^[A-Za-z]:", name):
         raise WeightsError(f"{url}: archive member {_shown(name)} points outside the archive; refusing to extract it")
 
 
-def _shown(name: str) -> str:
-    """A member's name as an error quotes it: shortened (a GNU long name can be megabytes)."""
+def _shown(name: str) -> str:  # shortened: a GNU long name can be megabytes
     return repr(shorten(name, SHOWN_NAME))
 
-
-def root(extracted: Path) -> str:
-    """The single top-level directory of an archive made with `tar czf x.tgz mymodel/`, else `.`."""
-    children = list(extracted.iterdir())
-    return children[0].name if len(children) == 1 and children[0].is_dir() else "."
-
-
-def move_into_place(staging: Path, final: Path) -> None:
-    if final.exists():  # a stale entry (the URL now expects another sha256): set it aside first
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(final)

@@ -1,17 +1,10 @@
-"""What a request may name as `lora_weights`: an https URL of a public address, or a Hugging Face repo id.
-
-The operator's settings (IDEFICS_BASE_WEIGHTS, IDEFICS_ADAPTER_WEIGHTS, COG_WEIGHTS) may name anything
-(weights.resolve); a request comes from a stranger, so:
-- it never names a local path, whatever it looks like (`weights/tiny` is a hub id here, never a directory);
-- a URL is https, and every address its host resolves to is public (not loopback, private, link-local, ...),
-  checked before each request is sent, redirects included, and again as each connection is made, to the very
-  address connected to (`guarded_session`);
-- `IDEFICS_ALLOW_PRIVATE_URLS=1` lifts both URL rules (tests on loopback servers, private networks).
-"""
+"""What a stranger may name (`lora_weights`, image URLs): an https URL whose host resolves only to public addresses,
+checked before each request and redirect and again, to the very address, as each connection is made (DNS
+rebinding); or a hub id, never a local path. IDEFICS_ALLOW_PRIVATE_URLS=1 lifts the URL rules."""
 
 import ipaddress
 import socket
-from typing import Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import requests
@@ -21,8 +14,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.util import connection as urllib3_connection
 
-from idefics_cog.errors import shorten
-from idefics_cog.weights.base import HUB_ID, WeightsError, env_flag, is_url
+from idefics_cog.errors import WeightsError, shorten
+from idefics_cog.weights.source import HUB_ID, env_flag, is_url
 
 ALLOW_PRIVATE = "IDEFICS_ALLOW_PRIVATE_URLS"
 
@@ -44,8 +37,8 @@ def is_public(address: str) -> bool:
 
 
 def check_url(url: str, allowed: Callable[[str], bool] | None = None, schemes: tuple[str, ...] = ("https",)) -> None:
-    """Refuse `url` unless its scheme is in `schemes` and its host resolves only to addresses `allowed` says yes to
-    (public ones by default). With IDEFICS_ALLOW_PRIVATE_URLS=1 (and no `allowed` given) any http(s) URL passes."""
+    """Refuse `url` unless its scheme is in `schemes` and its host resolves only to addresses `allowed` (public ones by
+    default). With IDEFICS_ALLOW_PRIVATE_URLS=1 (and no `allowed` given) any http(s) URL passes."""
     parts = urlsplit(url)
     if allowed is None and private_allowed():
         if parts.scheme not in ("http", "https"):
@@ -59,7 +52,6 @@ def check_url(url: str, allowed: Callable[[str], bool] | None = None, schemes: t
 
 
 def checked_addresses(what: str, host: str, port: int, allowed: Callable[[str], bool] | None) -> list[str]:
-    """The addresses `host` resolves to, all of them allowed (public by default), or SourceRefused naming `what`."""
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -76,9 +68,8 @@ def checked_addresses(what: str, host: str, port: int, allowed: Callable[[str], 
 
 
 class _PinnedConnection:
-    """Connects to an address checked at that moment, not to the name: urllib3 would resolve it again, and an
-    answer that changed since the URL was checked (DNS rebinding) could lead to a private address. The TLS
-    handshake still checks the certificate against the name."""
+    """Connects to an address checked at that moment, not to the name, which urllib3 would resolve again (DNS
+    rebinding). TLS still checks the certificate against the name."""
 
     allowed: Callable[[str], bool] | None = None
 
@@ -97,7 +88,6 @@ class _PinnedConnection:
 
 
 def _pinned_pools(allowed: Callable[[str], bool] | None) -> dict:
-    """urllib3 connection pools whose connections are `_PinnedConnection`s checking with `allowed`."""
     check = staticmethod(allowed) if allowed is not None else None
     pools = {}
     for scheme, pool, connection in (("http", HTTPConnectionPool, HTTPConnection),
@@ -121,8 +111,8 @@ class _CheckedAdapter(HTTPAdapter):
 
 def guarded_session(allowed: Callable[[str], bool] | None = None,
                     schemes: tuple[str, ...] = ("https",)) -> requests.Session:
-    """A requests session that refuses URLs `check_url` refuses, redirects included, and connects only to an
-    address checked as it connects (`_PinnedConnection`)."""
+    """A session that refuses what `check_url` refuses, redirects included, and connects only to addresses checked as
+    it connects."""
     session = requests.Session()
     session.trust_env = False  # no proxy from the environment: the check must see the real destination
     adapter = _CheckedAdapter(allowed, schemes)

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from idefics_cog.weights.pool import FetchPool, Recent
-from idefics_cog.weights.cancel import Cancelled
+from idefics_cog.weights.fetch_pool import FetchPool, Recent
+from idefics_cog.weights.stream import Cancelled
 
 
 def blocking(started: threading.Event, release: threading.Event, calls: list):
@@ -95,7 +95,7 @@ def test_a_key_never_has_two_fetches_at_once():
 
 
 def test_a_cancel_set_before_the_read_starts_interrupts_it():
-    from idefics_cog.weights.cancel import Cancel
+    from idefics_cog.weights.stream import Cancel
 
     cancel, interrupted = Cancel(), []
     cancel.set()

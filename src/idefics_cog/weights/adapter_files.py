@@ -1,7 +1,6 @@
-"""An adapter's files, written by a stranger: the standard PEFT layout, its config by allow-list, every LoRA matrix
-checked against the base model's adaptable layers, the rank limit and for finite values before anything touches the
-model, and PEFT's older adapter_model.bin read with torch's weights-only unpickler (any object other than tensors and
-containers is refused before it is built) and written once as safetensors."""
+"""An adapter's files, written by a stranger, checked before anything touches the model: the PEFT layout, its config
+by allow-list, every LoRA matrix against the base model's adaptable layers, the rank limit, finite values; an
+adapter_model.bin read by torch's weights-only unpickler only, and written once as safetensors."""
 
 import dataclasses
 import hashlib
@@ -23,12 +22,12 @@ from safetensors.torch import save_file
 
 from idefics_cog.config import MAX_ADAPTER_RANK
 from idefics_cog.errors import AdapterError, shorten
-from idefics_cog.weights.base import ADAPTER_PICKLE, PICKLE_SUFFIXES
+from idefics_cog.weights.source import ADAPTER_PICKLE, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PICKLED_FILE = ADAPTER_PICKLE  # PEFT's older format: read with the weights-only unpickler, never by PEFT
+PICKLED_FILE = ADAPTER_PICKLE
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is about 1 kB
 MAX_HEADER_BYTES = 8 << 20  # the safetensors header (names and shapes): MedIDEFICS's is about 70 kB
 NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}  # BF16, numpy lacks: by its bits
@@ -37,10 +36,8 @@ MAX_ALPHA = 1e6  # lora_alpha and alpha_pattern values: MedIDEFICS's is 32
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>[\w.-]+)\.lora_(?P<part>[AB])(?:\.[\w-]+)?\.weight$")
 _PLAIN_NAME = re.compile(r"^[\w.-]{1,200}$")  # a module name or suffix: no regular-expression operators
 
-# The layers an adapter may adapt: the Linear layers of the text model, of the gated cross-attention blocks, of the
-# perceiver and of the vision encoder. A request's adapter reaches only its own rows there: at prefill through PEFT
-# with that adapter selected, in decode steps through each row's bank (serving/rowlora.py). Never lm_head, the
-# embeddings or the vision embeddings: the decode step calls them directly, so a LoRA there would reach every row.
+# Where a request's adapter reaches only its own rows (serving/rowlora.py); never lm_head or the embeddings, which the
+# decode step calls directly for every row.
 ADAPTABLE = ("model.layers.", "model.gated_cross_attn_layers.", "model.perceiver_resampler.",
              "model.vision_model.encoder.")
 
@@ -71,10 +68,8 @@ def adaptable(name: str, layers: dict[str, tuple[int, int] | None]) -> bool:
 
 def check_adapter(path: Path, layers: dict[str, tuple[int, int] | None],
                   max_rank: int = MAX_ADAPTER_RANK) -> LoraConfig:
-    """Refuse anything but a LoRA adapter in the standard PEFT layout whose matrices fit the base model's adaptable
-    layers (`layers`: layer_shapes of the base), with ranks up to `max_rank`, before anything touches the model.
-    Returns the LoraConfig to load it with: built here from the checked settings, with the exact layers and ranks
-    of the file, so that PEFT matches no pattern of the stranger's and initialises nothing."""
+    """Refuse anything but a PEFT LoRA adapter whose matrices fit the base's adaptable `layers` (layer_shapes). The
+    LoraConfig returned names the file's exact layers and ranks: PEFT matches no pattern of the stranger's."""
     files = {p.name for p in path.iterdir()} if path.is_dir() else set()
     if WEIGHTS_FILE not in files:
         pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
@@ -110,20 +105,18 @@ def check_adapter(path: Path, layers: dict[str, tuple[int, int] | None],
         # One pattern per value, of the exact names: PEFT matches every key against every layer it adapts.
         rank_pattern={exactly(modules): value for value, modules in ranks.items() if value != r},
         alpha_pattern={exactly(modules): value for value, modules in alphas.items() if value != alpha},
-        # Every matrix comes from the file (load_lora_matrices), so PEFT initialises nothing: some of its
-        # initialisations (PiSSA, OLoRA, ...) rewrite the base model's weights, which other requests share.
+        # PiSSA, OLoRA, ... would rewrite the shared base weights: every matrix comes from the file instead.
         init_lora_weights=False, inference_mode=True,
         base_model_name_or_path=shorten(raw.get("base_model_name_or_path") or "", 200) or None)
 
 
 def exactly(modules: list[str]) -> str:
-    """A pattern that PEFT's `(.*\.)?(pattern)$` matches against these module names only."""
+    r"""A pattern that PEFT's `(.*\.)?(pattern)$` matches against these module names only."""
     return "|".join(re.escape(module) for module in sorted(modules))
 
 
 def targeted_layers(targets, layers: dict[str, tuple[int, int] | None]) -> list[str]:
-    """The layers PEFT's list form of target_modules names; AdapterError naming the first that an adapter may not
-    adapt (training refuses such targets too: their adapter could not be served)."""
+    """The layers target_modules names; refused if one may not be adapted (training refuses them too)."""
     targets = set(targets)
     found = [name for name in layers if targeted(name, targets)]
     for name in found:
@@ -155,8 +148,7 @@ def read_config(file: Path) -> dict:
 
 
 def checked_settings(raw: dict, max_rank: int) -> dict:
-    """The settings of `raw` (adapter_config.json), every key allowed and every value checked; missing ones at PEFT's
-    defaults."""
+    """The settings of adapter_config.json, every key allowed and every value checked; missing ones at PEFT's."""
     if raw.get("peft_type") != "LORA":
         raise AdapterError(f"only LoRA adapters are supported, this one is {shorten(repr(raw.get('peft_type')), 40)}")
     for key, value in raw.items():
@@ -201,15 +193,14 @@ def _rank(name: str, value, max_rank: int) -> None:
                            f"(IDEFICS_MAX_ADAPTER_RANK)")
 
 
-def _number(name: str, value, low: float = -MAX_ALPHA, high: float = MAX_ALPHA) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
-        bounds = f" from {low:g} to {high:g}"
-        raise AdapterError(f"{CONFIG_FILE}: {name} must be a finite number{bounds}, got {shorten(repr(value), 40)}")
+def _number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_ALPHA <= value <= MAX_ALPHA:  # NaN
+        raise AdapterError(f"{CONFIG_FILE}: {name} must be a finite number from {-MAX_ALPHA:g} to {MAX_ALPHA:g}, "
+                           f"got {shorten(repr(value), 40)}")
 
 
 def read_shapes(file: Path, layers: dict[str, tuple[int, int] | None]) -> dict[str, tuple[int, int]]:
-    """Each adapted module's (rank of A, rank of B), from the safetensors header alone: every tensor a LoRA A or B
-    matrix of a float type whose in/out sizes fit an adaptable layer of the base model."""
+    """Each module's (rank of A, rank of B), from the header alone: every tensor a float LoRA matrix that fits."""
     try:
         with open(file, "rb") as stream:
             head = stream.read(8)
@@ -240,10 +231,10 @@ def read_shapes(file: Path, layers: dict[str, tuple[int, int] | None]) -> dict[s
                                f"({in_features} in, {out_features} out)")
         if dtype not in FLOAT_DTYPES:
             raise AdapterError(f"{shorten(key)} holds {dtype} values; LoRA matrices are floats")
-        ranks = matrices.setdefault(module, [None, None])
-        if ranks[0 if part == "A" else 1] is not None:
+        ranks, index = matrices.setdefault(module, [None, None]), "AB".index(part)
+        if ranks[index] is not None:
             raise AdapterError(f"{WEIGHTS_FILE} holds two lora_{part} matrices of {shorten(module)}")
-        ranks[0 if part == "A" else 1] = shape[0] if part == "A" else shape[1]
+        ranks[index] = shape[0] if part == "A" else shape[1]
     missing = [f"{module}.lora_{'AB'[ranks.index(None)]}" for module, ranks in matrices.items() if None in ranks]
     if missing:
         raise AdapterError(f"{WEIGHTS_FILE} lacks {len(missing)} of the {2 * len(matrices)} LoRA matrices of its "
@@ -256,10 +247,8 @@ VALUES_AT_ONCE = 1 << 24
 
 
 def check_values(path: Path) -> None:
-    """Refuse matrices whose values are not all finite (NaN or infinite matrices gave their requests empty answers),
-    read with numpy from the file's own bytes, a slice at a time: no torch operation, so a thread other than the
-    torch thread may run it (a second OpenMP team would slow every decode step). check_adapter has checked the
-    header."""
+    """Refuse matrices with NaN or infinite values (their requests got empty answers), read with numpy a slice at a
+    time: no torch operation, so it runs off the torch thread (a second OpenMP team would slow every decode step)."""
     file = path / WEIGHTS_FILE
     with open(file, "rb") as stream:
         size = struct.unpack("<Q", stream.read(8))[0]
@@ -285,20 +274,17 @@ def lora_key(key: str) -> tuple[str, str]:
     return match["module"], match["part"]
 
 
-def with_safetensors(path: Path, cache: Path) -> Path:
-    """`path` itself, unless it holds an adapter published as adapter_model.bin only: then a directory under
-    `cache/converted/` with its config and its tensors as adapter_model.safetensors, made once (atomically) and
-    found again by the sha256 of the config and the .bin. The source directory is never written to: it may be the
-    operator's own folder, a verified hub snapshot or a complete archive entry."""
+def with_safetensors(path: Path, weights_dir: Path) -> Path:
+    """`path` itself, unless it holds an adapter_model.bin only: then `weights_dir/converted/<sha256>/` with its config
+    and its tensors as safetensors, made once, atomically. The source folder is never written to."""
     if not (path / PICKLED_FILE).is_file() or (path / WEIGHTS_FILE).exists():
         return path  # check_adapter says what is wrong with anything else
     if not (path / CONFIG_FILE).is_file():
         raise AdapterError(f"not a PEFT adapter: {CONFIG_FILE} is missing")
     digest = hashlib.sha256((path / CONFIG_FILE).read_bytes())
     with open(path / PICKLED_FILE, "rb") as stream:
-        while chunk := stream.read(8 << 20):
-            digest.update(chunk)
-    target = cache / "converted" / digest.hexdigest()[:32]
+        hashlib.file_digest(stream, lambda: digest)  # the config's bytes, then the pickle's
+    target = weights_dir / "converted" / digest.hexdigest()[:32]
     if target.is_dir():
         return target
     started = time.perf_counter()
@@ -307,7 +293,8 @@ def with_safetensors(path: Path, cache: Path) -> Path:
         _write_converted(path / CONFIG_FILE, tensors, target)
     except OSError:  # the details name server paths: for the log, not for the requester
         log.exception("%s could not be converted into %s", PICKLED_FILE, target.parent)
-        raise AdapterError(f"{PICKLED_FILE} could not be converted (the server could not write it; see its log)") from None
+        raise AdapterError(f"{PICKLED_FILE} could not be converted (the server could not write it; see its log)"
+                           ) from None
     log.info("%s: %d LoRA tensors converted to safetensors in %s in %.1f s", PICKLED_FILE, len(tensors), target,
              time.perf_counter() - started)
     return target

@@ -1,37 +1,23 @@
-"""Cog's managed weights: use the weight set `cog push` shipped as its own layers, mounted at its `target`, when
-its files match `weights.lock`; otherwise the setting is resolved (downloaded) exactly as without a lock.
-
-`cog weights import -f cog.managed.yaml` writes weights.lock from that file's `weights:` entries (format version 1
-of replicate/cog's `pkg/weights/lockfile/lockfile.go`): for each weight its `name`, `target`, `sources` (`uri` such as
-`hf://owner/name`, `fingerprint` `commit:<sha>` for the hub), `setDigest` and `files` (`path`, `size`, `digest`
-as `sha256:<hex>`). A setting uses an entry when the entry's only source is the same hub repo (`owner/name` in the
-setting, `hf://owner/name` in the lock) and the setting pins no other revision: the lock pins the commit.
-
-Every file is checked against the lock (present, its size, its sha256); weight files in the target that the lock
-does not list are refused too (the loader could pick them). A marker under `<cache>/managed-verified/` remembers
-each file verified, keyed on its size and mtime, so a warm start does not hash 18 GB again (hub.py does the same).
-A target that does not match is never loaded: the log says which file, and the setting is resolved as usual.
-"""
+"""Cog's managed weights: the set `cog push` shipped as image layers, mounted at its `target`, is used when every file
+matches weights.lock (present, its size, its sha256, no unlisted weight file); else the setting is downloaded."""
 
 import hashlib
 import json
 import logging
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from idefics_cog.errors import WeightsError
-from idefics_cog.weights.base import HUB_ID, PICKLE_SUFFIXES
-from idefics_cog.weights.checksums import digest, write_marker
+from idefics_cog.weights.hub import CheckedFiles, digest
+from idefics_cog.weights.source import HUB_ID, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1  # lockfile.Version in replicate/cog
 HF = "hf://"
-COMMIT = re.compile(r"^[0-9a-f]{40}$")
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 HASH_THREADS = 4  # shards hash in parallel (hashlib releases the GIL), bounded by the disk anyway
 
@@ -48,21 +34,9 @@ class LockedWeight:
     name: str
     target: Path
     uri: str  # the only source's uri: hf://owner/name[@ref], or another scheme
-    fingerprint: str  # "commit:<sha>" for hf://
+    commit: str  # of its fingerprint "commit:<sha>", for hf://
     set_digest: str
     files: tuple[LockedFile, ...]
-
-    @property
-    def repo_and_ref(self) -> tuple[str, str] | None:
-        """("owner/name", ref) of an hf:// source ("main" when the uri names none), else None."""
-        if not self.uri.startswith(HF):
-            return None
-        repo, _, ref = self.uri[len(HF):].partition("@")
-        return repo, ref or "main"
-
-    @property
-    def commit(self) -> str:
-        return self.fingerprint.removeprefix("commit:")
 
 
 def set_digest(files) -> str:
@@ -71,20 +45,20 @@ def set_digest(files) -> str:
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-class Lock:
+class WeightsLock:
     """The weights of a weights.lock (none when the file does not exist), and which setting may use which."""
 
-    def __init__(self, path: Path, weights: list[LockedWeight], cache_dir: Path):
-        self.path, self.weights, self.cache_dir = Path(path), weights, Path(cache_dir)
+    def __init__(self, path: Path, weights: list[LockedWeight], weights_dir: Path):
+        self.path, self.weights, self.weights_dir = Path(path), weights, Path(weights_dir)
         self.refused: dict[str, str] = {}  # setting variable -> why its mounted target was not used
 
     @classmethod
-    def read(cls, path: Path, cache_dir: Path) -> "Lock":
+    def read(cls, path: Path, weights_dir: Path) -> "WeightsLock":
         """Raises WeightsError naming the file when it exists but is not a version-1 weights.lock."""
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            return cls(path, [], cache_dir)
+            return cls(path, [], weights_dir)
         except (OSError, ValueError) as exc:
             raise WeightsError(f"{path}: not a readable weights.lock ({exc})") from exc
         if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
@@ -92,13 +66,12 @@ class Lock:
             raise WeightsError(f"{path}: unsupported weights.lock version {found!r} (this project reads version "
                                f"{LOCK_VERSION}, as written by `cog weights import`)")
         try:
-            return cls(path, [_entry(entry) for entry in data.get("weights") or []], cache_dir)
+            return cls(path, [_entry(entry) for entry in data.get("weights") or []], weights_dir)
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"{path}: malformed weights.lock entry ({type(exc).__name__}: {exc})") from exc
 
     def source_for(self, variable: str, setting: str) -> str:
-        """The mounted target (as a source: a local directory) when it serves `setting` and matches the lock;
-        else `setting` itself, to be resolved as without a lock."""
+        """The mounted target when it serves `setting` and matches the lock; else `setting` itself."""
         weight = self.find(setting)
         if weight is None:
             return setting
@@ -106,7 +79,7 @@ class Lock:
             log.info("%s: %s is in %s, but its target %s is not mounted here; resolving %s=%s as usual",
                      weight.name, weight.uri, self.path.name, weight.target, variable, setting)
             return setting
-        problem = verify(weight, self.cache_dir)
+        problem = check_against_lock(weight, self.weights_dir)
         if problem:
             self.refused[variable] = f"the mounted {weight.target} does not match {self.path.name}: {problem}"
             log.warning("%s=%s: %s; not loading it, resolving the setting as without a lock", variable, setting,
@@ -123,10 +96,10 @@ class Lock:
             return None  # a local directory or a URL: used as it is
         repo, _, revision = setting.partition("@")
         for weight in self.weights:
-            locked = weight.repo_and_ref
-            if locked is None or locked[0] != repo:
+            locked_repo, _, ref = weight.uri.removeprefix(HF).partition("@")
+            if not weight.uri.startswith(HF) or locked_repo != repo:
                 continue
-            if revision and revision not in (weight.commit, locked[1]):
+            if revision and revision not in (weight.commit, ref or "main"):
                 log.info("%s pins revision %s; %s has %s at commit %s: not using its target", setting, revision,
                          self.path.name, weight.uri, weight.commit)
                 return None
@@ -145,13 +118,14 @@ def _entry(entry: dict) -> LockedWeight:
             raise ValueError(f"weight {entry['name']!r}: {file.path} has digest {file.digest!r}, not sha256:<hex>")
     only = sources[0] if len(sources) == 1 else {}  # a multi-source weight never stands for one hub repo
     return LockedWeight(name=str(entry["name"]), target=Path(entry["target"]), uri=str(only.get("uri", "")),
-                        fingerprint=str(only.get("fingerprint", "")), set_digest=str(entry.get("setDigest", "")),
+                        commit=str(only.get("fingerprint", "")).removeprefix("commit:"),
+                        set_digest=str(entry.get("setDigest", "")),
                         files=files)
 
 
-def verify(weight: LockedWeight, cache_dir: Path) -> str | None:
-    """None when every file of `weight` in its target matches the lock, else the first problem found.
-    Presence and sizes first (cheap), then sha256 of the files the marker does not vouch for."""
+def check_against_lock(weight: LockedWeight, weights_dir: Path) -> str | None:
+    """The first problem found (None: every file matches): presence and sizes first, then the sha256 of each file the
+    record does not vouch for."""
     if weight.set_digest != set_digest(weight.files):
         return f"its setDigest {weight.set_digest} is not that of the files it lists ({set_digest(weight.files)})"
     listed = {file.path for file in weight.files}
@@ -167,34 +141,20 @@ def verify(weight: LockedWeight, cache_dir: Path) -> str | None:
             return f"{file.path} is missing"
         if states[file.path].st_size != file.size:
             return f"{file.path} is {states[file.path].st_size} bytes, the lock says {file.size}"
-    marker = cache_dir / "managed-verified" / f"{weight.name}.json"
-    known = _read_marker(marker, weight)
-    todo = [file for file in weight.files if known.get(file.path) != _stamp(file, states[file.path])]
-    started, hashed = time.monotonic(), sum(file.size for file in todo)
+    record = CheckedFiles(weights_dir / "managed-verified" / f"{weight.name}.json", setDigest=weight.set_digest,
+                          target=str(weight.target))
+    todo = [file for file in weight.files if not record.vouches(file.path, file.digest, states[file.path])]
+    started = time.monotonic()
     with ThreadPoolExecutor(HASH_THREADS) as pool:
-        digests = list(pool.map(lambda file: "sha256:" + digest(weight.target / file.path, "sha256"), todo))
+        digests = list(pool.map(lambda file: "sha256:" + digest(weight.target / file.path), todo))
     problem = None
     for file, actual in zip(todo, digests):
         if actual == file.digest:
-            known[file.path] = _stamp(file, states[file.path])
+            record.add(file.path, file.digest, states[file.path])
         elif problem is None:
             problem = f"{file.path} has sha256 {actual}, the lock says {file.digest}"
     if todo:
-        log.info("%s: hashed %d files (%d bytes) in %.1f s", weight.name, len(todo), hashed,
+        log.info("%s: hashed %d files (%d bytes) in %.1f s", weight.name, len(todo), sum(f.size for f in todo),
                  time.monotonic() - started)
-    write_marker(marker, {"setDigest": weight.set_digest, "target": str(weight.target), "files": known},
-                 weight.name)
+    record.save()
     return problem
-
-
-def _stamp(file: LockedFile, state: os.stat_result) -> dict:
-    return {"digest": file.digest, "size": state.st_size, "mtime_ns": state.st_mtime_ns}
-
-
-def _read_marker(marker: Path, weight: LockedWeight) -> dict:
-    try:
-        data = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return {}
-    same = isinstance(data, dict) and data.get("setDigest") == weight.set_digest
-    return data.get("files", {}) if same and data.get("target") == str(weight.target) else {}

@@ -1,5 +1,5 @@
 """Cog's managed weights: a weights.lock in cog's format and target folders the tests write for the tiny model, read
-by managed.py directly and through the real Cog server (with a loopback hub that counts every request)."""
+by weights_lock.py directly and through the real Cog server (with a loopback hub that counts every request)."""
 
 import hashlib
 import json
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from idefics_dev.cogrunner import CogServer, ServerError
-from idefics_cog.weights.managed import Lock, set_digest
+from idefics_cog.weights.weights_lock import WeightsLock, set_digest
 from idefics_cog.errors import WeightsError
 from tests.support.helpers import data_uri, noise_image
 from tests.support.hubserver import HubServer
@@ -57,8 +57,8 @@ def mounted(tiny_dir, tmp_path):
     return {"lock": lock, "cache": tmp_path / "cache", **targets}
 
 
-def read(mounted) -> Lock:
-    return Lock.read(mounted["lock"], mounted["cache"])
+def read(mounted) -> WeightsLock:
+    return WeightsLock.read(mounted["lock"], mounted["cache"])
 
 
 def flip_a_byte(path, offset: int = -100) -> None:
@@ -131,7 +131,7 @@ def test_local_directories_urls_no_lock_and_unmounted_targets_resolve_as_usual(m
     lock = read(mounted)
     assert lock.source_for("IDEFICS_BASE_WEIGHTS", str(tiny_dir / "base")) == str(tiny_dir / "base")
     assert lock.source_for("IDEFICS_BASE_WEIGHTS", "https://example.com/a.tar") == "https://example.com/a.tar"
-    assert Lock.read(tmp_path / "absent.lock", tmp_path).source_for("IDEFICS_BASE_WEIGHTS", BASE) == BASE
+    assert WeightsLock.read(tmp_path / "absent.lock", tmp_path).source_for("IDEFICS_BASE_WEIGHTS", BASE) == BASE
     shutil.rmtree(mounted["base"])
     assert read(mounted).source_for("IDEFICS_BASE_WEIGHTS", BASE) == BASE
 
@@ -153,7 +153,7 @@ def test_a_lock_whose_set_digest_disagrees_with_its_files_is_not_trusted(mounted
 def test_a_bad_lock_fails_naming_the_file(tmp_path, text, says):
     (tmp_path / "weights.lock").write_text(text)
     with pytest.raises(WeightsError, match=rf"weights.lock: [\s\S]*{says}"):
-        Lock.read(tmp_path / "weights.lock", tmp_path)
+        WeightsLock.read(tmp_path / "weights.lock", tmp_path)
 
 
 def test_a_lock_file_path_that_leaves_its_target_is_refused(mounted, tmp_path):

@@ -1,23 +1,18 @@
-"""What a request may name as lora_weights (sources.py), and how Adapters.fetch treats a request's source.
+"""What a stranger may name (weights/url_guard.py): public https URLs, hub ids, never a local path.
 
 Addresses other than loopback are only ever resolved here (socket.getaddrinfo patched), never connected to:
 connections are recorded, and a test fails if one goes anywhere but 127.0.0.1."""
 
-import concurrent.futures
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from idefics_cog.weights import sources
-from idefics_cog.weights.adapters import Adapters
-from idefics_cog.errors import InputError
-from idefics_cog.weights.sources import (ALLOW_PRIVATE, SourceRefused, check_request_source, check_url, guarded_session,
+from idefics_cog.weights import url_guard
+from idefics_cog.weights.url_guard import (ALLOW_PRIVATE, SourceRefused, check_request_source, check_url, guarded_session,
                                  is_public)
-from tests.support.fileserver import Fault, FileServer
-from tests.support.helpers import tar_bytes
+from tests.support.fileserver import FileServer
 
 FAKE_HOSTS = {"private.test": "10.0.0.5", "metadata.test": "169.254.169.254", "public.test": "8.8.8.8",
               "loopback.test": "127.0.0.1", "v6-loopback.test": "::1", "mixed.test": ("8.8.8.8", "192.168.1.7")}
@@ -124,80 +119,11 @@ def test_a_request_never_names_a_local_path(source):
         check_request_source(source)
 
 
-def test_weights_tiny_is_a_hub_id_for_a_request_never_the_local_folder(engine, tiny_dir, tmp_path, monkeypatch):
-    """`weights/tiny` exists on the server (the tiny model, relative to the working directory), and matches the
-    hub-id pattern: for a request it is a hub repo, looked up (offline here: not found), never the folder."""
-    assert check_request_source("weights/tiny") == "hub"
-    monkeypatch.chdir(tiny_dir.parent.parent)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    adapters = Adapters(engine, tmp_path / "cache")
-    with pytest.raises(InputError) as refused:
-        adapters.fetch("weights/tiny")
-    message = str(refused.value)
-    assert message.startswith("lora_weights: Hugging Face repo weights/tiny")
-    assert str(tmp_path) not in message and str(tiny_dir) not in message and "<cache>" in message
-
-
-@pytest.fixture
-def files():
-    with FileServer() as server:
-        yield server
-
-
-def test_a_failing_source_is_refused_fast_with_the_same_message(engine, tmp_path, files, monkeypatch):
+def test_url_guard_reads_allow_private_at_call_time(monkeypatch):
     monkeypatch.setenv(ALLOW_PRIVATE, "1")
-    adapters = Adapters(engine, tmp_path / "cache")
-    url = files.url("/missing.tgz")
-    with pytest.raises(InputError) as first:
-        adapters.fetch(url)
-    assert "404" in str(first.value)
-    asked = len(files.requests)
-    with pytest.raises(InputError) as again:
-        adapters.fetch(url)
-    assert str(again.value) == str(first.value) and len(files.requests) == asked
-    monkeypatch.setattr(adapters._failures, "seconds", 0.0)  # remembered briefly only (FAILURE_MEMORY_S)
-    with pytest.raises(InputError):
-        adapters.fetch(url)
-    assert len(files.requests) > asked
-
-
-def test_requests_for_one_source_share_one_download(engine, tiny_dir, tmp_path, files, monkeypatch):
-    monkeypatch.setenv(ALLOW_PRIVATE, "1")
-    adapters = Adapters(engine, tmp_path / "cache")
-    url = files.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"), Fault(trickle=1.0))
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        paths = list(pool.map(adapters.fetch, [url] * 4))
-    assert len(set(paths)) == 1 and (paths[0] / "adapter_model.safetensors").is_file()
-    assert files.count("/adapter.tgz", "GET") == 1
-
-
-def test_loopback_urls_are_refused_without_allow_private_urls(engine, tiny_dir, tmp_path, files, monkeypatch):
-    monkeypatch.delenv(ALLOW_PRIVATE, raising=False)
-    adapters = Adapters(engine, tmp_path / "cache")
-    url = files.add("/adapter.tgz", tar_bytes(tiny_dir / "adapter"))
-    with pytest.raises(InputError, match=r"lora_weights: .*only https URLs are fetched"):
-        adapters.fetch(url)
-    with pytest.raises(InputError, match=r"lora_weights: .*127\.0\.0\.1.*only public addresses"):
-        adapters.fetch(url.replace("http://", "https://"))
-    assert files.requests == []
-
-
-def test_a_trickling_download_stops_at_its_deadline(engine, tiny_dir, tmp_path, files, monkeypatch):
-    monkeypatch.setenv(ALLOW_PRIVATE, "1")
-    adapters = Adapters(engine, tmp_path / "cache", download_seconds=1)
-    url = files.add("/slow.tgz", tar_bytes(tiny_dir / "adapter"), Fault(trickle=20.0))
-    started = time.monotonic()
-    with pytest.raises(InputError, match=r"did not finish within its deadline"):
-        adapters.fetch(url)
-    assert time.monotonic() - started < 5
-    assert not list((tmp_path / "cache").rglob("*.part"))  # the partial download is gone
-
-
-def test_sources_module_reads_allow_private_at_call_time(monkeypatch):
-    monkeypatch.setenv(ALLOW_PRIVATE, "1")
-    assert sources.private_allowed()
+    assert url_guard.private_allowed()
     monkeypatch.setenv(ALLOW_PRIVATE, "0")
-    assert not sources.private_allowed()
+    assert not url_guard.private_allowed()
 
 
 def test_a_name_that_resolves_elsewhere_by_the_time_of_connecting_is_refused(fake_dns, monkeypatch):

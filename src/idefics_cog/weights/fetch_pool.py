@@ -9,7 +9,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from idefics_cog.weights.cancel import Cancel, Cancelled
+from idefics_cog.weights.stream import Cancel, Cancelled
 
 
 @dataclass(eq=False)
@@ -30,8 +30,7 @@ class Waiter:
     future: Future
     leave: Callable[[], None]
 
-    def result(self):
-        """Wait for the fetch (a blocking caller), then leave it."""
+    def result(self):  # for a caller that may block
         try:
             return self.future.result()
         finally:
@@ -85,8 +84,7 @@ class FetchPool:
 
 
 def _copy(source: Future, target: Future) -> None:
-    """`source`'s outcome into `target`, unless the waiting request has cancelled `target` already."""
-    try:
+    try:  # InvalidStateError: the waiting request has cancelled `target` already
         if source.cancelled():
             target.set_exception(Cancelled("the request was cancelled; the download stopped"))
         elif source.exception() is not None:
@@ -128,7 +126,6 @@ class Recent:
                 self.items.popitem(last=False)
 
     def pop(self, key: Hashable, default=None):
-        """The entry's value (`default` when there is none), forgotten."""
         with self.lock:
             found = self.items.pop(key, None)
         return default if found is None else found[1]

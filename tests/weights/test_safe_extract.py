@@ -1,4 +1,4 @@
-"""Hostile archives (weights/extract.py): headers that would make tarfile read or keep megabytes, too many members,
+"""Hostile archives (weights/safe_extract.py): headers that would make tarfile read or keep megabytes, too many members,
 sparse files and names megabytes long, built here byte by byte where tarfile would not write them; and the archives
 people do send (pax and GNU long names, a global header as `git archive` writes, .tar.gz, .zip) still extract."""
 
@@ -12,9 +12,9 @@ import zipfile
 import pytest
 
 from idefics_cog.errors import shorten
-from idefics_cog.weights import extract
-from idefics_cog.weights.base import WeightsError
-from idefics_cog.weights.extract import extract_archive
+from idefics_cog.weights import safe_extract
+from idefics_cog.errors import WeightsError
+from idefics_cog.weights.safe_extract import extract_archive
 
 GiB = 1 << 30
 
@@ -139,7 +139,7 @@ def test_a_link_with_a_long_name_is_shortened_in_errors(tmp_path):
 
 
 def test_pax_and_gnu_headers_adding_up_past_the_total_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "MAX_HEADERS_BYTES", 10_000)
+    monkeypatch.setattr(safe_extract, "MAX_HEADERS_BYTES", 10_000)
     data = tar_bytes({f"{index:03d}" + "n" * 200: b"" for index in range(100)})  # a pax header each
     message, _ = refused(tmp_path, data)
     assert message == ("archive.tar: the archive's pax and GNU long-name headers add up to more than 10000 bytes; "
@@ -183,7 +183,7 @@ def test_a_pax_sparse_member_is_refused(tmp_path, records):
 
 
 def test_too_many_members_are_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "MAX_MEMBERS", 10)
+    monkeypatch.setattr(safe_extract, "MAX_MEMBERS", 10)
     files = {f"f{index}": b"" for index in range(11)}
     message, _ = refused(tmp_path, tar_bytes(files))
     assert message == "archive.tar: the archive has more than 10 members; not extracted"
@@ -193,7 +193,7 @@ def test_too_many_members_are_refused(tmp_path, monkeypatch):
 
 
 def test_a_zip_whose_end_record_understates_its_members_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "MAX_MEMBERS", 10)
+    monkeypatch.setattr(safe_extract, "MAX_MEMBERS", 10)
     data = bytearray(zip_bytes({f"f{index}": b"" for index in range(11)}))
     data[-14:-10] = (1).to_bytes(2, "little") * 2  # the end record's two counts of entries (on this disk, in all)
     message, _ = refused(tmp_path, bytes(data), "archive.zip")
@@ -201,7 +201,7 @@ def test_a_zip_whose_end_record_understates_its_members_is_refused(tmp_path, mon
 
 
 def test_a_zip_with_a_huge_member_list_is_refused_before_it_is_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(extract, "MAX_MEMBERS", 10)
+    monkeypatch.setattr(safe_extract, "MAX_MEMBERS", 10)
     # Five members, but 15 kB of list: more than ten members of 1 kB need.
     message, _ = refused(tmp_path, zip_bytes({f"{index}" + "n" * 3000: b"" for index in range(5)}), "archive.zip")
     assert re.fullmatch(r"archive\.zip: the archive's list of members is \d+ bytes, more than 10 members need; "

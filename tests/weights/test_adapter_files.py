@@ -1,57 +1,27 @@
-"""Adapters on the tiny model: validation, switching, scaling, rollback, caches (quantized bases: test_quantized.py)."""
+"""An adapter's files (weights/adapter_files.py): the PEFT layout, the config by allow-list, the matrices against the
+base model, finite values, and adapter_model.bin through torch's weights-only unpickler."""
 
 import json
-import os
+import pickle
 import shutil
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from idefics_cog.weights.adapters import Adapters
-from idefics_cog.errors import AdapterError, InputError
-from idefics_cog.weights.lora import DEFAULTS, check_adapter, check_values, layer_shapes
-from tests.support.helpers import adapter_copy, adapter_with_config
+from idefics_cog.errors import AdapterError, WeightsError
+from idefics_cog.serving.adapters import Adapters
+from idefics_cog.serving.engine import Engine
+from idefics_cog.weights.adapter_files import DEFAULTS, check_adapter, check_values, layer_shapes
 from tests.support.engine import answer
-from tests.support.hostile import not_finite, settings_beyond_plain_lora, shared_digest, with_layer
-
-
-@pytest.fixture
-def with_medical(fresh, tiny_dir, tmp_path):
-    adapters = Adapters(fresh, tmp_path)
-    adapters.load_default(str(tiny_dir / "adapter"))
-    return fresh, adapters
+from tests.support.helpers import adapter_copy, adapter_with_config, bin_adapter, hostile_adapter
+from tests.support.hostile import settings_beyond_plain_lora, with_layer
 
 
 def copy_adapter(tiny_dir, tmp_path, name="copy"):
     target = tmp_path / name
     shutil.copytree(tiny_dir / "adapter", target)
     return target
-
-
-def test_switching_gives_the_same_answers_as_loading_each_alone(with_medical, alone):
-    engine, adapters = with_medical
-    assert alone["medical"] != alone["none"]
-    for choice in ["medical", "none", "medical", "none", "medical"]:
-        assert adapters.select(choice) == choice
-        assert answer(engine) == alone[choice], choice
-
-
-def test_lora_scale_zero_is_the_base_and_one_is_the_adapter(with_medical, alone):
-    engine, adapters = with_medical
-    adapters.select("medical", lora_scale=0.0)
-    assert answer(engine) == alone["none"]
-    adapters.select("medical", lora_scale=2.0)
-    doubled = answer(engine)
-    adapters.select("medical", lora_scale=1.0)
-    assert answer(engine) == alone["medical"] and doubled != alone["medical"]
-
-
-def test_without_a_default_adapter_medical_serves_the_base(fresh, tmp_path, alone):
-    adapters = Adapters(fresh, tmp_path)
-    assert adapters.select("medical") == "none"
-    assert answer(fresh) == alone["none"]
 
 
 def test_the_standard_layout_passes(tiny_dir, fresh):
@@ -96,93 +66,6 @@ def test_adapter_with_other_shapes_is_refused(tiny_dir, tmp_path, fresh):
                                         for k, v in t.items()})
     with pytest.raises(AdapterError, match=r"lora_A\.weight has shape \[16, 128\], which does not fit"):
         check_adapter(adapter, layer_shapes(fresh.model))
-
-
-def damaged_adapter(tiny_dir, tmp_path):
-    """Fits the base model, but its config says r=8 while its matrices have rank 16."""
-    adapter = copy_adapter(tiny_dir, tmp_path, "damaged")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    return adapter
-
-
-def test_matrices_of_another_rank_than_the_config_are_refused_before_loading(with_medical, tiny_dir, tmp_path):
-    engine, adapters = with_medical
-    with pytest.raises(AdapterError, match=r"LoRA matrices have rank 16 and 16, but adapter_config.json makes it 8"):
-        adapters._load(damaged_adapter(tiny_dir, tmp_path), "broken")
-    assert adapters.names == ["medical"]
-
-
-@pytest.fixture
-def fails_half_way(monkeypatch):
-    """Loading fails once PEFT has made the new layers and the matrices were copied in."""
-    from idefics_cog.weights import adapters as module
-
-    copy = module.load_lora_matrices
-
-    def copy_then_fail(model, path, name):
-        copy(model, path, name)
-        raise RuntimeError("injected after the copy")
-
-    monkeypatch.setattr(module, "load_lora_matrices", copy_then_fail)
-
-
-def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path, alone, fails_half_way):
-    engine, adapters = with_medical
-    with pytest.raises(AdapterError, match="could not be loaded"):
-        adapters._load(copy_adapter(tiny_dir, tmp_path), "broken")
-    assert adapters.names == ["medical"]
-    for choice in ["medical", "none"]:
-        adapters.select(choice)
-        assert answer(engine) == alone[choice]
-
-
-def test_failed_first_adapter_leaves_the_plain_model(fresh, tiny_dir, tmp_path, alone, fails_half_way):
-    adapters = Adapters(fresh, tmp_path)
-    with pytest.raises(AdapterError):
-        adapters._load(copy_adapter(tiny_dir, tmp_path), "broken")
-    assert not isinstance(fresh.model, PeftModel)
-    assert answer(fresh) == alone["none"]
-
-
-def test_disk_cache_drops_the_least_recently_used_beyond_its_budget(fresh, tmp_path):
-    adapters = Adapters(fresh, tmp_path, cache_bytes=2500)
-    for age, name in enumerate(["old", "middle", "new"]):
-        entry = adapters.cache_dir / name
-        entry.mkdir(parents=True)
-        (entry / "weights").write_bytes(b"x" * 1000)
-        (entry / ".last_used").touch()
-        os.utime(entry / ".last_used", (1000 + age, 1000 + age))
-    adapters._trim_disk_cache(keep=adapters.cache_dir / "old")  # the one in use stays, whatever its age
-    assert sorted(p.name for p in adapters.cache_dir.iterdir()) == ["new", "old"]
-
-
-def test_adapter_missing_some_matrices_is_refused_and_rolled_back(with_medical, tiny_dir, tmp_path, alone):
-    engine, adapters = with_medical
-    adapter = copy_adapter(tiny_dir, tmp_path)
-    dropped = sorted(k for k in load_file(adapter / "adapter_model.safetensors") if "lora_B" in k)[0]
-    rewrite_tensors(adapter, lambda t: {k: v for k, v in t.items() if k != dropped})
-    with pytest.raises(AdapterError, match=r"lacks 1 of the \d+ LoRA matrices .* \(first: [\w.]+\.lora_B\)"):
-        adapters._load(adapter, "partial")
-    assert adapters.names == ["medical"]
-    adapters.select("medical")
-    assert answer(engine) == alone["medical"]
-
-
-@pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
-def test_an_adapters_init_setting_never_touches_the_shared_base(with_medical, tiny_dir, tmp_path, alone, init):
-    """PEFT's PiSSA and OLoRA initialisations rewrite the base layers' weights: a request's adapter must not
-    change what every other request runs on. Its matrices come from its file, so nothing is initialised."""
-    engine, adapters = with_medical
-    before = {name: p.detach().clone() for name, p in engine.model.named_parameters() if "lora_" not in name}
-    adapter = adapter_with_config(tiny_dir / "adapter", tmp_path / init, init_lora_weights=init)
-    assert adapters.select(lora_weights=str(adapter), allow_local=True).startswith("custom_")
-    assert answer(engine) == alone["medical"]  # the same matrices as the tiny adapter
-    after = {name: p for name, p in engine.model.named_parameters() if "lora_" not in name}
-    assert [name for name in before if not torch.equal(before[name], after[name])] == []
-    for choice in ["none", "medical"]:
-        adapters.select(choice)
-        assert answer(engine) == alone[choice], choice
 
 
 @pytest.mark.parametrize("setting, value", [("use_dora", True), ("layer_replication", [[0, 1]]),
@@ -257,36 +140,6 @@ def test_config_and_header_sizes_are_capped(tiny_dir, tmp_path, fresh):
         check_adapter(adapter, layer_shapes(fresh.model))
 
 
-def test_matrices_that_are_not_finite_are_refused_and_the_model_is_untouched(with_medical, tiny_dir, tmp_path,
-                                                                              alone):
-    engine, adapters = with_medical
-    digest = shared_digest(engine.model)
-    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "nan", tensors=not_finite)
-    with pytest.raises(InputError, match="holds values that are not finite"):
-        adapters.select(lora_weights=str(adapter), allow_local=True)
-    assert adapters.names == ["medical"] and shared_digest(engine.model) == digest
-    adapters.select("medical")
-    assert answer(engine) == alone["medical"]
-
-
-def test_a_hostile_adapter_never_changes_what_every_request_shares(fresh, tiny_dir, tmp_path, alone):
-    """On a model without a default adapter (the first custom one wraps it), each hostile adapter in turn: refused,
-    the shared tensors bit-identical, the base's answer unchanged, and a good adapter still loads."""
-    adapters = Adapters(fresh, tmp_path / "cache")
-    digest = shared_digest(fresh.model)
-    hostile = [{"kasa_config": {}}, {"use_dora": True}, {"target_modules": ["q_proj", "k_proj", "v_proj", "lm_head"]},
-               {"init_lora_weights": "pissa", "kasa_config": {}}, {"rank_pattern": {"q_proj": 4_000_000}}]
-    for number, config in enumerate(hostile):
-        adapter = adapter_copy(tiny_dir / "adapter", tmp_path / f"h{number}", config)
-        with pytest.raises(InputError):
-            adapters.select(lora_weights=str(adapter), allow_local=True)
-        assert shared_digest(fresh.model) == digest, config
-        adapters.select("none")
-        assert answer(fresh) == alone["none"]
-    adapters.select(lora_weights=str(copy_adapter(tiny_dir, tmp_path, "good")), allow_local=True)
-    assert answer(fresh) == alone["medical"]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
 def test_values_are_checked_in_every_float_type_without_torch(tiny_dir, tmp_path, dtype, bad):
@@ -307,31 +160,10 @@ def test_values_are_checked_in_every_float_type_without_torch(tiny_dir, tmp_path
             check_values(adapter)
 
 
-def test_pattern_keys_are_matched_as_peft_matches_them_and_loaded_at_their_ranks(tiny_dir, tmp_path, fresh, alone):
-    """rank_pattern and alpha_pattern, resolved here per module (PEFT's `(.*\\.)?(key)$`), and handed to PEFT as
-    one pattern of exact names per value: the layers get those ranks and scalings."""
-    def half_rank_on_v(tensors):
-        return {k: (v[:8] if ".lora_A." in k else v[:, :8]).contiguous() if "v_proj" in k else v
-                for k, v in tensors.items()}
-
-    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "a", {"rank_pattern": {"v_proj": 8},
-                                                                   "alpha_pattern": {"self_attn.q_proj": 64}},
-                           half_rank_on_v)
-    config = check_adapter(adapter, layer_shapes(fresh.model))
-    assert list(config.rank_pattern.values()) == [8] and list(config.alpha_pattern.values()) == [64]
-    adapters = Adapters(fresh, tmp_path / "cache")
-    name = adapters.select(lora_weights=str(adapter), allow_local=True)
-    layers = {path: module for path, module in fresh.model.named_modules() if hasattr(module, "lora_A")}
-    for path, module in layers.items():
-        rank = 8 if path.endswith("v_proj") else 16
-        alpha = 64 if path.endswith("self_attn.q_proj") else 32
-        assert module.r[name] == rank and module.scaling[name] == alpha / rank, path
-
-
 def test_a_pickled_adapter_whose_tensors_are_views_larger_than_its_data_is_refused(tiny_dir, tmp_path, fresh):
     """A stride-0 view of a one-element storage is a valid tensor of any size: copying it would allocate it all
     (an 1.8 kB adapter_model.bin grew a server by 1 GB)."""
-    from idefics_cog.weights.lora import load_pickled_lora
+    from idefics_cog.weights.adapter_files import load_pickled_lora
 
     huge = torch.zeros(1).expand(16, 1 << 20)  # 64 MB as a copy, 4 bytes of data
     folder = tmp_path / "bin"
@@ -346,3 +178,120 @@ def test_a_pickled_adapter_whose_tensors_are_views_larger_than_its_data_is_refus
     with pytest.raises(AdapterError, match=r"its tensors are views larger than the data it holds"):
         load_pickled_lora(folder / "adapter_model.bin")
 
+
+# --- adapter_model.bin: converted once, answering as the safetensors one; hostile pickles refused ---------------
+
+
+def listing(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
+def test_a_bin_adapter_is_converted_once_and_answers_as_the_safetensors_one(fresh, tiny_dir, tmp_path, alone,
+                                                                           caplog):
+    source = bin_adapter(tiny_dir / "adapter", tmp_path / "published")
+    published = listing(source)
+    caplog.set_level("INFO", logger="idefics_cog.weights")
+    adapters = Adapters(fresh, tmp_path / "cache")
+    adapters.load_default(str(source))
+    adapters.select("medical")
+    assert answer(fresh) == alone["medical"] != alone["none"]
+    assert listing(source) == published  # the operator's folder is never written to
+    [converted] = (tmp_path / "cache" / "converted").iterdir()
+    assert sorted(listing(converted)) == ["adapter_config.json", "adapter_model.safetensors"]
+    original = load_file(tiny_dir / "adapter" / "adapter_model.safetensors")
+    stored = load_file(converted / "adapter_model.safetensors")
+    assert stored.keys() == original.keys() and all(torch.equal(stored[k], original[k]) for k in original)
+    assert caplog.text.count("converted to safetensors") == 1
+
+    # A second setup on the same cache finds the conversion.
+    again = Engine.load(tiny_dir / "base", "cpu")
+    Adapters(again, tmp_path / "cache").load_default(str(source))
+    assert caplog.text.count("converted to safetensors") == 1
+    assert answer(again) == alone["medical"]
+
+
+def unpickle_unsafely(path):
+    """What a plain loader would do with the file (torch.load without weights_only, or pickle)."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception:
+        with open(path, "rb") as stream:
+            return pickle.load(stream)
+
+
+@pytest.mark.parametrize("torch_format", [True, False], ids=["torch.save zip", "bare pickle"])
+def test_a_hostile_pickle_is_refused_and_never_runs(fresh, tiny_dir, tmp_path, alone, torch_format):
+    # The file really is hostile: unpickled the plain way, it creates its marker.
+    proof = tmp_path / "proof-marker"
+    unpickle_unsafely(hostile_adapter(tiny_dir / "adapter", tmp_path / "proof", proof, torch_format)
+                      / "adapter_model.bin")
+    assert proof.exists()
+
+    marker = tmp_path / "marker"
+    source = hostile_adapter(tiny_dir / "adapter", tmp_path / "hostile", marker, torch_format)
+    adapters = Adapters(fresh, tmp_path / "cache")
+    refused = (r"adapter_model\.bin is refused: torch's weights-only loader cannot read it as plain tensors "
+               r"\(UnpicklingError: Unsupported global: GLOBAL \w+\.open ")
+    with pytest.raises(WeightsError, match=refused):
+        adapters.load_default(str(source))
+    assert not marker.exists()
+    assert not (tmp_path / "cache" / "converted").exists() or not any((tmp_path / "cache" / "converted").iterdir())
+    assert adapters.names == [] and answer(fresh) == alone["none"]
+
+
+def saved_bin(tiny_dir, folder, content, name="adapter_model.bin"):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((tiny_dir / "adapter" / "adapter_config.json").read_bytes())
+    torch.save(content, folder / name)
+    return folder
+
+
+def lora_tensors(tiny_dir):
+    return load_file(tiny_dir / "adapter" / "adapter_model.safetensors")
+
+
+BAD_BINS = {
+    "a whole model": (lambda d: load_file(d / "base" / "model.safetensors"),
+                      r"adapter_model\.bin is refused: unsupported tensor '[\w.]+' \(only LoRA A/B matrices"),
+    "not a dict": (lambda d: torch.zeros(3), r"adapter_model\.bin is refused: it must hold a non-empty dict of LoRA "
+                                             r"tensors, not Tensor"),
+    "a non-tensor entry": (lambda d: {**lora_tensors(d), "step": 3},
+                           r"adapter_model\.bin is refused: entry 'step' is a int, not a tensor"),
+    "LoRA of another shape": (lambda d: {k: torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v
+                                         for k, v in lora_tensors(d).items()},
+                              r"lora_A\.weight has shape \[16, 128\], which does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BINS)
+def test_a_bin_that_is_no_fitting_lora_adapter_is_refused(fresh, tiny_dir, tmp_path, alone, case):
+    content, message = BAD_BINS[case]
+    source = saved_bin(tiny_dir, tmp_path / "bad", content(tiny_dir))
+    adapters = Adapters(fresh, tmp_path / "cache")
+    with pytest.raises(WeightsError, match=message):
+        adapters.load_default(str(source))
+    assert adapters.names == [] and answer(fresh) == alone["none"]
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter.pkl"])
+def test_other_pickles_stay_refused(fresh, tiny_dir, tmp_path, name):
+    source = saved_bin(tiny_dir, tmp_path / "other", lora_tensors(tiny_dir), name)
+    adapters = Adapters(fresh, tmp_path / "cache")
+    with pytest.raises(WeightsError, match=rf"pickled weights \({name}\) are refused"):
+        adapters.load_default(str(source))
+    assert not (tmp_path / "cache" / "converted").exists()
+
+
+def test_the_same_bin_with_another_config_is_converted_again(fresh, tiny_dir, tmp_path):
+    import json
+
+    first = bin_adapter(tiny_dir / "adapter", tmp_path / "first")
+    second = bin_adapter(tiny_dir / "adapter", tmp_path / "second")
+    config = json.loads((second / "adapter_config.json").read_text())
+    (second / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+    adapters = Adapters(fresh, tmp_path / "cache", max_loaded=4)
+    scaled = [adapters.select(lora_weights=str(source), allow_local=True) for source in (first, second)]
+    doubled = answer(fresh)
+    adapters.select(lora_weights=str(first), allow_local=True)
+    assert answer(fresh) != doubled and scaled[0] != scaled[1]
+    assert fresh.model.peft_config[scaled[1]].lora_alpha == 2 * fresh.model.peft_config[scaled[0]].lora_alpha
