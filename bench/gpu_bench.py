@@ -19,7 +19,7 @@ is set), the graphs compiled and graph breaks (torch._dynamo's counters) and the
     python bench/gpu_bench.py check|speed --out DIR [--device cuda|cpu] [--size real|tiny] [--deadline UNIX_TIME]
 
 `--size tiny` (with `--device cpu`) runs the same code on the scaled-down idefics-9b shape (`idefics_9b_config(
-smoke=True)`): tests/bench/test_gpu_script.py runs bench/gpu.sh that way so that this script cannot rot.
+smoke=True)`): tests/bench/test_gpu_bench.py runs bench/gpu.sh that way so that this script cannot rot.
 """
 
 import argparse

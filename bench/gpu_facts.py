@@ -1,6 +1,6 @@
 """What only a GPU can show, on the tiny model: where the engine puts the model, whether bitsandbytes changes 4-bit
 weights on CUDA (on CPUs with AVX512-BF16 it repacks them at the first forward and `state_dict()` unpacks them
-lossily: tests/model/test_quantized.py), and whether the batched sampler picks what transformers' processors and
+lossily: tests/model/test_loading.py), and whether the batched sampler picks what transformers' processors and
 `torch.multinomial` pick for each row alone on that device (tests/serving/test_sampler.py). Run by bench/gpu.sh on
 a lent CUDA machine; prints Markdown.
 

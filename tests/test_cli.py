@@ -81,6 +81,7 @@ def test_tokens_command_needs_the_tokenizer_files(tmp_path):
         cli.tokens(tmp_path, "hi", [])
 
 
+@pytest.mark.slow
 def test_tokens_command_runs_as_a_module(tokenizer_only):
     """`python -m idefics_cog.cli` (what the `idefics-cog` console script calls): JSON on stdout, exit code 2 on
     bad input with the reason on stderr."""
@@ -99,6 +100,7 @@ def test_tokens_command_runs_as_a_module(tokenizer_only):
 # --- one tool: its commands, their help, the aliases ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_console_script_lists_every_command_with_examples():
     out = subprocess.run([str(CONSOLE_SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
     examples = out.split("examples:", 1)[1]
@@ -124,6 +126,7 @@ def test_evaluate_through_the_tool_checks_its_arguments(capsys, tmp_path):
     assert "idefics-cog evaluate: error: dataset: " in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_download_through_the_tool_resolves_the_configured_weights(tiny_dir, tmp_path):
     """A local folder resolves to itself (no network); the adapter `none` is skipped."""
     env = {**os.environ, "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_ADAPTER_WEIGHTS": "none",
@@ -135,6 +138,7 @@ def test_download_through_the_tool_resolves_the_configured_weights(tiny_dir, tmp
 
 @pytest.mark.parametrize("module, prog", [("idefics_cog.weights", "python -m idefics_cog.weights"),
                                           ("idefics_cog.evaluation.run", "python -m idefics_cog.evaluation.run")])
+@pytest.mark.slow
 def test_the_module_forms_stay_as_aliases(module, prog):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,

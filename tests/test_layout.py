@@ -119,6 +119,7 @@ def test_the_cog_entry_points_do_not_import_the_dev_tools(entry):
     assert not any(name.startswith("idefics_dev") for name in imports(ROOT / entry, entry[:-3]))
 
 
+@pytest.mark.slow
 def test_no_test_module_imports_another_test_module():
     """Shared test code lives in tests/support or a conftest.py; the benchmarks use it from there too."""
     offenders = []

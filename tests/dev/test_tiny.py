@@ -18,6 +18,7 @@ def digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(tiny_dir, tmp_path):
     again = tiny.build(tmp_path / "again")
     assert digest(again / "base") == digest(tiny_dir / "base")
@@ -56,6 +57,7 @@ def test_images_change_the_logits(engine):
     assert (logits[0] - logits[1]).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_adapter_is_standard_peft_and_changes_the_output(tiny_dir, engine):
     adapter = tiny_dir / "adapter"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in adapter.iterdir()}
@@ -84,6 +86,7 @@ def test_bench_small_has_the_tiny_tokenizer_and_a_224_px_vision_tower(bench_smal
     assert all(m.in_features % 64 == 0 and m.out_features % 64 == 0 for m in linears)
 
 
+@pytest.mark.slow
 def test_bench_small_generates_the_recipe_tokens(bench_small_dir):
     engine = Engine.load(bench_small_dir / "base", "cpu")
     text, images = "What does this X-ray show?", [noise_image(1, (224, 224))]

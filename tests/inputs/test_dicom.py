@@ -226,6 +226,7 @@ def test_deflated_dicom_decodes_as_its_uncompressed_twin(tmp_path):
     assert row(image) == linear(pixels[0].astype(float) * 2 - 1024, 0, 200)
 
 
+@pytest.mark.slow
 def test_deflated_dicom_bomb_is_refused_before_it_inflates(tmp_path):
     # 60 MB of zero pixels deflate to about 60 kB; the limit an uncompressed file would meet is 5 MB.
     inflated_size = 60_000_000

@@ -253,6 +253,7 @@ def sample_files(tmp_path) -> list:
     return files
 
 
+@pytest.mark.slow
 def test_reduced_images_give_the_processors_exact_pixel_values(tmp_path, image_processor):
     reduce = Reduction.of(image_processor)
     size = image_processor.image_size
@@ -280,6 +281,7 @@ def test_no_reduction_for_a_processor_that_does_not_resize_to_a_fixed_size(image
     assert Reduction.of(IdeficsImageProcessorPil(size={"shortest_edge": 64})) is None
 
 
+@pytest.mark.slow
 def test_the_service_reduces_images_as_its_processor_would(engine, tmp_path):
     """What a request's job holds until the scheduler encodes it: image_size x image_size pictures whose pixel
     values are the ones the processor makes of the full-size file."""

@@ -73,6 +73,7 @@ def test_a_model_context_below_the_minimum_is_kept_and_fewer_slots_taken():
     assert (plan.slots, plan.context_tokens) == (5, 512)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gb", memory_table.GPUS_GB)
 @pytest.mark.parametrize("precision", memory_table.PRECISIONS.values())
 def test_placement_keeps_a_model_on_one_gpu_exactly_when_the_cache_rule_finds_a_slot_there(gb, precision, sizes):
@@ -103,6 +104,7 @@ def readme_table() -> str:
     return text[start:text.index("\n\n", start)]
 
 
+@pytest.mark.slow
 def test_readme_memory_table_is_what_the_rule_computes():
     assert readme_table() == memory_table.table(), "run `python -m idefics_dev.memory_table` and paste it"
 
@@ -127,6 +129,7 @@ def test_on_cpu_the_engine_keeps_max_batch_slots_of_the_full_context(engine, cap
     assert re.search(r"key/value cache: 4 slots of 512 tokens .*no memory budget", caplog.text)
 
 
+@pytest.mark.slow
 def test_a_shortened_context_gives_the_tokens_of_model_generate(engine):
     """A request that fits a 128-token slot decodes, in float32, exactly as `model.generate` alone."""
     text, images = CASES["one image"]

@@ -46,6 +46,7 @@ def sizes():
     return found
 
 
+@pytest.mark.slow
 def test_the_real_architectures_have_their_published_sizes(sizes):
     assert 8.9e9 < sizes["9b"]["parameters"] < 9.0e9  # idefics-9b: 8.93 B parameters
     assert 79e9 < sizes["80b"]["parameters"] < 81e9

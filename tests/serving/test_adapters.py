@@ -1,5 +1,5 @@
 """Adapters on the live model (serving/adapters.py), on the tiny model: switching, scaling, rollback of a failed
-load, the shared base never changed (quantized bases: tests/model/test_quantized.py)."""
+load, the shared base never changed (quantized bases: tests/model/test_loading.py)."""
 
 import json
 import shutil
@@ -30,6 +30,7 @@ def copy_adapter(tiny_dir, tmp_path, name="copy"):
     return target
 
 
+@pytest.mark.slow
 def test_switching_gives_the_same_answers_as_loading_each_alone(with_medical, alone):
     engine, adapters = with_medical
     assert alone["medical"] != alone["none"]
@@ -38,6 +39,7 @@ def test_switching_gives_the_same_answers_as_loading_each_alone(with_medical, al
         assert answer(engine) == alone[choice], choice
 
 
+@pytest.mark.slow
 def test_lora_scale_zero_is_the_base_and_one_is_the_adapter(with_medical, alone):
     engine, adapters = with_medical
     adapters.select("medical", lora_scale=0.0)
@@ -89,6 +91,7 @@ def fails_half_way(monkeypatch):
     monkeypatch.setattr(module, "load_lora_matrices", copy_then_fail)
 
 
+@pytest.mark.slow
 def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path, alone, fails_half_way):
     engine, adapters = with_medical
     with pytest.raises(AdapterError, match="could not be loaded"):
@@ -99,6 +102,7 @@ def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path
         assert answer(engine) == alone[choice]
 
 
+@pytest.mark.slow
 def test_failed_first_adapter_leaves_the_plain_model(fresh, tiny_dir, tmp_path, alone, fails_half_way):
     adapters = Adapters(fresh, tmp_path)
     with pytest.raises(AdapterError):
@@ -119,6 +123,7 @@ def test_adapter_missing_some_matrices_is_refused_and_rolled_back(with_medical, 
     assert answer(engine) == alone["medical"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["pissa", "olora", "gaussian"])
 def test_an_adapters_init_setting_never_touches_the_shared_base(with_medical, tiny_dir, tmp_path, alone, init):
     """PEFT's PiSSA and OLoRA initialisations rewrite the base layers' weights: a request's adapter must not
@@ -135,6 +140,7 @@ def test_an_adapters_init_setting_never_touches_the_shared_base(with_medical, ti
         assert answer(engine) == alone[choice], choice
 
 
+@pytest.mark.slow
 def test_matrices_that_are_not_finite_are_refused_and_the_model_is_untouched(with_medical, tiny_dir, tmp_path,
                                                                               alone):
     engine, adapters = with_medical
@@ -147,6 +153,7 @@ def test_matrices_that_are_not_finite_are_refused_and_the_model_is_untouched(wit
     assert answer(engine) == alone["medical"]
 
 
+@pytest.mark.slow
 def test_a_hostile_adapter_never_changes_what_every_request_shares(fresh, tiny_dir, tmp_path, alone):
     """On a model without a default adapter (the first custom one wraps it), each hostile adapter in turn: refused,
     the shared tensors bit-identical, the base's answer unchanged, and a good adapter still loads."""
@@ -165,6 +172,7 @@ def test_a_hostile_adapter_never_changes_what_every_request_shares(fresh, tiny_d
     assert answer(fresh) == alone["medical"]
 
 
+@pytest.mark.slow
 def test_pattern_keys_are_matched_as_peft_matches_them_and_loaded_at_their_ranks(tiny_dir, tmp_path, fresh, alone):
     """rank_pattern and alpha_pattern, resolved here per module (PEFT's `(.*\\.)?(key)$`), and handed to PEFT as
     one pattern of exact names per value: the layers get those ranks and scalings."""

@@ -31,6 +31,8 @@ from tests.support.engine import (
 from tests.support.helpers import negated_adapter, noise_image
 from tests.support.inductor import buffers_at_least
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
+
 
 class CheckedBackend:
     """aot_eager that records, for each graph compiled, the first node CUDA-graph trees would refuse to capture

@@ -11,6 +11,7 @@ from tests.support.engine import CASES, recipe, run
 from tests.support.helpers import noise_image
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_streamed_answer_equals_the_model_card_recipe(engine, case):
     text, images = CASES[case]
@@ -19,6 +20,7 @@ def test_streamed_answer_equals_the_model_card_recipe(engine, case):
     assert engine.last_stats.ids == expected_ids  # the same tokens, not only the same text
 
 
+@pytest.mark.slow
 def test_sampling_with_a_seed_equals_the_recipe_and_repeats(engine):
     text, images = CASES["one image"]
     settings = dict(max_new_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=42)
@@ -32,6 +34,7 @@ def test_sampling_with_a_seed_equals_the_recipe_and_repeats(engine):
     assert len(others) > 1  # the seed matters
 
 
+@pytest.mark.slow
 def test_images_change_the_answer(engine):
     answers = {run(engine, "Describe it.", [noise_image(seed)], max_new_tokens=16) for seed in range(4)}
     assert len(answers) > 1

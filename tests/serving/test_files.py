@@ -1,6 +1,6 @@
 """A request's file inputs (serving/files.py): only what Cog converted for a request, each once; image URLs fetched
 later, under the address rules, the byte cap and the deadline. The hook through the real server:
-tests/server/test_server_hostile.py."""
+tests/server/test_predict_hostile.py."""
 
 import time
 from pathlib import Path

@@ -10,6 +10,7 @@ from idefics_cog.serving.jobs import Row
 from tests.support.sampling import BANNED, ENGINE, SETTINGS, batched_against_alone, reference_pick
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("vocab", [451, 32002])

@@ -119,6 +119,7 @@ def cut_at_stop(text, stops):
     return text[:min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))]
 
 
+@pytest.mark.slow
 def test_the_incremental_stream_equals_the_full_decode_on_random_answers(any_tokenizer):
     for rng, ids in random_answers(any_tokenizer, seed=12):
         pieces, stream = stream_all(any_tokenizer, ids, step=rng.randint(1, 3))
@@ -174,6 +175,7 @@ def test_pushing_a_token_does_not_decode_the_whole_answer(any_tokenizer, monkeyp
     assert calls == [] and "".join(pieces) == real_decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole(tiny_dir):
     tokenizer = load_tokenizer(tiny_dir / "base")
     tokenizer.clean_up_tokenization_spaces = True
@@ -189,6 +191,7 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole(tiny_dir):
         assert "".join(pieces) == llama.decode(ids, skip_special_tokens=True), ids
 
 
+@pytest.mark.slow
 def test_a_step_the_incremental_decoder_refuses_falls_back_to_the_full_decode(any_tokenizer, monkeypatch):
     """tokenizers' DecodeStream may refuse a step ("Invalid prefix encountered"); the answer is then decoded whole
     from there on, and the joined stream is still the full decode."""
@@ -212,6 +215,7 @@ def test_a_step_the_incremental_decoder_refuses_falls_back_to_the_full_decode(an
         assert "".join(pieces) == any_tokenizer.decode(ids, skip_special_tokens=True), ids
 
 
+@pytest.mark.slow
 def test_the_stop_prefix_check_finds_what_the_definition_finds():
     """The longest tail of the text that is a proper prefix of a stop sequence, found with a few searches per
     token, on random texts and stops over a small alphabet (many overlaps)."""

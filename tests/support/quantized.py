@@ -1,5 +1,5 @@
 """What a quantized model did: its greedy answer with token ids, teacher-forced logits, and its bitsandbytes
-layers' stored bytes (to see which changed). Used by tests/model/test_quantized.py and bench/gpu_facts.py."""
+layers' stored bytes (to see which changed). Used by tests/model/test_loading.py and bench/gpu_facts.py."""
 
 import torch
 

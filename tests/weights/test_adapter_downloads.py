@@ -52,6 +52,7 @@ def test_a_failing_source_is_refused_fast_with_the_same_message(engine, tmp_path
     assert len(files.requests) > asked
 
 
+@pytest.mark.slow
 def test_requests_for_one_source_share_one_download(engine, tiny_dir, tmp_path, files, monkeypatch):
     monkeypatch.setenv(ALLOW_PRIVATE, "1")
     adapters = AdapterDownloads(layer_shapes(engine.model), tmp_path / "cache")
@@ -73,6 +74,7 @@ def test_loopback_urls_are_refused_without_allow_private_urls(engine, tiny_dir, 
     assert files.requests == []
 
 
+@pytest.mark.slow
 def test_a_trickling_download_stops_at_its_deadline(engine, tiny_dir, tmp_path, files, monkeypatch):
     monkeypatch.setenv(ALLOW_PRIVATE, "1")
     adapters = AdapterDownloads(layer_shapes(engine.model), tmp_path / "cache", download_seconds=1)

@@ -24,6 +24,7 @@ def copy_adapter(tiny_dir, tmp_path, name="copy"):
     return target
 
 
+@pytest.mark.slow
 def test_the_standard_layout_passes(tiny_dir, fresh):
     config = check_adapter(tiny_dir / "adapter", layer_shapes(fresh.model))
     assert config.r == 16
@@ -36,6 +37,7 @@ def test_pickled_adapter_is_refused(tiny_dir, tmp_path, fresh):
         check_adapter(adapter, layer_shapes(fresh.model))
 
 
+@pytest.mark.slow
 def test_missing_config_and_other_peft_types_are_refused(tiny_dir, tmp_path, fresh):
     adapter = copy_adapter(tiny_dir, tmp_path)
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -186,6 +188,7 @@ def listing(folder):
     return {path.name: path.read_bytes() for path in folder.iterdir()}
 
 
+@pytest.mark.slow
 def test_a_bin_adapter_is_converted_once_and_answers_as_the_safetensors_one(fresh, tiny_dir, tmp_path, alone,
                                                                            caplog):
     source = bin_adapter(tiny_dir / "adapter", tmp_path / "published")
@@ -263,6 +266,7 @@ BAD_BINS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_BINS)
 def test_a_bin_that_is_no_fitting_lora_adapter_is_refused(fresh, tiny_dir, tmp_path, alone, case):
     content, message = BAD_BINS[case]
@@ -282,6 +286,7 @@ def test_other_pickles_stay_refused(fresh, tiny_dir, tmp_path, name):
     assert not (tmp_path / "cache" / "converted").exists()
 
 
+@pytest.mark.slow
 def test_the_same_bin_with_another_config_is_converted_again(fresh, tiny_dir, tmp_path):
     import json
 

@@ -68,6 +68,7 @@ def test_recent_holds_at_most_its_capacity_and_forgets_expired_entries():
     assert len(recent) == 1 and recent.pop("e") == "E" and recent.pop("e") is None
 
 
+@pytest.mark.slow
 def test_a_key_never_has_two_fetches_at_once():
     """A fetch waiting for its key's stopping one, cancelled before it starts, leaves the stopping one in place: the
     next request's fetch still waits for it (both would fill the same cache folder)."""

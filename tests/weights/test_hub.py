@@ -118,6 +118,7 @@ def lfs_path(hub, repo, name):
     return hub.cdn_path(repo, hub.file(repo, name))
 
 
+@pytest.mark.slow
 def test_download_load_and_warm_cache(hub, tiny_dir, tmp_path, caplog, digests):
     from idefics_cog.serving.engine import Engine
 
@@ -218,6 +219,7 @@ def test_a_blob_changed_after_verification_is_hashed_again(hub, tiny_dir, tmp_pa
     assert hub.downloads(REPO)["model.safetensors"] == 2
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_is_resumed(hub, tiny_dir, tmp_path, monkeypatch):
     # huggingface_hub writes what it received in chunks of DOWNLOAD_CHUNK_SIZE (10 MB) and resumes from the last
     # whole chunk: smaller chunks here, so that a cut in this 1.5 MB file is resumed rather than started over.
@@ -240,6 +242,7 @@ def test_not_found_names_the_repo_and_revision(hub, tmp_path):
     assert hub.file_requests() == []
 
 
+@pytest.mark.slow
 def test_a_timeout_names_the_repo_and_falls_back_on_the_cache(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")  # an int: huggingface_hub int()s it at import
     hub.set_delay(REPO, 60)
@@ -305,6 +308,7 @@ def test_partial_files_left_by_a_killed_run_are_removed(hub, tmp_path):
     assert not stale.exists() and live.exists()
 
 
+@pytest.mark.slow
 def test_an_adapter_repo_gets_its_adapter_model_bin_and_no_other_pickle(hub, repos, tmp_path, digests):
     hub.set_fault(ADAPTER_BIN, "adapter_model.bin", Fault(corrupt=True, times=1))
 
@@ -331,6 +335,7 @@ def test_an_adapter_repo_gets_its_adapter_model_bin_and_no_other_pickle(hub, rep
     assert hub.total_requests() == 0
 
 
+@pytest.mark.slow
 def test_a_hub_adapter_in_bin_form_serves_as_the_safetensors_one(hub, fresh, tmp_path, alone):
     from idefics_cog.serving.adapters import Adapters
 
@@ -365,6 +370,7 @@ def test_a_requests_hub_adapter_is_measured_first_fetched_alone_and_without_the_
     assert hub.authorizations and all("hf_operator_secret" in value for value in hub.authorizations)
 
 
+@pytest.mark.slow
 def test_a_requests_hub_adapter_is_stopped_at_its_deadline_and_leaves_nothing(hub, fresh, tmp_path):
     """A total deadline on the adapter's bytes as they arrive: a CDN trickling the weights for 30 s is cut off."""
     from idefics_cog.serving.adapters import Adapters

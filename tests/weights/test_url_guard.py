@@ -96,6 +96,7 @@ class _Redirecting(BaseHTTPRequestHandler):
         self.end_headers()
 
 
+@pytest.mark.slow
 def test_a_redirect_to_a_private_address_is_refused_before_it_is_followed(fake_dns):
     """A loopback server (allowed for this test only) redirects to a name that resolves to 10.0.0.5."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)

@@ -184,6 +184,7 @@ def answer(server) -> str:
     return "".join(result["output"])
 
 
+@pytest.mark.server
 def test_a_server_whose_targets_match_the_lock_loads_them_without_any_request(server, mounted, hub):
     with CogServer(env=managed_env(mounted, hub)) as managed:
         assert answer(managed) == answer(server)  # the tiny base with the tiny adapter, as from local folders
@@ -193,6 +194,7 @@ def test_a_server_whose_targets_match_the_lock_loads_them_without_any_request(se
     assert f"using the managed weights 'idefics-tiny-adapter' mounted at {mounted['adapter']}" in logs
 
 
+@pytest.mark.server
 def test_a_server_with_a_mismatching_file_downloads_instead_and_names_it(server, mounted, hub):
     flip_a_byte(mounted["base"] / "model.safetensors")
     with CogServer(env=managed_env(mounted, hub)) as fallback:
@@ -203,6 +205,7 @@ def test_a_server_with_a_mismatching_file_downloads_instead_and_names_it(server,
     assert hub.file_requests(ADAPTER) == []  # the adapter's target matched: still used
 
 
+@pytest.mark.server
 def test_offline_a_mismatching_file_fails_setup_naming_it(mounted, hub):
     flip_a_byte(mounted["base"] / "model.safetensors")
     server = CogServer(env=managed_env(mounted, hub, HF_HUB_OFFLINE="1"))

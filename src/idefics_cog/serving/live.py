@@ -2,7 +2,7 @@
 
 coglet 0.23.1 streams only a plain generator live, and cancels an async prediction with `Future.cancel()` on the
 already finished future of `predict`'s coroutine, which would change nothing: `install_cancel_hook` routes that call
-to the stream (relies on coglet internals; tests/server/test_server_faults.py says so if it stops firing).
+to the stream (relies on coglet internals; tests/server/test_predict_faults.py says so if it stops firing).
 """
 
 import asyncio

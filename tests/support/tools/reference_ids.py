@@ -3,7 +3,7 @@
 For each prompt shape below, the project's `build_segments` lays out the request (prompt, template, system prompt,
 number of images) and transformers 4.32.1's `IdeficsProcessor`, on the genuine LLaMA vocabulary in
 tests/data/llama_tokenizer, encodes that interleaved list. tests/data/reference_ids.json keeps, per case, the
-project-side inputs, the segments and the 4.32 ids; tests/model/test_tokens.py asserts the project encodes every case
+project-side inputs, the segments and the 4.32 ids; tests/model/test_tokenizer.py asserts the project encodes every case
 to exactly these ids.
 
 Regenerate (the old stack goes into its own folder, never into the project's environment):

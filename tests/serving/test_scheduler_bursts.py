@@ -66,6 +66,7 @@ def test_prefill_together_fills_each_slot_as_prefill_alone(engine):
         assert torch.equal(together.image_gate[slot], alone.image_gate[slot])
 
 
+@pytest.mark.slow
 def test_a_burst_gives_each_request_its_tokens_alone_one_forward_per_adapter(served, monkeypatch):
     """Six requests with two adapters reach an idle server: consecutive requests with the same adapter are
     prefilled in one forward, their images through the vision tower in one call; every request gets exactly the
@@ -92,6 +93,7 @@ def test_a_burst_gives_each_request_its_tokens_alone_one_forward_per_adapter(ser
     assert vision == [3, 2]  # each forward's images at once (the text-only prompts have none)
 
 
+@pytest.mark.slow
 def test_a_forward_that_fails_is_retried_one_prompt_at_a_time(served, monkeypatch):
     """Out of memory in a burst's forward: each of its prompts runs alone, and all get their tokens."""
     engine, adapters = served
@@ -115,6 +117,7 @@ def test_a_forward_that_fails_is_retried_one_prompt_at_a_time(served, monkeypatc
     assert engine.scheduler.rows == [] and engine.scheduler.starting == type(engine.scheduler.starting)()
 
 
+@pytest.mark.slow
 def test_a_burst_is_split_into_forwards_of_bounded_size(served, monkeypatch):
     engine, adapters = served
     adapters.select("none")
@@ -131,6 +134,7 @@ def test_a_burst_is_split_into_forwards_of_bounded_size(served, monkeypatch):
     assert seen and all(tokens <= 40 for tokens in seen)
 
 
+@pytest.mark.slow
 def test_short_arrivals_behind_a_stream_share_a_forward_within_the_chunk(served, monkeypatch):
     """While a request streams, short prompts that fit one chunk (`chunk_tokens` tokens) in all go together;
     the stall bound holds: no forward between two decode steps holds more prompt tokens than the piece."""

@@ -14,6 +14,7 @@ from tests.support.helpers import noise_image
 ARRIVALS = 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [128, 8], ids=["whole prompts", "prompts in pieces of 8 tokens"])
 def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk):
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=8)
@@ -90,6 +91,7 @@ def test_arrivals_are_prefilled_one_per_decode_step(tiny_dir, monkeypatch, chunk
         assert max(n for kind, n in events if kind == "decode") == 2 * ARRIVALS
 
 
+@pytest.mark.slow
 def test_a_burst_reaching_an_idle_server_is_prefilled_whole_first(tiny_dir, monkeypatch):
     """Six requests reach an idle server together: no stream runs yet, so their prompts run whole, in one forward
     (`prefill_together`), before the first decode step (prompts longer than a piece too). Each keeps the tokens of
@@ -109,6 +111,7 @@ def test_a_burst_reaching_an_idle_server_is_prefilled_whole_first(tiny_dir, monk
     assert events[:2] == ["prefill_together", "decode"] and set(events[2:]) == {"decode"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 7, 16])
 def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, monkeypatch, chunk):
     """Greedy and seeded sampling, one image, two images and text only, arriving while a request streams and
@@ -132,6 +135,7 @@ def test_a_prompt_prefilled_in_pieces_gives_the_tokens_of_generate(tiny_dir, mon
     assert all(any(enc is seen for seen in pieces) for enc, _ in requests[1:])  # each ran in pieces
 
 
+@pytest.mark.slow
 def test_a_fault_in_a_piece_of_a_prefill_fails_that_request_alone(tiny_dir, monkeypatch):
     """A long prompt's prefill fails in its second piece while others run and wait: it alone ends, with the
     stage named; the others keep their tokens, and the next request takes its slot."""

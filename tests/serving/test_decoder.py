@@ -73,6 +73,7 @@ def test_decode_logits_equal_the_model_forward_over_the_whole_sequence(engine, c
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", ["none", "medical"])
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_tokens_equal_generate(with_adapter, case, adapter):
@@ -85,6 +86,7 @@ def test_greedy_tokens_equal_generate(with_adapter, case, adapter):
     assert engine.last_stats.ids == generate(engine, enc, sampling)
 
 
+@pytest.mark.slow
 def test_a_batch_of_different_requests_gives_each_its_own_tokens(engine):
     """Different prompts, image counts, lengths and sampling settings, decoded as one batch: every request gets
     exactly the tokens `model.generate` gives it alone (sampled ones too: each has its own generator)."""
@@ -106,6 +108,7 @@ def test_a_batch_of_different_requests_gives_each_its_own_tokens(engine):
     assert engine.scheduler.largest_batch == len(requests) - 1  # the 1-token request ends at its prefill
 
 
+@pytest.mark.slow
 def test_more_requests_than_slots_wait_for_a_free_slot(tiny_dir):
     engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
     encs = [encoded(engine, f"Question {i}?", [noise_image(i)]) for i in range(5)]
@@ -115,6 +118,7 @@ def test_more_requests_than_slots_wait_for_a_free_slot(tiny_dir):
     assert engine.scheduler.largest_batch == 2
 
 
+@pytest.mark.slow
 def test_adapters_share_a_batch_each_selected_before_its_prefill(with_adapter):
     engine, adapters = with_adapter
     enc = encoded(engine, *CASES["one image"])
@@ -137,6 +141,7 @@ def test_adapters_share_a_batch_each_selected_before_its_prefill(with_adapter):
     assert engine.scheduler.largest_batch == len(order)  # one batch: each row decodes with its own adapter
 
 
+@pytest.mark.slow
 def test_cancelling_one_request_leaves_the_others_unchanged(engine):
     encs = [encoded(engine, "Describe it.", [noise_image(i)]) for i in range(3)]
     sampling = Sampling(max_new_tokens=60, ignore_eos=True)
@@ -183,6 +188,7 @@ def test_stop_sequences_end_each_stream_on_its_own(engine):
     assert answers["stopped"] == full[:full.index(stop)] and len(answers["stopped"]) < len(full)
 
 
+@pytest.mark.slow
 def test_requests_the_fast_path_cannot_hold_fall_back_to_generate_logged_once(tiny_dir, caplog):
     engine = Engine.load(tiny_dir / "base", "cpu", max_images=1)
     enc = encoded(engine, *CASES["two images with placeholders"])
@@ -194,6 +200,7 @@ def test_requests_the_fast_path_cannot_hold_fall_back_to_generate_logged_once(ti
     assert len([r for r in caplog.records if "model.generate" in r.message]) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_models_give_the_same_greedy_tokens(tiny_dir, tmp_path, quantization):
     import warnings
@@ -208,6 +215,7 @@ def test_quantized_models_give_the_same_greedy_tokens(tiny_dir, tmp_path, quanti
         assert engine.decode_path == "fast" and engine.last_stats.ids == generate(engine, enc, sampling)
 
 
+@pytest.mark.slow
 def test_an_out_of_memory_prefill_fails_that_request_alone(tiny_dir, monkeypatch):
     """An out-of-memory error in one request's prefill ends that request with a clear message; the requests
     around it (running and waiting: two slots for four) get their tokens unchanged, and its slot is reused."""

@@ -40,6 +40,7 @@ def cpu_flag(flag: str) -> bool:
     return cpuinfo.exists() and f" {flag}" in cpuinfo.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
 def test_quantized_base_takes_adapters_and_its_answers_never_drift(tiny_dir, tmp_path, quantization):
     # The server's order: the default adapter at setup, before any forward.
@@ -84,6 +85,7 @@ def test_quantized_base_takes_adapters_and_its_answers_never_drift(tiny_dir, tmp
     assert torch.equal(forced_logits(engine, base_ids), base_logits)
 
 
+@pytest.mark.slow
 def test_bitsandbytes_4bit_on_this_cpu(tiny_dir, tmp_path, record_property, capsys):
     """Records what bitsandbytes does with 4-bit weights on the machine the test runs on, and checks that the
     project's protection holds whichever it is: an adapter loaded after forwards leaves every byte as it was."""

@@ -43,6 +43,7 @@ def prompts(engine, count):
     return [encoded(engine, texts[i % 4], images[i % 4]) for i in range(count)]
 
 
+@pytest.mark.slow
 def test_a_batch_mixing_adapters_and_scales_gives_each_request_its_tokens_alone(served):
     engine, adapters, customs = served
     rows = choices(customs)
@@ -59,6 +60,7 @@ def test_a_batch_mixing_adapters_and_scales_gives_each_request_its_tokens_alone(
     assert engine.scheduler.largest_batch == len(rows)  # all in one batch
 
 
+@pytest.mark.slow
 def test_prompts_prefilled_in_pieces_between_other_adapters_keep_their_own_adapter(served, monkeypatch):
     """Chunked prefill in a mixed batch: each prompt's pieces run between decode steps of rows with other adapters
     and scales (which read their adapters from their slots), and each request still gets its tokens alone."""
@@ -75,6 +77,7 @@ def test_prompts_prefilled_in_pieces_between_other_adapters_keep_their_own_adapt
     assert [tokens_of(items) for items in submit_behind_a_stream(engine, jobs)] == expected
 
 
+@pytest.mark.slow
 def test_cancelling_one_row_of_a_mixed_batch_leaves_the_others_unchanged(served):
     engine, adapters, customs = served
     rows = choices(customs)[:5]
@@ -97,6 +100,7 @@ def test_cancelling_one_row_of_a_mixed_batch_leaves_the_others_unchanged(served)
     assert got[:2] + got[3:] == expected[:2] + expected[3:]
 
 
+@pytest.mark.slow
 def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_an_adapter_waits_for_room(served, tiny_dir, tmp_path):
     """With room for one custom adapter, the second one's load unloads the first while a request still decodes
     with it: that request keeps its adapter's columns and its tokens. The banks hold 16 + 8 rank columns: medical
@@ -119,6 +123,7 @@ def test_a_row_keeps_its_adapter_after_the_model_unloads_it_and_an_adapter_waits
     assert engine.scheduler.largest_batch == 2  # the third waited for room in the banks
 
 
+@pytest.mark.slow
 def test_an_adapter_on_more_layers_loaded_after_the_first_batch_gets_its_own_banks(served, tiny_dir, tmp_path):
     """The banks are made for medical's layers (q/k/v) by a first request; then an adapter that also targets o_proj
     and down_proj (layers in between) is loaded: a batch of both still gives each request its tokens alone."""

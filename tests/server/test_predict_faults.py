@@ -80,7 +80,7 @@ def test_a_client_that_disconnects_stops_its_generation_and_the_server_goes_on(s
 def test_a_second_concurrent_request_is_served_while_the_first_streams(server):
     """The predictor is async and the server has several slots (cog.yaml's concurrency.max): a second request
     is answered while a long one streams, correctly, and the long one still completes. The capacity limit (HTTP 409
-    once every slot is taken) and adapters that differ are tested in test_server_concurrency.py."""
+    once every slot is taken) and adapters that differ are tested in test_predict_concurrency.py."""
     check = {**CHECK, "adapter": "none"}  # LONG's adapter: it joins the running batch instead of waiting for it
     before = server.predict(check)["output"]
     server.wait_ready(30)

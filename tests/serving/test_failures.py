@@ -61,6 +61,7 @@ def jobs_for(encs, sampling, **per_job) -> list[Job]:
     return [Job(enc, s, **{k: v[i] for k, v in per_job.items()}) for i, (enc, s) in enumerate(zip(encs, sampling))]
 
 
+@pytest.mark.slow
 def test_a_fault_while_selecting_the_adapter_fails_that_request_alone(requests_):
     """Every request selects its adapter before its prefill: the first fails there, the others select theirs."""
     engine, encs, sampling, expected = requests_
@@ -221,6 +222,7 @@ import sys, torch
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Sampling
 from idefics_cog.inputs.prompt import build_segments
+
 engine = Engine.load(sys.argv[1], "cpu")
 def broken(*args):
     raise torch.AcceleratorError("CUDA error: device-side assert triggered")
@@ -232,9 +234,10 @@ print("still serving")
 """
 
 
+@pytest.mark.slow
 def test_a_device_side_assert_ends_the_process_with_the_reason_logged(tiny_dir):
     """The real exit: the process ends at once with status 70 and says why (coglet then reports UNHEALTHY:
-    test_server_faults.py::test_a_worker_crash_and_a_setup_failure_show_in_the_health_check)."""
+    test_predict_faults.py::test_a_worker_crash_and_a_setup_failure_show_in_the_health_check)."""
     done = subprocess.run([sys.executable, "-c", WORKER, str(tiny_dir / "base")], capture_output=True, text=True,
                           timeout=120, cwd=str(tiny_dir.parents[1]), env={**os.environ, "PYTHONPATH": "src"})
     assert done.returncode == failures.DEVICE_LOST_EXIT, done.stderr[-2000:]
@@ -242,6 +245,7 @@ def test_a_device_side_assert_ends_the_process_with_the_reason_logged(tiny_dir):
     assert "the device is unusable after AcceleratorError: CUDA error: device-side assert" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_fault_in_model_generate_fails_that_request_alone(tiny_dir, monkeypatch):
     """The transformers path (IDEFICS_ENGINE=transformers, and requests the fast path cannot hold): one request's
     `model.generate` fails, the requests queued behind it get their own tokens."""

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--device", "cpu", "--size", "tiny", "--new-tokens", "4", "--concurrent-tokens", "4", "--repeats", "1",
         "--concurrent", "2"]  # 2 concurrent requests, 2 mixed-adapter rows of 2 adapters: the code path of 16 and 4

@@ -31,6 +31,8 @@ from tests.support.fileserver import FileServer
 from tests.support.helpers import png_bytes, vqa_lines
 from tests.support.helpers import dataset_zip as make_zip
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out
+
 @pytest.fixture(scope="module")
 def dataset_zip(tmp_path_factory):
     return make_zip(tmp_path_factory.mktemp("data") / "data.zip", *vqa_lines())
@@ -217,6 +219,7 @@ def script_train(tmp_path, tiny_dir, dataset, *inputs):
     return result, out
 
 
+@pytest.mark.server
 def test_script_train_end_to_end_writes_the_adapter_tar(tmp_path, tiny_dir, dataset_zip):
     result, out = script_train(tmp_path, tiny_dir, dataset_zip, "-i", "max_steps=3", "-i", "learning_rate=0.01",
                                "-i", "batch_size=2", "-i", "lora_rank=8", "-i", "validation_fraction=0.1")
@@ -229,6 +232,7 @@ def test_script_train_end_to_end_writes_the_adapter_tar(tmp_path, tiny_dir, data
     assert config["r"] == 8 and config["peft_type"] == "LORA"
 
 
+@pytest.mark.server
 def test_script_train_shows_the_training_log_while_it_runs(tmp_path, tiny_dir, dataset_zip):
     """The training's first log line reaches the terminal while the training still runs: the server, given one slot,
     reports BUSY then (before, every line came at once, once the training had ended)."""
@@ -253,6 +257,7 @@ def test_script_train_shows_the_training_log_while_it_runs(tmp_path, tiny_dir, d
     assert not re.search(r"tmp\w+file", first + rest), first + rest
 
 
+@pytest.mark.server
 def test_script_train_fails_with_the_datasets_file_and_line(tmp_path, tiny_dir):
     lines, files = vqa_lines(3)
     raw = json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "images": ["img/nothere.png"]}) + "\n"
@@ -323,6 +328,7 @@ def test_unknown_target_modules_and_quantization_are_refused(dataset_zip, tiny_d
     assert isinstance(DatasetError("x"), InputError)
 
 
+@pytest.mark.server
 def test_the_train_server_validates_inputs_against_the_schema(tiny_dir):
     """Out-of-range training inputs get Cog's 422 naming the input, before any training starts."""
     import requests

@@ -33,6 +33,7 @@ def first_answers(service: Service, picture) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_setup_ends_with_a_warm_up_that_leaves_no_trace_in_the_answers(tiny_dir, tmp_path, picture, caplog):
     with caplog.at_level(logging.INFO):
         warm = Service.from_settings(settings(tiny_dir, tmp_path, "1"))

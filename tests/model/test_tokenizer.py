@@ -3,19 +3,13 @@ vocabulary (tests/data/llama_tokenizer, built by tests/support/tools/build_llama
 tests/support/tools/reference_ids.py)."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoProcessor
 
 from idefics_dev import tiny
-from idefics_cog.errors import InputError
 from idefics_cog.inputs.prompt import build_segments, encode
-from idefics_cog.config import ROOT
 from idefics_cog.model.tokenizer import ReleaseTokenizer, load_processor, load_tokenizer
 from idefics_cog.training.examples import IGNORE, answer_labels
 from tests.support.helpers import noise_image
@@ -60,6 +54,7 @@ def test_project_ids_equal_the_release_era_ids(processor, name):
     assert [processor.tokenizer.piece(i) for i in case["input_ids"]] == case["tokens"]
 
 
+@pytest.mark.slow
 def test_the_transformers_5_processor_gives_other_tokens():
     """The old path (AutoProcessor in transformers 5) loses the "▁" after special tokens: the check above is real."""
     old = AutoProcessor.from_pretrained(LLAMA)
