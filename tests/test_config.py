@@ -190,7 +190,7 @@ def test_cache_memory_fraction_and_warmup_are_read_and_checked():
 
 
 def test_every_setting_is_in_the_readme():
-    """Each IDEFICS_* variable the settings read is documented (README, "Settings" and "Limits")."""
+    """Each IDEFICS_* variable the settings read is documented (README, "Main settings" and its list of limits)."""
     variables = set(re.findall(r"IDEFICS_[A-Z_]+", (ROOT / "src/idefics_cog/config.py").read_text()))
     readme = (ROOT / "README.md").read_text()
     assert variables and [v for v in sorted(variables) if f"`{v}`" not in readme] == []

@@ -1,5 +1,6 @@
-"""The package layout (README, "Map of the code"): layers import only downwards, no import circle, no module over
-MAX_LINES, the product never imports the development tools, no test module imports another. Read with `ast`."""
+"""The package layout (docs/architecture.md, "The map of the code"): layers import only downwards, no import circle,
+no module over MAX_LINES, the product never imports the development tools, no test module imports another. Read
+with `ast`."""
 
 import ast
 from pathlib import Path
@@ -129,6 +130,13 @@ def test_no_test_module_imports_another_test_module():
             leaf = imported.rsplit(".", 1)[-1]
             if imported.startswith("tests.") and leaf.startswith("test_"):
                 offenders.append(f"{path.relative_to(ROOT)} imports {imported}")
+    assert offenders == []
+
+
+def test_no_test_imports_the_benchmarks():
+    """Tests run bench/ scripts as their users do (a subprocess), so a benchmark stays free to change its insides."""
+    offenders = [f"{path.relative_to(ROOT)} imports {imported}" for path in (ROOT / "tests").rglob("*.py")
+                 for imported in imports(path, module_name(path, ROOT)) if imported.split(".")[0] == "bench"]
     assert offenders == []
 
 

@@ -1,4 +1,4 @@
-"""Settings read once from the environment (documented in README.md, set in cog.yaml)."""
+"""Settings read once from the environment (documented in docs/configuration.md, set in cog.yaml)."""
 
 import os
 from dataclasses import dataclass

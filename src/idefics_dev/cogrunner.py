@@ -50,8 +50,8 @@ NO_WEIGHTS_HINT = (
     "Face hub. To try it without the hub: `make predict` (a tiny random model), or `make tiny` and then\n"
     "  IDEFICS_BASE_WEIGHTS=weights/tiny/base IDEFICS_ADAPTER_WEIGHTS=weights/tiny/adapter "
     "script/predict -i image=@my.png -i prompt=\"...\"\n"
-    "Or set IDEFICS_BASE_WEIGHTS to a checkpoint directory, or HF_ENDPOINT to a reachable hub mirror (README, "
-    "\"Weights and adapters\")."
+    "Or set IDEFICS_BASE_WEIGHTS to a checkpoint directory, or HF_ENDPOINT to a reachable hub mirror "
+    "(docs/deployment.md, \"Weight sources\")."
 )
 
 

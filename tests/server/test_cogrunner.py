@@ -95,8 +95,8 @@ def cog_servers(mark: str) -> int:
 def test_script_predict_fails_with_the_server_error_and_stops_the_server(tiny_dir, tmp_path):
     image = save_png(noise_image(1), tmp_path / "xray.png")
     mark = tmp_path.name
-    running = subprocess.Popen([str(ROOT / "script" / "predict"), "-i", f"image=@{image}", "-i", "prompt=<image><image>"],
-                               env={**os.environ, **tiny_env(tiny_dir), "RUNNER_TEST_MARK": mark}, text=True,
+    command = [str(ROOT / "script" / "predict"), "-i", f"image=@{image}", "-i", "prompt=<image><image>"]
+    running = subprocess.Popen(command, env={**os.environ, **tiny_env(tiny_dir), "RUNNER_TEST_MARK": mark}, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = 0
     while running.poll() is None and not seen:

@@ -130,7 +130,7 @@ def test_bad_requests_among_good_ones_fail_naming_the_input_and_change_nothing(s
 def test_streams_sent_together_each_send_their_chunks_as_they_are_generated(server):
     """Four server-sent event streams at once (batched together): each one's first chunk comes early in its own
     prediction, before any of the four has completed, and the rest follow as they are generated, not all at the
-    end (what coglet 0.23.1 does with an async generator `predict`; README, "Concurrency")."""
+    end (what coglet 0.23.1 does with an async generator `predict`; docs/configuration.md, "Concurrency")."""
     calls = [{**LONG, "max_new_tokens": tokens} for tokens in (160, 200, 240, 280)]
     server.wait_ready(30)
     barrier, streams = threading.Barrier(len(calls)), [None] * len(calls)

@@ -20,7 +20,7 @@ CHECK = {"image": data_uri(noise_image(1)), "max_new_tokens": 12}
 CANCEL_HOOK_FAILED = ("a cancelled request ran on: coglet's cancel no longer reaches the generator predict returns. "
                       "idefics_cog/serving/live.py hooks concurrent.futures.Future.cancel, which coglet 0.23.1 calls on the "
                       "finished future of an async predict (worker_bridge.rs, cancel_async_future); check how the "
-                      "new coglet cancels an async prediction and update live.py and README (Concurrency)")
+                      "new coglet cancels an async prediction and update live.py and docs/architecture.md (Cancellation)")
 
 
 def new_tokens(logs: str) -> int:

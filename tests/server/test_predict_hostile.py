@@ -72,8 +72,8 @@ def error_of(result: dict) -> str:
 def hostile(tiny_dir, tmp_path_factory):
     made, cache = tmp_path_factory.mktemp("hostile"), tmp_path_factory.mktemp("cache")
     temp = tmp_path_factory.mktemp("server-temp")  # the server's own TMPDIR: other test workers write to /tmp
-    env = {"TMPDIR": str(temp), "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(tiny_dir / "adapter"),
-           "COG_PREDICT_TYPE_STUB": "tests/support/checksum_predict.py:Predictor", ALLOW_PRIVATE: "1",
+    env = {"TMPDIR": str(temp), "IDEFICS_BASE_WEIGHTS": str(tiny_dir / "base"),
+           "IDEFICS_ADAPTER_WEIGHTS": str(tiny_dir / "adapter"), "COG_PREDICT_TYPE_STUB": "tests/support/checksum_predict.py:Predictor", ALLOW_PRIVATE: "1",
            "IDEFICS_CACHE_DIR": str(cache), "IDEFICS_ADAPTER_FETCH_THREADS": str(THREADS),
            "IDEFICS_MAX_IMAGE_BYTES": "3000000"}
     with FileServer() as files, CogServer(env=env) as server:

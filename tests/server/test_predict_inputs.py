@@ -61,7 +61,7 @@ def test_an_integer_input_with_a_fraction_is_refused_naming_it(server):
 @pytest.mark.parametrize("name", sorted(name for name, prop in INPUTS.items() if prop.get("nullable")))
 def test_null_for_a_nullable_input_is_refused_by_coglet(server, name):
     """The schema marks Optional inputs `nullable` (as `cog build` does), but coglet 0.23.1 validates with JSON
-    Schema, which ignores `nullable`, and answers 422: leave the input out instead (README, "Inputs"). If this
+    Schema, which ignores `nullable`, and answers 422: leave the input out instead (docs/inputs.md, "Inputs"). If this
     starts to pass with another coglet, null becomes a valid value to test above."""
     result = send(server, {**BASE, name: None})
     assert result["code"] == 422 and name in result["result"]["error"]

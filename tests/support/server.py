@@ -19,8 +19,8 @@ def send(server, inputs: dict, stream: bool = False, on_event=None) -> dict:
     streamed output events, "id": the prediction's id (streamed), "ended": monotonic time, "refused": 409s,
     "accepted": monotonic time of the response that was not a 409 (streamed: when the prediction started)}.
     A 409 (every slot busy) is retried for up to 30 s (client.post_prediction), as clients of a Cog container
-    do: coglet frees a finished prediction's slot a moment after its response (README, "Concurrency"), so a burst
-    right after another can find the slots still taken. The 409 itself is tested on
+    do: coglet frees a finished prediction's slot a moment after its response (docs/deployment.md, "HTTP 409"), so a
+    burst right after another can find the slots still taken. The 409 itself is tested on
     its own (test_a_request_over_capacity_gets_409_and_the_others_complete)."""
     headers = {"Accept": "text/event-stream"} if stream else {}
     out: dict = {"chunks": [], "id": None, "refused": 0}
