@@ -2,7 +2,6 @@
 load, the shared base never changed (quantized bases: tests/model/test_loading.py)."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -22,12 +21,6 @@ def with_medical(fresh, tiny_dir, tmp_path):
     adapters = Adapters(fresh, tmp_path)
     adapters.load_default(str(tiny_dir / "adapter"))
     return fresh, adapters
-
-
-def copy_adapter(tiny_dir, tmp_path, name="copy"):
-    target = tmp_path / name
-    shutil.copytree(tiny_dir / "adapter", target)
-    return target
 
 
 @pytest.mark.slow
@@ -64,7 +57,7 @@ def rewrite_tensors(adapter, change):
 
 def damaged_adapter(tiny_dir, tmp_path):
     """Fits the base model, but its config says r=8 while its matrices have rank 16."""
-    adapter = copy_adapter(tiny_dir, tmp_path, "damaged")
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "damaged")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
     return adapter
@@ -95,7 +88,7 @@ def fails_half_way(monkeypatch):
 def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path, alone, fails_half_way):
     engine, adapters = with_medical
     with pytest.raises(AdapterError, match="could not be loaded"):
-        adapters._load(copy_adapter(tiny_dir, tmp_path), "broken")
+        adapters._load(adapter_copy(tiny_dir / "adapter", tmp_path / "copy"), "broken")
     assert adapters.names == ["medical"]
     for choice in ["medical", "none"]:
         adapters.select(choice)
@@ -106,14 +99,14 @@ def test_failed_load_leaves_the_model_as_it_was(with_medical, tiny_dir, tmp_path
 def test_failed_first_adapter_leaves_the_plain_model(fresh, tiny_dir, tmp_path, alone, fails_half_way):
     adapters = Adapters(fresh, tmp_path)
     with pytest.raises(AdapterError):
-        adapters._load(copy_adapter(tiny_dir, tmp_path), "broken")
+        adapters._load(adapter_copy(tiny_dir / "adapter", tmp_path / "copy"), "broken")
     assert not isinstance(fresh.model, PeftModel)
     assert answer(fresh) == alone["none"]
 
 
 def test_adapter_missing_some_matrices_is_refused_and_rolled_back(with_medical, tiny_dir, tmp_path, alone):
     engine, adapters = with_medical
-    adapter = copy_adapter(tiny_dir, tmp_path)
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "copy")
     dropped = sorted(k for k in load_file(adapter / "adapter_model.safetensors") if "lora_B" in k)[0]
     rewrite_tensors(adapter, lambda t: {k: v for k, v in t.items() if k != dropped})
     with pytest.raises(AdapterError, match=r"lacks 1 of the \d+ LoRA matrices .* \(first: [\w.]+\.lora_B\)"):
@@ -168,7 +161,7 @@ def test_a_hostile_adapter_never_changes_what_every_request_shares(fresh, tiny_d
         assert shared_digest(fresh.model) == digest, config
         adapters.select("none")
         assert answer(fresh) == alone["none"]
-    adapters.select(lora_weights=str(copy_adapter(tiny_dir, tmp_path, "good")), allow_local=True)
+    adapters.select(lora_weights=str(adapter_copy(tiny_dir / "adapter", tmp_path / "good")), allow_local=True)
     assert answer(fresh) == alone["medical"]
 
 

@@ -18,12 +18,6 @@ from tests.support.helpers import adapter_copy, adapter_with_config, bin_adapter
 from tests.support.hostile import settings_beyond_plain_lora, with_layer
 
 
-def copy_adapter(tiny_dir, tmp_path, name="copy"):
-    target = tmp_path / name
-    shutil.copytree(tiny_dir / "adapter", target)
-    return target
-
-
 @pytest.mark.slow
 def test_the_standard_layout_passes(tiny_dir, fresh):
     config = check_adapter(tiny_dir / "adapter", layer_shapes(fresh.model))
@@ -31,7 +25,7 @@ def test_the_standard_layout_passes(tiny_dir, fresh):
 
 
 def test_pickled_adapter_is_refused(tiny_dir, tmp_path, fresh):
-    adapter = copy_adapter(tiny_dir, tmp_path)
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "copy")
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
     with pytest.raises(AdapterError, match=r"pickled weights \(adapter_model.bin\) are refused"):
         check_adapter(adapter, layer_shapes(fresh.model))
@@ -39,7 +33,7 @@ def test_pickled_adapter_is_refused(tiny_dir, tmp_path, fresh):
 
 @pytest.mark.slow
 def test_missing_config_and_other_peft_types_are_refused(tiny_dir, tmp_path, fresh):
-    adapter = copy_adapter(tiny_dir, tmp_path)
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "copy")
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(AdapterError, match="only LoRA adapters"):
@@ -56,14 +50,14 @@ def rewrite_tensors(adapter, change):
 
 
 def test_adapter_for_other_modules_is_refused(tiny_dir, tmp_path, fresh):
-    adapter = copy_adapter(tiny_dir, tmp_path)
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "copy")
     rewrite_tensors(adapter, lambda t: {k.replace("layers.0.", "layers.7."): v for k, v in t.items()})
     with pytest.raises(AdapterError, match=r"targets model\.[\w.]+\.7\.[\w.]+_proj, which the base model does not have"):
         check_adapter(adapter, layer_shapes(fresh.model))
 
 
 def test_adapter_with_other_shapes_is_refused(tiny_dir, tmp_path, fresh):
-    adapter = copy_adapter(tiny_dir, tmp_path)
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "copy")
     rewrite_tensors(adapter, lambda t: {k: torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v
                                         for k, v in t.items()})
     with pytest.raises(AdapterError, match=r"lora_A\.weight has shape \[16, 128\], which does not fit"):
@@ -129,7 +123,7 @@ def test_hostile_configs_and_matrices_are_refused_before_loading(tiny_dir, tmp_p
 
 
 def test_config_and_header_sizes_are_capped(tiny_dir, tmp_path, fresh):
-    adapter = copy_adapter(tiny_dir, tmp_path)
+    adapter = adapter_copy(tiny_dir / "adapter", tmp_path / "copy")
     (adapter / "adapter_config.json").write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(AdapterError, match="not valid JSON"):
         check_adapter(adapter, layer_shapes(fresh.model))

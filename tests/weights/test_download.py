@@ -11,26 +11,8 @@ import pytest
 
 from idefics_cog.config import ROOT
 from idefics_cog.weights.download import resolve
-from tests.support.fileserver import FileServer
 
-
-@pytest.fixture(autouse=True)
-def online_without_pget(monkeypatch):
-    """Online, and our own download even on a machine where pget is installed."""
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    path = [folder for folder in os.environ.get("PATH", "").split(os.pathsep) if not (Path(folder) / "pget").exists()]
-    monkeypatch.setenv("PATH", os.pathsep.join(path))
-
-
-@pytest.fixture
-def server():
-    with FileServer() as running:
-        yield running
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("online_without_pget")
 
 
 def with_sha(url: str, data: bytes) -> str:
@@ -44,20 +26,20 @@ def tar_directory(folder: Path, top: str) -> bytes:
     return buffer.getvalue()
 
 
-def test_resolved_url_is_a_loadable_model(server, cache, tiny_dir):
+def test_resolved_url_is_a_loadable_model(file_server, cache, tiny_dir):
     from idefics_cog.serving.engine import Engine
 
     data = tar_directory(tiny_dir / "base", "tiny-idefics")
-    url = server.add("/weights/tiny-idefics.tar.gz", data)
+    url = file_server.add("/weights/tiny-idefics.tar.gz", data)
     path = resolve(with_sha(url, data), cache)
     assert path.name == "tiny-idefics" and path.is_relative_to(cache)
     engine = Engine.load(path, "cpu")
     assert engine.model.config.model_type == "idefics"
 
 
-def test_download_weights_script_fills_the_cache(server, cache, tiny_dir):
-    base = server.add("/base.tar.gz", tar_directory(tiny_dir / "base", "base"))
-    adapter = server.add("/adapter.tar", tar_directory(tiny_dir / "adapter", "adapter"))
+def test_download_weights_script_fills_the_cache(file_server, cache, tiny_dir):
+    base = file_server.add("/base.tar.gz", tar_directory(tiny_dir / "base", "base"))
+    adapter = file_server.add("/adapter.tar", tar_directory(tiny_dir / "adapter", "adapter"))
     env = {
         **os.environ,
         "IDEFICS_BASE_WEIGHTS": base,
@@ -77,18 +59,18 @@ def test_download_weights_script_fills_the_cache(server, cache, tiny_dir):
     assert "downloaded" in run.stderr and "extracted" in run.stderr  # the stage logs
 
     # A second run (as at the next `cog push`) finds everything in the cache.
-    server.reset_counts()
+    file_server.reset_counts()
     again = subprocess.run(
         [str(ROOT / "script" / "download-weights")], env=env, capture_output=True, text=True, timeout=120
     )
     assert again.returncode == 0 and again.stdout == run.stdout
-    assert server.requests == []
+    assert file_server.requests == []
 
 
-def test_download_weights_script_reports_a_failure(server, cache):
+def test_download_weights_script_reports_a_failure(file_server, cache):
     env = {
         **os.environ,
-        "IDEFICS_BASE_WEIGHTS": server.url("/nothing.tgz"),
+        "IDEFICS_BASE_WEIGHTS": file_server.url("/nothing.tgz"),
         "IDEFICS_ADAPTER_WEIGHTS": "none",
         "IDEFICS_CACHE_DIR": str(cache),
     }
@@ -96,4 +78,4 @@ def test_download_weights_script_reports_a_failure(server, cache):
         [str(ROOT / "script" / "download-weights")], env=env, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 1
-    assert f"base weights: {server.url('/nothing.tgz')}: HTTP 404" in run.stderr
+    assert f"base weights: {file_server.url('/nothing.tgz')}: HTTP 404" in run.stderr
