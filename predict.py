@@ -11,13 +11,15 @@ import cog  # noqa: E402
 from cog import BaseRunner, ConcatenateIterator, Input, Path  # noqa: E402
 
 from idefics_cog.serving.live import install_cancel_hook, live  # noqa: E402
-from idefics_cog.serving.service import Service  # noqa: E402
 
 
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
         """`weights`: COG_WEIGHTS, a training's output .tar in a version made by `cog train` (cog 0.23.1 passes it
         only to a setup that takes it); its adapter then replaces IDEFICS_ADAPTER_WEIGHTS as `medical`."""
+        # Imported here: reading this file's inputs (`cog build`, the local runner) then takes 1 s, not 10.
+        from idefics_cog.serving.service import Service
+
         self.service = Service.from_env(weights)
         self.service.receive_cog_files()
         install_cancel_hook()
