@@ -46,6 +46,8 @@ from idefics_cog.training.examples import IGNORE  # noqa: E402
 from idefics_cog.training.run import TrainConfig, add_lora  # noqa: E402
 
 BASE = ROOT / "weights" / "tiny" / "base"
+_WORK = tempfile.TemporaryDirectory(prefix="bench-training-")  # removed when the benchmark exits
+WORK = Path(_WORK.name)
 
 
 class StepTimer(TrainerCallback):
@@ -72,7 +74,7 @@ def run_steps(model, dataset, pad_id: int, batch_size: int, steps: int, warmup: 
     """Median ms per optimizer step over `steps` steps after `warmup` steps."""
     timer = StepTimer()
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="bench-training-"), max_steps=warmup + steps, learning_rate=1e-4,
+        output_dir=str(WORK / "trainer"), max_steps=warmup + steps, learning_rate=1e-4,
         per_device_train_batch_size=batch_size, optim="adamw_torch", logging_steps=10**6, save_strategy="no",
         report_to="none", disable_tqdm=True, label_names=["labels"], remove_unused_columns=False, seed=0,
         bf16=cuda, use_cpu=not cuda, dataloader_pin_memory=cuda,
@@ -98,7 +100,7 @@ def tiny_setup():
     from idefics_cog.model.tokenizer import load_processor
     from idefics_cog.training.examples import ExampleDataset, prepare
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-training-"))
+    folder = Path(tempfile.mkdtemp(dir=WORK))
     processor = load_processor(BASE)
     examples = load_dataset(tiny_dataset(folder), folder / "data")
     dataset = ExampleDataset([prepare(e, processor, 512) for e in examples], processor)

@@ -47,10 +47,14 @@ def timed(fn) -> float:
     return 1000 * (time.perf_counter() - start)
 
 
+_WORK = tempfile.TemporaryDirectory(prefix="bench-weights-")  # removed when the benchmark exits
+WORK = Path(_WORK.name)
+
+
 def setup_times(server: FileServer, repeats: int) -> dict:
     from predict import Predictor
 
-    cache = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    cache = WORK / "cache"
     os.environ.update(IDEFICS_BASE_WEIGHTS=server.url("/base.tgz"), IDEFICS_ADAPTER_WEIGHTS=server.url("/adapter.tgz"),
                       IDEFICS_CACHE_DIR=str(cache), IDEFICS_MAX_LOADED_ADAPTERS="64",
                       IDEFICS_ALLOW_PRIVATE_URLS="1")  # lora_weights from the loopback file server
@@ -97,7 +101,7 @@ def download_times(server: FileServer, mib: int, repeats: int) -> dict:
     url = server.add("/large.tar", data) + "#sha256=" + hashlib.sha256(data).hexdigest()
     ours, curl = [], []
     for _ in range(repeats):
-        work = Path(tempfile.mkdtemp(prefix="bench-dl-"))
+        work = Path(tempfile.mkdtemp(dir=WORK))
         ours.append(timed(lambda: fetch_archive(url, work / "cache")))
         target = work / "curl"
         target.mkdir()
@@ -116,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     if not (TINY / "COMPLETE").exists():
         sys.exit(f"no tiny model in {TINY}: run `make tiny` first")
-    other = Path(tempfile.mkdtemp()) / "other"
+    other = WORK / "other"
     shutil.copytree(TINY / "adapter", other)
     with FileServer() as server:
         server.add("/base.tgz", tar_bytes(TINY / "base"))

@@ -101,7 +101,8 @@ class CogServer:
         self.env = server_env(self.port, mode, env, self.root)
         slots = self.env.get("COG_MAX_CONCURRENCY", "1")
         self.concurrency = int(slots) if slots.isdigit() else 1  # predictions at once (coglet: 1 if invalid)
-        self.log_path = log_path or Path(tempfile.mkstemp(prefix="cog-server-", suffix=".log")[1])
+        self.log_path = log_path or Path(tempfile.gettempdir()) / f"cog-server-{self.port}-{os.getpid()}.log"
+        self.own_log = log_path is None  # a temporary file: removed once the server has stopped
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> "CogServer":
@@ -135,14 +136,15 @@ class CogServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.own_log:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "CogServer":
         try:

@@ -1,12 +1,16 @@
 """Write `.cog/openapi_schema.json` for predict.py, as `cog build` does, so the real Cog server validates inputs.
 
-The server reads this file at start and trusts it (a stale one silently applies old rules), so the local
-runner regenerates it on every start. Inputs come from the cog SDK's own introspection of the predictor;
+The server reads this file once its setup is done and trusts it (a stale one silently applies old rules), so the local
+runner regenerates it on every start; every server of a checkout reads the same file, so the test predictors must
+give predict.py's schema (a test checks). Inputs come from the cog SDK's own introspection of the predictor;
 streaming comes from the `@cog.streaming` decorator, read from the source as `cog build` reads it.
 """
 
 import ast
+import importlib
+import inspect
 import json
+import os
 import sys
 import threading
 from pathlib import Path
@@ -43,11 +47,14 @@ def _required(field: adt.InputField) -> bool:
     return field.default is None and field.type.repetition in (adt.Repetition.REQUIRED, adt.Repetition.REPEATED)
 
 
-def is_streaming(source: Path, class_name: str, method: str) -> bool:
-    """True when `class_name.method` in `source` (a `def` or an `async def`) is decorated with `@cog.streaming`
-    (or `@streaming`)."""
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
+def is_streaming(cls: type, method: str) -> bool:
+    """True when `cls.method` (a `def` or an `async def`, defined in `cls` or inherited) is decorated with
+    `@cog.streaming` (or `@streaming`) in the source of the class that defines it."""
+    owner = next((klass for klass in cls.__mro__ if method in vars(klass)), None)
+    if owner is None:
+        return False
+    for node in ast.walk(ast.parse(Path(inspect.getsourcefile(owner)).read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == owner.__name__:
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name == method:
                     return any(ast.unparse(d) in ("cog.streaming", "streaming") for d in item.decorator_list)
@@ -76,7 +83,8 @@ def _interface(ref: str, root: Path, train: bool) -> tuple[dict, dict]:
                                  else ("", "Prediction", "/predictions", "predict"))
     enum = {f.name: f"{prefix}{f.name}" for f in fields}
     main = _route(verb.title(), f"{verb}_{route.strip('/')}_post", f"{noun}Request", f"{noun}Response")
-    if not train and any(is_streaming(source, name, method) for method in ("run", "predict")):
+    predictor = getattr(importlib.import_module(source.stem), name)
+    if not train and any(is_streaming(predictor, method) for method in ("run", "predict")):
         main["post"]["x-cog-streaming"] = True
     input_schema = {"title": f"{prefix}Input", "type": "object",
                     "properties": {f.name: _input_property(f, enum[f.name]) for f in fields}}
@@ -131,7 +139,10 @@ def write_schema(predictor: str = "predict.py:Predictor", trainer: str | None = 
     path = root / SCHEMA_PATH
     with _WRITING:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(build_schema(predictor, trainer, root), indent=2) + "\n")
+        # Atomically: a server starting in another process reads the file meanwhile.
+        staging = path.with_name(f"{path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(build_schema(predictor, trainer, root), indent=2) + "\n")
+        os.replace(staging, path)
     return path
 
 

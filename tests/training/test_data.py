@@ -23,7 +23,7 @@ CHAT = {"images": ["img/a.png", "img/b.png"],
 
 
 def test_both_line_shapes_load_and_answers_are_the_only_spans(tmp_path):
-    qa, chat = load_dataset(make_zip(tmp_path / "d.zip", [QA, "", CHAT]))
+    qa, chat = load_dataset(make_zip(tmp_path / "d.zip", [QA, "", CHAT]), tmp_path / "extracted")
     assert qa.line == 1 and chat.line == 3 and len(chat.images) == 2
     assert [im.size for im in chat.load_images()] == [(48, 40), (48, 40)]
     segments, spans = chat.transcript()
@@ -34,7 +34,7 @@ def test_both_line_shapes_load_and_answers_are_the_only_spans(tmp_path):
 
 
 def test_evaluation_prompt_ends_with_the_assistant_turn(tmp_path):
-    (qa,) = load_dataset(make_zip(tmp_path / "d.zip", [QA]))
+    (qa,) = load_dataset(make_zip(tmp_path / "d.zip", [QA]), tmp_path / "extracted")
     segments, spans = qa.transcript(answer_last=False)
     assert render(segments).endswith("<end_of_utterance>\nAssistant:") and spans == []
     assert segments == ["User: Is there a fracture?", 0, "<end_of_utterance>", "\nAssistant:"]
@@ -48,7 +48,7 @@ def test_a_tar_with_a_top_level_folder_works(tmp_path):
             info = tarfile.TarInfo(f"mydata/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    assert len(load_dataset(tmp_path / "d.tar.gz")) == 1
+    assert len(load_dataset(tmp_path / "d.tar.gz", tmp_path / "extracted")) == 1
 
 
 BAD = {
@@ -66,24 +66,25 @@ BAD = {
 def test_bad_data_fails_with_file_and_line(tmp_path, case):
     lines, message = BAD[case]
     with pytest.raises(DatasetError, match=message):
-        load_dataset(make_zip(tmp_path / "d.zip", lines))
+        load_dataset(make_zip(tmp_path / "d.zip", lines), tmp_path / "extracted")
 
 
 def test_archive_without_data_file(tmp_path):
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as archive:
         archive.writestr("other.txt", "hello")
     with pytest.raises(DatasetError, match="no data.jsonl at the root"):
-        load_dataset(tmp_path / "d.zip")
+        load_dataset(tmp_path / "d.zip", tmp_path / "extracted")
 
 
 def test_unsafe_archive_is_refused(tmp_path):
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as archive:
         archive.writestr("../evil.txt", "x")
     with pytest.raises(DatasetError, match="evil.txt"):
-        load_dataset(tmp_path / "d.zip")
+        load_dataset(tmp_path / "d.zip", tmp_path / "extracted")
 
 
 def test_unreadable_image_is_reported_with_its_line(tmp_path):
-    (example,) = load_dataset(make_zip(tmp_path / "d.zip", [QA], files={"img/a.png": b"not a png"}))
+    archive = make_zip(tmp_path / "d.zip", [QA], files={"img/a.png": b"not a png"})
+    (example,) = load_dataset(archive, tmp_path / "extracted")
     with pytest.raises(Exception, match=r"data.jsonl line 1: a.png"):
         example.load_images()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from idefics_cog.config import ROOT
+from idefics_cog.errors import WeightsError
 from idefics_cog.weights.download import resolve
 
 pytestmark = pytest.mark.usefixtures("online_without_pget")
@@ -79,3 +80,8 @@ def test_download_weights_script_reports_a_failure(file_server, cache):
     )
     assert run.returncode == 1
     assert f"base weights: {file_server.url('/nothing.tgz')}: HTTP 404" in run.stderr
+
+
+def test_a_missing_local_folder_is_refused_naming_it(tmp_path, cache):
+    with pytest.raises(WeightsError, match=r"weight source '.*/missing' is not a directory"):
+        resolve(str(tmp_path / "missing"), cache)

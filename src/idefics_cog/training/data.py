@@ -2,7 +2,6 @@
 `question`/`answer` or a `conversation` of user/assistant turns) and its images."""
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -52,11 +51,11 @@ class Example:
         return segments, spans
 
 
-def load_dataset(archive: Path, workdir: Path | None = None) -> list[Example]:
-    """Extracted safely into `workdir` (by default a new temporary directory)."""
+def load_dataset(archive: Path, workdir: Path) -> list[Example]:
+    """Extracted safely into `workdir`, which the caller removes."""
     if not Path(archive).is_file():
         raise DatasetError(f"dataset: {archive} is not a file")
-    root = Path(workdir or tempfile.mkdtemp(prefix="dataset-"))
+    root = Path(workdir)
     try:
         extract_archive(Path(archive), root, "dataset")
     except WeightsError as exc:
