@@ -146,7 +146,7 @@ def fetch_hub(repo_id: str, revision: str | None, weights_dir: Path, *, adapter:
     with hub.errors():
         snapshot = hub.snapshot()
         if adapter and not (snapshot / "adapter_model.safetensors").exists():
-            hub.with_pickle = True  # PEFT's older format only: for the weights-only loader (adapter_files.py)
+            hub.with_pickle = True  # PEFT's older format only: for the weights-only loader (adapters/checks.py)
             snapshot = hub.download(snapshot.name, local_files_only=not hub.online)
     commit = snapshot.name
     if not _weight_files(hub, snapshot):
