@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from bench.stats import report_and_exit  # noqa: E402
+from idefics_cog.adapters.downloads import source_key  # noqa: E402
 from idefics_cog.serving.textstream import TextStream  # noqa: E402
-from idefics_cog.weights.adapter_downloads import source_key  # noqa: E402
 from idefics_dev.cogrunner import CogServer  # noqa: E402
 from tests.support.fileserver import Fault, FileServer  # noqa: E402
 from tests.support.helpers import adapter_copy, data_uri, noise_image, tar_bytes  # noqa: E402

@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from idefics_cog.weights.adapter_downloads import directory_bytes  # noqa: E402
 from bench.stats import report_and_exit  # noqa: E402
+from idefics_cog.adapters.downloads import directory_bytes  # noqa: E402
 from idefics_dev.cogrunner import CogServer  # noqa: E402
 from tests.support.fileserver import FileServer  # noqa: E402
 from tests.support.helpers import data_uri, noise_image, tar_bytes  # noqa: E402

@@ -12,8 +12,10 @@ SRC = ROOT / "src"
 MAX_LINES = 400
 
 # Each part's rank: a module may import its own part and parts of a lower rank, never a part of its rank or higher
-# (serving and training are peers: what both need, like loading the model, is in `model`).
-RANK = {"base": 0, "inputs": 1, "weights": 2, "model": 3, "serving": 4, "training": 4, "evaluation": 5, "cli": 6}
+# (serving and training are peers: what both need, like loading the model, is in `model`; model and adapters are
+# peers too: neither imports the other).
+RANK = {"base": 0, "inputs": 1, "weights": 2, "model": 3, "adapters": 3, "serving": 4, "training": 4, "evaluation": 5,
+        "cli": 6}
 BASE = {"idefics_cog", "idefics_cog.errors", "idefics_cog.config", "idefics_cog.quiet"}
 
 

@@ -8,9 +8,9 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
+from idefics_cog.adapters.checks import check_adapter, layer_shapes
 from idefics_cog.errors import AdapterError, InputError
 from idefics_cog.serving.adapters import Adapters
-from idefics_cog.weights.adapter_files import check_adapter, layer_shapes
 from tests.support.engine import answer
 from tests.support.helpers import adapter_copy, adapter_with_config
 from tests.support.hostile import not_finite, shared_digest

@@ -8,7 +8,7 @@ import itertools
 import psutil
 import torch
 
-from idefics_cog.weights.adapter_files import DEFAULTS
+from idefics_cog.adapters.checks import DEFAULTS
 
 
 def other_value(value):

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import IdeficsForVisionText2Text
 
-from idefics_cog.weights.adapter_files import check_adapter, layer_shapes
+from idefics_cog.adapters.checks import check_adapter, layer_shapes
 from idefics_cog.training.data import DatasetError, load_dataset
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Sampling

@@ -12,10 +12,10 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
+from idefics_cog.adapters.checks import CONFIG_FILE, WEIGHTS_FILE, layer_shapes, lora_key
+from idefics_cog.adapters.downloads import AdapterDownloads, Fetched, source_key
 from idefics_cog.config import MAX_ADAPTER_RANK
 from idefics_cog.errors import AdapterError, InputError, WeightsError, shorten
-from idefics_cog.weights.adapter_downloads import AdapterDownloads, Fetched, source_key
-from idefics_cog.weights.adapter_files import CONFIG_FILE, WEIGHTS_FILE, layer_shapes, lora_key
 from idefics_cog.weights.fetch_pool import Waiter
 
 log = logging.getLogger(__name__)

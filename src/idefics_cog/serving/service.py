@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from idefics_cog.adapters.downloads import Fetched
 from idefics_cog.config import Settings
 from idefics_cog.errors import InputError, UnreachableError, WeightsError
 from idefics_cog.inputs import images as image_files
@@ -23,7 +24,6 @@ from idefics_cog.serving.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling
 from idefics_cog.serving.textstream import parse_stop_sequences
-from idefics_cog.weights.adapter_downloads import Fetched
 from idefics_cog.weights.download import resolve
 from idefics_cog.weights.stream import Cancel
 from idefics_cog.weights.weights_lock import WeightsLock

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from idefics_cog.adapters.checks import layer_shapes, targeted_layers
 from idefics_cog.errors import AdapterError, InputError
 from idefics_cog.model.loading import load_model, pick_device
 from idefics_cog.model.placement import Placement
@@ -22,7 +23,6 @@ from idefics_cog.training.collator import Collator, causal_lm_loss
 from idefics_cog.training.data import load_dataset
 from idefics_cog.training.examples import IGNORE, ExampleDataset, prepare
 from idefics_cog.training.packing import pack, save_adapter
-from idefics_cog.weights.adapter_files import layer_shapes, targeted_layers
 from idefics_cog.weights.download import resolve
 
 log = logging.getLogger(__name__)

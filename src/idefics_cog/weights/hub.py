@@ -27,7 +27,7 @@ from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import tqdm as hf_tqdm
 
 from idefics_cog.errors import UnreachableError, WeightsError
-from idefics_cog.weights.source import ADAPTER_PICKLE, PICKLE_SUFFIXES, env_flag
+from idefics_cog.weights.source import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, PICKLE_SUFFIXES, env_flag
 from idefics_cog.weights.stream import Cancel, fetch_file
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ ADAPTER_IGNORE_PATTERNS = [pattern for pattern in IGNORE_PATTERNS if pattern != 
 DEFAULT_TIMEOUT = 10.0  # seconds, when HF_HUB_ETAG_TIMEOUT is not set
 COMMIT, SHA256 = re.compile(r"^[0-9a-f]{40}$"), re.compile(r"^[0-9a-f]{64}$")
 STALE_PARTIAL_S = 600  # seconds untouched after which a partial download is a dead process's
-REQUEST_FILES = ("adapter_config.json", "adapter_model.safetensors", ADAPTER_PICKLE)
+REQUEST_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE)
 CURRENT = "commit"  # in a request adapter's folder: the commit last fetched, for use offline
 
 
@@ -145,8 +145,8 @@ def fetch_hub(repo_id: str, revision: str | None, weights_dir: Path, *, adapter:
     before = _blob_states(hub.storage, remove_partial_older_than=STALE_PARTIAL_S)
     with hub.errors():
         snapshot = hub.snapshot()
-        if adapter and not (snapshot / "adapter_model.safetensors").exists():
-            hub.with_pickle = True  # PEFT's older format only: for the weights-only loader (adapter_files.py)
+        if adapter and not (snapshot / ADAPTER_WEIGHTS).exists():
+            hub.with_pickle = True  # PEFT's older format only: for the weights-only loader (adapters/checks.py)
             snapshot = hub.download(snapshot.name, local_files_only=not hub.online)
     commit = snapshot.name
     if not _weight_files(hub, snapshot):

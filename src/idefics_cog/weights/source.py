@@ -6,6 +6,7 @@ import re
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # loading a pickle can run code
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT LoRA adapter's files
 ADAPTER_PICKLE = "adapter_model.bin"  # PEFT's older adapter format: read by torch's weights-only unpickler only
 
 

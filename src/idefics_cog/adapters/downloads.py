@@ -12,9 +12,9 @@ from typing import NamedTuple
 
 from peft import LoraConfig
 
+from idefics_cog.adapters.checks import check_adapter, check_values, with_safetensors
 from idefics_cog.config import MAX_ADAPTER_RANK
 from idefics_cog.errors import AdapterError, InputError, WeightsError, shorten
-from idefics_cog.weights.adapter_files import check_adapter, check_values, with_safetensors
 from idefics_cog.weights.archive import fetch_archive
 from idefics_cog.weights.download import resolve
 from idefics_cog.weights.fetch_pool import FetchPool, Recent, Waiter
@@ -43,7 +43,7 @@ def directory_bytes(path: Path) -> int:
 
 
 class AdapterDownloads:
-    """Adapters fetched and checked against the base model's layers (`layers`: adapter_files.layer_shapes)."""
+    """Adapters fetched and checked against the base model's layers (`layers`: checks.layer_shapes)."""
 
     def __init__(self, layers: dict, weights_dir: Path, budget_bytes: int = 4 << 30, max_adapter_bytes: int = 1 << 30,
                  download_seconds: float = 300.0, max_rank: int = MAX_ADAPTER_RANK, fetch_threads: int = 4):

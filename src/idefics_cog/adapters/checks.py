@@ -22,12 +22,11 @@ from safetensors.torch import save_file
 
 from idefics_cog.config import MAX_ADAPTER_RANK
 from idefics_cog.errors import AdapterError, shorten
-from idefics_cog.weights.source import ADAPTER_PICKLE, PICKLE_SUFFIXES
+from idefics_cog.weights.source import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_WEIGHTS, PICKLE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PICKLED_FILE = ADAPTER_PICKLE
+CONFIG_FILE, WEIGHTS_FILE, PICKLED_FILE = ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_PICKLE
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is about 1 kB
 MAX_HEADER_BYTES = 8 << 20  # the safetensors header (names and shapes): MedIDEFICS's is about 70 kB
 NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}  # BF16, numpy lacks: by its bits

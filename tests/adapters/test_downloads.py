@@ -1,4 +1,4 @@
-"""A custom adapter's download (weights/adapter_downloads.py): a request's source by url_guard's rules, one download
+"""A custom adapter's download (adapters/downloads.py): a request's source by url_guard's rules, one download
 per source, failures remembered briefly, a deadline, and the adapter downloads' byte budget."""
 
 import concurrent.futures
@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from idefics_cog.adapters.checks import layer_shapes
+from idefics_cog.adapters.downloads import AdapterDownloads
 from idefics_cog.errors import InputError
-from idefics_cog.weights.adapter_downloads import AdapterDownloads
-from idefics_cog.weights.adapter_files import layer_shapes
 from idefics_cog.weights.url_guard import ALLOW_PRIVATE, check_request_source
 from tests.support.fileserver import Fault, FileServer
 from tests.support.helpers import tar_bytes

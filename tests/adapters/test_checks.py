@@ -1,4 +1,4 @@
-"""An adapter's files (weights/adapter_files.py): the PEFT layout, the config by allow-list, the matrices against the
+"""An adapter's files (adapters/checks.py): the PEFT layout, the config by allow-list, the matrices against the
 base model, finite values, and adapter_model.bin through torch's weights-only unpickler."""
 
 import json
@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from idefics_cog.adapters.checks import DEFAULTS, check_adapter, check_values, layer_shapes
 from idefics_cog.errors import AdapterError, WeightsError
 from idefics_cog.serving.adapters import Adapters
 from idefics_cog.serving.engine import Engine
-from idefics_cog.weights.adapter_files import DEFAULTS, check_adapter, check_values, layer_shapes
 from tests.support.engine import answer
 from tests.support.helpers import adapter_copy, adapter_with_config, bin_adapter, hostile_adapter
 from tests.support.hostile import settings_beyond_plain_lora, with_layer
@@ -159,7 +159,7 @@ def test_values_are_checked_in_every_float_type_without_torch(tiny_dir, tmp_path
 def test_a_pickled_adapter_whose_tensors_are_views_larger_than_its_data_is_refused(tiny_dir, tmp_path, fresh):
     """A stride-0 view of a one-element storage is a valid tensor of any size: copying it would allocate it all
     (an 1.8 kB adapter_model.bin grew a server by 1 GB)."""
-    from idefics_cog.weights.adapter_files import load_pickled_lora
+    from idefics_cog.adapters.checks import load_pickled_lora
 
     huge = torch.zeros(1).expand(16, 1 << 20)  # 64 MB as a copy, 4 bytes of data
     folder = tmp_path / "bin"
@@ -187,7 +187,7 @@ def test_a_bin_adapter_is_converted_once_and_answers_as_the_safetensors_one(fres
                                                                            caplog):
     source = bin_adapter(tiny_dir / "adapter", tmp_path / "published")
     published = listing(source)
-    caplog.set_level("INFO", logger="idefics_cog.weights")
+    caplog.set_level("INFO", logger="idefics_cog.adapters")
     adapters = Adapters(fresh, tmp_path / "cache")
     adapters.load_default(str(source))
     adapters.select("medical")
