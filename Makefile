@@ -37,8 +37,9 @@ train: install tiny examples/data.zip
 examples/data.zip: examples/make_dataset.py examples/xray.png | $(VENV)/.installed
 	$(PY) examples/make_dataset.py $@
 
-# The suite on TEST_WORKERS processes (pytest-xdist; a file's tests stay on one worker, sharing its servers).
-TEST_WORKERS ?= 2
+# The suite on TEST_WORKERS processes (pytest-xdist; a file's tests stay on one worker, sharing its servers). Three
+# on 2 cores: some tests wait on slow servers and timeouts while the others compute.
+TEST_WORKERS ?= 3
 test: install tiny
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 

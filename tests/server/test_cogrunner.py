@@ -42,6 +42,15 @@ def test_the_test_predictors_have_the_schema_of_predict_py(schema, stub):
     assert build_schema(stub) == schema
 
 
+def test_reading_the_inputs_imports_no_model_library():
+    """predict.py imports torch, transformers and peft in setup(): `cog build` and script/predict read its inputs in
+    about a second, not ten."""
+    code = ("import sys; from idefics_dev.schema import build_schema; build_schema(); "
+            "print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
 @pytest.mark.parametrize("pair, message", [("nope=1", "unknown input"), ("prompt", "expected name=value"),
                                            ("image=@/no/such.png", "no such file")])
 def test_parse_inputs_refuses_mistakes(schema, pair, message):

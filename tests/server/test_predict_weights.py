@@ -193,7 +193,7 @@ def test_setup_with_an_unreachable_source_names_it(files, tmp_path):
 
 
 # As long as the issue asks: a stall would add the whole trickle to the other requests.
-TRICKLE_S = 30.0
+TRICKLE_S = 15.0  # long enough to outlast three rounds of the other requests, on a loaded 2-core VM
 
 
 def test_a_trickling_adapter_download_delays_only_its_own_request(server, files, tiny_dir, other_adapter):
