@@ -1,4 +1,5 @@
 import os
+from collections import Counter
 from pathlib import Path
 
 # One OpenMP thread per process, set before torch is imported and inherited by every server and script the tests
@@ -73,7 +74,11 @@ def server(tiny_dir):
 
 def pytest_collection_modifyitems(items):
     """`server`: the test starts the real Cog server (tests/server/, the `server` fixture, or marked by hand);
-    `make test-fast` leaves those and the `slow` ones out."""
+    `make test-fast` leaves those and the `slow` ones out. Files with such tests run first: the test workers take
+    files in this order (most such tests first), and the long ones last would leave the others idle at the end."""
     for item in items:
         if SERVER_TESTS in item.path.parents or "server" in item.fixturenames:
             item.add_marker(pytest.mark.server)
+    long = Counter(item.path for item in items
+                   if item.get_closest_marker("server") or item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -long[item.path])  # stable: each file's tests keep their order
