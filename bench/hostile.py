@@ -142,7 +142,13 @@ def coglet_temp_files() -> int:
 
 
 def run(refused: int, rounds: int) -> dict:
-    cache, made = Path(tempfile.mkdtemp(prefix="hostile-cache-")), Path(tempfile.mkdtemp(prefix="hostile-made-"))
+    with tempfile.TemporaryDirectory(prefix="hostile-") as work:
+        return run_in(Path(work) / "cache", Path(work) / "made", refused, rounds)
+
+
+def run_in(cache: Path, made: Path, refused: int, rounds: int) -> dict:
+    cache.mkdir()
+    made.mkdir()
     env = {"IDEFICS_BASE_WEIGHTS": str(TINY / "base"), "IDEFICS_ADAPTER_WEIGHTS": str(TINY / "adapter"),
            "IDEFICS_CACHE_DIR": str(cache), "IDEFICS_ALLOW_PRIVATE_URLS": "1"}
     report: dict = stop_checks()

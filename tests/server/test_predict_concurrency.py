@@ -236,9 +236,8 @@ def small_server(tiny_dir):
 
 def test_a_request_over_capacity_gets_409_and_the_others_complete(small_server):
     assert small_server.concurrency == 3  # the caller's COG_MAX_CONCURRENCY wins over cog.yaml's
-    # Long enough that all three still run when the fourth arrives, a few milliseconds after they have started.
-    calls = [{**LONG, "max_new_tokens": 128}, {"prompt": "Tell me about lungs.", "max_new_tokens": 64},
-             {"prompt": "What does this X-ray show?", "image": IMAGES[0], "max_new_tokens": 64}]
+    calls = [{**LONG, "max_new_tokens": 200}, {"prompt": "Tell me about lungs.", "max_new_tokens": 120},
+             {"prompt": "What does this X-ray show?", "image": IMAGES[0], "max_new_tokens": 120}]
     expected = [answer(small_server, inputs) for inputs in calls]
     started = threading.Barrier(len(calls) + 1, timeout=60)
 
