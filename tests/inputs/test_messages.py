@@ -24,9 +24,8 @@ EOU = "<end_of_utterance>"
 PNG = data_uri(noise_image(3))
 
 
-def read(messages, files: int = 0, max_images: int = 8, max_chars: int = 100_000):
-    return read_messages(messages if isinstance(messages, str) else json.dumps(messages), files, max_images,
-                         max_chars)
+def read(chat, files: int = 0, max_images: int = 8, max_chars: int = 100_000):
+    return read_messages(chat if isinstance(chat, str) else json.dumps(chat), files, max_images, max_chars)
 
 
 def user(*parts):
@@ -54,8 +53,7 @@ def refused(messages, match: str, **kwargs) -> str:
 
 def test_a_single_turn_is_the_instruct_turn():
     conversation = read([user("What is shown?", IMAGE)], files=1)
-    assert conversation.segments == build_segments("User: What is shown?<image><end_of_utterance>\nAssistant:", 1,
-                                                   "raw")
+    assert conversation.segments == build_segments(f"User: What is shown?<image>{EOU}\nAssistant:", 1, "raw")
     assert conversation.segments == ["User: What is shown?", 0, f"{EOU}\nAssistant:"]
     assert conversation.images == [0]
     instruct = build_segments("What is shown?", 1)  # the same text as the instruct template's turn
@@ -88,8 +86,7 @@ def test_the_system_message_is_placed_as_system_prompt():
 
 def test_images_first_adjacent_and_text_parts_joined():
     conversation = read([user(IMAGE, IMAGE, "Which ", "is larger?")], files=2)
-    assert conversation.segments == build_segments("User:<image><image>Which is larger?<end_of_utterance>\nAssistant:",
-                                                   2, "raw")
+    assert conversation.segments == build_segments(f"User:<image><image>Which is larger?{EOU}\nAssistant:", 2, "raw")
     assert conversation.segments == ["User:", 0, 1, f"Which is larger?{EOU}\nAssistant:"]
     assert read([user(IMAGE)], files=1).segments == ["User:", 0, f"{EOU}\nAssistant:"]
     assert read([user(text(""), IMAGE, text(""))], files=1).segments == ["User:", 0, f"{EOU}\nAssistant:"]
@@ -208,6 +205,7 @@ def test_typed_markers_are_text_in_the_ids(llama):
     ([{"role": "user", "content": ["plain"]}], r"^messages: item 1, part 1: a part must be an object .*, got a string"),
     ([user(text("a"), {"type": "text", "text": 5})], r"^messages: item 1, part 2: text must be a string, got a number"),
     ([user({"type": "text"})], r"^messages: item 1, part 1: text must be a string, got null$"),
+    ('[{"role": "user", "content": "a\\ud800"}]', r"^messages: item 1: text is not valid Unicode \(a lone surrogate"),
     ([user({"type": "video"})], r"^messages: item 1, part 1: unknown part type 'video'; the types are text, image "
                                 r"and image_url$"),
     ([user({"type": ["image"]})], r"^messages: item 1, part 1: unknown part type a list; the types are"),
@@ -269,9 +267,9 @@ def test_the_json_less_its_data_urls_is_capped_at_the_prompt_limit():
                                                  r"\(IDEFICS_MAX_PROMPT_CHARS\)$", max_chars=1000)
 
 
-def test_data_strings_are_measured_as_json_reads_them():
+def test_data_strings_are_measured_as_json_reads_them():  # a quote after 64 backslashes or more: an end
     assert data_string_chars('["data:a\\\\", "x", "DATA:\\"q\\"", "data:') == 10 + 12
-    assert data_string_chars('"data:' + "\\" * 70 + '"x"') == 6 + 70 + 1  # 70 backslashes: read as the end
+    assert data_string_chars('"data:' + "\\" * 70 + '"x"') == 6 + 70 + 1
     assert data_string_chars('"no data here"') == 0
 
 
@@ -315,6 +313,8 @@ def test_a_bad_data_url_is_refused():
         decode_data_url(NAME, "data:image/png;base64,A")
     with pytest.raises(InputError, match=rf"^{NAME}: not a valid data: URL \(base64: "):
         decode_data_url(NAME, "data:image/png;base64,ÄÄÄÄ")
+    with pytest.raises(InputError, match=rf"^{NAME}: not a valid data: URL \(percent-encoding: "):
+        decode_data_url(NAME, "data:image/png,\ud800")
     with pytest.raises(InputError, match=rf"^{NAME}: not a valid data: URL \(no comma before the data\)$"):
         decode_data_url(NAME, "data:image/png;base64")
     with pytest.raises(InputError, match=rf"^{NAME}: the file is not a readable image \(it is a PDF document\)$"):

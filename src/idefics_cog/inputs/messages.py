@@ -167,6 +167,10 @@ def _part(part, name: str) -> tuple[str, str]:
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise InputError(f"{name}: text must be a string, got {_kind(part.get('text'))}")
+        try:
+            part["text"].encode("utf-8")  # JSON's "\ud800" makes a lone surrogate, which no tokenizer takes
+        except UnicodeEncodeError:
+            raise InputError(f"{name}: text is not valid Unicode (a lone surrogate)") from None
         return kind, part["text"]
     if kind == "image":
         return kind, ""
@@ -224,12 +228,12 @@ def decode_data_url(name: str, url: str) -> bytes:
     header, comma, payload = url.partition(",")
     if not comma:
         raise InputError(f"{name}: not a valid data: URL (no comma before the data)")
-    if not header.lower().endswith(";base64"):
-        return unquote_to_bytes(payload)
+    base64_encoded = header.lower().endswith(";base64")
     try:
-        return base64.b64decode(payload)
-    except (binascii.Error, ValueError) as exc:  # ValueError: characters outside ASCII
-        raise InputError(f"{name}: not a valid data: URL (base64: {shorten(exc, 80)})") from None
+        return base64.b64decode(payload) if base64_encoded else unquote_to_bytes(payload)
+    except (binascii.Error, ValueError) as exc:  # ValueError: characters outside ASCII, a lone surrogate
+        kind = "base64" if base64_encoded else "percent-encoding"
+        raise InputError(f"{name}: not a valid data: URL ({kind}: {shorten(exc, 80)})") from None
 
 
 def load_data_image(image: DataImage, limits: ImageLimits, reduce: Reduction | None = None) -> Image.Image:
