@@ -263,8 +263,8 @@ def test_the_json_less_its_data_urls_is_capped_at_the_prompt_limit():
     huge_image = data_uri(b"\x00" * 200_000)  # not counted: refused later by the image's own byte limit
     assert read([user("x", image_url(huge_image))], max_chars=1000).images[0].url == huge_image
     # text that starts with data: is still text, counted after parsing
-    refused([user(text("data:" + "x" * 2000))], r"^messages: 2005 characters of text; the limit is 1000 "
-                                                 r"\(IDEFICS_MAX_PROMPT_CHARS\)$", max_chars=1000)
+    refused([user(text("data:" + "x" * 2000))], max_chars=1000, match=r"^messages: more than 1000 characters of "
+            r"text \(by messages: item 1, part 1\); the limit is 1000 \(IDEFICS_MAX_PROMPT_CHARS\)$")
 
 
 def test_data_strings_are_measured_as_json_reads_them():  # a quote after 64 backslashes or more: an end

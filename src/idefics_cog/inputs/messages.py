@@ -87,6 +87,9 @@ def read_messages(text: str, num_files: int, max_images: int, max_chars: int) ->
             kind, value = _part(part, name)
             if kind == "text":
                 chars += len(value)
+                if chars > max_chars:  # text that starts with data: was not counted before parsing
+                    raise InputError(f"messages: more than {max_chars} characters of text (by {name}); the limit "
+                                     f"is {max_chars} (IDEFICS_MAX_PROMPT_CHARS)")
                 parts.append(as_plain_text(value, USER_TEXT_TOKENS))
                 continue
             if role != "user":
@@ -101,8 +104,6 @@ def read_messages(text: str, num_files: int, max_images: int, max_chars: int) ->
             system = "".join(parts)  # text only: images were refused above
         else:
             turns.append((role, _merged(parts)))
-    if chars > max_chars:
-        raise InputError(f"messages: {chars} characters of text; the limit is {max_chars} (IDEFICS_MAX_PROMPT_CHARS)")
     if not turns or turns[-1][0] != "user":
         raise InputError("messages: the conversation must end with a user message (the model answers it)")
     if files != num_files:
