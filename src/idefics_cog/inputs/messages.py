@@ -239,6 +239,12 @@ def decode_data_url(name: str, url: str) -> bytes:
 
 def load_data_image(image: DataImage, limits: ImageLimits, reduce: Reduction | None = None) -> Image.Image:
     """Decoded into a file of its own and read as a file input is: the same limits and messages, then removed."""
+    header, _, payload = image.url.partition(",")
+    if header.lower().endswith(";base64") and not re.search(r"\s", payload):  # its size known before decoding
+        size = len(payload) // 4 * 3 - payload[-2:].count("=")
+        if size > limits.max_bytes:  # the message load_image gives a file
+            raise InputError(f"{image.name}: the file is {size} bytes; the limit is {limits.max_bytes} bytes per "
+                             f"image (IDEFICS_MAX_IMAGE_BYTES)")
     data = decode_data_url(image.name, image.url)
     suffix = ".dcm" if "dicom" in image.url[:64].partition(",")[0].lower() else ""
     handle, path = tempfile.mkstemp(prefix="idefics-data-", suffix=suffix)
