@@ -30,8 +30,9 @@ class Predictor(BaseRunner):
         self,
         prompt: str = Input(
             description="Your message. Put <image> where each image goes (image first, then images); "
-            "without placeholders the images follow your text.",
-            default="What does this image show?",
+            "without placeholders the images follow your text. Empty: 'What does this image show?' "
+            "(unless messages is given).",
+            default="",
         ),
         image: Optional[Path] = Input(description="An image (bound to the first <image>).", default=None),
         images: Optional[list[Path]] = Input(
@@ -44,6 +45,13 @@ class Predictor(BaseRunner):
             default="instruct",
         ),
         system_prompt: str = Input(description="Text placed before the conversation.", default=""),
+        messages: str = Input(
+            description='A conversation as a JSON list, instead of prompt, template and system_prompt: '
+            '[{"role": "system"|"user"|"assistant", "content": "..." or parts}], parts {"type": "text", "text": ...}, '
+            '{"type": "image"} (the next file of image, then images) or {"type": "image_url", "image_url": '
+            '{"url": "data:..."}} (data: URLs only). It ends with a user message.',
+            default="",
+        ),
         max_new_tokens: int = Input(
             description="Maximum number of tokens to generate (lowered to fit the context).", ge=1, le=2048,
             default=256,
@@ -92,7 +100,7 @@ class Predictor(BaseRunner):
         pieces = self.service.astream(
             record_metric=scope.record_metric,
             prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences, adapter=adapter,
             lora_weights=lora_weights, lora_scale=lora_scale,
         )

@@ -63,7 +63,7 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     loop = event_loop()
     picture = load_image("image", IMAGE)  # the RGB image the predictor makes of the same file
     items = [picture if isinstance(s, int) else s for s in build_segments(PROMPT, 1)]
-    args = dict(prompt=PROMPT, template="instruct", system_prompt="", max_new_tokens=max_new_tokens,
+    args = dict(prompt=PROMPT, template="instruct", system_prompt="", messages="", max_new_tokens=max_new_tokens,
                 temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0, stop_sequences="",
                 adapter="none", lora_weights="", lora_scale=1.0)
     data_uri = f"data:image/png;base64,{base64.b64encode(IMAGE.read_bytes()).decode()}"

@@ -154,7 +154,7 @@ def part_model(args) -> dict:
     predictor.setup()
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    defaults = dict(images=None, template="instruct", system_prompt="", top_p=1.0, top_k=0,
+    defaults = dict(images=None, template="instruct", system_prompt="", messages="", top_p=1.0, top_k=0,
                     repetition_penalty=1.0, seed=0, stop_sequences="", lora_weights="", lora_scale=1.0)
     reqs = model_requests(16, args.new_tokens)
 

@@ -1,7 +1,10 @@
 """Every numeric input through the real Cog server, as each JSON type the schema allows: its bounds (and a value
 between them) as JSON integers and as JSON floats (`1` and `1.0`), sent together with other requests, which must
 get the answers they get alone. Most clients send `temperature: 1`; coglet passes it on as a Python int (and
-`max_new_tokens: 24.0` as a float), so the service must take both."""
+`max_new_tokens: 24.0` as a float), so the service must take both. And `messages`, a chat as JSON: answered as
+its raw transcript, refused alone beside another request."""
+
+import json
 
 import pytest
 import requests
@@ -65,3 +68,53 @@ def test_null_for_a_nullable_input_is_refused_by_coglet(server, name):
     starts to pass with another coglet, null becomes a valid value to test above."""
     result = send(server, {**BASE, name: None})
     assert result["code"] == 422 and name in result["result"]["error"]
+
+
+# --- messages: a chat as JSON, answered as the equivalent raw transcript ----------------------------------------
+
+FIRST, SECOND = data_uri(noise_image(31)), data_uri(noise_image(32))
+CHAT = [{"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}]},
+        {"role": "assistant", "content": "A dog."},
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"},
+                                     {"type": "image_url", "image_url": {"url": SECOND}}]}]
+TRANSCRIPT = ("User: What is it?<image><end_of_utterance>\nAssistant: A dog.<end_of_utterance>\n"
+              "User: And this one?<image><end_of_utterance>\nAssistant:")
+CHAT_INPUTS = {"messages": json.dumps(CHAT), "image": FIRST, "adapter": "none", "max_new_tokens": 12}
+
+
+def failure(result: dict) -> str:
+    assert result["code"] == 200 and result["result"]["status"] == "failed", result
+    return result["result"]["error"]
+
+
+def test_messages_with_a_file_and_a_data_image_answer_as_the_raw_transcript(server):
+    raw = answer(server, {"prompt": TRANSCRIPT, "template": "raw", "system_prompt": "Answer briefly.",
+                          "image": FIRST, "images": [SECOND], "adapter": "none", "max_new_tokens": 12})
+    assert answer(server, CHAT_INPUTS) == raw
+    swapped = answer(server, {"prompt": TRANSCRIPT, "template": "raw", "system_prompt": "Answer briefly.",
+                              "image": SECOND, "images": [FIRST], "adapter": "none", "max_new_tokens": 12})
+    assert swapped != raw  # the images matter: the data: image really is the second one
+
+
+def test_a_bad_messages_fails_alone_with_its_message(server):
+    """Refused before its first piece, beside a request in flight whose answer is unchanged."""
+    good = {"prompt": "Tell me about lungs.", "max_new_tokens": 30, "adapter": "none"}
+    alone = answer(server, good)
+    bad = [{"messages": '[{"role": "tool", "content": "x"}]'},
+           {"messages": json.dumps([{"role": "user", "content": [
+               {"type": "text", "text": "What is it?"},
+               {"type": "image_url", "image_url": {"url": "https://example.com/xray.png"}}]}])},
+           {"messages": json.dumps(CHAT), "images": [FIRST, SECOND]},
+           {**CHAT_INPUTS, "prompt": "What is it?"}]
+    results = together(server, [(good, True), *[(inputs, True) for inputs in bad]])
+    assert succeeded(results[0]) == alone
+    errors = [failure(result) for result in results[1:]]
+    assert all(not result["chunks"] for result in results[1:])
+    assert errors[0].endswith("messages: item 1: role must be system, user or assistant, got 'tool'")
+    assert errors[1].endswith("messages: item 1, part 2: image_url parts take only data: URLs; send "
+                              "https://example.com/xray.png as a file input (image or images)")
+    assert errors[2].endswith('messages: 1 {"type": "image"} part(s) but 2 image file(s) were given (image, then '
+                              'images); each {"type": "image"} part takes the next file')
+    assert errors[3].endswith("messages: cannot be combined with prompt; put the whole conversation (its system "
+                              "message too) in messages")

@@ -49,11 +49,10 @@ def image_inputs(image: Path | None, images: list[Path] | None) -> list[tuple[st
     return named + [(f"images[{i}]", path) for i, path in enumerate(images or [])]
 
 
-def check_count(count: int, limit: int) -> None:
+def check_count(count: int, limit: int, inputs: str = "image, images") -> None:
+    """`inputs`: the inputs the images came from, as the message names them."""
     if count > limit:
-        raise InputError(
-            f"image, images: {count} images given; the limit is {limit} per request (IDEFICS_MAX_IMAGES)"
-        )
+        raise InputError(f"{inputs}: {count} images given; the limit is {limit} per request (IDEFICS_MAX_IMAGES)")
 
 
 # Files people send by mistake, recognised by their first bytes, for a clearer message.

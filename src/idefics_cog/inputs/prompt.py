@@ -17,6 +17,7 @@ FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
 IMAGE_TOKEN = "<image>"
 END_OF_UTTERANCE = "<end_of_utterance>"
 TEMPLATES = ("instruct", "raw")
+DEFAULT_PROMPT = "What does this image show?"  # when a request gives neither prompt nor messages
 
 Segment = str | int
 _PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN))

@@ -16,9 +16,10 @@ from PIL import Image
 
 from idefics_cog.adapters.downloads import Fetched
 from idefics_cog.config import Settings
-from idefics_cog.errors import InputError, UnreachableError, WeightsError
+from idefics_cog.errors import InputError, UnreachableError, WeightsError, shorten
 from idefics_cog.inputs import images as image_files
-from idefics_cog.inputs.prompt import Segment, build_segments, encode, tokenize
+from idefics_cog.inputs import messages as chat
+from idefics_cog.inputs.prompt import DEFAULT_PROMPT, Segment, build_segments, encode, tokenize
 from idefics_cog.serving import files
 from idefics_cog.serving.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.serving.engine import Engine
@@ -65,6 +66,7 @@ class Request:
     adapter: str
     lora_weights: str
     lora_scale: float
+    images: list | None = None  # `messages`: the segments' images in order (file index or data: URL); else the files
 
 
 class Service:
@@ -140,7 +142,9 @@ class Service:
         """`answer` for the async predictor. `record_metric` gets the token metrics at the end, also on failure or
         cancel. Downloads wait on threads of their own; decoding and tokenization run on the default pool."""
         started = time.perf_counter()
-        request, cancel = self.check(**inputs), Cancel()
+        # `messages` may hold 100 MB of data: URLs, a tenth of a second to parse: not on the event loop.
+        request = await asyncio.to_thread(self.check, **inputs) if inputs.get("messages") else self.check(**inputs)
+        cancel = Cancel()
         try:
             fetched = await self.afetch(request, cancel)
             job = await asyncio.to_thread(self.prepare, request, fetched)
@@ -164,23 +168,36 @@ class Service:
         except Exception:  # noqa: BLE001 - e.g. coglet's "Failed to send metric"
             log.exception("the prediction's metrics could not be recorded")
 
-    def read_images(self, files: list[tuple[str, Path]]) -> list:
-        """Resized at once as the processor would later: the queue holds small pictures, not 40-megapixel ones."""
+    def read_images(self, files: list[tuple[str, Path]], order: list | None = None) -> list:
+        """Resized at once as the processor would later: the queue holds small pictures, not 40-megapixel ones.
+        `order`: `messages`' images (an index into `files`, or a data: URL); by default the files in order."""
         reduce = image_files.Reduction.of(self.engine.processor.image_processor)
         limits = self.settings.image_limits
-        return [image_files.load_image(name, path, limits, reduce) for name, path in files]
+        order = range(len(files)) if order is None else order
+        return [image_files.load_image(*files[source], limits, reduce) if isinstance(source, int)
+                else chat.load_data_image(source, limits, reduce) for source in order]
 
     def job(self, **inputs) -> Job:
         request = self.check(**inputs)
         return self.prepare(request, self.fetch(request))
 
-    def check(self, *, prompt: str, image: Path | None = None, images: list[Path] | None = None,
-              template: str = "instruct", system_prompt: str = "", max_new_tokens: int = 256,
+    def check(self, *, prompt: str = "", image: Path | None = None, images: list[Path] | None = None,
+              template: str = "instruct", system_prompt: str = "", messages: str = "", max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
               seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
               lora_scale: float = 1.0) -> Request:
-        """Sizes first, at a cost that does not grow with what was sent."""
+        """Sizes first, at a cost that does not grow with what was sent. `messages` replaces prompt, template and
+        system_prompt; with neither prompt nor messages, the prompt is DEFAULT_PROMPT."""
         limits = self.settings.request_limits
+        messages = messages.strip()
+        if messages:
+            given = [name for name, value in (("prompt", prompt), ("system_prompt", system_prompt),
+                                              (f"template={shorten(template, 20)}", template != "instruct")) if value]
+            if given:
+                raise InputError(f"messages: cannot be combined with {', '.join(given)}; put the whole conversation "
+                                 f"(its system message too) in messages")
+        elif not prompt:
+            prompt = DEFAULT_PROMPT
         if len(prompt) + len(system_prompt) > limits.prompt_chars:
             raise InputError(f"prompt, system_prompt: {len(prompt) + len(system_prompt)} characters; the limit is "
                              f"{limits.prompt_chars} (IDEFICS_MAX_PROMPT_CHARS)")
@@ -194,9 +211,13 @@ class Service:
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed,
                             stop_sequences=parse_stop_sequences(stop_sequences, limits))
-        segments = build_segments(prompt, len(named), template, system_prompt)
+        if messages:
+            conversation = chat.read_messages(messages, len(named), self.settings.max_images, limits.prompt_chars)
+            segments, order = conversation.segments, conversation.images
+        else:
+            segments, order = build_segments(prompt, len(named), template, system_prompt), None
         # JSON `1` arrives as an int; PEFT's scaling and the batch key want a float.
-        return Request(received, segments, sampling, adapter, lora_weights, float(lora_scale))
+        return Request(received, segments, sampling, adapter, lora_weights, float(lora_scale), order)
 
     def fetch(self, request: Request) -> Fetched | None:
         self.fetch_images(request)
@@ -222,7 +243,7 @@ class Service:
 
     def prepare(self, request: Request, fetched: Fetched | None) -> Job:
         """Decode images and tokenize (off the torch thread), refusing a prompt that does not fit now."""
-        pictures = self.read_images([(name, path) for name, path, _ in request.files])
+        pictures = self.read_images([(name, path) for name, path, _ in request.files], request.images)
         ids = tokenize(request.segments, self.engine.tokenizer)
         self.engine.check_prompt(len(ids))
         adapter, lora_weights, lora_scale = request.adapter, request.lora_weights, request.lora_scale
