@@ -83,9 +83,10 @@ def _interface(ref: str, root: Path, train: bool) -> tuple[dict, dict]:
                                  else ("", "Prediction", "/predictions", "predict"))
     enum = {f.name: f"{prefix}{f.name}" for f in fields}
     main = _route(verb.title(), f"{verb}_{route.strip('/')}_post", f"{noun}Request", f"{noun}Response")
-    predictor = getattr(importlib.import_module(source.stem), name)
-    if not train and any(is_streaming(predictor, method) for method in ("run", "predict")):
-        main["post"]["x-cog-streaming"] = True
+    if not train:
+        predictor = getattr(importlib.import_module(source.stem), name)  # imported by create_predictor already
+        if any(is_streaming(predictor, method) for method in ("run", "predict")):
+            main["post"]["x-cog-streaming"] = True
     input_schema = {"title": f"{prefix}Input", "type": "object",
                     "properties": {f.name: _input_property(f, enum[f.name]) for f in fields}}
     required = [f.name for f in fields if _required(f)]
