@@ -198,3 +198,15 @@ def test_why_an_answer_ended(engine):
     reader.take([5, eos])
     reader.take(END)
     assert job.stats.finish_reason == "end_of_turn"
+
+
+def test_candidates_that_do_not_fit_the_context_with_the_prompt_are_refused(engine):
+    from idefics_cog.errors import InputError
+
+    context = engine.model_context_tokens
+    segments = build_segments("lungs " * (context - 40), 0)
+    prompt = len(tokenize(segments, engine.tokenizer))
+    assert prompt < context
+    with pytest.raises(InputError, match=rf"choices: the prompt \({prompt} tokens, 3 per image\) and the candidates "
+                                         rf"\(\d+ tokens in all\) do not fit the model's context of {context} tokens"):
+        engine.choose(segments, [], [f"finding number {i}" for i in range(16)])

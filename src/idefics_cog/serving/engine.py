@@ -98,19 +98,21 @@ class Engine:
             )
         return room
 
-    def check_choices(self, prompt_tokens: int, longest: int) -> None:
-        """Scoring `choices` reads the model's whole context (it takes no KV cache slot)."""
+    def check_choices(self, prompt_tokens: int, candidate_tokens: int) -> None:
+        """Scoring `choices` packs all candidates after the prompt in one forward (scoring.py): they must fit the
+        model's context together; it takes no KV cache slot."""
         context = self.model_context_tokens
-        if prompt_tokens + longest > context:
-            raise InputError(f"choices: the prompt ({prompt_tokens} tokens, 3 per image) and the longest candidate "
-                             f"({longest} tokens) do not fit the model's context of {context} tokens")
+        if prompt_tokens + candidate_tokens > context:
+            raise InputError(f"choices: the prompt ({prompt_tokens} tokens, 3 per image) and the candidates "
+                             f"({candidate_tokens} tokens in all) do not fit the model's context of {context} tokens; "
+                             f"send fewer or shorter candidates")
 
     def choose(self, segments: list[Segment], images: list[Image.Image], texts: list[str]) -> list[dict]:
         """`choices` in-process (the evaluation): each candidate's row of the choices table, in the order given,
         with the adapter selected now."""
         ids = tokenize(segments, self.tokenizer)
         choices = candidate_ids(segments, texts, ids, self.tokenizer)
-        self.check_choices(len(ids), max(map(len, choices)))
+        self.check_choices(len(ids), sum(map(len, choices)))
         job = Job(encode(segments, images, self.processor, ids), Sampling(), choices=choices)
         for _ in self.stream(job):
             pass

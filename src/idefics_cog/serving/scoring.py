@@ -12,32 +12,34 @@ from idefics_cog.inputs.prompt import Encoded
 @torch.inference_mode()
 def candidate_logprobs(model, encoded: Encoded, candidates: list[list[int]], banned: torch.Tensor, device, dtype
                        ) -> list[list[float]]:
-    """Each candidate's tokens' log-probabilities after the prompt. The prompt and its images are computed once
-    (one forward, its KV cache kept); then one forward of all candidates, each row reading the prompt's cache: a
-    candidate's tokens see the prompt and their own earlier tokens only (causal; the padding after a shorter
-    candidate is never seen by its tokens). The model is called as transformers defines it: any adapter PEFT has
-    selected, quantized weights and a model spread over devices are served alike."""
+    """Each candidate's tokens' log-probabilities after the prompt. The prompt and its images are computed once (one
+    forward, its KV cache kept); then one forward of all candidates packed in one sequence after it, each seeing the
+    prompt and its own earlier tokens only (a block-diagonal causal mask, positions restarting after the prompt), so
+    the cache is never copied. The model is called as transformers defines it: any adapter PEFT has selected,
+    quantized weights and a model spread over devices are served alike."""
     inputs = encoded.to(device, dtype)
-    prompt = model(**inputs, use_cache=True)
+    prompt = model(**inputs, use_cache=True, logits_to_keep=1)  # the last position's logits only
     first = _logprobs(prompt.logits[:, -1], banned)[0]  # (vocab,): every candidate's first token
-    scores = [first[ids[:1]] for ids in candidates]
-    longest = max(map(len, candidates))
-    if longest > 1:
-        count, length = len(candidates), encoded.num_tokens
-        fed = torch.tensor([ids[:-1] + [0] * (longest - len(ids)) for ids in candidates], device=device)
-        cache = prompt.past_key_values
-        cache.batch_repeat_interleave(count)
-        images = prompt.image_hidden_states.expand(count, *prompt.image_hidden_states.shape[1:])
-        image_input = "perceiver_embeddings" if _base(model).config.use_resampler else "image_encoder_embeddings"
-        # A new token sees the images its prompt's last token sees, as in model.generate.
-        image_mask = inputs["image_attention_mask"][:, -1:].expand(count, longest - 1, -1)
-        out = model(input_ids=fed, attention_mask=torch.ones(count, length + longest - 1, device=device),
-                    position_ids=torch.arange(length, length + longest - 1, device=device)[None].expand(count, -1),
-                    past_key_values=cache, image_attention_mask=image_mask, use_cache=True, **{image_input: images})
-        following = _logprobs(out.logits, banned)  # (count, longest - 1, vocab)
-        scores = [torch.cat([score, following[row, torch.arange(len(ids) - 1, device=device), ids[1:]]])
-                  for row, (score, ids) in enumerate(zip(scores, candidates))]
-    return [score.tolist() for score in scores]
+    # Every candidate has at least two tokens (its text, then <end_of_utterance>): each feeds all but its last.
+    lengths = torch.tensor([len(ids) - 1 for ids in candidates], device=device)
+    length, total = encoded.num_tokens, int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    owner = torch.repeat_interleave(torch.arange(len(candidates), device=device), lengths)  # each token's candidate
+    index = torch.arange(total, device=device)
+    seen = torch.cat([torch.ones(total, length, dtype=torch.bool, device=device),
+                      (owner[:, None] == owner[None]) & (index[None] <= index[:, None])], 1)
+    mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
+    image_input = "perceiver_embeddings" if _base(model).config.use_resampler else "image_encoder_embeddings"
+    out = model(input_ids=torch.tensor([[t for ids in candidates for t in ids[:-1]]], device=device),
+                attention_mask=mask[None, None], position_ids=(length + index - starts[owner])[None],
+                past_key_values=prompt.past_key_values, use_cache=True,
+                # A new token sees the images its prompt's last token sees, as in model.generate.
+                image_attention_mask=inputs["image_attention_mask"][:, -1:].expand(1, total, -1),
+                **{image_input: prompt.image_hidden_states})
+    following = _logprobs(out.logits[0], banned)  # (total, vocab): row starts[c] + j predicts token j + 1 of c
+    rows = [torch.cat([first[ids[:1]], following[start + torch.arange(len(ids) - 1, device=device), ids[1:]]])
+            for start, ids in zip(starts.tolist(), candidates)]
+    return [row.tolist() for row in rows]
 
 
 def _base(model):

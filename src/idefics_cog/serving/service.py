@@ -276,7 +276,7 @@ class Service:
         ids = tokenize(request.segments, self.engine.tokenizer)
         choices = candidate_ids(request.segments, request.choices, ids, self.engine.tokenizer)
         if choices:
-            self.engine.check_choices(len(ids), max(map(len, choices)))
+            self.engine.check_choices(len(ids), sum(map(len, choices)))
         else:
             self.engine.check_prompt(len(ids))
         adapter, lora_weights, lora_scale = request.adapter, request.lora_weights, request.lora_scale
