@@ -58,6 +58,7 @@ bench: install tiny
 	$(PY) bench/setup_time.py
 	$(PY) bench/mixed_adapters.py
 	$(PY) bench/stalls.py
+	$(PY) bench/choices.py
 	$(PY) bench/hostile.py
 
 # 16 concurrent requests of 8 large images (peak memory), then 300 mixed predictions through the real server:

@@ -93,6 +93,23 @@ class Predictor(BaseRunner):
             description="Strength of the adapter in use: 0 turns it off, 1 is as trained.", ge=0.0, le=4.0,
             default=1.0,
         ),
+        choices: str = Input(
+            description='Candidate answers to score instead of generating: a JSON list (["yes", "no"]) or '
+            "comma-separated (yes,no). The output is the most probable one; output_format=json adds each "
+            "candidate's probability. At most 32 candidates of 256 characters by default.",
+            default="",
+        ),
+        output_format: str = Input(
+            description="text: the answer, streamed. json: one JSON document with the text, why it ended, the token "
+            "counts, the choices table and the log-probabilities (docs/inputs.md).",
+            choices=["text", "json"],
+            default="text",
+        ),
+        logprobs: int = Input(
+            description="Report each generated token's log-probability and this many likeliest alternatives (in "
+            "output_format=json), from the model's distribution before sampling settings; 0: none.", ge=0, le=20,
+            default=0,
+        ),
     ) -> ConcatenateIterator[str]:
         """Bad inputs fail the prediction before its first text piece."""
         # Taken here, where coglet has set it; coglet keeps it open until the generator has been read to its end.
@@ -102,6 +119,7 @@ class Predictor(BaseRunner):
             prompt=prompt, image=image, images=images, template=template, system_prompt=system_prompt,
             messages=messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed, stop_sequences=stop_sequences, adapter=adapter,
-            lora_weights=lora_weights, lora_scale=lora_scale,
+            lora_weights=lora_weights, lora_scale=lora_scale, choices=choices, output_format=output_format,
+            logprobs=logprobs,
         )
         return live(pieces, await anext(pieces, None))

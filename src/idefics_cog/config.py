@@ -38,6 +38,8 @@ class RequestLimits:
     prompt_chars: int = 100_000  # prompt + system_prompt (2048 tokens are ~10,000 characters)
     stop_sequences: int = 16
     stop_sequence_chars: int = 256
+    choices: int = 32  # candidates of one `choices` request, scored in one forward
+    choice_chars: int = 256
     lora_weights_chars: int = 2048  # signed URLs are long
     image_download_seconds: int = 60  # for all of a request's image URLs
 
@@ -46,7 +48,8 @@ class RequestLimits:
         env = os.environ if env is None else env
         return cls(**{field: _positive(env, variable, getattr(cls, field), int) for field, variable in (
             ("prompt_chars", "IDEFICS_MAX_PROMPT_CHARS"), ("stop_sequences", "IDEFICS_MAX_STOP_SEQUENCES"),
-            ("stop_sequence_chars", "IDEFICS_MAX_STOP_SEQUENCE_CHARS"),
+            ("stop_sequence_chars", "IDEFICS_MAX_STOP_SEQUENCE_CHARS"), ("choices", "IDEFICS_MAX_CHOICES"),
+            ("choice_chars", "IDEFICS_MAX_CHOICE_CHARS"),
             ("lora_weights_chars", "IDEFICS_MAX_LORA_WEIGHTS_CHARS"),
             ("image_download_seconds", "IDEFICS_IMAGE_DOWNLOAD_SECONDS"))})
 

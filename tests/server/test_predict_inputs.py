@@ -37,8 +37,8 @@ def json_values(prop: dict) -> list[int | float]:
 def test_the_inputs_checked_here_are_those_the_server_serves(server):
     served = requests.get(f"{server.url}/openapi.json", timeout=30).json()
     assert served["components"]["schemas"]["Input"]["properties"] == INPUTS
-    assert NUMERIC == ["lora_scale", "max_new_tokens", "repetition_penalty", "seed", "temperature", "top_k",
-                       "top_p"]
+    assert NUMERIC == ["logprobs", "lora_scale", "max_new_tokens", "repetition_penalty", "seed", "temperature",
+                       "top_k", "top_p"]
 
 
 @pytest.mark.parametrize("name", NUMERIC)

@@ -14,12 +14,22 @@ from transformers import IdeficsConfig
 
 from idefics_cog.config import ADAPTER_BANK_RANK
 from idefics_cog.errors import InputError
-from idefics_cog.inputs.prompt import END_OF_UTTERANCE, FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Encoded, Segment, encode
+from idefics_cog.inputs.choices import candidate_ids
+from idefics_cog.inputs.prompt import (
+    END_OF_UTTERANCE,
+    FAKE_IMAGE_TOKEN,
+    IMAGE_TOKEN,
+    Encoded,
+    Segment,
+    encode,
+    tokenize,
+)
 from idefics_cog.model.loading import compute_dtype, load_model, pick_device
 from idefics_cog.model.memory import ACTIVATIONS, DEFAULT_FRACTION, kv_cache_bytes, minimum_kv_cache_bytes
 from idefics_cog.model.tokenizer import load_processor
 from idefics_cog.serving.jobs import END, Job, Sampling, Stats
 from idefics_cog.serving.scheduler import Scheduler
+from idefics_cog.serving.scoring import choice_table
 from idefics_cog.serving.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -88,6 +98,26 @@ class Engine:
             )
         return room
 
+    def check_choices(self, prompt_tokens: int, candidate_tokens: int) -> None:
+        """Scoring `choices` packs all candidates after the prompt in one forward (scoring.py): they must fit the
+        model's context together; it takes no KV cache slot."""
+        context = self.model_context_tokens
+        if prompt_tokens + candidate_tokens > context:
+            raise InputError(f"choices: the prompt ({prompt_tokens} tokens, 3 per image) and the candidates "
+                             f"({candidate_tokens} tokens in all) do not fit the model's context of {context} tokens; "
+                             f"send fewer or shorter candidates")
+
+    def choose(self, segments: list[Segment], images: list[Image.Image], texts: list[str]) -> list[dict]:
+        """`choices` in-process (the evaluation): each candidate's row of the choices table, in the order given,
+        with the adapter selected now."""
+        ids = tokenize(segments, self.tokenizer)
+        choices = candidate_ids(segments, texts, ids, self.tokenizer)
+        self.check_choices(len(ids), sum(map(len, choices)))
+        job = Job(encode(segments, images, self.processor, ids), Sampling(), choices=choices)
+        for _ in self.stream(job):
+            pass
+        return choice_table(texts, job.scores)
+
     def generate_kwargs(self, encoded: Encoded, sampling: Sampling, max_new_tokens: int) -> dict:
         """`model.generate`'s arguments (the fast path reproduces exactly what they ask for)."""
         kwargs = dict(
@@ -117,7 +147,7 @@ class Engine:
         job = job if isinstance(job, Job) else Job(job, sampling)
         items: queue.Queue = queue.Queue()
         self.submit(job, items.put)
-        reader = _Reader(self.tokenizer, job)
+        reader = _Reader(self.tokenizer, job, self.eos_token_ids)
         try:
             while not reader.done:
                 try:
@@ -143,7 +173,7 @@ class Engine:
                 job.cancel()
 
         self.submit(job, put)
-        reader = _Reader(self.tokenizer, job)
+        reader = _Reader(self.tokenizer, job, self.eos_token_ids)
         try:
             while not reader.done:
                 piece = reader.take(await items.get())
@@ -170,22 +200,28 @@ class TorchThread(ThreadPoolExecutor):
 
 
 class _Reader:
-    """A job's sink items to text pieces: whole words; a stop sequence ends the answer."""
+    """A job's sink items to text pieces: whole words; a stop sequence ends the answer. Sets why it ended."""
 
-    def __init__(self, tokenizer, job: Job):
+    def __init__(self, tokenizer, job: Job, eos_token_ids: list[int]):
         self.job, self.text, self.done = job, TextStream(tokenizer, job.sampling.stop_sequences), False
+        self.eos_token_ids = eos_token_ids
 
     def take(self, item) -> str:
         if isinstance(item, BaseException):
             self.done = True
             raise item
+        stats = self.job.stats
         if item is END:
             self.done = True
+            ended_turn = stats.ids and stats.ids[-1] in self.eos_token_ids
+            stats.finish_reason = ("cancel" if self.job.cancelled.is_set() else
+                                   "end_of_turn" if ended_turn else "length")
             return self.text.finish()
-        self.job.stats.add(item)
+        stats.add(item)
         piece = self.text.push(item)
         if self.text.stopped:
             self.done = True
+            stats.finish_reason = "stop_sequence"
             self.job.cancel()
             piece += self.text.finish()
         return piece

@@ -14,6 +14,7 @@ from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.failures import explained, failure
 from idefics_cog.serving.jobs import Cancelled, NewTokens, Prefill, Row, end_job
 from idefics_cog.serving.sampler import BatchSampler
+from idefics_cog.serving.scoring import candidate_logprobs, record_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Scheduler:
                         if self.decode_path == "fast" else None)
         self.sampler = (BatchSampler(self.decoder.max_batch, engine.banned_ids, engine.device) if self.decoder
                         else None)
+        self.banned = torch.tensor(engine.banned_ids, dtype=torch.long, device=engine.device)
         self.waiting: deque = deque()
         self.starting: deque = deque()  # admitted, not yet started
         self.lock = threading.Lock()
@@ -129,10 +131,15 @@ class Scheduler:
                     self.reselect = True  # left another adapter selected
                 continue
             encoded, max_new_tokens = prepared
-            fast = self.decoder is not None and self.decoder.fits(encoded)
+            # A job that scores `choices` runs alone, as transformers defines the model (scoring.py).
+            fast = job.choices is None and self.decoder is not None and self.decoder.fits(encoded)
             if group and (not fast or tokens + encoded.num_tokens > room):  # the next forward's (or generate's)
                 self.prepared = (job, encoded, max_new_tokens)
                 return group, True
+            if job.choices is not None:
+                self.starting.popleft()
+                self._score(job, encoded)
+                return group, False
             if not fast:
                 self.starting.popleft()
                 if self.decoder is not None:
@@ -275,7 +282,8 @@ class Scheduler:
             stage = "encoding the prompt"
             encoded = job.request_context.run(job.encoded) if callable(job.encoded) else job.encoded
             job.stats.prompt_tokens = encoded.num_tokens
-            max_new_tokens = engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens)
+            max_new_tokens = (0 if job.choices is not None else  # checked against the model's context at prepare
+                              engine.fit_to_context(encoded.num_tokens, job.sampling.max_new_tokens))
         except Exception as exc:  # an input error (bad adapter, prompt too long) or a fault: this job only
             return end_job(job, exc if explained(exc) else failure(stage, exc))
         return encoded, max_new_tokens
@@ -305,7 +313,9 @@ class Scheduler:
 
     def _emit(self, rows: list, logits: torch.Tensor, greedy: torch.Tensor | None = None) -> None:
         """Pick, hand on and drop the finished rows; `greedy`: the decode step's argmax, which greedy rows take."""
+        reporting = [index for index, row in enumerate(rows) if row.job.logprobs]
         try:
+            raw = logits[reporting] if reporting else None  # a copy: `pick` processes the logits in place
             tokens, failed = self.sampler.pick(rows, logits, greedy)
             if greedy is not None:
                 self.decoder.advance(self.sampler.tokens, tokens)
@@ -314,6 +324,13 @@ class Scheduler:
             error = failure("sampling the next token", exc)
             return self._drop([row.slot for row in rows], {row.slot: error for row in rows})
         errors = {slot: failure("sampling the next token", exc) for slot, exc in failed.items()}
+        reported = [i for i in reporting if tokens[i] is not None]
+        if reported:
+            try:
+                record_logprobs([rows[i].job for i in reported], raw[[reporting.index(i) for i in reported]],
+                                [tokens[i] for i in reported], self.banned)
+            except Exception as exc:  # those rows alone
+                errors.update({rows[i].slot: failure("reporting log-probabilities", exc) for i in reported})
         done, eos = [], self.engine.eos_token_ids
         for row, token in zip(rows, tokens):
             if token is None:
@@ -345,12 +362,29 @@ class Scheduler:
         engine = self.engine
         kwargs = engine.generate_kwargs(encoded, job.sampling, max_new_tokens)
         kwargs.update(streamer=NewTokens(job.sink), stopping_criteria=StoppingCriteriaList([Cancelled(job)]))
+        if job.logprobs:  # the raw scores of each step, before any logits processor
+            kwargs.update(output_logits=True, return_dict_in_generate=True)
+        stage = "generating"
         try:
             torch.manual_seed(job.stats.seed)  # `generate` draws from the global generator
-            engine.model.generate(**kwargs)
+            out = engine.model.generate(**kwargs)
+            if job.logprobs and out.logits:
+                stage = "reporting log-probabilities"
+                record_logprobs([job] * len(out.logits), torch.cat(out.logits),
+                                out.sequences[0, -len(out.logits):].tolist(), self.banned)
         except Exception as exc:
             self._deselect()
-            return end_job(job, failure("generating", exc))
+            return end_job(job, failure(stage, exc))
+        end_job(job)
+
+    def _score(self, job, encoded) -> None:
+        engine = self.engine
+        try:
+            job.scores = candidate_logprobs(engine.model, encoded, job.choices, self.banned, engine.device,
+                                            engine.dtype)
+        except Exception as exc:
+            self._deselect()
+            return end_job(job, failure("scoring the choices", exc))
         end_job(job)
 
     def _deselect(self) -> None:

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -19,11 +19,13 @@ from idefics_cog.config import Settings
 from idefics_cog.errors import InputError, UnreachableError, WeightsError, shorten
 from idefics_cog.inputs import images as image_files
 from idefics_cog.inputs import messages as chat
+from idefics_cog.inputs.choices import candidate_ids, parse_choices
 from idefics_cog.inputs.prompt import DEFAULT_PROMPT, Segment, build_segments, encode, tokenize
 from idefics_cog.serving import files
 from idefics_cog.serving.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.serving.engine import Engine
-from idefics_cog.serving.jobs import Job, Sampling
+from idefics_cog.serving.jobs import Job, Sampling, whole
+from idefics_cog.serving.results import OUTPUT_FORMATS, chosen, document
 from idefics_cog.serving.textstream import parse_stop_sequences
 from idefics_cog.weights.download import resolve
 from idefics_cog.weights.stream import Cancel
@@ -32,6 +34,7 @@ from idefics_cog.weights.weights_lock import WeightsLock
 log = logging.getLogger(__name__)
 
 WARMUP_TOKENS = 4  # enough for a prefill and a few decode steps
+MAX_LOGPROBS = 20  # alternatives per generated token
 
 
 class WarmUpError(RuntimeError):
@@ -67,6 +70,9 @@ class Request:
     lora_weights: str
     lora_scale: float
     images: list | None = None  # `messages`: the segments' images in order (file index or data: URL); else the files
+    choices: list[str] = field(default_factory=list)  # candidate answers to score instead of generating
+    output_format: str = "text"
+    logprobs: int = 0
 
 
 class Service:
@@ -135,7 +141,20 @@ class Service:
 
     def answer(self, **inputs) -> Iterator[str]:
         """Input errors are raised when iteration starts."""
-        yield from self.engine.stream(self.job(**inputs))
+        request = self.check(**inputs)
+        job = self.prepare(request, self.fetch(request))
+        pieces = self.engine.stream(job)
+        if request.choices or request.output_format == "json":
+            yield self.result(request, job, "".join(pieces))
+        else:
+            yield from pieces
+
+    def result(self, request: Request, job: Job, text: str) -> str:
+        """The output of a request that does not stream its text: the chosen candidate, or the JSON document."""
+        table = None
+        if request.choices:
+            text, table = chosen(request.choices, job)
+        return text if request.output_format == "text" else document(job, text, self.engine.tokenizer, table)
 
     async def astream(self, record_metric: Callable[[str, object], None] | None = None,
                       **inputs) -> AsyncIterator[str]:
@@ -153,8 +172,11 @@ class Service:
             raise
         try:
             async with aclosing(self.engine.astream(job)) as pieces:  # ended before the metrics are read
-                async for piece in pieces:
-                    yield piece
+                if request.choices or request.output_format == "json":
+                    yield self.result(request, job, "".join([piece async for piece in pieces]))
+                else:
+                    async for piece in pieces:
+                        yield piece
         finally:
             if record_metric is not None:
                 self.report(job.stats.metrics(started), record_metric)
@@ -177,15 +199,11 @@ class Service:
         return [image_files.load_image(*files[source], limits, reduce) if isinstance(source, int)
                 else chat.load_data_image(source, limits, reduce) for source in order]
 
-    def job(self, **inputs) -> Job:
-        request = self.check(**inputs)
-        return self.prepare(request, self.fetch(request))
-
     def check(self, *, prompt: str = "", image: Path | None = None, images: list[Path] | None = None,
               template: str = "instruct", system_prompt: str = "", messages: str = "", max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
               seed: int | None = None, stop_sequences: str = "", adapter: str = MEDICAL, lora_weights: str = "",
-              lora_scale: float = 1.0) -> Request:
+              lora_scale: float = 1.0, choices: str = "", output_format: str = "text", logprobs: int = 0) -> Request:
         """Sizes first, at a cost that does not grow with what was sent. `messages` replaces prompt, template and
         system_prompt; with neither prompt nor messages, the prompt is DEFAULT_PROMPT."""
         limits = self.settings.request_limits
@@ -201,6 +219,16 @@ class Service:
         if len(prompt) + len(system_prompt) > limits.prompt_chars:
             raise InputError(f"prompt, system_prompt: {len(prompt) + len(system_prompt)} characters; the limit is "
                              f"{limits.prompt_chars} (IDEFICS_MAX_PROMPT_CHARS)")
+        if output_format not in OUTPUT_FORMATS:
+            raise InputError(f"output_format: must be one of {', '.join(OUTPUT_FORMATS)}, got "
+                             f"{shorten(repr(output_format), 40)}")
+        logprobs = whole("logprobs", logprobs)
+        if not 0 <= logprobs <= MAX_LOGPROBS:
+            raise InputError(f"logprobs: {logprobs}; it must be from 0 to {MAX_LOGPROBS}")
+        candidates = parse_choices(choices, limits.choices, limits.choice_chars)
+        if candidates and logprobs:
+            raise InputError("logprobs: reports generated tokens, and choices generates none; each candidate's "
+                             "log-probability is in the choices table of output_format=json")
         if len(lora_weights) > limits.lora_weights_chars:
             raise InputError(f"lora_weights: {len(lora_weights)} characters; the limit is "
                              f"{limits.lora_weights_chars} (IDEFICS_MAX_LORA_WEIGHTS_CHARS)")
@@ -217,7 +245,8 @@ class Service:
         else:
             segments, order = build_segments(prompt, len(named), template, system_prompt), None
         # JSON `1` arrives as an int; PEFT's scaling and the batch key want a float.
-        return Request(received, segments, sampling, adapter, lora_weights, float(lora_scale), order)
+        return Request(received, segments, sampling, adapter, lora_weights, float(lora_scale), order, candidates,
+                       output_format, logprobs)
 
     def fetch(self, request: Request) -> Fetched | None:
         self.fetch_images(request)
@@ -245,7 +274,11 @@ class Service:
         """Decode images and tokenize (off the torch thread), refusing a prompt that does not fit now."""
         pictures = self.read_images([(name, path) for name, path, _ in request.files], request.images)
         ids = tokenize(request.segments, self.engine.tokenizer)
-        self.engine.check_prompt(len(ids))
+        choices = candidate_ids(request.segments, request.choices, ids, self.engine.tokenizer)
+        if choices:
+            self.engine.check_choices(len(ids), sum(map(len, choices)))
+        else:
+            self.engine.check_prompt(len(ids))
         adapter, lora_weights, lora_scale = request.adapter, request.lora_weights, request.lora_scale
 
         def select_adapter() -> None:
@@ -255,7 +288,8 @@ class Service:
         # The request's adapter as a label: lora_weights wins over adapter; `none` ignores the scale.
         key = (lora_weights, lora_scale) if lora_weights else (NONE,) if adapter == NONE else (adapter, lora_scale)
         return Job(encoded=lambda: encode(request.segments, pictures, self.engine.processor, ids),
-                   sampling=request.sampling, adapter=key, select_adapter=select_adapter)
+                   sampling=request.sampling, adapter=key, select_adapter=select_adapter, choices=choices or None,
+                   logprobs=request.logprobs)
 
 
 def own_thread(work: Callable, *args) -> concurrent.futures.Future:
