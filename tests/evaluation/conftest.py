@@ -40,7 +40,7 @@ PARQUET_ROWS = [("Is there a fracture?", "no", IMAGES["img/a.png"]), ("Is the lu
                 ("Which organ is shown?", "the left lung", IMAGES["img/a.png"])]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def dataset(tmp_path_factory):
     """data.zip and data.tar.gz (LINES), and path-vqa/data/test-0000{0,1}.parquet (PARQUET_ROWS, split in two)."""
     from tests.support.helpers import tar_bytes
@@ -59,3 +59,25 @@ def dataset(tmp_path_factory):
     write_parquet(parquet / "test-00000-of-00002.parquet", PARQUET_ROWS[:2])
     write_parquet(parquet / "test-00001-of-00002.parquet", PARQUET_ROWS[2:])
     return folder
+
+
+MAX_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="package")
+def expected(tiny_dir, dataset, tmp_path_factory):
+    """data.zip evaluated in this process on one engine, closed questions scored by choices too: the base alone,
+    the tiny adapter as `medical`, and the same adapter named as a local directory in lora_weights.
+    ({label: predictions}, results)."""
+    from idefics_cog.evaluation import datasets, local
+    from idefics_cog.evaluation.configuration import Configuration
+    from idefics_cog.serving.adapters import Adapters
+    from idefics_cog.serving.engine import Engine
+
+    engine = Engine.load(tiny_dir / "base", "cpu")
+    adapters = Adapters(engine, tmp_path_factory.mktemp("cache"))
+    adapters.load_default(str(tiny_dir / "adapter"))
+    items = datasets.load(dataset / "data.zip", tmp_path_factory.mktemp("extracted"))
+    configs = [Configuration("none"), Configuration("medical"), Configuration(lora_weights=str(tiny_dir / "adapter"))]
+    results = local.evaluate(engine, adapters, items, configs, MAX_NEW_TOKENS)
+    return {r["label"]: [p["prediction"] for p in r["predictions"]] for r in results}, results

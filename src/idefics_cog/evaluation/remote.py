@@ -16,7 +16,6 @@ from PIL import Image
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from idefics_cog.errors import InputError
 from idefics_cog.evaluation.configuration import Configuration
 from idefics_cog.evaluation.datasets import Item
 from idefics_cog.evaluation.journal import Journal
@@ -60,7 +59,7 @@ def messages(item: Item) -> list[dict]:
     else:
         content = ([{"type": "text", "text": turns[0].user}] if turns[0].user else []) + [{"type": "image"}] * count
     out = [{"role": "user", "content": content}]
-    for previous, turn in zip(turns, turns[1:]):
+    for previous, turn in itertools.pairwise(turns):
         out += [{"role": "assistant", "content": previous.assistant}, {"role": "user", "content": turn.user}]
     return out
 

@@ -28,7 +28,8 @@ table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: .35em .5em; vertical-align: top; text-align: left; }
 table.metrics td:not(:first-child) { text-align: right; }
 tbody.example { border-top: 3px solid #555; }
-td.images img { display: block; max-width: 320px; max-height: 320px; margin-bottom: .3em; }
+#review { width: 100%; } #review td { overflow-wrap: anywhere; }
+td.images img { display: block; max-width: 240px; max-height: 240px; margin-bottom: .3em; }
 .right { color: #1b7f3b; font-weight: 600; } .wrong { color: #b3261e; font-weight: 600; } .none { color: #777; }
 td.mark label { display: block; white-space: nowrap; } td.mark input[type=text] { width: 12em; }
 tr.marked td.mark { background: #eef6ee; }
