@@ -179,7 +179,8 @@ def test_the_command_line_checks_endpoint_choices_and_concurrency(tmp_path):
     for wrong in (["--endpoint", "127.0.0.1:5000"], ["--endpoint", "http://a,http://a"],
                   ["--endpoint", "http://a", "--base", "weights/tiny/base"],
                   ["--endpoint", "http://a,http://b", "--concurrency", "1"], ["--concurrency", "4"],
-                  ["--choices", "yes"], ["--choices", "yes,yes"]):
+                  ["--choices", "yes"], ["--choices", "yes,yes"], ["--endpoint", "http://a", "--lora-weights",
+                                                                   str(tmp_path)]):
         with pytest.raises(SystemExit):
             ev.parse_args([str(data), *wrong])
 

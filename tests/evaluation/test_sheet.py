@@ -140,6 +140,8 @@ def test_a_results_file_resumes_and_refuses_another_dataset(dataset, tmp_path):
         journal.add(CONFIGS[0], 2, {**question(items[2], 2), "prediction": "lung"})
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and lines[-1].startswith('{"key"')  # the cut line is gone, the new one whole
+    with Journal(path, {"max_new_tokens": 64}) as journal:  # other settings: asked again
+        assert journal.done(CONFIGS[0], 0, items[0].question) is None
     with Journal(path) as journal, pytest.raises(InputError, match="written for another dataset"):
         journal.done(CONFIGS[0], 1, "Another question?")
     path.write_text("not json\n")
@@ -149,3 +151,12 @@ def test_a_results_file_resumes_and_refuses_another_dataset(dataset, tmp_path):
 
 def test_csv_columns_are_a_csv_header():
     assert next(csv.reader([",".join(sheet.COLUMNS)])) == sheet.COLUMNS
+
+
+def test_a_long_dataset_shows_its_first_questions_and_says_so(review):
+    items, results, _, _ = review
+    parsed = Sheet()
+    parsed.feed(sheet.render(items, results, "Review", limit=2))
+    assert len([t for t in parsed.tags["tr"] if t.get("class") == "answer"]) == 2 * len(CONFIGS)
+    assert "2 of 3 questions below (the first 2)" in " ".join("".join(parsed.text).split())
+    assert len(parsed.tags["img"]) == 1 + 2  # the chart (all questions) and two questions' images

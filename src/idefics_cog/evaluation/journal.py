@@ -9,15 +9,13 @@ from pathlib import Path
 from idefics_cog.errors import InputError
 
 
-def key(configuration, index: int) -> str:
-    return json.dumps([asdict(configuration), index], sort_keys=True)
-
-
 class Journal:
-    """`path` None keeps the records in memory only."""
+    """`path` None keeps the records in memory only. `settings` (max_new_tokens, the yes/no candidates) are part of
+    each record's key: answers asked under other settings are not reused, they are asked again."""
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, settings: dict | None = None):
         self.path = Path(path) if path else None
+        self.settings = settings or {}
         self.records: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._file = None
@@ -40,16 +38,19 @@ class Journal:
                 raise InputError(f"results: {self.path} line {number} is not a record of `evaluate`; "
                                  f"name a new file") from None
 
+    def key(self, configuration, index: int) -> str:
+        return json.dumps([asdict(configuration), index, self.settings], sort_keys=True)
+
     def done(self, configuration, index: int, question: str) -> dict | None:
         """The record already there, checked to be the same question (not a file from another dataset)."""
-        record = self.records.get(key(configuration, index))
+        record = self.records.get(self.key(configuration, index))
         if record is not None and record["question"] != question:
             raise InputError(f"results: {self.path} holds another question at question {index + 1} "
                              f"({record['question'][:60]!r}): it was written for another dataset; name a new file")
         return record
 
     def add(self, configuration, index: int, record: dict) -> dict:
-        record = {"key": key(configuration, index), **record}
+        record = {"key": self.key(configuration, index), **record}
         with self._lock:
             self.records[record["key"]] = record
             if self._file is not None:

@@ -51,8 +51,9 @@ def evaluate(engine, adapters, items: list[Item], configurations: list[Configura
         with progress(len(items), len(items) - len(todo), config.label) as bar:
             for index, item in todo:
                 record = answer(engine, item, max_new_tokens, item.choices(closed_choices))
-                if record.get("error"):
-                    log.warning("%s: %s: %s", config.label, item.where, record["error"])
+                for problem in ("error", "choice_error"):
+                    if record.get(problem):
+                        log.warning("%s: %s: %s", config.label, item.where, record[problem])
                 journal.add(config, index, {**question(item, index), **record})
                 bar.update()
     return collect(items, configurations, journal, active)

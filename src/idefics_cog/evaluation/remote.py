@@ -145,8 +145,9 @@ def evaluate(urls: list[str], items: list[Item], configurations: list[Configurat
         if not hasattr(local, "url"):
             local.url, local.http = urls[next(turn) % len(urls)], session()
         record = ask(local.http, local.url, item, config, max_new_tokens, item.choices(closed_choices))
-        if record.get("error"):
-            log.warning("%s: %s: %s", config.label, item.where, record["error"])
+        for problem in ("error", "choice_error"):
+            if record.get(problem):
+                log.warning("%s: %s: %s", config.label, item.where, record[problem])
         journal.add(config, index, {**question(item, index), **record})
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="evaluate") as pool, \

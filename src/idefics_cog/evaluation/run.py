@@ -70,11 +70,16 @@ def parse_args(argv: list[str] | None, prog: str = "idefics-cog evaluate") -> ar
     parser.add_argument("--markdown", type=Path, help="write the side-by-side table here (it is also printed)")
     parser.add_argument("--html", type=Path, help="write the review sheet here: one self-contained HTML file with "
                                                   "each image, question and answer, and marks to export as CSV")
+    parser.add_argument("--html-questions", type=int, default=200,
+                        help="questions in the review sheet: the first N (default 200; 0: all); its chart and table "
+                             "cover all")
     args = parser.parse_args(argv)
     if not args.dataset.exists():
         parser.error(f"dataset: {args.dataset} does not exist")
     if args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--max-new-tokens and --limit must be positive")
+    if args.html_questions < 0:
+        parser.error("--html-questions must be 0 (all) or more")
     choices = [c.strip() for c in args.choices.split(",")]
     args.closed_choices = () if args.choices.strip().lower() == "none" else tuple(choices)
     if args.closed_choices and (len(choices) < 2 or not all(choices) or len(set(choices)) < len(choices)):
@@ -104,6 +109,10 @@ def parse_args(argv: list[str] | None, prog: str = "idefics-cog evaluate") -> ar
         args.configurations.append(configuration("compare_"))
         if args.configurations[0] == args.configurations[1]:
             parser.error("the two configurations are the same")
+    for config in args.configurations if args.endpoints else ():
+        if config.lora_weights and Path(config.lora_weights).exists():  # a container never reads a client's path
+            parser.error(f"lora_weights: {config.lora_weights} is a local path; with --endpoint give an https URL "
+                         f"or a hub id")
     return args
 
 
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None, prog: str = "idefics-cog evaluate") -> i
     for name in ("idefics_cog.serving.engine", "idefics_cog.serving.jobs"):  # not one line per generation
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        with tempfile.TemporaryDirectory(prefix="evaluate-") as workdir, Journal(args.results) as journal:
+        with tempfile.TemporaryDirectory(prefix="evaluate-") as workdir, Journal(args.results, {
+                "max_new_tokens": args.max_new_tokens, "choices": list(args.closed_choices)}) as journal:
             items = datasets.load(args.dataset, Path(workdir), args.limit)
             if args.endpoints:
                 results = remote.evaluate(args.endpoints, items, args.configurations, args.max_new_tokens,
@@ -143,7 +153,7 @@ def main(argv: list[str] | None = None, prog: str = "idefics-cog evaluate") -> i
                 results, about = run_local(args, items, journal)
             if args.html:  # while the images are still extracted
                 title = f"Review sheet: {args.dataset.name}, {' vs '.join(r['label'] for r in results)}"
-                args.html.write_text(sheet.render(items, results, title), encoding="utf-8")
+                args.html.write_text(sheet.render(items, results, title, args.html_questions), encoding="utf-8")
     except (InputError, WeightsError, remote.RemoteError) as exc:  # DatasetError is an InputError
         print(f"evaluate: {exc}", file=sys.stderr)
         if args.results and not isinstance(exc, InputError):

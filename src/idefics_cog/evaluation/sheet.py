@@ -142,15 +142,18 @@ def _answer_row(index: int, column: int, label: str, record: dict, first: str) -
             f'<td>{answer}</td><td>{choice}</td><td>{automatic}</td><td class="mark">{marks}</td></tr>')
 
 
-def render(items: list[Item], results: list[dict], title: str) -> str:
+def render(items: list[Item], results: list[dict], title: str, limit: int = 0) -> str:
+    """The first `limit` questions (all when 0): a browser copes with a few hundred images, not a test set's
+    thousands; the chart and the table always cover every question."""
     names = labels(results)
+    shown = items[:limit] if limit else items
     header, *rows = table(results)
     metrics = ("<table class=\"metrics\"><thead><tr>" + "".join(f"<th>{escape(c)}</th>" for c in header)
                + "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>"
                                                    for cells in rows) + "</tbody></table>")
     chart_uri = "data:image/png;base64," + base64.b64encode(chart.png(results)).decode()
     body = []
-    for index, item in enumerate(items):
+    for index, item in enumerate(shown):
         span = len(results)
         first = (f'<td rowspan="{span}">{index + 1}<br><span class="none">{escape(item.where)}</span></td>'
                  + f'<td class="images" rowspan="{span}">{_images(item)}</td>'
@@ -170,6 +173,8 @@ ways that look convincing. Mark each answer right or wrong; the automatic verdic
 probabilities.</p>
 <img class="chart" alt="metrics by configuration (%)" src="{chart_uri}">
 {metrics}
+<p>{len(shown)} of {len(items)} questions below{"" if len(shown) == len(items) else f" (the first {len(shown)})"}; the
+chart and the table cover all of them.</p>
 <div id="bar"><button type="button" id="export">Export marks as CSV</button> <span id="count"></span></div>
 <table id="review"><thead><tr><th>#</th><th>image</th><th>question</th><th>reference</th><th>configuration</th>
 <th>answer</th><th>most probable choice</th><th>automatic verdict</th><th>your mark</th></tr></thead>
