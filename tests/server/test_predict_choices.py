@@ -125,3 +125,15 @@ def test_a_bad_choices_fails_alone_naming_the_input_and_the_limit(server):
     assert "choices: item 2 is dict, not a string" in errors[5]
     assert send(server, {**CLOSED, "output_format": "xml"})["code"] == 422  # the schema's enum, checked by coglet
     assert succeeded(send(server, NEIGHBOUR)) == alone  # still serving
+
+
+def test_choices_after_a_messages_conversation_score_as_after_its_raw_transcript(server):
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}]},
+            {"role": "assistant", "content": "A chest radiograph."},
+            {"role": "user", "content": "Is there a fracture?"}]
+    transcript = ("User: What is it?<image><end_of_utterance>\nAssistant: A chest radiograph.<end_of_utterance>\n"
+                  "User: Is there a fracture?<end_of_utterance>\nAssistant:")
+    common = {"image": data_uri(PICTURE), "choices": "yes,no"}
+    by_messages = result_of(server, {**common, "messages": json.dumps(chat)})
+    by_raw = result_of(server, {**common, "prompt": transcript, "template": "raw"})
+    assert by_messages == by_raw

@@ -207,10 +207,11 @@ class _Reader:
         self.eos_token_ids = eos_token_ids
 
     def take(self, item) -> str:
+        stats = self.job.stats
         if isinstance(item, BaseException):
             self.done = True
+            stats.finish_reason = "error"
             raise item
-        stats = self.job.stats
         if item is END:
             self.done = True
             ended_turn = stats.ids and stats.ids[-1] in self.eos_token_ids
