@@ -4,6 +4,7 @@ alone by plain PEFT, for every adapter setting; reported log-probabilities do no
 `choices` fails alone, naming the input and the limit."""
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -112,7 +113,8 @@ def test_a_bad_choices_fails_alone_naming_the_input_and_the_limit(server):
            {**CLOSED, "choices": '["yes", ""]'},
            {**CLOSED, "choices": "yes,no,yes"},
            {**CLOSED, "logprobs": 2},
-           {**CLOSED, "choices": '["yes", {"no": 1}]'}]
+           {**CLOSED, "choices": '["yes", {"no": 1}]'},
+           {**CLOSED, "prompt": "lungs " * 600}]
     results = together(server, [(NEIGHBOUR, True), *[(inputs, True) for inputs in bad]])
     assert succeeded(results[0]) == alone
     errors = [failure(result) for result in results[1:]]
@@ -123,6 +125,8 @@ def test_a_bad_choices_fails_alone_naming_the_input_and_the_limit(server):
     assert errors[4].endswith("logprobs: reports generated tokens, and choices generates none; each candidate's "
                               "log-probability is in the choices table of output_format=json")
     assert "choices: item 2 is dict, not a string" in errors[5]
+    assert re.search(r"choices: the prompt \(\d+ tokens, 3 per image\) and the candidates \(at least 6 tokens in all\) "
+                     r"do not fit the model's context of 512 tokens; send fewer or shorter candidates$", errors[6])
     assert send(server, {**CLOSED, "output_format": "xml"})["code"] == 422  # the schema's enum, checked by coglet
     assert succeeded(send(server, NEIGHBOUR)) == alone  # still serving
 
