@@ -1,6 +1,7 @@
 """What `choices` costs against generating the same answer (issue 22): a closed question with one 224 px image,
-scored over its candidates (one forward of the prompt and its image, one batched forward of the candidates), against
-one generation of as many tokens as the chosen candidate has (`yes<end_of_utterance>`: 2), greedy.
+scored over its candidates (one forward of the prompt and its image, one of all candidates packed after it), against
+one generation of as many tokens as the chosen candidate has (`yes<end_of_utterance>`: 2), greedy; and one of 32
+tokens, the verbose sentence a fine-tuned model tends to write instead.
 
   server      through the real Cog server (HTTP, the image as a data URI, output_format=json), one at a time
   engine      in-process: Engine.choose against Engine.stream of the same prompt, encoded beforehand
@@ -25,6 +26,7 @@ from bench.stats import machine, median_table  # noqa: E402
 from idefics_dev.cogrunner import CogServer, post_prediction  # noqa: E402
 
 QUESTION = "Is there a fracture?"
+VERBOSE = 32  # a fine-tuned model's sentence-long answer to a closed question, generated instead
 FINDINGS = ["normal", "fracture", "effusion", "pneumothorax", "cardiomegaly", "consolidation", "atelectasis", "mass"]
 CANDIDATES = {
     "2 candidates (yes, no)": ["yes", "no"],
@@ -66,6 +68,8 @@ def main() -> None:
                 server_ms.setdefault(name, []).append(predict({"choices": json.dumps(texts)})["ms"])
             result = predict({"max_new_tokens": answer_tokens})
             server_ms.setdefault(generation, []).append(result["ms"])
+            result = predict({"max_new_tokens": VERBOSE})  # the tiny models rarely end earlier
+            server_ms.setdefault(f"generate up to {VERBOSE} tokens", []).append(result["ms"])
     engine_ms = engine_rounds(folder / "base", picture, answer_tokens, args.rounds, generation)
     print(f"machine: {json.dumps(machine())}\n")
     print(median_table(f"{args.preset}, through the Cog server", {generation: server_ms.pop(generation), **server_ms},
@@ -87,6 +91,9 @@ def engine_rounds(base: Path, picture, answer_tokens: int, rounds: int, generati
         started = time.perf_counter()
         "".join(engine.stream(Job(encoded, Sampling(max_new_tokens=answer_tokens, ignore_eos=True))))
         samples[generation].append(1000 * (time.perf_counter() - started))
+        started = time.perf_counter()
+        "".join(engine.stream(Job(encoded, Sampling(max_new_tokens=VERBOSE, ignore_eos=True))))
+        samples.setdefault(f"generate {VERBOSE} tokens", []).append(1000 * (time.perf_counter() - started))
         for name, texts in CANDIDATES.items():
             started = time.perf_counter()
             engine.choose(segments, [picture], texts)

@@ -4,6 +4,7 @@ alone by plain PEFT, for every adapter setting; reported log-probabilities do no
 `choices` fails alone, naming the input and the limit."""
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -112,7 +113,8 @@ def test_a_bad_choices_fails_alone_naming_the_input_and_the_limit(server):
            {**CLOSED, "choices": '["yes", ""]'},
            {**CLOSED, "choices": "yes,no,yes"},
            {**CLOSED, "logprobs": 2},
-           {**CLOSED, "choices": '["yes", {"no": 1}]'}]
+           {**CLOSED, "choices": '["yes", {"no": 1}]'},
+           {**CLOSED, "prompt": "lungs " * 600}]
     results = together(server, [(NEIGHBOUR, True), *[(inputs, True) for inputs in bad]])
     assert succeeded(results[0]) == alone
     errors = [failure(result) for result in results[1:]]
@@ -123,5 +125,19 @@ def test_a_bad_choices_fails_alone_naming_the_input_and_the_limit(server):
     assert errors[4].endswith("logprobs: reports generated tokens, and choices generates none; each candidate's "
                               "log-probability is in the choices table of output_format=json")
     assert "choices: item 2 is dict, not a string" in errors[5]
+    assert re.search(r"choices: the prompt \(\d+ tokens, 3 per image\) and the candidates \(at least 6 tokens in all\) "
+                     r"do not fit the model's context of 512 tokens; send fewer or shorter candidates$", errors[6])
     assert send(server, {**CLOSED, "output_format": "xml"})["code"] == 422  # the schema's enum, checked by coglet
     assert succeeded(send(server, NEIGHBOUR)) == alone  # still serving
+
+
+def test_choices_after_a_messages_conversation_score_as_after_its_raw_transcript(server):
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image"}]},
+            {"role": "assistant", "content": "A chest radiograph."},
+            {"role": "user", "content": "Is there a fracture?"}]
+    transcript = ("User: What is it?<image><end_of_utterance>\nAssistant: A chest radiograph.<end_of_utterance>\n"
+                  "User: Is there a fracture?<end_of_utterance>\nAssistant:")
+    common = {"image": data_uri(PICTURE), "choices": "yes,no"}
+    by_messages = result_of(server, {**common, "messages": json.dumps(chat)})
+    by_raw = result_of(server, {**common, "prompt": transcript, "template": "raw"})
+    assert by_messages == by_raw

@@ -210,3 +210,12 @@ def test_candidates_that_do_not_fit_the_context_with_the_prompt_are_refused(engi
     with pytest.raises(InputError, match=rf"choices: the prompt \({prompt} tokens, 3 per image\) and the candidates "
                                          rf"\(\d+ tokens in all\) do not fit the model's context of {context} tokens"):
         engine.choose(segments, [], [f"finding number {i}" for i in range(16)])
+
+
+def test_a_stream_closed_before_its_end_was_cancelled(engine):
+    text, images = CASES["one image"]
+    job = generating_job(engine, text, images, max_new_tokens=200, ignore_eos=True)
+    stream = engine.stream(job)
+    next(stream)
+    stream.close()
+    assert job.stats.finish_reason == "cancel" and len(job.stats.ids) < 200

@@ -98,14 +98,14 @@ class Engine:
             )
         return room
 
-    def check_choices(self, prompt_tokens: int, candidate_tokens: int) -> None:
+    def check_choices(self, prompt_tokens: int, candidate_tokens: int, bound: str = "") -> None:
         """Scoring `choices` packs all candidates after the prompt in one forward (scoring.py): they must fit the
         model's context together; it takes no KV cache slot."""
         context = self.model_context_tokens
         if prompt_tokens + candidate_tokens > context:
             raise InputError(f"choices: the prompt ({prompt_tokens} tokens, 3 per image) and the candidates "
-                             f"({candidate_tokens} tokens in all) do not fit the model's context of {context} tokens; "
-                             f"send fewer or shorter candidates")
+                             f"({bound}{candidate_tokens} tokens in all) do not fit the model's context of {context} "
+                             f"tokens; send fewer or shorter candidates")
 
     def choose(self, segments: list[Segment], images: list[Image.Image], texts: list[str]) -> list[dict]:
         """`choices` in-process (the evaluation): each candidate's row of the choices table, in the order given,
@@ -207,10 +207,11 @@ class _Reader:
         self.eos_token_ids = eos_token_ids
 
     def take(self, item) -> str:
+        stats = self.job.stats
         if isinstance(item, BaseException):
             self.done = True
+            stats.finish_reason = "error"
             raise item
-        stats = self.job.stats
         if item is END:
             self.done = True
             ended_turn = stats.ids and stats.ids[-1] in self.eos_token_ids

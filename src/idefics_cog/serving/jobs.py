@@ -90,7 +90,7 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     ended: float | None = None
-    finish_reason: str | None = None  # end_of_turn, stop_sequence, length or cancel (engine._Reader)
+    finish_reason: str | None = None  # end_of_turn, stop_sequence, length, error or cancel (engine._Reader)
 
     def add(self, ids: list[int]) -> None:
         self.first_token_at = self.first_token_at or time.perf_counter()
@@ -104,14 +104,17 @@ class Stats:
         return metrics
 
     def finish(self) -> None:
+        """The stream is over; one that stopped before the job's end was cancelled."""
         self.ended = time.perf_counter()
+        self.finish_reason = self.finish_reason or "cancel"
         if self.first_token_at is None:
             log.info("prompt %d tokens, no token generated (seed %d)", self.prompt_tokens, self.seed)
             return
         decoded = len(self.ids) - 1
         rate = decoded / (self.ended - self.first_token_at) if decoded > 0 else float("nan")
-        log.info("prompt %d tokens, time to first token %.0f ms, %d new tokens at %.1f tokens/s (seed %d)",
-                 self.prompt_tokens, 1000 * (self.first_token_at - self.started), len(self.ids), rate, self.seed)
+        log.info("prompt %d tokens, time to first token %.0f ms, %d new tokens at %.1f tokens/s (seed %d), ended by "
+                 "%s", self.prompt_tokens, 1000 * (self.first_token_at - self.started), len(self.ids), rate, self.seed,
+                 self.finish_reason)
 
 
 def end_job(job, error: BaseException | None = None) -> None:

@@ -273,7 +273,7 @@ class Scheduler:
         try:
             if job.select_adapter:
                 job.request_context.run(job.select_adapter)
-            if self.decoder is not None and not self.decoder.lora.fits(self.decoder.base, len(self.rows)):
+            if job.choices is None and self.decoder and not self.decoder.lora.fits(self.decoder.base, len(self.rows)):
                 if self.told_to_wait is not job:  # said once
                     job.request_context.run(log.info,
                                             "waiting for room in the LoRA banks (IDEFICS_ADAPTER_BANK_RANK)")

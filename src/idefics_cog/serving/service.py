@@ -274,8 +274,11 @@ class Service:
         """Decode images and tokenize (off the torch thread), refusing a prompt that does not fit now."""
         pictures = self.read_images([(name, path) for name, path, _ in request.files], request.images)
         ids = tokenize(request.segments, self.engine.tokenizer)
-        choices = candidate_ids(request.segments, request.choices, ids, self.engine.tokenizer)
-        if choices:
+        choices = None
+        if request.choices:
+            # Two tokens each at least: a prompt that leaves no room for them is not tokenized again with each.
+            self.engine.check_choices(len(ids), 2 * len(request.choices), "at least ")
+            choices = candidate_ids(request.segments, request.choices, ids, self.engine.tokenizer)
             self.engine.check_choices(len(ids), sum(map(len, choices)))
         else:
             self.engine.check_prompt(len(ids))
@@ -288,7 +291,7 @@ class Service:
         # The request's adapter as a label: lora_weights wins over adapter; `none` ignores the scale.
         key = (lora_weights, lora_scale) if lora_weights else (NONE,) if adapter == NONE else (adapter, lora_scale)
         return Job(encoded=lambda: encode(request.segments, pictures, self.engine.processor, ids),
-                   sampling=request.sampling, adapter=key, select_adapter=select_adapter, choices=choices or None,
+                   sampling=request.sampling, adapter=key, select_adapter=select_adapter, choices=choices,
                    logprobs=request.logprobs)
 
 
