@@ -83,3 +83,36 @@ def test_aggregate_splits_closed_and_open_questions():
     assert metrics["errors"] == 0
     only_open = vqa.aggregate([vqa.score("x", "left lung")])
     assert only_open["closed_accuracy"] is None and only_open["closed"] == 0
+
+
+def test_bleu_is_sacrebleus_add_one_smoothed_sentence_bleu_on_normalised_words():
+    """The by-hand values above come out of sacrebleu (smooth_method add-k, k = 1; tokenize none, our normalised
+    words): the convention is that of the hand-written BLEU it replaced, to 1e-15 on 20,000 random pairs."""
+    from sacrebleu import sentence_bleu
+
+    hypothesis, reference = "The lower-left lung, clear", "left lower lung is clear"
+    expected = sentence_bleu(vqa.normalize(hypothesis), [vqa.normalize(reference)], smooth_method="add-k",
+                             smooth_value=1, tokenize="none").score / 100
+    assert vqa.bleu(hypothesis, reference) == pytest.approx(expected) and 0 < expected < 1
+    # sacrebleu's defaults (13a tokenizer, exp smoothing, case kept) would give another number
+    assert sentence_bleu(hypothesis, [reference]).score / 100 != pytest.approx(expected)
+
+
+YES_NO = [{"text": "yes", "probability": 0.3, "logprob": -1.2, "mean_logprob": -1.2, "tokens": 1},
+          {"text": "no", "probability": 0.7, "logprob": -0.36, "mean_logprob": -0.36, "tokens": 1}]
+
+
+def test_a_choice_is_right_when_the_most_probable_candidate_is_the_reference():
+    assert vqa.choice_score(YES_NO, "No.") == {"choice": "no", "choice_probability": 0.7, "choice_correct": True}
+    assert vqa.choice_score(YES_NO, "yes")["choice_correct"] is False
+    options = [{"text": "H&E", "probability": 0.5}, {"text": "PAS", "probability": 0.2}]
+    assert vqa.choice_score(options, "h&e")["choice_correct"] is True  # normalised as answers are
+
+
+def test_a_verbose_right_answer_is_wrong_by_words_and_right_by_choices():
+    """The gap the two closed accuracies make visible: an answer that says "no" without the word."""
+    record = {**vqa.score("The image shows an intact bone.", "no"), **vqa.choice_score(YES_NO, "no")}
+    metrics = vqa.aggregate([record, vqa.score("left", "left lung")])
+    assert metrics["closed_accuracy"] == 0.0 and metrics["choice_accuracy"] == 1.0
+    assert metrics["chosen"] == 1 and metrics["closed"] == 1
+    assert vqa.aggregate([vqa.score("no", "no")])["choice_accuracy"] is None  # not scored by choices: n/a

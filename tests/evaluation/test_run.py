@@ -1,22 +1,21 @@
-"""`idefics-cog evaluate` (evaluation/run.py): its table, its arguments, and whole runs on the tiny model."""
+"""`idefics-cog evaluate` (evaluation/run.py, local.py): its table, its arguments, and whole runs on the tiny model
+(the datasets are in conftest.py)."""
 
-import io
 import json
 import os
 import subprocess
 import sys
-import zipfile
 
 import pytest
 
-from idefics_cog.evaluation import metrics as vqa, run as ev
-from idefics_cog.serving.adapters import Adapters
-from idefics_cog.training.data import load_dataset
-from idefics_cog.serving.engine import Engine
-from idefics_cog.serving.jobs import Sampling
 from idefics_cog.config import ROOT
+from idefics_cog.evaluation import datasets
+from idefics_cog.evaluation import metrics as vqa
+from idefics_cog.evaluation import run as ev
+from idefics_cog.serving.jobs import Sampling
+from tests.evaluation.conftest import MAX_NEW_TOKENS
 from tests.support.fileserver import FileServer
-from tests.support.helpers import noise_image, tar_bytes
+from tests.support.helpers import tar_bytes
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out
 
@@ -28,6 +27,7 @@ def test_markdown_table_has_a_column_per_configuration_and_the_difference():
     table = ev.markdown_table([first, second]).splitlines()
     assert table[0] == "| metric (%) | none | trained.tar | difference |"
     assert "| closed accuracy (yes/no) | 100.0 | 0.0 | -100.0 |" in table
+    assert "| closed accuracy (choices) | n/a | n/a | n/a |" in table  # none was scored by choices
     assert "| open recall | 0.0 | 50.0 | +50.0 |" in table
     assert "| questions | 2 (1 closed, 1 open) | 2 (1 closed, 1 open) |  |" in table
     alone = ev.markdown_table([{"label": "medical", "metrics": vqa.aggregate([vqa.score("x", "left lung")])}])
@@ -55,54 +55,6 @@ def test_the_command_line_builds_one_or_two_configurations(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Whole runs on the tiny model
 
-MAX_NEW_TOKENS = 8
-LINES = [
-    {"images": ["img/a.png"], "question": "Is there a fracture?", "answer": "No."},
-    {"images": ["img/b.png"], "question": "Is the lung clear?", "answer": "yes"},
-    {"images": ["img/a.png"], "question": "Which organ is shown?", "answer": "The left lung"},
-    {"images": ["img/a.png", "img/b.png"],
-     "conversation": [{"user": "Compare <image> and <image>.", "assistant": "The second is brighter."},
-                      {"user": "Where is the lesion?", "assistant": "In the right upper lobe."}]},
-    {"images": ["img/a.png"], "question": "Describe: " + "lung " * 600, "answer": "x"},  # over the tiny context
-]
-
-
-def png_bytes(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    noise_image(seed).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """The same small dataset as a zip and as a tar.gz: two closed questions, an open one, a two-turn chat, and
-    a question too long for the tiny model's context of 512 tokens."""
-    folder = tmp_path_factory.mktemp("dataset")
-    (folder / "img").mkdir()
-    (folder / "img" / "a.png").write_bytes(png_bytes(1))
-    (folder / "img" / "b.png").write_bytes(png_bytes(2))
-    (folder / "data.jsonl").write_text("\n".join(json.dumps(line) for line in LINES) + "\n")
-    with zipfile.ZipFile(folder / "data.zip", "w") as archive:
-        for name in ["data.jsonl", "img/a.png", "img/b.png"]:
-            archive.write(folder / name, name)
-    (folder / "data.tar.gz").write_bytes(tar_bytes(folder, top="mydata"))  # all of it, the zip included
-    return folder
-
-
-@pytest.fixture(scope="module")
-def expected(tiny_dir, dataset, tmp_path_factory):
-    """Predictions by configuration through `evaluate` on one engine: the base alone, the tiny adapter as
-    `medical`, and the same adapter named as a local directory in lora_weights."""
-    engine = Engine.load(tiny_dir / "base", "cpu")
-    adapters = Adapters(engine, tmp_path_factory.mktemp("cache"))
-    adapters.load_default(str(tiny_dir / "adapter"))
-    examples = load_dataset(dataset / "data.zip", tmp_path_factory.mktemp("extracted"))
-    configs = [ev.Configuration("none"), ev.Configuration("medical"),
-               ev.Configuration(lora_weights=str(tiny_dir / "adapter"))]
-    results = ev.evaluate(engine, adapters, examples, configs, MAX_NEW_TOKENS)
-    return {r["label"]: [p["prediction"] for p in r["predictions"]] for r in results}, results
-
-
 def test_an_adapter_gives_the_same_predictions_however_it_is_named(expected):
     predictions, results = expected
     assert [r["active"] for r in results][:2] == ["none", "medical"] and results[2]["active"].startswith("custom_")
@@ -115,9 +67,9 @@ def test_an_adapter_gives_the_same_predictions_however_it_is_named(expected):
 
 def test_the_base_column_is_a_plain_greedy_prediction(expected, engine, dataset, tmp_path):
     """The same code path as a prediction: the transcript up to `Assistant:`, encode, greedy stream."""
-    for example, prediction in zip(load_dataset(dataset / "data.zip", tmp_path)[:4], expected[0]["none"]):
-        segments, _ = example.transcript(answer_last=False)
-        answer = "".join(engine.stream(engine.encode(segments, example.load_images()), Sampling(MAX_NEW_TOKENS)))
+    for item, prediction in zip(datasets.load(dataset / "data.zip", tmp_path)[:4], expected[0]["none"]):
+        segments, _ = item.example.transcript(answer_last=False)
+        answer = "".join(engine.stream(engine.encode(segments, item.example.load_images()), Sampling(MAX_NEW_TOKENS)))
         assert answer.strip() == prediction
 
 
@@ -135,10 +87,10 @@ def test_cli_compares_the_base_with_an_adapter_from_a_url(tiny_dir, dataset, exp
     lines = table.splitlines()
     assert lines[0] == "| metric (%) | none | trained.tgz | difference |"
     assert [line.split(" | ")[0] for line in lines[2:]] == [
-        "| closed accuracy (yes/no)", "| open recall", "| token F1", "| exact match", "| BLEU-4", "| questions",
-        "| errors (scored as empty)"]
-    assert lines[-2:] == ["| questions | 5 (2 closed, 3 open) | 5 (2 closed, 3 open) |  |",
-                          "| errors (scored as empty) | 1 | 1 |  |"]
+        "| closed accuracy (yes/no)", "| closed accuracy (choices)", "| open recall", "| token F1", "| exact match",
+        "| BLEU-4", "| questions", "| scored by choices", "| errors (scored as empty)"]
+    assert lines[-3:] == ["| questions | 5 (2 closed, 3 open) | 5 (2 closed, 3 open) |  |",
+                          "| scored by choices | 2 | 2 |  |", "| errors (scored as empty) | 1 | 1 |  |"]
 
     report = json.loads((tmp_path / "out.json").read_text())
     assert report["max_new_tokens"] == MAX_NEW_TOKENS and report["base"] == str(tiny_dir / "base")
@@ -190,3 +142,62 @@ def test_a_bad_adapter_source_fails_with_a_message(tiny_dir, dataset, capsys):
     code = ev.main([str(dataset / "data.zip"), "--base", str(tiny_dir / "base"), "--lora-weights", "/no/such/dir"])
     assert code == 1
     assert "evaluate: lora_weights: weight source '/no/such/dir' is not a directory" in capsys.readouterr().err
+
+
+def test_a_closed_question_is_scored_by_its_answer_and_by_its_choices(expected, engine, dataset, tmp_path):
+    """Each closed question's record has the yes/no table of `Engine.choose` (the base alone here, as the `none`
+    column), its most probable candidate and both verdicts; open questions have none."""
+    _, results = expected
+    none = results[0]["predictions"]
+    items = datasets.load(dataset / "data.zip", tmp_path)
+    for item, record in zip(items[:2], none[:2]):
+        segments, _ = item.example.transcript(answer_last=False)
+        table = engine.choose(segments, item.example.load_images(), ["yes", "no"])
+        assert [row["text"] for row in record["choices"]] == ["yes", "no"]
+        assert [row["probability"] for row in record["choices"]] == pytest.approx([r["probability"] for r in table])
+        assert sum(row["probability"] for row in record["choices"]) == pytest.approx(1)
+        best = max(table, key=lambda row: row["probability"])
+        assert (record["choice"], record["choice_probability"]) == (best["text"], pytest.approx(best["probability"]))
+        assert record["choice_correct"] == (best["text"] == vqa.normalize(record["reference"]))
+        assert record["correct"] == (vqa.verdict(record["prediction"]) == vqa.normalize(record["reference"]))
+    assert all("choices" not in r and r.get("choice_correct") is None for r in none[2:])
+    assert results[0]["metrics"]["chosen"] == 2
+    assert results[0]["metrics"]["choice_accuracy"] == sum(r["choice_correct"] for r in none[:2]) / 2
+    # the adapter changes the probabilities (the tiny model's are meaningless, but they are its own)
+    assert none[0]["choices"] != results[1]["predictions"][0]["choices"]
+
+
+def test_the_command_line_checks_endpoint_choices_and_concurrency(tmp_path):
+    data = tmp_path / "d.zip"
+    data.write_bytes(b"")
+    args = ev.parse_args([str(data), "--endpoint", "http://127.0.0.1:5000/, http://127.0.0.1:5001"])
+    assert args.endpoints == ["http://127.0.0.1:5000", "http://127.0.0.1:5001"] and args.concurrency == 8
+    assert ev.parse_args([str(data)]).closed_choices == ("yes", "no")
+    assert ev.parse_args([str(data), "--choices", "Yes, No"]).closed_choices == ("Yes", "No")
+    assert ev.parse_args([str(data), "--choices", "none"]).closed_choices == ()
+    assert ev.parse_args([str(tmp_path)]).dataset == tmp_path  # a folder of parquet files
+    for wrong in (["--endpoint", "127.0.0.1:5000"], ["--endpoint", "http://a,http://a"],
+                  ["--endpoint", "http://a", "--base", "weights/tiny/base"],
+                  ["--endpoint", "http://a,http://b", "--concurrency", "1"], ["--concurrency", "4"],
+                  ["--choices", "yes"], ["--choices", "yes,yes"], ["--endpoint", "http://a", "--lora-weights",
+                                                                   str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            ev.parse_args([str(data), *wrong])
+
+
+def test_cli_evaluates_parquet_files_and_writes_the_review_sheet(tiny_dir, dataset, expected, tmp_path, capsys):
+    """The hub layout (a folder of parquet files) gives the same answers as the archive's same questions."""
+    code = ev.main([str(dataset / "path-vqa"), "--base", str(tiny_dir / "base"), "--adapter", "none",
+                    "--max-new-tokens", str(MAX_NEW_TOKENS), "--json", str(tmp_path / "out.json"),
+                    "--html", str(tmp_path / "review.html")])
+    assert code == 0
+    assert "| scored by choices | 2 |" in capsys.readouterr().out
+    [config] = json.loads((tmp_path / "out.json").read_text())["configurations"]
+    records = config["predictions"]
+    assert [r["where"] for r in records] == ["test-00000-of-00002.parquet row 1", "test-00000-of-00002.parquet row 2",
+                                             "test-00001-of-00002.parquet row 1"]
+    # the archive's first three questions, with the same images ("No." there is "no" here)
+    assert [r["prediction"] for r in records] == expected[0]["none"][:3]
+    assert [r["choice"] for r in records[:2]] == [r["choice"] for r in expected[1][0]["predictions"][:2]]
+    page = (tmp_path / "review.html").read_text()
+    assert page.count('<tr class="answer"') == 3 and page.count('src="data:image/jpeg;base64,') == 3

@@ -1,9 +1,11 @@
 """The standard medical VQA metrics (LLaVA-Med's): closed (yes/no) accuracy by the answer's first whole yes/no
-word, open recall, and token F1, exact match and smoothed sentence BLEU-4 on normalised text."""
+word, open recall, and token F1, exact match and smoothed sentence BLEU-4 on normalised text; and the accuracy of
+`choices`, the most probable of the candidate answers (yes/no, or the dataset's options)."""
 
-import math
 import re
 from collections import Counter
+
+from sacrebleu.metrics import BLEU
 
 YES_NO = ("yes", "no")
 
@@ -57,24 +59,26 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize(prediction) == normalize(reference))
 
 
-def _ngrams(words: list[str], n: int) -> Counter:
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+# Add-one smoothing for n >= 2 (Lin & Och 2004; sacrebleu's "add-k", NLTK's method2) on our own normalised words,
+# so a short answer equal to a short reference scores 1. The effective order never drops below 4 with add-k (an
+# empty n-gram count becomes 1/1); it only keeps sacrebleu from warning on every call.
+_BLEU = BLEU(smooth_method="add-k", smooth_value=1, tokenize="none", effective_order=True)
 
 
-def bleu(prediction: str, reference: str, max_n: int = 4) -> float:
-    """Add-one smoothing for n >= 2 (Lin & Och 2004), so a short answer equal to a short reference scores 1."""
-    pred, ref = tokens(prediction), tokens(reference)
+def bleu(prediction: str, reference: str) -> float:
+    """Sentence BLEU-4 in [0, 1]; an empty text scores 1 only against an empty one."""
+    pred, ref = normalize(prediction), normalize(reference)
     if not pred or not ref:
         return float(pred == ref)
-    log_precisions = 0.0
-    for n in range(1, max_n + 1):
-        matches = sum((_ngrams(pred, n) & _ngrams(ref, n)).values())
-        total = max(len(pred) - n + 1, 0)
-        if n == 1 and not matches:
-            return 0.0
-        log_precisions += math.log(matches / total if n == 1 else (matches + 1) / (total + 1))
-    brevity = min(1.0, math.exp(1 - len(ref) / len(pred)))
-    return brevity * math.exp(log_precisions / max_n)
+    return min(1.0, _BLEU.sentence_score(pred, [ref]).score / 100)  # sacrebleu's % can round above 100
+
+
+def choice_score(rows: list[dict], reference: str) -> dict:
+    """`rows`: the `choices` table (text, probability, ...). Right when the most probable candidate is the
+    reference (normalised: "No." is "no")."""
+    best = max(rows, key=lambda row: row["probability"])
+    return {"choice": best["text"], "choice_probability": best["probability"],
+            "choice_correct": normalize(best["text"]) == normalize(reference)}
 
 
 def score(prediction: str, reference: str) -> dict:
@@ -97,11 +101,14 @@ def _mean(values: list) -> float | None:
 def aggregate(records: list[dict]) -> dict:
     closed = [r for r in records if r["closed"]]
     opened = [r for r in records if not r["closed"]]
+    chosen = [r for r in records if r.get("choice_correct") is not None]  # scored over candidates too
     return {
         "questions": len(records),
         "closed": len(closed),
         "open": len(opened),
         "closed_accuracy": _mean([float(r["correct"]) for r in closed]),
+        "chosen": len(chosen),
+        "choice_accuracy": _mean([float(r["choice_correct"]) for r in chosen]),
         "open_recall": _mean([r["recall"] for r in opened]),
         "f1": _mean([r["f1"] for r in records]),
         "exact_match": _mean([r["exact_match"] for r in records]),

@@ -1,0 +1,164 @@
+"""Evaluation through deployed containers (`--endpoint URL[,URL...]`): each question is a prediction through the Cog
+HTTP API (POST URL/predictions, images inline as data: URIs), N at a time spread over the URLs (a fleet of replicas
+serves one large evaluation), each answer appended to the results file as it arrives."""
+
+import base64
+import itertools
+import json
+import logging
+import mimetypes
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import requests
+from PIL import Image
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from idefics_cog.evaluation.configuration import Configuration
+from idefics_cog.evaluation.datasets import Item
+from idefics_cog.evaluation.journal import Journal
+from idefics_cog.evaluation.results import collect, progress, question
+from idefics_cog.inputs.prompt import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
+
+# 409: every slot busy (coglet also answers it a moment after a response, before it frees the slot); 503: still in
+# setup. Both are asked again, up to about 10 minutes (600 tries, at most 1 s apart); urllib3 retries a connection
+# refused too (a replica restarting), never a request that may have run.
+BUSY = (409, 503)
+RETRY = Retry(total=None, connect=10, read=0, redirect=0, status=600, other=0, status_forcelist=BUSY,
+              allowed_methods=None, backoff_factor=0.02, backoff_max=1.0, raise_on_status=False)
+TIMEOUT = (10, 1800)  # connect, and read: a long answer on a loaded replica
+REFUSED = 422  # an input the server refused: recorded as that question's error, as a failed prediction is
+
+
+class RemoteError(Exception):
+    """An endpoint that does not answer as a Cog container does; the message names it."""
+
+
+def data_uri(path: Path) -> str:
+    try:
+        with Image.open(path) as image:
+            mime = Image.MIME.get(image.format or "")
+    except (OSError, ValueError):  # not for PIL (e.g. DICOM): the server reads it by its content
+        mime = None
+    mime = mime or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(Path(path).read_bytes()).decode()}"
+
+
+def messages(item: Item) -> list[dict]:
+    """The example as chat messages, rendering the same transcript as in-process evaluation: the images with the
+    first question, where its `<image>` placeholders put them, else after its text."""
+    turns, count = item.example.turns, len(item.example.images)
+    parts = turns[0].user.split(IMAGE_TOKEN)
+    if len(parts) > 1:
+        content = [p for i, text in enumerate(parts)
+                   for p in ([{"type": "image"}] if i else []) + ([{"type": "text", "text": text}] if text else [])]
+    else:
+        content = ([{"type": "text", "text": turns[0].user}] if turns[0].user else []) + [{"type": "image"}] * count
+    out = [{"role": "user", "content": content}]
+    for previous, turn in itertools.pairwise(turns):
+        out += [{"role": "assistant", "content": previous.assistant}, {"role": "user", "content": turn.user}]
+    return out
+
+
+def inputs(item: Item, config: Configuration, max_new_tokens: int) -> dict:
+    body = {"messages": json.dumps(messages(item)), "max_new_tokens": max_new_tokens, "temperature": 0,
+            "adapter": config.adapter, "lora_scale": config.lora_scale}
+    if item.example.images:
+        body["images"] = [data_uri(path) for path in item.example.images]
+    if config.lora_weights:
+        body["lora_weights"] = config.lora_weights
+    return body
+
+
+def session() -> requests.Session:
+    http = requests.Session()
+    http.mount("http://", HTTPAdapter(max_retries=RETRY))
+    http.mount("https://", HTTPAdapter(max_retries=RETRY))
+    return http
+
+
+def predict(http: requests.Session, url: str, body: dict) -> tuple[str | None, str | None, int]:
+    """(output joined, None, times told busy) or (None, the server's error, times told busy)."""
+    try:
+        response = http.post(f"{url}/predictions", json={"input": body}, timeout=TIMEOUT)
+    except requests.RequestException as exc:
+        raise RemoteError(f"{url}: {exc}") from None
+    history = response.raw.retries.history if response.raw.retries else ()
+    busy = sum(1 for event in history if event.status in BUSY)
+    if response.status_code in BUSY:
+        raise RemoteError(f"{url}: still HTTP {response.status_code} (busy or starting) after {busy} tries")
+    if response.status_code == REFUSED:
+        return None, f"HTTP 422: {response.text[:1000]}", busy
+    if response.status_code != 200:
+        raise RemoteError(f"{url}/predictions: HTTP {response.status_code}: {response.text[:300]}")
+    try:
+        result = response.json()
+    except ValueError:
+        raise RemoteError(f"{url}/predictions: the answer is not JSON: {response.text[:300]!r}") from None
+    if result.get("status") != "succeeded":
+        return None, result.get("error") or f"status {result.get('status')}", busy
+    output = result.get("output") or []
+    return ("".join(output) if isinstance(output, list) else str(output)), None, busy
+
+
+def ask(http, url: str, item: Item, config: Configuration, max_new_tokens: int, choices: tuple[str, ...]) -> dict:
+    """As local.answer, through one endpoint: the greedy answer, then (if any) the candidates' table, with
+    `output_format` json."""
+    body = inputs(item, config, max_new_tokens)
+    output, error, busy = predict(http, url, body)
+    record = {"prediction": (output or "").strip(), "endpoint": url, "busy_retries": busy}
+    if error is not None:
+        record["error"] = error
+        return record
+    if choices:
+        output, error, busy = predict(http, url, {**body, "choices": json.dumps(list(choices)), "output_format": "json"})
+        record["busy_retries"] += busy
+        if error is not None:
+            record["choice_error"] = error
+        else:
+            try:
+                record["choices"] = json.loads(output)["choices"]
+            except (ValueError, KeyError, TypeError):
+                raise RemoteError(f"{url}: a `choices` prediction's output is not the JSON document with "
+                                  f"\"choices\" (is the container older than `choices`? --choices none skips "
+                                  f"them): {output[:200]!r}") from None
+    return record
+
+
+def evaluate(urls: list[str], items: list[Item], configurations: list[Configuration], max_new_tokens: int,
+             closed_choices: tuple[str, ...] = ("yes", "no"), journal: Journal | None = None,
+             concurrency: int = 1) -> list[dict]:
+    """Every (configuration, question) not in the journal yet, `concurrency` at a time; each worker thread keeps one
+    endpoint (round robin) and its connection."""
+    journal = journal or Journal()
+    todo = [(config, index, item) for config in configurations for index, item in enumerate(items)
+            if journal.done(config, index, item.question) is None]
+    total = len(configurations) * len(items)
+    log.info("%d of %d answers to ask, %d at a time over %d endpoint(s)", len(todo), total, concurrency, len(urls))
+    local, turn = threading.local(), itertools.count()
+
+    def work(config: Configuration, index: int, item: Item) -> None:
+        if not hasattr(local, "url"):
+            local.url, local.http = urls[next(turn) % len(urls)], session()
+        record = ask(local.http, local.url, item, config, max_new_tokens, item.choices(closed_choices))
+        for problem in ("error", "choice_error"):
+            if record.get(problem):
+                log.warning("%s: %s: %s", config.label, item.where, record[problem])
+        journal.add(config, index, {**question(item, index), **record})
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="evaluate") as pool, \
+            progress(total, total - len(todo), "answers") as bar:
+        futures = [pool.submit(work, *task) for task in todo]
+        try:
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+        except BaseException:  # the answers already in are kept (journal); the run resumes from there
+            for future in futures:
+                future.cancel()
+            raise
+    return collect(items, configurations, journal, {c: {"endpoints": urls} for c in configurations})
