@@ -115,7 +115,8 @@ def ask(http, url: str, item: Item, config: Configuration, max_new_tokens: int, 
         record["error"] = error
         return record
     if choices:
-        output, error, busy = predict(http, url, {**body, "choices": json.dumps(list(choices)), "output_format": "json"})
+        scoring = {**body, "choices": json.dumps(list(choices)), "output_format": "json"}
+        output, error, busy = predict(http, url, scoring)
         record["busy_retries"] += busy
         if error is not None:
             record["choice_error"] = error

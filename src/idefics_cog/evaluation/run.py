@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None, prog: str = "idefics-cog evaluate") -> ar
     choices = [c.strip() for c in args.choices.split(",")]
     args.closed_choices = () if args.choices.strip().lower() == "none" else tuple(choices)
     if args.closed_choices and (len(choices) < 2 or not all(choices) or len(set(choices)) < len(choices)):
-        parser.error(f"--choices: give two different candidates or more, comma separated, or none; got {args.choices!r}")
+        parser.error(f"--choices: give two different candidates or more, comma separated, or none; got "
+                     f"{args.choices!r}")
     args.endpoints = []
     if args.endpoint is not None:
         if args.base or args.adapter_weights:

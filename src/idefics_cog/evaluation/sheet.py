@@ -29,6 +29,7 @@ th, td { border: 1px solid #ccc; padding: .35em .5em; vertical-align: top; text-
 table.metrics td:not(:first-child) { text-align: right; }
 tbody.example { border-top: 3px solid #555; }
 #review { width: 100%; } #review td { overflow-wrap: anywhere; }
+#review td.number { min-width: 7em; overflow-wrap: normal; }
 td.images img { display: block; max-width: 240px; max-height: 240px; margin-bottom: .3em; }
 .right { color: #1b7f3b; font-weight: 600; } .wrong { color: #b3261e; font-weight: 600; } .none { color: #777; }
 td.mark label { display: block; white-space: nowrap; } td.mark input[type=text] { width: 12em; }
@@ -119,7 +120,8 @@ def _answer_row(index: int, column: int, label: str, record: dict, first: str) -
     probability = record.get("choice_probability")
     data = {"number": index + 1, "where": record["where"], "configuration": label,
             "question": record["question"], "reference": record["reference"], "answer": record.get("prediction", ""),
-            "choice": record.get("choice", ""), "choice_probability": "" if probability is None else f"{probability:.4f}",
+            "choice": record.get("choice", ""),
+            "choice_probability": "" if probability is None else f"{probability:.4f}",
             "answer_verdict": answer_verdict, "choice_verdict": choice_verdict}
     attributes = " ".join(f'data-{key.replace("_", "-")}="{escape(str(value))}"' for key, value in data.items())
     answer = escape(record.get("prediction", ""))
@@ -155,11 +157,11 @@ def render(items: list[Item], results: list[dict], title: str, limit: int = 0) -
     body = []
     for index, item in enumerate(shown):
         span = len(results)
-        first = (f'<td rowspan="{span}">{index + 1}<br><span class="none">{escape(item.where)}</span></td>'
-                 + f'<td class="images" rowspan="{span}">{_images(item)}</td>'
-                 + f'<td rowspan="{span}">{escape(item.question)}</td><td rowspan="{span}">{escape(item.reference)}</td>')
-        answers = [_answer_row(index, column, names[column], result["predictions"][index], first if column == 0 else "")
-                   for column, result in enumerate(results)]
+        first = (f'<td class="number" rowspan="{span}">{index + 1}<br><span class="none">{escape(item.where)}</span>'
+                 f'</td><td class="images" rowspan="{span}">{_images(item)}</td>'
+                 f'<td rowspan="{span}">{escape(item.question)}</td><td rowspan="{span}">{escape(item.reference)}</td>')
+        answers = [_answer_row(index, column, names[column], result["predictions"][index],
+                               first if column == 0 else "") for column, result in enumerate(results)]
         body.append('<tbody class="example">' + "".join(answers) + "</tbody>")
     sheet_id = hashlib.sha256(json.dumps([[r["label"], r["predictions"]] for r in results], sort_keys=True,
                                          default=str).encode()).hexdigest()[:16]
