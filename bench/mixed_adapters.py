@@ -92,7 +92,8 @@ def main() -> None:
                 if round_:
                     rates[name].append(rate)
             if round_ == 0:
-                medical = [t for t, choice in zip(tokens["medical/none"], runs["medical/none"]) if choice[0] == "medical"]
+                medical = [t for t, choice in zip(tokens["medical/none"], runs["medical/none"])
+                           if choice[0] == "medical"]
                 if medical != tokens["all medical"][::2]:
                     sys.exit("the medical rows of the mixed batch differ from the all-medical batch")
             print(f"round {round_} done", file=sys.stderr, flush=True)

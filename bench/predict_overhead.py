@@ -40,6 +40,7 @@ from idefics_cog.inputs.prompt import build_segments  # noqa: E402
 from idefics_dev.client import post_prediction  # noqa: E402
 from idefics_dev.cogrunner import CogServer  # noqa: E402
 from idefics_dev.recipe import model_card_generate  # noqa: E402
+from idefics_dev.schema import run_defaults  # noqa: E402
 from predict import Predictor  # noqa: E402
 
 BASE = ROOT / "weights" / "tiny" / "base"
@@ -63,9 +64,8 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     loop = event_loop()
     picture = load_image("image", IMAGE)  # the RGB image the predictor makes of the same file
     items = [picture if isinstance(s, int) else s for s in build_segments(PROMPT, 1)]
-    args = dict(prompt=PROMPT, template="instruct", system_prompt="", messages="", max_new_tokens=max_new_tokens,
-                temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, seed=0, stop_sequences="",
-                adapter="none", lora_weights="", lora_scale=1.0)
+    args = {**run_defaults(Predictor), "prompt": PROMPT, "max_new_tokens": max_new_tokens, "seed": 0,
+            "adapter": "none"}
     data_uri = f"data:image/png;base64,{base64.b64encode(IMAGE.read_bytes()).decode()}"
 
     def recipe():
@@ -79,7 +79,7 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     def predictor_path():
         image = cog.Path.validate(data_uri).convert()  # the file as coglet hands it over (serving/files.py)
         start = time.perf_counter()
-        pieces = asyncio.run_coroutine_threadsafe(predictor.run(image=image, images=None, **args), loop).result()
+        pieces = asyncio.run_coroutine_threadsafe(predictor.run(**{**args, "image": image}), loop).result()
         text = "".join(pieces)
         return time.perf_counter() - start, text, list(engine.last_stats.ids), None
 

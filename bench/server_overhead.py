@@ -142,6 +142,7 @@ def model_requests(count: int, new_tokens: int) -> list[dict]:
 def part_model(args) -> dict:
     import cog
 
+    from idefics_dev.schema import run_defaults
     from predict import Predictor
 
     base = ROOT / "weights" / args.preset / "base"
@@ -154,14 +155,13 @@ def part_model(args) -> dict:
     predictor.setup()
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
-    defaults = dict(images=None, template="instruct", system_prompt="", messages="", top_p=1.0, top_k=0,
-                    repetition_penalty=1.0, seed=0, stop_sequences="", lora_weights="", lora_scale=1.0)
+    defaults = {**run_defaults(Predictor), "seed": 0}
     reqs = model_requests(16, args.new_tokens)
 
     def local(i):
         image = cog.Path.validate(reqs[i]["image"]).convert()  # a file as coglet hands it over, once per request
         pieces = asyncio.run_coroutine_threadsafe(
-            predictor.run(**defaults, **(reqs[i] | {"image": image})), loop).result()
+            predictor.run(**(defaults | reqs[i] | {"image": image})), loop).result()
         return "".join(pieces)
 
     engine = predictor.service.engine

@@ -111,7 +111,8 @@ def soak(count: int, large_requests: int = 0) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="soak-cache-"))
     temp = Path(tempfile.mkdtemp(prefix="soak-tmp-"))  # the server's own TMPDIR: nobody else's files counted
     env = {"TMPDIR": str(temp), "IDEFICS_BASE_WEIGHTS": str(TINY / "base"),
-           "IDEFICS_ADAPTER_WEIGHTS": str(TINY / "adapter"), "IDEFICS_CACHE_DIR": str(cache), "IDEFICS_ALLOW_PRIVATE_URLS": "1"}  # adapters from a loopback server
+           "IDEFICS_ADAPTER_WEIGHTS": str(TINY / "adapter"), "IDEFICS_CACHE_DIR": str(cache),
+           "IDEFICS_ALLOW_PRIVATE_URLS": "1"}  # adapters from a loopback server
     results = {"succeeded": 0, "failed as expected": 0, "unexpected": []}
     rss, latencies = [], []
     with FileServer() as files, CogServer(env=env) as server:

@@ -307,7 +307,8 @@ def report(info: dict, arrive: dict | None, steps: dict | None, bursts: dict | N
                                                                     arrive["calls"].items()) + ".\n"]
     if bursts:
         lines += [f"A burst at an idle server ({ARGS.preset}): {bursts['size']} requests, {bursts['tokens']} prompt "
-                  f"tokens in all, released together; ms from the release to the first token (medians over the runs).\n",
+                  f"tokens in all, released together; ms from the release to the first token (medians over the "
+                  f"runs).\n",
                   "| burst prefill | first token, median request ms | last first token ms |", "|---|---:|---:|"]
         lines += [f"| {mode} | {r['median']:.1f} | {r['last']:.1f} |" for mode, r in bursts["modes"].items()]
         lines.append("")

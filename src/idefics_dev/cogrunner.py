@@ -24,7 +24,8 @@ from idefics_cog.config import DEFAULT_BASE_WEIGHTS, ROOT
 from idefics_dev.client import post_prediction
 from idefics_dev.schema import write_schema
 
-STUBS = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"), "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}
+STUBS = {"predict": ("COG_PREDICT_TYPE_STUB", "predict.py:Predictor"),
+         "train": ("COG_TRAIN_TYPE_STUB", "train.py:train")}
 
 
 TERMINAL = ("succeeded", "failed", "canceled")

@@ -149,3 +149,10 @@ def write_schema(predictor: str = "predict.py:Predictor", trainer: str | None = 
 
 if __name__ == "__main__":
     print(write_schema(*sys.argv[1:]))
+
+
+def run_defaults(predictor_class) -> dict:
+    """The default of every input of `predictor_class.run`, as Cog fills in what a request leaves out: for calling
+    `run` directly (benchmarks), so that a new input never arrives as its `Input(...)` declaration."""
+    parameters = inspect.signature(predictor_class.run).parameters
+    return {name: getattr(p.default, "default", p.default) for name, p in parameters.items() if name != "self"}

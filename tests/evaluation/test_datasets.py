@@ -59,7 +59,8 @@ def test_parquet_options_column_and_an_image_by_path(tmp_path):
     ({"drop": "answer"}, "t.parquet has no column answer (it needs image, question, answer; it has image, question)"),
     ({"image": {"bytes": None, "path": "missing.png"}}, "t.parquet row 1: image path 'missing.png' is not a file"),
     ({"image": {"bytes": None, "path": None}}, "t.parquet row 1: the image has neither bytes nor a path"),
-    ({"choices": [["only one"]]}, "t.parquet row 1: choices must hold at least two candidates"),
+    ({"choices": [["only one"]]}, "t.parquet row 1: choices: give at least 2 candidates"),
+    ({"choices": [["left", " left "]]}, "t.parquet row 1: choices: 'left' is given twice (items 1 and 2)"),
     ({"question": "<image> and <image>?"}, "t.parquet row 1: prompt: has 2 <image> placeholder(s) but 1 image(s)"),
 ])
 def test_a_bad_parquet_row_names_the_file_and_row(tmp_path, change, message):
@@ -93,6 +94,22 @@ def test_what_is_not_a_dataset_says_so(tmp_path):
 
 def test_archive_choices_must_be_texts(tmp_path):
     lines = [{"images": [], "question": "Which side?", "answer": "left", "choices": "left,right"}]
-    with pytest.raises(DatasetError, match=r"data.jsonl line 1: choices must be a list of non-empty texts"):
+    with pytest.raises(DatasetError, match=r"data.jsonl line 1: choices must be a list of texts"):
         datasets.load(dataset_zip(tmp_path / "d.zip", lines, {}), tmp_path / "x")
     assert json.loads(json.dumps(lines))  # (the line itself is valid JSON: only `choices` is wrong)
+
+
+def test_a_parquet_image_path_outside_its_folder_is_refused(tmp_path):
+    """A downloaded dataset names no file of this machine (with --endpoint it would be sent away as an image)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret.png").write_bytes(png_bytes(1))
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for name in ["../secret.png", str(tmp_path / "secret.png")]:
+        table = pa.table({"image": pa.array([{"bytes": None, "path": name}], type=image_type),
+                          "question": ["Is there a fracture?"], "answer": ["no"]})
+        pq.write_table(table, tmp_path / "data" / "t.parquet")
+        with pytest.raises(DatasetError, match=r"t.parquet row 1: image path .* is outside the parquet file's folder"):
+            datasets.load(tmp_path / "data" / "t.parquet", tmp_path / "work")

@@ -116,3 +116,12 @@ def test_a_verbose_right_answer_is_wrong_by_words_and_right_by_choices():
     assert metrics["closed_accuracy"] == 0.0 and metrics["choice_accuracy"] == 1.0
     assert metrics["chosen"] == 1 and metrics["closed"] == 1
     assert vqa.aggregate([vqa.score("no", "no")])["choice_accuracy"] is None  # not scored by choices: n/a
+
+
+def test_a_question_whose_choices_failed_counts_as_wrong_by_choices_and_is_counted():
+    """Else a scoring failure would drop a question from one row only and widen the gap between the two."""
+    right = {**vqa.score("no", "no"), **vqa.choice_score(YES_NO, "no")}
+    failed = {**vqa.score("no", "no"), "choice_error": "choices: ... do not fit the model's context"}
+    metrics = vqa.aggregate([right, failed])
+    assert metrics["closed_accuracy"] == 1.0 and metrics["choice_accuracy"] == 0.5
+    assert metrics["chosen"] == 2 and metrics["choice_errors"] == 1 and metrics["errors"] == 0

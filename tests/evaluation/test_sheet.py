@@ -4,6 +4,10 @@ answers written here: the sheet's HTML parsed with the standard library's parser
 import base64
 import csv
 import io
+import json
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import pytest
@@ -160,3 +164,35 @@ def test_a_long_dataset_shows_its_first_questions_and_says_so(review):
     assert len([t for t in parsed.tags["tr"] if t.get("class") == "answer"]) == 2 * len(CONFIGS)
     assert "2 of 3 questions below (the first 2)" in " ".join("".join(parsed.text).split())
     assert len(parsed.tags["img"]) == 1 + 2  # the chart (all questions) and two questions' images
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node runs the sheet's script")
+def test_the_script_parses_and_no_csv_cell_can_start_a_formula(review, tmp_path):
+    """Run by a JavaScript engine: the script is valid (a Python escape turning into a raw tab once broke it), and
+    a cell a spreadsheet would run as a formula gets a leading '."""
+    _, _, _, parsed = review
+    script = tmp_path / "sheet.js"
+    script.write_text(parsed.script, encoding="utf-8")
+    assert subprocess.run(["node", "--check", str(script)], capture_output=True, text=True).returncode == 0
+    quote = re.search(r"function quote\(value\) \{.*?\n\}", parsed.script, re.S).group(0)
+    values = ["=HYPERLINK(1)", "+1", "-2", "@x", "\tx", 'a "b"', 0.63, ""]
+    check = tmp_path / "quote.js"
+    check.write_text(f"{quote}\nfor (const v of {json.dumps(values)}) console.log(quote(v));\n", encoding="utf-8")
+    out = subprocess.run(["node", str(check)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ['"\'=HYPERLINK(1)"', '"\'+1"', '"\'-2"', '"\'@x"', '"\'\tx"', '"a ""b"""', '"0.63"', '""']
+
+
+def test_a_failed_answer_is_asked_again_and_a_cut_line_dropped(tmp_path):
+    path = tmp_path / "results.jsonl"
+    with Journal(path) as journal:
+        journal.add(CONFIGS[0], 0, {"question": "q0", "prediction": "", "error": "HTTP 422: ..."})
+        journal.add(CONFIGS[0], 1, {"question": "q1", "prediction": "no"})
+        journal.add(CONFIGS[0], 2, {"question": "q2", "prediction": "yes", "choice_error": "out of memory"})
+    with open(path, "a", encoding="utf-8") as file:
+        file.write('{"key": "cut short by a ki')  # the run was killed while writing
+    with Journal(path) as journal:
+        assert [journal.answered(CONFIGS[0], i, f"q{i}") for i in range(3)] == [False, True, False]
+        journal.add(CONFIGS[0], 0, {"question": "q0", "prediction": "yes"})
+    assert path.read_text(encoding="utf-8").endswith("\n")
+    with Journal(path) as journal:
+        assert journal.answered(CONFIGS[0], 0, "q0") and journal.done(CONFIGS[0], 0, "q0")["prediction"] == "yes"

@@ -5,10 +5,12 @@ alone by plain PEFT, for every adapter setting; reported log-probabilities do no
 
 import json
 import re
+import time
 from pathlib import Path
 
 import jsonschema
 import pytest
+import requests
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from transformers import IdeficsForVisionText2Text
@@ -16,7 +18,7 @@ from transformers import IdeficsForVisionText2Text
 from idefics_cog.inputs.prompt import build_segments
 from idefics_cog.serving.engine import Engine
 from tests.support.fileserver import FileServer
-from tests.support.helpers import answer, data_uri, negated_adapter, noise_image, tar_bytes
+from tests.support.helpers import answer, data_uri, negated_adapter, new_tokens_of, noise_image, tar_bytes
 from tests.support.server import send, succeeded, together
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "docs" / "result.schema.json").read_text("utf-8"))
@@ -24,6 +26,7 @@ PICTURE = noise_image(41)
 QUESTION = "Is there a fracture?"
 CLOSED = {"prompt": QUESTION, "image": data_uri(PICTURE), "choices": '["yes", "no", "cannot tell"]'}
 NEIGHBOUR = {"prompt": "Tell me about lungs.", "max_new_tokens": 40, "adapter": "none"}
+LONG = {"prompt": "chest normal", "template": "raw", "max_new_tokens": 480, "adapter": "none"}  # all 480 uncancelled
 
 
 def result_of(server, inputs: dict) -> dict:
@@ -93,6 +96,7 @@ def test_logprobs_and_choices_are_unchanged_by_requests_beside_them(server):
                                 *[(inputs, True) for inputs in neighbours]])
     beside = [json.loads(succeeded(result)) for result in results[:2]]
     assert beside[0]["text"] == alone[0]["text"]
+    assert len(beside[0]["logprobs"]) == len(alone[0]["logprobs"]) == alone[0]["usage"]["completion_tokens"] > 0
     for ours, theirs in zip(beside[0]["logprobs"], alone[0]["logprobs"]):
         assert ours["id"] == theirs["id"] and ours["logprob"] == pytest.approx(theirs["logprob"], abs=1e-5)
         assert [top["id"] for top in ours["top"]] == [top["id"] for top in theirs["top"]]
@@ -141,3 +145,20 @@ def test_choices_after_a_messages_conversation_score_as_after_its_raw_transcript
     by_messages = result_of(server, {**common, "messages": json.dumps(chat)})
     by_raw = result_of(server, {**common, "prompt": transcript, "template": "raw"})
     assert by_messages == by_raw
+
+
+def test_a_cancelled_json_prediction_stops_its_generation_and_the_server_goes_on(server):
+    """A JSON result is sent whole at the end: the cancel reaches the generation while `run` still waits for it."""
+    check = answer(server, NEIGHBOUR)
+    final, cancelled_at = None, None
+    for event, data in server.stream({**LONG, "output_format": "json", "logprobs": 5}):
+        if event == "start":
+            time.sleep(0.5)  # generating
+            assert requests.post(f"{server.url}/predictions/{data['id']}/cancel", timeout=10).status_code == 200
+            prediction, cancelled_at = data["id"], time.monotonic()
+        elif event == "completed":
+            final, completed_at = data, time.monotonic()
+    assert final["status"] == "canceled" and not final.get("output")
+    assert completed_at - cancelled_at < 5
+    assert new_tokens_of(server, prediction) < LONG["max_new_tokens"]
+    assert answer(server, NEIGHBOUR) == check

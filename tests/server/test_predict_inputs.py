@@ -44,7 +44,8 @@ def test_the_inputs_checked_here_are_those_the_server_serves(server):
 @pytest.mark.parametrize("name", NUMERIC)
 def test_each_numeric_input_takes_integer_and_float_json_beside_other_requests(server, name):
     values = json_values(INPUTS[name])
-    base = {**BASE, **(SAMPLED if name in ("top_p", "top_k", "seed") else {})}
+    base = {**BASE, **(SAMPLED if name in ("top_p", "top_k", "seed") else {}),
+            **({"output_format": "json"} if name == "logprobs" else {})}  # where they are reported
     alone = [answer(server, inputs) for inputs in NEIGHBOURS]
     calls = [({**base, name: value}, True) for value in values] + [(inputs, True) for inputs in NEIGHBOURS]
     results = together(server, calls)

@@ -123,12 +123,12 @@ def test_a_scoring_job_beside_generating_ones_changes_no_answer(engine):
 
 
 def test_a_scoring_job_that_fails_ends_alone(engine, monkeypatch):
-    import idefics_cog.serving.scheduler as scheduler
+    from idefics_cog.serving import alone
 
     def broken(*args):
         raise RuntimeError("scoring broke")
 
-    monkeypatch.setattr(scheduler, "candidate_logprobs", broken)
+    monkeypatch.setattr(alone, "candidate_logprobs", broken)
     neighbour = generating_job(engine, "Tell me about lungs.", [], max_new_tokens=12)
     expected = tokens_of(submit_together(engine, [generating_job(engine, "Tell me about lungs.", [],
                                                                  max_new_tokens=12)])[0])
@@ -219,3 +219,58 @@ def test_a_stream_closed_before_its_end_was_cancelled(engine):
     next(stream)
     stream.close()
     assert job.stats.finish_reason == "cancel" and len(job.stats.ids) < 200
+
+
+@pytest.mark.parametrize("path", ["fast", "transformers"])
+def test_the_json_result_holds_every_tokens_logprobs_when_a_stop_sequence_ends_it(tiny_dir, tmp_path, path):
+    """model.generate reports them when it returns, after the reader has stopped at the stop sequence."""
+    import asyncio
+    import json
+
+    from idefics_cog.config import Settings
+    from idefics_cog.serving.service import Service
+    from tests.conftest import tiny_env
+
+    env = {**tiny_env(tiny_dir), "IDEFICS_CACHE_DIR": str(tmp_path), "IDEFICS_WARMUP": "0", "IDEFICS_ENGINE": path}
+    service = Service.from_settings(Settings.from_env(env))
+    request = dict(prompt="Tell me about lungs.", max_new_tokens=40, adapter="none")
+    plain = "".join(service.answer(**request))
+    stop = plain.split()[2]
+
+    async def result() -> dict:
+        pieces = [piece async for piece in service.astream(**request, stop_sequences=stop, logprobs=2,
+                                                           output_format="json")]
+        return json.loads("".join(pieces))
+
+    document = asyncio.run(result())
+    assert document["finish_reason"] == "stop_sequence" and document["text"] == plain[:plain.index(stop)]
+    assert len(document["logprobs"]) == document["usage"]["completion_tokens"] > 0
+
+
+def test_a_scoring_job_is_not_held_behind_a_full_batch(tiny_dir):
+    engine = Engine.load(tiny_dir / "base", "cpu", max_batch=2)
+    long = [generating_job(engine, "Tell me about lungs.", [], max_new_tokens=400, ignore_eos=True)
+            for _ in range(2)]
+    for job in long:
+        engine.submit(job, lambda item: None)
+    scoring = scoring_job(engine, *CASES["one image"], CANDIDATES)
+    received = submit_together(engine, [scoring])
+    assert scoring.scores is not None and not isinstance(received[0][-1], BaseException)
+    assert not any(job.finished.is_set() for job in long)  # scored while both slots were still decoding
+    for job in long:
+        job.cancel()
+        assert job.finished.wait(60)
+
+
+def test_choose_checks_the_candidates_as_a_request_does(engine):
+    from idefics_cog.errors import InputError
+
+    text, images = CASES["one image"]
+    segments = build_segments(text, len(images))
+    table = engine.choose(segments, list(images), [" yes ", "no"])
+    assert [row["text"] for row in table] == ["yes", "no"]
+    assert table == engine.choose(segments, list(images), ["yes", "no"])
+    for texts, message in ([["yes", "yes "], "given twice"], [["yes"], "at least 2"], [["yes", ""], "is empty"],
+                           [[f"c{i}" for i in range(33)], "the limit is 32"]):
+        with pytest.raises(InputError, match=message):
+            engine.choose(segments, list(images), texts)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from idefics_cog.config import RequestLimits
 from idefics_cog.errors import InputError
+from idefics_cog.inputs.choices import check_candidates
 from idefics_cog.evaluation.metrics import closed_answer
 from idefics_cog.inputs.images import load_image
 from idefics_cog.training.data import DATA_FILE, DatasetError, Example, Turn, load_dataset
@@ -85,13 +87,15 @@ def _read_archive(path: Path, workdir: Path) -> list[Item]:
 
 
 def _options(value, where: str) -> tuple[str, ...]:
-    if value is None:
+    if value is None or value == []:  # no candidates of its own
         return ()
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise DatasetError(f"{where}: choices must be a list of non-empty texts, got {value!r}")
-    if len(value) == 1:
-        raise DatasetError(f"{where}: choices must hold at least two candidates, got {value!r}")
-    return tuple(value)
+    if not isinstance(value, list):
+        raise DatasetError(f"{where}: choices must be a list of texts, got {value!r}")
+    limits = RequestLimits()  # as a server with the default limits takes them: both paths score the same
+    try:
+        return tuple(check_candidates(value, limits.choices, limits.choice_chars))
+    except InputError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
 
 
 def parquet_files(path: Path) -> list[Path]:
@@ -158,7 +162,10 @@ def _image_file(value, file: Path, where: str, stem: Path) -> Path | None:
         return target
     if not name:
         raise DatasetError(f"{where}: the image has neither bytes nor a path")
-    target = (file.parent / name).resolve()
+    folder = file.parent.resolve()
+    target = (folder / name).resolve()
+    if Path(name).is_absolute() or not target.is_relative_to(folder):  # a stranger's file names no file of ours
+        raise DatasetError(f"{where}: image path {name!r} is outside the parquet file's folder {folder}")
     if not target.is_file():
         raise DatasetError(f"{where}: image path {name!r} is not a file (relative to {file.parent})")
     return target

@@ -49,6 +49,12 @@ class Journal:
                              f"({record['question'][:60]!r}): it was written for another dataset; name a new file")
         return record
 
+    def answered(self, configuration, index: int, question: str) -> bool:
+        """Whether the question has its answer: one that failed (a replica gone, out of memory, a refusal) is asked
+        again by the next run; its new record, appended, is the one read."""
+        record = self.done(configuration, index, question)
+        return record is not None and not record.get("error") and not record.get("choice_error")
+
     def add(self, configuration, index: int, record: dict) -> dict:
         record = {"key": self.key(configuration, index), **record}
         with self._lock:

@@ -44,7 +44,7 @@ def evaluate(engine, adapters, items: list[Item], configurations: list[Configura
     journal = journal or Journal()
     active = {}
     for config in configurations:
-        todo = [(i, item) for i, item in enumerate(items) if journal.done(config, i, item.question) is None]
+        todo = [(i, item) for i, item in enumerate(items) if not journal.answered(config, i, item.question)]
         active[config] = {"active": select(adapters, config)}
         log.info("configuration %s: adapter in use %s; %d of %d questions to ask", config.label,
                  active[config]["active"], len(todo), len(items))

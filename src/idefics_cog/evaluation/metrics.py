@@ -101,17 +101,19 @@ def _mean(values: list) -> float | None:
 def aggregate(records: list[dict]) -> dict:
     closed = [r for r in records if r["closed"]]
     opened = [r for r in records if not r["closed"]]
-    chosen = [r for r in records if r.get("choice_correct") is not None]  # scored over candidates too
+    # Scored over candidates too; one whose scoring failed counts as wrong, as a failed answer does above.
+    chosen = [r for r in records if r.get("choice_correct") is not None or r.get("choice_error")]
     return {
         "questions": len(records),
         "closed": len(closed),
         "open": len(opened),
         "closed_accuracy": _mean([float(r["correct"]) for r in closed]),
         "chosen": len(chosen),
-        "choice_accuracy": _mean([float(r["choice_correct"]) for r in chosen]),
+        "choice_accuracy": _mean([float(bool(r.get("choice_correct"))) for r in chosen]),
         "open_recall": _mean([r["recall"] for r in opened]),
         "f1": _mean([r["f1"] for r in records]),
         "exact_match": _mean([r["exact_match"] for r in records]),
         "bleu": _mean([r["bleu"] for r in records]),
         "errors": sum(1 for r in records if r.get("error")),
+        "choice_errors": sum(1 for r in records if r.get("choice_error")),
     }

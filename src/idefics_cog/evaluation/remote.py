@@ -25,12 +25,14 @@ from idefics_cog.inputs.prompt import IMAGE_TOKEN
 log = logging.getLogger(__name__)
 
 # 409: every slot busy (coglet also answers it a moment after a response, before it frees the slot); 503: still in
-# setup. Both are asked again, up to about 10 minutes (600 tries, at most 1 s apart); urllib3 retries a connection
-# refused too (a replica restarting), never a request that may have run.
+# setup. Both are asked again, up to about 10 minutes (600 tries, at most 1 s apart, whatever a Retry-After says);
+# urllib3 retries a connection refused too (a replica restarting), never a request that may have run.
 BUSY = (409, 503)
 RETRY = Retry(total=None, connect=10, read=0, redirect=0, status=600, other=0, status_forcelist=BUSY,
-              allowed_methods=None, backoff_factor=0.02, backoff_max=1.0, raise_on_status=False)
+              allowed_methods=None, backoff_factor=0.02, backoff_max=1.0, raise_on_status=False,
+              respect_retry_after_header=False)
 TIMEOUT = (10, 1800)  # connect, and read: a long answer on a loaded replica
+MAX_RESPONSE_BYTES = 16 << 20  # an answer of 2048 tokens as JSON with its logs is well under 1 MB
 REFUSED = 422  # an input the server refused: recorded as that question's error, as a failed prediction is
 
 
@@ -84,7 +86,8 @@ def session() -> requests.Session:
 def predict(http: requests.Session, url: str, body: dict) -> tuple[str | None, str | None, int]:
     """(output joined, None, times told busy) or (None, the server's error, times told busy)."""
     try:
-        response = http.post(f"{url}/predictions", json={"input": body}, timeout=TIMEOUT)
+        with http.post(f"{url}/predictions", json={"input": body}, timeout=TIMEOUT, stream=True) as response:
+            text = _read(response, url)
     except requests.RequestException as exc:
         raise RemoteError(f"{url}: {exc}") from None
     history = response.raw.retries.history if response.raw.retries else ()
@@ -92,17 +95,30 @@ def predict(http: requests.Session, url: str, body: dict) -> tuple[str | None, s
     if response.status_code in BUSY:
         raise RemoteError(f"{url}: still HTTP {response.status_code} (busy or starting) after {busy} tries")
     if response.status_code == REFUSED:
-        return None, f"HTTP 422: {response.text[:1000]}", busy
+        return None, f"HTTP 422: {text[:1000]}", busy
     if response.status_code != 200:
-        raise RemoteError(f"{url}/predictions: HTTP {response.status_code}: {response.text[:300]}")
+        raise RemoteError(f"{url}/predictions: HTTP {response.status_code}: {text[:300]}")
     try:
-        result = response.json()
+        result = json.loads(text)
     except ValueError:
-        raise RemoteError(f"{url}/predictions: the answer is not JSON: {response.text[:300]!r}") from None
+        raise RemoteError(f"{url}/predictions: the answer is not JSON: {text[:300]!r}") from None
+    output = result.get("output") if isinstance(result, dict) else None
+    if not isinstance(result, dict) or not (output is None or isinstance(output, str) or (
+            isinstance(output, list) and all(isinstance(piece, str) for piece in output))):
+        raise RemoteError(f"{url}/predictions: not a Cog prediction's response: {text[:300]!r}")
     if result.get("status") != "succeeded":
-        return None, result.get("error") or f"status {result.get('status')}", busy
-    output = result.get("output") or []
-    return ("".join(output) if isinstance(output, list) else str(output)), None, busy
+        return None, str(result.get("error") or f"status {result.get('status')}"), busy
+    return "".join(output or []), None, busy
+
+
+def _read(response: requests.Response, url: str) -> str:
+    """The body, at most MAX_RESPONSE_BYTES: an endpoint cannot fill this process's memory."""
+    body = b""
+    for chunk in response.iter_content(1 << 16):
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise RemoteError(f"{url}/predictions: the answer is over {MAX_RESPONSE_BYTES >> 20} MB")
+    return body.decode("utf-8", errors="replace")
 
 
 def ask(http, url: str, item: Item, config: Configuration, max_new_tokens: int, choices: tuple[str, ...]) -> dict:
@@ -123,11 +139,22 @@ def ask(http, url: str, item: Item, config: Configuration, max_new_tokens: int, 
         else:
             try:
                 record["choices"] = json.loads(output)["choices"]
+                check_table(record["choices"], choices)
             except (ValueError, KeyError, TypeError):
                 raise RemoteError(f"{url}: a `choices` prediction's output is not the JSON document with "
                                   f"\"choices\" (is the container older than `choices`? --choices none skips "
                                   f"them): {output[:200]!r}") from None
     return record
+
+
+def check_table(table, texts: tuple[str, ...]) -> None:
+    """A choices table as documented (docs/result.schema.json), for these candidates; else ValueError."""
+    if not isinstance(table, list) or [row.get("text") if isinstance(row, dict) else None for row in table] != [
+            text.strip() for text in texts]:
+        raise ValueError("not the table of these candidates")
+    for row in table:
+        if not all(isinstance(row.get(key), (int, float)) for key in ("probability", "logprob", "mean_logprob")):
+            raise ValueError("a row without its numbers")
 
 
 def evaluate(urls: list[str], items: list[Item], configurations: list[Configuration], max_new_tokens: int,
@@ -137,7 +164,7 @@ def evaluate(urls: list[str], items: list[Item], configurations: list[Configurat
     endpoint (round robin) and its connection."""
     journal = journal or Journal()
     todo = [(config, index, item) for config in configurations for index, item in enumerate(items)
-            if journal.done(config, index, item.question) is None]
+            if not journal.answered(config, index, item.question)]
     total = len(configurations) * len(items)
     log.info("%d of %d answers to ask, %d at a time over %d endpoint(s)", len(todo), total, concurrency, len(urls))
     local, turn = threading.local(), itertools.count()

@@ -36,9 +36,10 @@ def table(results: list[dict]) -> list[list[str]]:
     chosen = [str(r["metrics"]["chosen"]) for r in results]
     if any(c != "0" for c in chosen):
         rows.append(["scored by choices", *chosen] + ([""] if compare else []))
-    errors = [r["metrics"]["errors"] for r in results]
-    if any(errors):
-        rows.append(["errors (scored as empty)", *map(str, errors)] + ([""] if compare else []))
+    for title, key in (("errors (scored as empty)", "errors"), ("choice errors (scored as wrong)", "choice_errors")):
+        errors = [r["metrics"].get(key, 0) for r in results]
+        if any(errors):
+            rows.append([title, *map(str, errors)] + ([""] if compare else []))
     return rows
 
 

@@ -46,7 +46,11 @@ function state(row) {
   const mark = row.querySelector("input[type=radio]:checked");
   return {mark: mark ? mark.value : "", note: row.querySelector("input[type=text]").value};
 }
-function quote(value) { return '"' + String(value).replace(/"/g, '""') + '"'; }
+// A cell a spreadsheet would run as a formula (=, +, -, @ first: a model's answer, a note) gets a leading '.
+function quote(value) {
+  const text = /^[=+\\-@\\t\\r]/.test(String(value)) ? "'" + value : String(value);
+  return '"' + text.replace(/"/g, '""') + '"';
+}
 function marksCsv() {
   const lines = [COLUMNS.join(",")];
   for (const row of rows()) {

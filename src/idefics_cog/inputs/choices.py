@@ -21,7 +21,12 @@ def parse_choices(value: str, count: int, longest: int) -> list[str]:
     if len(value) > count * (JSON_CHARS_PER_CHAR * longest + 4) + 2:
         raise InputError(f"choices: {len(value)} characters; the limit is {count} candidates of at most {longest} "
                          f"characters (IDEFICS_MAX_CHOICES, IDEFICS_MAX_CHOICE_CHARS)")
-    items = _json_list(value) if value.startswith("[") else value.split(",")
+    return check_candidates(_json_list(value) if value.startswith("[") else value.split(","), count, longest)
+
+
+def check_candidates(items: list, count: int, longest: int) -> list[str]:
+    """Candidates stripped; refused (InputError naming `choices`): not strings, empty, too many or too long, the
+    same one twice, fewer than 2."""
     if len(items) > count:
         raise InputError(f"choices: {len(items)} candidates; the limit is {count} (IDEFICS_MAX_CHOICES)")
     candidates = []

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from transformers import IdeficsConfig
 
-from idefics_cog.config import ADAPTER_BANK_RANK
+from idefics_cog.config import ADAPTER_BANK_RANK, RequestLimits
 from idefics_cog.errors import InputError
-from idefics_cog.inputs.choices import candidate_ids
+from idefics_cog.inputs.choices import candidate_ids, check_candidates
 from idefics_cog.inputs.prompt import (
     END_OF_UTTERANCE,
     FAKE_IMAGE_TOKEN,
@@ -107,9 +107,11 @@ class Engine:
                              f"({bound}{candidate_tokens} tokens in all) do not fit the model's context of {context} "
                              f"tokens; send fewer or shorter candidates")
 
-    def choose(self, segments: list[Segment], images: list[Image.Image], texts: list[str]) -> list[dict]:
-        """`choices` in-process (the evaluation): each candidate's row of the choices table, in the order given,
-        with the adapter selected now."""
+    def choose(self, segments: list[Segment], images: list[Image.Image], texts: list[str],
+               limits: RequestLimits = RequestLimits()) -> list[dict]:
+        """`choices` in-process (the evaluation), checked as a request's are: each candidate's row of the choices
+        table (stripped), in the order given, with the adapter selected now."""
+        texts = check_candidates(list(texts), limits.choices, limits.choice_chars)
         ids = tokenize(segments, self.tokenizer)
         choices = candidate_ids(segments, texts, ids, self.tokenizer)
         self.check_choices(len(ids), sum(map(len, choices)))
@@ -215,7 +217,8 @@ class _Reader:
         if item is END:
             self.done = True
             ended_turn = stats.ids and stats.ids[-1] in self.eos_token_ids
-            stats.finish_reason = ("cancel" if self.job.cancelled.is_set() else
+            stats.finish_reason = ("choice" if self.job.choices is not None else
+                                   "cancel" if self.job.cancelled.is_set() else
                                    "end_of_turn" if ended_turn else "length")
             return self.text.finish()
         stats.add(item)

@@ -62,7 +62,7 @@ class Job:
     select_adapter: Callable[[], object] | None = None  # runs on the torch thread
     # `choices`: each candidate's tokens after the prompt; the job scores them (`scores`) instead of generating.
     choices: list[list[int]] | None = None
-    logprobs: int = 0  # alternatives reported per generated token (scoring.token_logprobs), 0: none
+    logprobs: int = 0  # alternatives reported per generated token (scoring.record_logprobs), 0: none
     scores: list[list[float]] | None = None  # per candidate, its tokens' log-probabilities
     token_logprobs: list[dict] = field(default_factory=list)  # per generated token, when `logprobs`
     stats: "Stats" = field(init=False)
@@ -90,7 +90,7 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     ended: float | None = None
-    finish_reason: str | None = None  # end_of_turn, stop_sequence, length, error or cancel (engine._Reader)
+    finish_reason: str | None = None  # end_of_turn, stop_sequence, length, choice, error or cancel (engine._Reader)
 
     def add(self, ids: list[int]) -> None:
         self.first_token_at = self.first_token_at or time.perf_counter()

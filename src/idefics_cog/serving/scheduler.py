@@ -7,14 +7,14 @@ import threading
 from collections import deque
 
 import torch
-from transformers import StoppingCriteriaList
 
 from idefics_cog.config import ADAPTER_BANK_RANK
+from idefics_cog.serving import alone
 from idefics_cog.serving.decoder import FastDecoder
 from idefics_cog.serving.failures import explained, failure
-from idefics_cog.serving.jobs import Cancelled, NewTokens, Prefill, Row, end_job
+from idefics_cog.serving.jobs import Prefill, Row, end_job
 from idefics_cog.serving.sampler import BatchSampler
-from idefics_cog.serving.scoring import candidate_logprobs, record_logprobs
+from idefics_cog.serving.scoring import record_rows
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class Scheduler:
                 return group, True
             if job.choices is not None:
                 self.starting.popleft()
-                self._score(job, encoded)
+                self._alone(alone.score, job, encoded)
                 return group, False
             if not fast:
                 self.starting.popleft()
@@ -146,7 +146,7 @@ class Scheduler:
                     job.request_context.run(self._log_fallback,
                                             f"{encoded.pixel_values.shape[1]} images do not fit a slot")
                 job.request_context.run(log.info, "decoded by model.generate, one request at a time")
-                self._generate(job, encoded, max_new_tokens)
+                self._alone(alone.generate, job, encoded, max_new_tokens)
                 return group, False
             job.request_context.run(log.info, "decoded by the fast path, its decode step %s",
                                     self.decoder.step_mode)
@@ -256,12 +256,21 @@ class Scheduler:
         self.prepared = None
 
     def _admit(self) -> list:
-        """As many waiting jobs as there are free slots, in arrival order."""
+        """As many waiting jobs as there are free slots, in arrival order, and every job that scores `choices`
+        (it takes no slot: behind a full batch it waits only for the next decode step)."""
         for job in [job for job in self.waiting if job.cancelled.is_set()]:
             self.waiting.remove(job)
             end_job(job)
         room = self.decoder.max_batch - len(self.rows) if self.decoder else 1 - len(self.rows)
-        return [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        admitted = []
+        for job in list(self.waiting):
+            if job.choices is None:
+                if room < 1:
+                    continue
+                room -= 1
+            self.waiting.remove(job)
+            admitted.append(job)
+        return admitted
 
     def _start(self, job):
         """(encoded, max_new_tokens), None when the job ended, or _WAIT while its adapter finds no room in the decode
@@ -324,13 +333,8 @@ class Scheduler:
             error = failure("sampling the next token", exc)
             return self._drop([row.slot for row in rows], {row.slot: error for row in rows})
         errors = {slot: failure("sampling the next token", exc) for slot, exc in failed.items()}
-        reported = [i for i in reporting if tokens[i] is not None]
-        if reported:
-            try:
-                record_logprobs([rows[i].job for i in reported], raw[[reporting.index(i) for i in reported]],
-                                [tokens[i] for i in reported], self.banned)
-            except Exception as exc:  # those rows alone
-                errors.update({rows[i].slot: failure("reporting log-probabilities", exc) for i in reported})
+        if reporting:
+            errors.update(record_rows(rows, reporting, raw, tokens, self.banned))
         done, eos = [], self.engine.eos_token_ids
         for row, token in zip(rows, tokens):
             if token is None:
@@ -358,33 +362,13 @@ class Scheduler:
                 last.slot = slot
                 self.rows[slot] = last
 
-    def _generate(self, job, encoded, max_new_tokens: int) -> None:
-        engine = self.engine
-        kwargs = engine.generate_kwargs(encoded, job.sampling, max_new_tokens)
-        kwargs.update(streamer=NewTokens(job.sink), stopping_criteria=StoppingCriteriaList([Cancelled(job)]))
-        if job.logprobs:  # the raw scores of each step, before any logits processor
-            kwargs.update(output_logits=True, return_dict_in_generate=True)
-        stage = "generating"
+    def _alone(self, run, job, *args) -> None:
+        """`run` (alone.py) serves the request by itself; after a failure no adapter stays selected."""
         try:
-            torch.manual_seed(job.stats.seed)  # `generate` draws from the global generator
-            out = engine.model.generate(**kwargs)
-            if job.logprobs and out.logits:
-                stage = "reporting log-probabilities"
-                record_logprobs([job] * len(out.logits), torch.cat(out.logits),
-                                out.sequences[0, -len(out.logits):].tolist(), self.banned)
-        except Exception as exc:
+            run(self.engine, job, *args, self.banned)
+        except Exception as error:  # failures.failure's GenerationError, naming the stage
             self._deselect()
-            return end_job(job, failure(stage, exc))
-        end_job(job)
-
-    def _score(self, job, encoded) -> None:
-        engine = self.engine
-        try:
-            job.scores = candidate_logprobs(engine.model, encoded, job.choices, self.banned, engine.device,
-                                            engine.dtype)
-        except Exception as exc:
-            self._deselect()
-            return end_job(job, failure("scoring the choices", exc))
+            return end_job(job, error)
         end_job(job)
 
     def _deselect(self) -> None:

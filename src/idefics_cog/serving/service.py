@@ -25,7 +25,7 @@ from idefics_cog.serving import files
 from idefics_cog.serving.adapters import MEDICAL, NONE, Adapters
 from idefics_cog.serving.engine import Engine
 from idefics_cog.serving.jobs import Job, Sampling, whole
-from idefics_cog.serving.results import OUTPUT_FORMATS, chosen, document
+from idefics_cog.serving.output import OUTPUT_FORMATS, chosen, document
 from idefics_cog.serving.textstream import parse_stop_sequences
 from idefics_cog.weights.download import resolve
 from idefics_cog.weights.stream import Cancel
@@ -173,7 +173,10 @@ class Service:
         try:
             async with aclosing(self.engine.astream(job)) as pieces:  # ended before the metrics are read
                 if request.choices or request.output_format == "json":
-                    yield self.result(request, job, "".join([piece async for piece in pieces]))
+                    text = "".join([piece async for piece in pieces])
+                    # model.generate reports log-probabilities when it returns, which may be after the text's end.
+                    await asyncio.to_thread(job.finished.wait)
+                    yield self.result(request, job, text)
                 else:
                     async for piece in pieces:
                         yield piece
@@ -229,6 +232,8 @@ class Service:
         if candidates and logprobs:
             raise InputError("logprobs: reports generated tokens, and choices generates none; each candidate's "
                              "log-probability is in the choices table of output_format=json")
+        if logprobs and output_format != "json":
+            raise InputError("logprobs: reported in the JSON result only; add output_format=json")
         if len(lora_weights) > limits.lora_weights_chars:
             raise InputError(f"lora_weights: {len(lora_weights)} characters; the limit is "
                              f"{limits.lora_weights_chars} (IDEFICS_MAX_LORA_WEIGHTS_CHARS)")
