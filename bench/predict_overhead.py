@@ -86,7 +86,8 @@ def make_paths(predictor: Predictor, server: CogServer, max_new_tokens: int) -> 
     def server_path():
         server.wait_ready(30)  # coglet is BUSY for a moment after each response
         start = time.perf_counter()
-        response = post_prediction(f"{server.url}/predictions", {"input": {**args, "image": data_uri}}, timeout=600)
+        inputs = {name: value for name, value in args.items() if value is not None}  # JSON has no None for Cog
+        response = post_prediction(f"{server.url}/predictions", {"input": {**inputs, "image": data_uri}}, timeout=600)
         seconds = time.perf_counter() - start
         body = response.json()
         assert response.status_code == 200 and body["status"] == "succeeded", body
