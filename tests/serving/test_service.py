@@ -37,7 +37,7 @@ def first_answers(service: Service, picture) -> list:
 def test_setup_ends_with_a_warm_up_that_leaves_no_trace_in_the_answers(tiny_dir, tmp_path, picture, caplog):
     with caplog.at_level(logging.INFO):
         warm = Service.from_settings(settings(tiny_dir, tmp_path, "1"))
-    assert re.search(r"warm-up: a 4-token prediction in \d+\.\d\d s", caplog.text)
+    assert re.search(r"warm-up: a 4-token prediction and a yes/no scoring in \d+\.\d\d s", caplog.text)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         cold = Service.from_settings(settings(tiny_dir, tmp_path, "0"))

@@ -107,6 +107,10 @@ class Stats:
         """The stream is over; one that stopped before the job's end was cancelled."""
         self.ended = time.perf_counter()
         self.finish_reason = self.finish_reason or "cancel"
+        if self.finish_reason == "choice":
+            log.info("prompt %d tokens, choices scored in %.0f ms", self.prompt_tokens,
+                     1000 * (self.ended - self.started))
+            return
         if self.first_token_at is None:
             log.info("prompt %d tokens, no token generated (seed %d)", self.prompt_tokens, self.seed)
             return

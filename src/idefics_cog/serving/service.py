@@ -117,8 +117,8 @@ class Service:
         return service
 
     def warm_up(self) -> None:
-        """Compile the decode step at every bucket and run one short prediction, so that no user pays for either;
-        it leaves every slot free. Raises WarmUpError, which fails setup."""
+        """Compile the decode step at every bucket and run one short prediction and one scoring of `choices`, so
+        that no user pays for their first run; it leaves every slot free. Raises WarmUpError, which fails setup."""
         started = time.perf_counter()
         try:
             decoder = self.engine.scheduler.decoder
@@ -129,10 +129,13 @@ class Service:
                 Image.new("RGB", (64, 64), (120, 130, 140)).save(picture)
                 for _ in self.answer(prompt="Describe this image.", image=picture, max_new_tokens=WARMUP_TOKENS):
                     pass
+                for _ in self.answer(prompt="Is this a picture?", image=picture, choices="yes,no"):  # scoring's
+                    pass  # path (the model as transformers runs it) is first run here, not by a user
         except Exception as exc:
             raise WarmUpError(f"setup's warm-up prediction failed (IDEFICS_WARMUP=0 skips it): "
                               f"{type(exc).__name__}: {exc}") from exc
-        log.info("warm-up: a %d-token prediction in %.2f s", WARMUP_TOKENS, time.perf_counter() - started)
+        log.info("warm-up: a %d-token prediction and a yes/no scoring in %.2f s", WARMUP_TOKENS,
+                 time.perf_counter() - started)
 
     def receive_cog_files(self) -> None:
         files.install(self.settings.max_images)
