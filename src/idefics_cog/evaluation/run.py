@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None, prog: str = "idefics-cog evaluate") -> i
     args = parse_args(argv, prog)
     from idefics_cog.evaluation import datasets, remote, sheet
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress on stderr; stdout is the table
-    for name in ("idefics_cog.serving.engine", "idefics_cog.serving.jobs"):  # not one line per generation
+    # Not one line per generation: warnings only (a fallback, a failure).
+    for name in ("idefics_cog.serving.engine", "idefics_cog.serving.jobs", "idefics_cog.serving.scheduler"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         with tempfile.TemporaryDirectory(prefix="evaluate-") as workdir, Journal(args.results, {
