@@ -114,3 +114,13 @@ def test_an_endpoint_that_does_not_answer_stops_the_run_with_its_url(dataset, tm
                     str(tmp_path / "r.jsonl")])
     err = capsys.readouterr().err
     assert code == 1 and f"evaluate: {url}:" in err and "run the same command to go on" in err
+
+
+def test_a_replica_that_cannot_be_reached_leaves_its_questions_to_the_others(server, items, expected, caplog):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    results = remote.evaluate([dead, server.url], items, CONFIGS[:1], MAX_NEW_TOKENS, concurrency=2)
+    predictions = results[0]["predictions"]
+    here = {r["label"]: r for r in expected[1]}[CONFIGS[0].label]["predictions"]
+    assert [r["prediction"] for r in predictions] == [r["prediction"] for r in here]
+    assert {r["endpoint"] for r in predictions} == {server.url}
+    assert f"{dead}: " in caplog.text and "its questions go to the other endpoints (1 left)" in caplog.text

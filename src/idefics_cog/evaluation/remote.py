@@ -40,6 +40,10 @@ class RemoteError(Exception):
     """An endpoint that does not answer as a Cog container does; the message names it."""
 
 
+class Unreachable(RemoteError):
+    """No connection to the endpoint (after urllib3's retries): a replica gone; the others take its questions."""
+
+
 def data_uri(path: Path) -> str:
     try:
         with Image.open(path) as image:
@@ -88,6 +92,8 @@ def predict(http: requests.Session, url: str, body: dict) -> tuple[str | None, s
     try:
         with http.post(f"{url}/predictions", json={"input": body}, timeout=TIMEOUT, stream=True) as response:
             text = _read(response, url)
+    except requests.ConnectionError as exc:  # refused or reset before an answer: nothing ran there to keep
+        raise Unreachable(f"{url}: {exc}") from None
     except requests.RequestException as exc:
         raise RemoteError(f"{url}: {exc}") from None
     history = response.raw.retries.history if response.raw.retries else ()
@@ -161,18 +167,32 @@ def evaluate(urls: list[str], items: list[Item], configurations: list[Configurat
              closed_choices: tuple[str, ...] = ("yes", "no"), journal: Journal | None = None,
              concurrency: int = 1) -> list[dict]:
     """Every (configuration, question) not in the journal yet, `concurrency` at a time; each worker thread keeps one
-    endpoint (round robin) and its connection."""
+    endpoint (round robin) and its connection. An endpoint that cannot be reached is left, its question asked of
+    the next one; the run stops when none is left."""
     journal = journal or Journal()
     todo = [(config, index, item) for config in configurations for index, item in enumerate(items)
             if not journal.answered(config, index, item.question)]
     total = len(configurations) * len(items)
     log.info("%d of %d answers to ask, %d at a time over %d endpoint(s)", len(todo), total, concurrency, len(urls))
-    local, turn = threading.local(), itertools.count()
+    local, turn, live, lock = threading.local(), itertools.count(), list(urls), threading.Lock()
 
     def work(config: Configuration, index: int, item: Item) -> None:
-        if not hasattr(local, "url"):
-            local.url, local.http = urls[next(turn) % len(urls)], session()
-        record = ask(local.http, local.url, item, config, max_new_tokens, item.choices(closed_choices))
+        while True:
+            with lock:
+                if getattr(local, "url", None) not in live:
+                    if not live:
+                        raise RemoteError("no endpoint can be reached any more: " + ", ".join(urls))
+                    local.url, local.http = live[next(turn) % len(live)], session()
+            try:
+                record = ask(local.http, local.url, item, config, max_new_tokens, item.choices(closed_choices))
+                break
+            except Unreachable as exc:
+                with lock:
+                    if local.url in live:
+                        live.remove(local.url)
+                        log.warning("%s; its questions go to the other endpoints (%d left)", exc, len(live))
+                    if not live:
+                        raise
         for problem in ("error", "choice_error"):
             if record.get(problem):
                 log.warning("%s: %s: %s", config.label, item.where, record[problem])
