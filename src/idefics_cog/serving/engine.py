@@ -98,9 +98,16 @@ class Engine:
             )
         return room
 
-    def check_choices(self, prompt_tokens: int, candidate_tokens: int, bound: str = "") -> None:
-        """Scoring `choices` packs all candidates after the prompt in one forward (scoring.py): they must fit the
-        model's context together; it takes no KV cache slot."""
+    def candidate_ids(self, segments: list[Segment], texts: list[str], ids: list[int]) -> list[list[int]]:
+        """Each candidate's tokens after the prompt's `ids` (inputs/choices.py). Scoring packs all candidates after
+        the prompt in one forward (scoring.py): they must fit the model's context together (it takes no KV cache
+        slot). A prompt that leaves no room for two tokens each is refused before it is tokenized again with each."""
+        self._check_choices(len(ids), 2 * len(texts), "at least ")
+        choices = candidate_ids(segments, texts, ids, self.tokenizer)
+        self._check_choices(len(ids), sum(map(len, choices)))
+        return choices
+
+    def _check_choices(self, prompt_tokens: int, candidate_tokens: int, bound: str = "") -> None:
         context = self.model_context_tokens
         if prompt_tokens + candidate_tokens > context:
             raise InputError(f"choices: the prompt ({prompt_tokens} tokens, 3 per image) and the candidates "
@@ -113,9 +120,8 @@ class Engine:
         table (stripped), in the order given, with the adapter selected now."""
         texts = check_candidates(list(texts), limits.choices, limits.choice_chars)
         ids = tokenize(segments, self.tokenizer)
-        choices = candidate_ids(segments, texts, ids, self.tokenizer)
-        self.check_choices(len(ids), sum(map(len, choices)))
-        job = Job(encode(segments, images, self.processor, ids), Sampling(), choices=choices)
+        job = Job(encode(segments, images, self.processor, ids), Sampling(),
+                  choices=self.candidate_ids(segments, texts, ids))
         for _ in self.stream(job):
             pass
         return choice_table(texts, job.scores)

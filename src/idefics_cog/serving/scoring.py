@@ -7,6 +7,7 @@ import math
 import torch
 
 from idefics_cog.inputs.prompt import Encoded
+from idefics_cog.serving.decoder import unwrap
 from idefics_cog.serving.failures import failure
 
 
@@ -31,7 +32,7 @@ def candidate_logprobs(model, encoded: Encoded, candidates: list[list[int]], ban
     seen = torch.cat([torch.ones(total, length, dtype=torch.bool, device=device),
                       (owner[:, None] == owner[None]) & (index[None] <= index[:, None])], 1)
     mask = torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, torch.finfo(dtype).min)
-    image_input = "perceiver_embeddings" if _base(model).config.use_resampler else "image_encoder_embeddings"
+    image_input = "perceiver_embeddings" if unwrap(model).config.use_resampler else "image_encoder_embeddings"
     out = model(input_ids=torch.tensor([[t for ids in candidates for t in ids[:-1]]], device=device),
                 attention_mask=mask[None, None], position_ids=(length + index - starts[owner])[None],
                 past_key_values=prompt.past_key_values, use_cache=True,
@@ -44,10 +45,6 @@ def candidate_logprobs(model, encoded: Encoded, candidates: list[list[int]], ban
         at = start + torch.arange(len(ids) - 1, device=device)
         rows.append(torch.cat([first[ids[:1]], scores[at, ids[1:]] - normalizer[at, 0]]))
     return [row.tolist() for row in rows]
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _scores(logits: torch.Tensor, banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from idefics_cog.config import Settings
 from idefics_cog.errors import InputError, UnreachableError, WeightsError, shorten
 from idefics_cog.inputs import images as image_files
 from idefics_cog.inputs import messages as chat
-from idefics_cog.inputs.choices import candidate_ids, parse_choices
+from idefics_cog.inputs.choices import parse_choices
 from idefics_cog.inputs.prompt import DEFAULT_PROMPT, Segment, build_segments, encode, tokenize
 from idefics_cog.serving import files
 from idefics_cog.serving.adapters import MEDICAL, NONE, Adapters
@@ -284,10 +284,7 @@ class Service:
         ids = tokenize(request.segments, self.engine.tokenizer)
         choices = None
         if request.choices:
-            # Two tokens each at least: a prompt that leaves no room for them is not tokenized again with each.
-            self.engine.check_choices(len(ids), 2 * len(request.choices), "at least ")
-            choices = candidate_ids(request.segments, request.choices, ids, self.engine.tokenizer)
-            self.engine.check_choices(len(ids), sum(map(len, choices)))
+            choices = self.engine.candidate_ids(request.segments, request.choices, ids)
         else:
             self.engine.check_prompt(len(ids))
         adapter, lora_weights, lora_scale = request.adapter, request.lora_weights, request.lora_scale
